@@ -1,0 +1,64 @@
+// `ringattn run`: the main job. Computes attention for generated or .npy inputs, optionally
+// writes O and LSE, and reports time and throughput.
+#include <mpi.h>
+
+#include "commands.hpp"
+#include "comm/mpi_util.hpp"
+#include "report.hpp"
+
+namespace ringattn::cli {
+
+std::string describe(const Problem& p) {
+  return "B=" + std::to_string(p.batch) + " S=" + std::to_string(p.seq) + " H=" + std::to_string(p.heads) +
+         " H_kv=" + std::to_string(p.kv_heads) + " D=" + std::to_string(p.head_dim) + " " + to_string(p.dtype) +
+         (p.causal ? " causal " : " non-causal ") + to_string(p.layout);
+}
+
+int run_command(Context& ctx, const RunOptions& o) {
+  Problem p = load_problem(ctx, o.problem);
+  std::vector<unsigned char> out(p.q.size());
+  std::vector<float> lse(static_cast<std::size_t>(p.batch * p.heads * p.local_len()));
+  AttentionOptions attention = p.attention_options();
+  attention.on_step = progress_logger(ctx, "run");
+
+  RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+  const double start = MPI_Wtime();
+  forward(ctx, p.q_view(), p.k_view(), p.v_view(),
+          TensorView::contiguous(out.data(), p.dtype, {p.batch, p.local_len(), p.heads, p.head_dim}),
+          TensorView::contiguous(lse.data(), DType::f32, {p.batch, p.heads, p.local_len()}), attention);
+  const double mine = MPI_Wtime() - start;
+  double seconds = 0.0;  // the slowest rank finishes the job
+  RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+
+  write_outputs(ctx, p, o.out_path, o.lse_path, out, lse);
+
+  const double tflops = p.flops() / seconds / 1e12;
+  print0(ctx, "ringattn run: %s, %d ranks x %d threads (cpu)\n", describe(p).c_str(), ctx.size(), ctx.cpu_threads());
+  print0(ctx, "  time %.4f s   %.3f GFLOP   %.4f TFLOP/s total   %.4f TFLOP/s per rank\n", seconds, p.flops() / 1e9,
+         tflops, tflops / ctx.size());
+  if (!o.out_path.empty()) print0(ctx, "  wrote O to %s\n", o.out_path.c_str());
+  if (!o.lse_path.empty()) print0(ctx, "  wrote LSE to %s\n", o.lse_path.c_str());
+
+  if (!o.json_path.empty()) {
+    nlohmann::json report = {
+        {"command", "run"},
+        {"version", version()},
+        {"problem",
+         {{"batch", p.batch}, {"seq", p.seq}, {"heads", p.heads}, {"kv_heads", p.kv_heads}, {"head_dim", p.head_dim},
+          {"dtype", to_string(p.dtype)}, {"causal", p.causal}, {"layout", to_string(p.layout)}, {"seed", p.seed}}},
+        {"ranks", ctx.size()},
+        {"threads_per_rank", ctx.cpu_threads()},
+        {"device", "cpu"},
+        {"hosts", gather_hostnames(ctx)},
+        {"time_s", seconds},
+        {"flop", p.flops()},
+        {"tflops", tflops},
+        {"tflops_per_rank", tflops / ctx.size()},
+        {"environment", relevant_environment()},
+    };
+    write_json(ctx, o.json_path, report);
+  }
+  return 0;
+}
+
+}  // namespace ringattn::cli

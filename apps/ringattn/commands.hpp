@@ -1,0 +1,37 @@
+// apps/ringattn/commands.hpp: the subcommands. Each returns the process exit code and throws
+// ringattn::Error for failures.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "problem.hpp"
+
+namespace ringattn::cli {
+
+struct RunOptions {
+  ProblemOptions problem;
+  std::string out_path;
+  std::string lse_path;
+  std::string json_path;
+};
+
+struct VerifyOptions {
+  ProblemOptions problem;
+  std::optional<double> atol;
+  std::optional<double> rtol;
+  std::string json_path;
+};
+
+struct InfoOptions {
+  std::string json_path;
+};
+
+int run_command(Context& ctx, const RunOptions& options);
+int verify_command(Context& ctx, const VerifyOptions& options);
+int info_command(Context& ctx, const InfoOptions& options);
+
+// "B=1 S=4096 H=8 H_kv=8 D=64 fp32 causal zigzag"
+std::string describe(const Problem& p);
+
+}  // namespace ringattn::cli

@@ -1,0 +1,144 @@
+// ringattn: command-line entry point.
+//
+//   mpirun -np 4 ringattn run [--seq 4096 --heads 8 ... | --q q.npy --k k.npy --v v.npy] [--out o.npy]
+//   mpirun -np 4 ringattn verify [...]
+//   mpirun -np 4 ringattn info
+//
+// Exit codes: 0 success; 1 an error (printed by every rank, naming the rank) or a failed
+// verification; 2 bad command-line usage.
+#include <CLI/CLI.hpp>
+#include <mpi.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+
+#include "comm/agreement.hpp"
+#include "commands.hpp"
+
+namespace {
+
+using namespace ringattn;
+using namespace ringattn::cli;
+
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+int world_size() {
+  int n = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+void print_error(const std::string& message) {
+  std::fprintf(stderr, "ringattn: error (rank %d of %d): %s\n", world_rank(), world_size(), message.c_str());
+  std::fflush(stderr);
+}
+
+enum class ParseOutcome { ok = 0, help = 1, error = 2 };
+
+int run_cli(int argc, char** argv) {
+  CLI::App app{"ringattn: exact attention over a sequence sharded across MPI ranks in a ring"};
+  app.require_subcommand(1);
+  std::string log_level = "info";
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+
+  RunOptions run;
+  CLI::App* run_cmd = app.add_subcommand("run", "Compute attention (the main job); writes O/LSE on request");
+  add_problem_options(*run_cmd, run.problem);
+  run_cmd->add_option("--out", run.out_path, "Write O to this .npy (q's shape and dtype)");
+  run_cmd->add_option("--lse", run.lse_path, "Write LSE to this .npy (float32, [H, S] or [B, H, S])");
+  run_cmd->add_option("--json", run.json_path, "Write a JSON report here");
+
+  VerifyOptions verify;
+  CLI::App* verify_cmd = app.add_subcommand("verify", "Run, then check every rank's O and LSE against fp64");
+  add_problem_options(*verify_cmd, verify.problem);
+  verify_cmd->add_option("--atol", verify.atol, "Absolute tolerance on O (default by dtype)");
+  verify_cmd->add_option("--rtol", verify.rtol, "Relative tolerance on O (default by dtype)");
+  verify_cmd->add_option("--json", verify.json_path, "Write a JSON report here");
+
+  InfoOptions info;
+  CLI::App* info_cmd = app.add_subcommand("info", "Ranks, hosts, devices, versions and backends");
+  info_cmd->add_option("--json", info.json_path, "Write a JSON report here");
+
+  // Parse on every rank, then agree: ranks launched with different arguments (MPMD) must not
+  // go on alone into collectives.
+  ParseOutcome outcome = ParseOutcome::ok;
+  std::string parse_message;
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    outcome = ParseOutcome::help;
+  } catch (const CLI::CallForAllHelp&) {
+    outcome = ParseOutcome::help;
+  } catch (const CLI::ParseError& e) {
+    outcome = ParseOutcome::error;
+    parse_message = e.what();
+  }
+  int local = static_cast<int>(outcome), global = 0;
+  MPI_Allreduce(&local, &global, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (global == static_cast<int>(ParseOutcome::error)) {
+    try {
+      detail::agree(MPI_COMM_WORLD, outcome == ParseOutcome::error
+                                        ? std::make_exception_ptr(Error(ErrorCode::invalid_argument, parse_message))
+                                        : nullptr);
+    } catch (const Error& e) {
+      print_error(std::string(e.what()) + " (run with --help for usage)");
+    }
+    return 2;
+  }
+  if (global == static_cast<int>(ParseOutcome::help)) {
+    if (world_rank() == 0) {
+      const CLI::App* target = app.get_subcommands().empty() ? &app : app.get_subcommands().front();
+      std::printf("%s", target->help().c_str());
+    }
+    return 0;
+  }
+
+  auto logger = spdlog::stderr_color_mt("ringattn");
+  logger->set_pattern("[ringattn %^%l%$] %v");
+  spdlog::set_default_logger(logger);
+  // Only rank 0 reports progress; every rank reports errors.
+  auto level = spdlog::level::from_str(log_level);
+  if (world_rank() != 0 && level < spdlog::level::err) level = spdlog::level::err;
+  spdlog::set_level(level);
+
+  Context ctx(MPI_COMM_WORLD);
+  if (run_cmd->parsed()) {
+    note_explicit_options(*run_cmd, run.problem);
+    return run_command(ctx, run);
+  }
+  if (verify_cmd->parsed()) {
+    note_explicit_options(*verify_cmd, verify.problem);
+    return verify_command(ctx, verify);
+  }
+  return info_command(ctx, info);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  int code = 0;
+  try {
+    code = run_cli(argc, argv);
+  } catch (const Error& e) {
+    print_error(e.what());
+    if (!e.on_all_ranks() && world_size() > 1) {
+      // Only this rank failed: the others may be waiting for it in the ring, so end the job.
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    code = 1;
+  } catch (const std::exception& e) {
+    print_error(e.what());
+    if (world_size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+    code = 1;
+  }
+  MPI_Finalize();
+  return code;
+}

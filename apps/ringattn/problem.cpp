@@ -1,0 +1,325 @@
+#include "problem.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+
+#include "comm/agreement.hpp"
+#include "core/dtype.hpp"
+#include "core/synthetic.hpp"
+#include "io/npy_mpi.hpp"
+
+namespace ringattn::cli {
+
+namespace {
+
+using detail::FingerprintField;
+
+[[noreturn]] void invalid(const std::string& message) { throw Error(ErrorCode::invalid_argument, message); }
+
+std::int64_t hash_string(const std::string& s) {
+  std::uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return static_cast<std::int64_t>(h >> 1);
+}
+
+std::string show_other(std::int64_t) { return "(a different value)"; }
+std::string show_bool(std::int64_t v) { return v ? "true" : "false"; }
+
+DType dtype_for_file(io::NpyDType d) { return d == io::NpyDType::f2 ? DType::f16 : DType::f32; }
+
+// Converts n values of a file dtype into a storage dtype.
+void convert_file_values(io::NpyDType from, const unsigned char* src, DType to, unsigned char* dst, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    float x = 0.0f;
+    switch (from) {
+      case io::NpyDType::f2: {
+        std::uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        x = detail::f16_to_f32(h);
+        break;
+      }
+      case io::NpyDType::f4: std::memcpy(&x, src + 4 * i, 4); break;
+      case io::NpyDType::f8: {
+        double d;
+        std::memcpy(&d, src + 8 * i, 8);
+        x = static_cast<float>(d);
+        break;
+      }
+    }
+    detail::store_f32(to, dst, static_cast<std::int64_t>(i), x);
+  }
+}
+
+void convert_to_file_values(DType from, const unsigned char* src, io::NpyDType to, unsigned char* dst, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float x = detail::load_f32(from, src, static_cast<std::int64_t>(i));
+    switch (to) {
+      case io::NpyDType::f2: {
+        const std::uint16_t h = detail::f32_to_f16(x);
+        std::memcpy(dst + 2 * i, &h, 2);
+        break;
+      }
+      case io::NpyDType::f4: std::memcpy(dst + 4 * i, &x, 4); break;
+      case io::NpyDType::f8: {
+        const double d = x;
+        std::memcpy(dst + 8 * i, &d, 8);
+        break;
+      }
+    }
+  }
+}
+
+// The records of a (B, S, ...) array that this rank's layout segments cover, batch-major,
+// matching a dense (B, S_local, ...) local buffer.
+std::vector<io::RecordRun> token_runs(const Layout& layout, int rank, std::int64_t batch) {
+  std::vector<io::RecordRun> runs;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    for (const Segment& s : layout.segments(rank)) {
+      runs.push_back({b * layout.seq_len() + s.global_begin, s.length, s.stride});
+    }
+  }
+  return runs;
+}
+
+struct FileShape {
+  bool batched;
+  std::int64_t batch, seq, heads, head_dim;
+};
+
+FileShape file_shape(const char* name, const std::string& path, const io::NpyHeader& h) {
+  if (h.shape.size() != 3 && h.shape.size() != 4) {
+    invalid(std::string(name) + " (" + path + "): expected shape [S, H, D] or [B, S, H, D], got " +
+            std::to_string(h.shape.size()) + " dimensions");
+  }
+  const bool batched = h.shape.size() == 4;
+  const std::size_t o = batched ? 1 : 0;
+  FileShape f{batched, batched ? h.shape[0] : 1, h.shape[o], h.shape[o + 1], h.shape[o + 2]};
+  if (f.batch < 1 || f.seq < 1 || f.heads < 1 || f.head_dim < 1) {
+    invalid(std::string(name) + " (" + path + "): every dimension must be >= 1");
+  }
+  return f;
+}
+
+void check_flag(const char* flag, bool given, std::int64_t value, std::int64_t from_file, const std::string& path) {
+  if (given && value != from_file) {
+    invalid(std::string(flag) + " " + std::to_string(value) + " conflicts with " + path + " (" +
+            std::to_string(from_file) + ")");
+  }
+}
+
+}  // namespace
+
+void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
+  cmd.add_option("--batch,-B", o.batch, "Batch size")->check(CLI::PositiveNumber);
+  cmd.add_option("--seq,-S", o.seq, "Global sequence length (tokens over all ranks)")->check(CLI::PositiveNumber);
+  cmd.add_option("--heads,-H", o.heads, "Query heads")->check(CLI::PositiveNumber);
+  cmd.add_option("--kv-heads", o.kv_heads, "Key/value heads (GQA/MQA); must divide --heads; default = --heads")
+      ->check(CLI::NonNegativeNumber);
+  cmd.add_option("--head-dim,-D", o.head_dim, "Head dimension")->check(CLI::PositiveNumber);
+  cmd.add_flag("--causal", o.causal, "Causal mask: query i attends keys <= i");
+  cmd.add_option("--layout", o.layout, "Sequence sharding: contiguous, zigzag or striped")
+      ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}));
+  cmd.add_option("--dtype", o.dtype, "Storage dtype: fp32, fp16 or bf16 (compute is fp32); with files: the q file's")
+      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
+  cmd.add_option("--scale", o.scale, "Softmax scale (default 1/sqrt(head-dim))");
+  cmd.add_option("--seed", o.seed, "Seed of the generated inputs");
+  cmd.add_option("--device", o.device, "Where to compute: cpu")->check(CLI::IsMember({"cpu"}));
+  cmd.add_option("--q", o.q_path, "Queries .npy, float32/float16, [S, H, D] or [B, S, H, D]");
+  cmd.add_option("--k", o.k_path, "Keys .npy, like --q with H_kv heads");
+  cmd.add_option("--v", o.v_path, "Values .npy, shaped like --k");
+}
+
+void note_explicit_options(const CLI::App& cmd, ProblemOptions& o) {
+  o.explicit_batch = cmd.count("--batch") > 0;
+  o.explicit_seq = cmd.count("--seq") > 0;
+  o.explicit_heads = cmd.count("--heads") > 0;
+  o.explicit_kv_heads = cmd.count("--kv-heads") > 0;
+  o.explicit_head_dim = cmd.count("--head-dim") > 0;
+  o.explicit_dtype = cmd.count("--dtype") > 0;
+}
+
+double Problem::flops() const {
+  const double f = 4.0 * static_cast<double>(batch) * static_cast<double>(seq) * static_cast<double>(seq) *
+                   static_cast<double>(heads) * static_cast<double>(head_dim);
+  return causal ? f / 2.0 : f;
+}
+
+AttentionOptions Problem::attention_options() const {
+  AttentionOptions a;
+  a.causal = causal;
+  a.scale = scale;
+  a.layout = layout;
+  a.seq_len = seq;
+  return a;
+}
+
+TensorView Problem::q_view() { return TensorView::contiguous(q.data(), dtype, {batch, local_len(), heads, head_dim}); }
+TensorView Problem::k_view() { return TensorView::contiguous(k.data(), dtype, {batch, local_len(), kv_heads, head_dim}); }
+TensorView Problem::v_view() { return TensorView::contiguous(v.data(), dtype, {batch, local_len(), kv_heads, head_dim}); }
+
+Problem load_problem(Context& ctx, const ProblemOptions& o) {
+  MPI_Comm comm = ctx.comm();
+  // Ranks started with different flags (an MPMD launch) must fail together, before any
+  // collective file access could leave some of them waiting.
+  detail::agree_fingerprint(comm,
+                            {{"--batch", o.batch},
+                             {"--seq", o.seq},
+                             {"--heads", o.heads},
+                             {"--kv-heads", o.kv_heads},
+                             {"--head-dim", o.head_dim},
+                             {"--causal", o.causal, show_bool},
+                             {"--layout", hash_string(o.layout), show_other},
+                             {"--dtype", hash_string(o.dtype), show_other},
+                             {"--scale", o.scale ? hash_string(std::to_string(*o.scale)) : 0, show_other},
+                             {"--seed", static_cast<std::int64_t>(o.seed)},
+                             {"--device", hash_string(o.device), show_other},
+                             {"--q", hash_string(o.q_path), show_other},
+                             {"--k", hash_string(o.k_path), show_other},
+                             {"--v", hash_string(o.v_path), show_other}},
+                            "command-line options");
+
+  Problem p;
+  p.causal = o.causal;
+  p.scale = o.scale;
+  p.seed = o.seed;
+  p.from_files = !o.q_path.empty() || !o.k_path.empty() || !o.v_path.empty();
+  io::NpyHeader hq, hk, hv;
+  // Everything below derives from the options and broadcast file headers, but a failure on
+  // any rank (say, memory) must still reach all of them: agree on the outcome.
+  detail::agree_on(comm, [&] {
+    p.layout = parse_layout(o.layout);
+    if (p.from_files) {
+      if (o.q_path.empty() || o.k_path.empty() || o.v_path.empty()) invalid("--q, --k and --v must be given together");
+    } else {
+      p.batch = o.batch;
+      p.seq = o.seq;
+      p.heads = o.heads;
+      p.kv_heads = o.kv_heads == 0 ? o.heads : o.kv_heads;
+      p.head_dim = o.head_dim;
+      p.dtype = parse_dtype(o.dtype);
+      p.out_file_dtype = p.dtype == DType::f16 ? io::NpyDType::f2 : io::NpyDType::f4;
+    }
+  });
+  if (p.from_files) {
+    // Rank 0 reads each header and broadcasts its bytes: every rank parses the same bytes.
+    detail::agree_on(comm, [&] {
+      hq = io::npy_read_header(comm, o.q_path);
+      hk = io::npy_read_header(comm, o.k_path);
+      hv = io::npy_read_header(comm, o.v_path);
+    });
+    detail::agree_on(comm, [&] {
+      const FileShape fq = file_shape("q", o.q_path, hq);
+      const FileShape fk = file_shape("k", o.k_path, hk);
+      const FileShape fv = file_shape("v", o.v_path, hv);
+      if (fk.batched != fq.batched || fv.batched != fq.batched) invalid("q, k and v files must all have a batch dimension, or none");
+      for (const auto& [name, path, f] : {std::tuple{"k", o.k_path, fk}, {"v", o.v_path, fv}}) {
+        if (f.batch != fq.batch) invalid(std::string(name) + " (" + path + "): batch " + std::to_string(f.batch) + " differs from q's " + std::to_string(fq.batch));
+        if (f.seq != fq.seq) invalid(std::string(name) + " (" + path + "): sequence length " + std::to_string(f.seq) + " differs from q's " + std::to_string(fq.seq));
+        if (f.head_dim != fq.head_dim) invalid(std::string(name) + " (" + path + "): head_dim " + std::to_string(f.head_dim) + " differs from q's " + std::to_string(fq.head_dim));
+      }
+      if (fv.heads != fk.heads) invalid("v (" + o.v_path + "): heads " + std::to_string(fv.heads) + " differs from k's " + std::to_string(fk.heads));
+      check_flag("--batch", o.explicit_batch, o.batch, fq.batch, o.q_path);
+      check_flag("--seq", o.explicit_seq, o.seq, fq.seq, o.q_path);
+      check_flag("--heads", o.explicit_heads, o.heads, fq.heads, o.q_path);
+      check_flag("--kv-heads", o.explicit_kv_heads, o.kv_heads, fk.heads, o.k_path);
+      check_flag("--head-dim", o.explicit_head_dim, o.head_dim, fq.head_dim, o.q_path);
+      p.batch = fq.batch;
+      p.seq = fq.seq;
+      p.heads = fq.heads;
+      p.kv_heads = fk.heads;
+      p.head_dim = fq.head_dim;
+      p.batched_files = fq.batched;
+      p.out_file_dtype = hq.dtype;
+      p.dtype = o.explicit_dtype ? parse_dtype(o.dtype) : dtype_for_file(hq.dtype);
+    });
+  }
+
+  detail::agree_on(comm, [&] {
+    const Layout layout(p.layout, p.seq, ctx.size());
+    p.positions = layout.positions(ctx.rank());
+    const auto n = static_cast<std::size_t>(p.batch * p.local_len() * p.head_dim);
+    const std::size_t elem = dtype_size(p.dtype);
+    p.q.resize(n * static_cast<std::size_t>(p.heads) * elem);
+    p.k.resize(n * static_cast<std::size_t>(p.kv_heads) * elem);
+    p.v.resize(p.k.size());
+    if (!p.from_files) {
+      using detail::SyntheticTensor;
+      detail::fill_synthetic(p.seed, SyntheticTensor::q, p.dtype, p.batch, p.positions, p.heads, p.head_dim, p.q.data());
+      detail::fill_synthetic(p.seed, SyntheticTensor::k, p.dtype, p.batch, p.positions, p.kv_heads, p.head_dim, p.k.data());
+      detail::fill_synthetic(p.seed, SyntheticTensor::v, p.dtype, p.batch, p.positions, p.kv_heads, p.head_dim, p.v.data());
+    }
+  });
+  if (p.from_files) {
+    const Layout layout(p.layout, p.seq, ctx.size());
+    const std::vector<io::RecordRun> runs = token_runs(layout, ctx.rank(), p.batch);
+    auto read = [&](const std::string& path, const io::NpyHeader& h, std::int64_t heads, std::vector<unsigned char>& dst) {
+      const std::size_t values = static_cast<std::size_t>(p.batch * p.local_len() * heads * p.head_dim);
+      std::vector<unsigned char> raw(values * io::npy_dtype_size(h.dtype));
+      io::npy_read_records(comm, path, h, runs, static_cast<std::size_t>(heads * p.head_dim) * io::npy_dtype_size(h.dtype),
+                           raw.data());
+      convert_file_values(h.dtype, raw.data(), p.dtype, dst.data(), values);
+    };
+    read(o.q_path, hq, p.heads, p.q);
+    read(o.k_path, hk, p.kv_heads, p.k);
+    read(o.v_path, hv, p.kv_heads, p.v);
+  }
+  return p;
+}
+
+void write_outputs(Context& ctx, const Problem& p, const std::string& out_path, const std::string& lse_path,
+                   const std::vector<unsigned char>& out, const std::vector<float>& lse) {
+  const Layout layout(p.layout, p.seq, ctx.size());
+  // Outputs keep the inputs' form: a leading batch dimension unless q.npy had none.
+  const bool batched = !p.from_files || p.batched_files;
+  if (!out_path.empty()) {
+    const std::size_t values = static_cast<std::size_t>(p.batch * p.local_len() * p.heads * p.head_dim);
+    const std::size_t elem = io::npy_dtype_size(p.out_file_dtype);
+    std::vector<unsigned char> raw(values * elem);
+    convert_to_file_values(p.dtype, out.data(), p.out_file_dtype, raw.data(), values);
+    std::vector<std::int64_t> shape = {p.seq, p.heads, p.head_dim};
+    if (batched) shape.insert(shape.begin(), p.batch);
+    io::npy_write_records(ctx.comm(), out_path, p.out_file_dtype, shape, token_runs(layout, ctx.rank(), p.batch),
+                          static_cast<std::size_t>(p.heads * p.head_dim) * elem, raw.data());
+  }
+  if (!lse_path.empty()) {
+    // lse is (B, H, S): one record per value, each (b, h) row holding this rank's segments.
+    std::vector<io::RecordRun> runs;
+    for (std::int64_t b = 0; b < p.batch; ++b) {
+      for (std::int64_t h = 0; h < p.heads; ++h) {
+        for (const Segment& s : layout.segments(ctx.rank())) {
+          runs.push_back({(b * p.heads + h) * p.seq + s.global_begin, s.length, s.stride});
+        }
+      }
+    }
+    std::vector<std::int64_t> shape = {p.heads, p.seq};
+    if (batched) shape.insert(shape.begin(), p.batch);
+    io::npy_write_records(ctx.comm(), lse_path, io::NpyDType::f4, shape, runs, sizeof(float), lse.data());
+  }
+}
+
+void load_full_kv(Context& ctx, const Problem& p, const ProblemOptions& o, std::vector<float>& k, std::vector<float>& v) {
+  const auto values = static_cast<std::size_t>(p.batch * p.seq * p.kv_heads * p.head_dim);
+  k.resize(values);
+  v.resize(values);
+  std::vector<unsigned char> stored(values * dtype_size(p.dtype));
+  auto load = [&](detail::SyntheticTensor which, const std::string& path, std::vector<float>& dst) {
+    if (!p.from_files) {
+      std::vector<std::int64_t> all(static_cast<std::size_t>(p.seq));
+      for (std::int64_t t = 0; t < p.seq; ++t) all[static_cast<std::size_t>(t)] = t;
+      detail::fill_synthetic(p.seed, which, p.dtype, p.batch, all, p.kv_heads, p.head_dim, stored.data());
+    } else {
+      io::NpyHeader h;
+      detail::agree_on(ctx.comm(), [&] { h = io::npy_read_header(ctx.comm(), path); });
+      std::vector<unsigned char> raw(values * io::npy_dtype_size(h.dtype));
+      io::npy_read_records(ctx.comm(), path, h, {{0, p.batch * p.seq, 1}},
+                           static_cast<std::size_t>(p.kv_heads * p.head_dim) * io::npy_dtype_size(h.dtype), raw.data());
+      convert_file_values(h.dtype, raw.data(), p.dtype, stored.data(), values);
+    }
+    detail::convert_to_f32(p.dtype, stored.data(), dst.data(), values);
+  };
+  load(detail::SyntheticTensor::k, o.k_path, k);
+  load(detail::SyntheticTensor::v, o.v_path, v);
+}
+
+}  // namespace ringattn::cli

@@ -1,0 +1,74 @@
+// apps/ringattn/problem.hpp: the inputs of `run` and `verify`, generated or read from .npy.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "io/npy.hpp"
+#include "ringattn/ringattn.hpp"
+
+namespace ringattn::cli {
+
+// The flags shared by run and verify.
+struct ProblemOptions {
+  std::int64_t batch = 1;
+  std::int64_t seq = 4096;
+  std::int64_t heads = 8;
+  std::int64_t kv_heads = 0;  // 0 = heads
+  std::int64_t head_dim = 64;
+  bool causal = false;
+  std::string layout = "contiguous";
+  std::string dtype = "fp32";
+  std::optional<double> scale;
+  std::uint64_t seed = 42;
+  std::string device = "cpu";
+  std::string q_path, k_path, v_path;
+  // Which shape flags the user gave explicitly (they must then agree with the files).
+  bool explicit_batch = false, explicit_seq = false, explicit_heads = false, explicit_kv_heads = false,
+       explicit_head_dim = false, explicit_dtype = false;
+};
+
+void add_problem_options(CLI::App& cmd, ProblemOptions& options);
+// After parsing: records which flags were given.
+void note_explicit_options(const CLI::App& cmd, ProblemOptions& options);
+
+// One rank's share of the problem: dense (B, S_local, H or H_kv, D) buffers of `dtype`.
+struct Problem {
+  std::int64_t batch = 1, seq = 1, heads = 1, kv_heads = 1, head_dim = 1;
+  bool causal = false;
+  LayoutKind layout = LayoutKind::contiguous;
+  DType dtype = DType::f32;
+  std::optional<double> scale;
+  std::uint64_t seed = 42;
+  bool from_files = false;
+  bool batched_files = false;       // q.npy had a leading batch dimension
+  io::NpyDType out_file_dtype = io::NpyDType::f4;
+  std::vector<std::int64_t> positions;  // global position of each local row
+  std::vector<unsigned char> q, k, v;
+
+  std::int64_t local_len() const { return static_cast<std::int64_t>(positions.size()); }
+  double flops() const;  // 4*B*S^2*H*D, halved when causal
+  AttentionOptions attention_options() const;
+  TensorView q_view();
+  TensorView k_view();
+  TensorView v_view();
+};
+
+// Collective: agrees on the options across ranks, then builds this rank's shard. Every
+// failure is agreed, so all ranks throw the same Error.
+Problem load_problem(Context& ctx, const ProblemOptions& options);
+
+// Collective: writes (B, S_local, H, D) `out` and (B, H, S_local) `lse` into natural-order
+// .npy files (out in q's file dtype, or float32 for generated bf16 / fp32 and float16 for fp16).
+void write_outputs(Context& ctx, const Problem& problem, const std::string& out_path, const std::string& lse_path,
+                   const std::vector<unsigned char>& out, const std::vector<float>& lse);
+
+// The whole sequence's K and V as fp32 values as stored, (B, S, H_kv, D) each, for references.
+void load_full_kv(Context& ctx, const Problem& problem, const ProblemOptions& options, std::vector<float>& k,
+                  std::vector<float>& v);
+
+}  // namespace ringattn::cli

@@ -1,0 +1,20 @@
+// ringattn/attention.hpp: distributed attention over the ring.
+#pragma once
+
+#include "ringattn/context.hpp"
+#include "ringattn/options.hpp"
+#include "ringattn/tensor.hpp"
+
+namespace ringattn {
+
+// Exact softmax attention of this rank's queries against the whole sequence's keys and values.
+//   q:   (B, S_local, H, D)      k, v: (B, S_local, H_kv, D), H % H_kv == 0 (GQA/MQA)
+//   out: (B, S_local, H, D), q's dtype      lse: (B, H, S_local) fp32, natural log; may be
+//   a view with data == nullptr when the caller does not want it.
+// S_local must be the length that options.layout assigns to this rank. Collective over the
+// context's communicator: every rank calls it, and every rank throws the same Error when any
+// rank's inputs are bad or the ranks disagree on shapes and options.
+void forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
+             const TensorView& out, const TensorView& lse, const AttentionOptions& options = {});
+
+}  // namespace ringattn

@@ -1,0 +1,51 @@
+// ringattn/context.hpp: who this process is in the ring.
+//
+// A Context duplicates the caller's communicator (with MPI_ERRORS_RETURN on the copy, so MPI
+// failures become ringattn::Error instead of aborting the job) and frees only that copy.
+// MPI must be initialised before and finalised after the Context's lifetime; MPI_THREAD_FUNNELED
+// or better lets the CPU kernel drive MPI progress while it computes.
+#pragma once
+
+#include <mpi.h>
+
+#include <string>
+
+namespace ringattn {
+
+struct ContextOptions {
+  // Threads for the CPU kernel; 0 = the node's hardware threads divided by the ranks on the node
+  // (or OMP_NUM_THREADS when it is set).
+  int cpu_threads = 0;
+};
+
+class Context {
+ public:
+  explicit Context(MPI_Comm comm = MPI_COMM_WORLD, ContextOptions options = {});
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+  Context(Context&& other) noexcept;
+  Context& operator=(Context&& other) noexcept;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int local_rank() const { return local_rank_; }  // rank among the processes on this node
+  int local_size() const { return local_size_; }
+  int cpu_threads() const { return cpu_threads_; }
+  bool mpi_progress_from_threads() const { return funneled_; }
+  const std::string& hostname() const { return hostname_; }
+  // The library's own duplicate of the caller's communicator.
+  MPI_Comm comm() const { return comm_; }
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0;
+  int size_ = 1;
+  int local_rank_ = 0;
+  int local_size_ = 1;
+  int cpu_threads_ = 1;
+  bool funneled_ = false;
+  std::string hostname_;
+};
+
+}  // namespace ringattn

@@ -1,0 +1,8 @@
+// ringattn/version.hpp
+#pragma once
+
+namespace ringattn {
+
+const char* version();
+
+}  // namespace ringattn

@@ -1,0 +1,174 @@
+#include "ringattn/attention.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "comm/agreement.hpp"
+#include "comm/mpi_util.hpp"
+#include "engine/ring_forward.hpp"
+#include "plan/ring_plan.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn {
+
+namespace {
+
+using detail::FingerprintField;
+
+[[noreturn]] void invalid(const std::string& message) { throw Error(ErrorCode::invalid_argument, message); }
+
+std::string dim_name(int d) {
+  static const char* names[] = {"batch", "seq", "heads", "head_dim"};
+  return names[d];
+}
+
+void check_view(const char* name, const TensorView& t, int ndim) {
+  if (t.ndim != ndim) {
+    invalid(std::string(name) + ": expected " + std::to_string(ndim) + " dimensions, got " + std::to_string(t.ndim) +
+            " " + t.shape_string());
+  }
+  for (int d = 0; d < ndim; ++d) {
+    if (t.shape[static_cast<std::size_t>(d)] < 0 || t.strides[static_cast<std::size_t>(d)] < 0) {
+      invalid(std::string(name) + ": negative size or stride in dimension " + std::to_string(d));
+    }
+  }
+  if (t.numel() > 0 && t.data == nullptr) invalid(std::string(name) + ": data pointer is null");
+  if (t.device != DeviceKind::cpu) {
+    invalid(std::string(name) + ": device " + to_string(t.device) + " is not supported by this build (cpu only)");
+  }
+}
+
+// q, k, v, out: (B, S_local, heads, D); lse: (B, H, S_local) fp32 or no data.
+void validate(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+              const TensorView& lse, const AttentionOptions& options) {
+  check_view("q", q, 4);
+  check_view("k", k, 4);
+  check_view("v", v, 4);
+  check_view("out", out, 4);
+  for (const auto& [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}}) {
+    if (t->strides[3] != 1 && t->shape[3] > 1) invalid(std::string(name) + ": head_dim must be contiguous (stride 1)");
+  }
+  for (const auto& [name, t] : {std::pair{"k", &k}, {"v", &v}, {"out", &out}}) {
+    if (t->dtype != q.dtype) {
+      invalid(std::string(name) + ": dtype " + to_string(t->dtype) + " differs from q's " + to_string(q.dtype));
+    }
+  }
+  for (int d : {0, 1, 3}) {
+    for (const auto& [name, t] : {std::pair{"k", &k}, {"v", &v}}) {
+      if (t->shape[static_cast<std::size_t>(d)] != q.shape[static_cast<std::size_t>(d)]) {
+        invalid(std::string(name) + ": " + dim_name(d) + " " + std::to_string(t->shape[static_cast<std::size_t>(d)]) +
+                " differs from q's " + std::to_string(q.shape[static_cast<std::size_t>(d)]));
+      }
+    }
+  }
+  if (v.shape[2] != k.shape[2]) {
+    invalid("v: kv-heads " + std::to_string(v.shape[2]) + " differs from k's " + std::to_string(k.shape[2]));
+  }
+  if (q.shape[0] < 1) invalid("q: batch must be >= 1");
+  if (q.shape[1] < 1) invalid("q: this rank holds no tokens (every rank needs at least one)");
+  if (q.shape[2] < 1) invalid("q: heads must be >= 1");
+  if (k.shape[2] < 1) invalid("k: kv-heads must be >= 1");
+  if (q.shape[3] < 1) invalid("q: head_dim must be >= 1");
+  if (q.shape[2] % k.shape[2] != 0) {
+    invalid("k: kv-heads " + std::to_string(k.shape[2]) + " does not divide q's heads " + std::to_string(q.shape[2]));
+  }
+  if (q.shape[3] > detail::CpuForwardKernel::kMaxHeadDim) {
+    invalid("q: head_dim " + std::to_string(q.shape[3]) + " exceeds the supported maximum of " +
+            std::to_string(detail::CpuForwardKernel::kMaxHeadDim));
+  }
+  for (int d = 0; d < 4; ++d) {
+    if (out.shape[static_cast<std::size_t>(d)] != q.shape[static_cast<std::size_t>(d)]) {
+      invalid("out: shape " + out.shape_string() + " differs from q's " + q.shape_string());
+    }
+  }
+  if (lse.data != nullptr) {
+    check_view("lse", lse, 3);
+    if (lse.dtype != DType::f32) invalid(std::string("lse: dtype must be fp32, got ") + to_string(lse.dtype));
+    if (lse.shape[0] != q.shape[0] || lse.shape[1] != q.shape[2] || lse.shape[2] != q.shape[1]) {
+      invalid("lse: shape " + lse.shape_string() + " must be (batch, heads, seq) = (" + std::to_string(q.shape[0]) +
+              ", " + std::to_string(q.shape[2]) + ", " + std::to_string(q.shape[1]) + ")");
+    }
+  }
+  if (options.scale && !(std::isfinite(*options.scale) && *options.scale > 0.0)) {
+    invalid("scale must be a positive finite number, got " + std::to_string(*options.scale));
+  }
+  if (options.seq_len < 0) invalid("seq_len must be >= 0 (0 = sum of the local lengths)");
+}
+
+std::int64_t double_bits(double x) {
+  std::int64_t bits = 0;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+std::string show_dtype(std::int64_t v) { return to_string(static_cast<DType>(v)); }
+std::string show_layout(std::int64_t v) { return to_string(static_cast<LayoutKind>(v)); }
+std::string show_bool(std::int64_t v) { return v ? "true" : "false"; }
+std::string show_double(std::int64_t v) {
+  double x = 0.0;
+  std::memcpy(&x, &v, sizeof x);
+  return std::to_string(x);
+}
+
+}  // namespace
+
+void forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+             const TensorView& lse, const AttentionOptions& options) {
+  MPI_Comm comm = ctx.comm();
+  // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
+  detail::agree_on(comm, [&] { validate(q, k, v, out, lse, options); });
+
+  // 2. The ranks must agree on everything but their local lengths.
+  const std::int64_t D = q.shape[3];
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
+  const std::vector<FingerprintField> fields = {
+      {"dtype", static_cast<std::int64_t>(q.dtype), show_dtype},
+      {"batch", q.shape[0]},
+      {"heads", q.shape[2]},
+      {"kv-heads", k.shape[2]},
+      {"head_dim", D},
+      {"causal", options.causal ? 1 : 0, show_bool},
+      {"layout", static_cast<std::int64_t>(options.layout), show_layout},
+      {"scale", double_bits(scale), show_double},
+      {"seq_len", options.seq_len},
+  };
+  detail::agree_fingerprint(comm, fields, "attention arguments");
+
+  std::vector<std::int64_t> local_lengths(static_cast<std::size_t>(ctx.size()));
+  const std::int64_t mine = q.shape[1];
+  RINGATTN_MPI_CHECK(MPI_Allgather(&mine, 1, MPI_INT64_T, local_lengths.data(), 1, MPI_INT64_T, comm));
+  std::int64_t total = 0;
+  for (std::int64_t n : local_lengths) total += n;
+  const std::int64_t seq_len = options.seq_len > 0 ? options.seq_len : total;
+
+  // 3. Every rank sees every length, so each reaches the same verdict without another round.
+  std::unique_ptr<Layout> layout;
+  detail::agree_on(comm, [&] { layout = std::make_unique<Layout>(options.layout, seq_len, ctx.size()); });
+  for (int r = 0; r < ctx.size(); ++r) {
+    const std::int64_t expected = layout->local_length(r);
+    if (local_lengths[static_cast<std::size_t>(r)] != expected) {
+      throw Error(ErrorCode::invalid_argument,
+                  "rank " + std::to_string(r) + ": q holds " + std::to_string(local_lengths[static_cast<std::size_t>(r)]) +
+                      " tokens, but the " + to_string(options.layout) + " layout of seq_len " + std::to_string(seq_len) +
+                      " over " + std::to_string(ctx.size()) + " ranks assigns it " + std::to_string(expected),
+                  /*on_all_ranks=*/true);
+    }
+  }
+
+  // 4. Allocate everything before the first transfer and agree on the outcome.
+  detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], D};
+  const detail::MaskKind mask = options.causal ? detail::MaskKind::causal : detail::MaskKind::full;
+  std::unique_ptr<detail::CpuRingForward> engine;
+  detail::agree_on(comm, [&] {
+    engine = std::make_unique<detail::CpuRingForward>(comm, detail::make_ring_plan(*layout, mask, ctx.rank()), shape,
+                                                      q.dtype, q.shape[1], layout->max_local_length(),
+                                                      ctx.cpu_threads(), ctx.mpi_progress_from_threads());
+  });
+
+  // 5. The ring.
+  engine->run(q, k, v, out, lse, static_cast<float>(scale), options.on_step);
+}
+
+}  // namespace ringattn

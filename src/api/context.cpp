@@ -1,0 +1,70 @@
+#include "ringattn/context.hpp"
+
+#include <cstdlib>
+#include <thread>
+#include <utility>
+
+#include "comm/mpi_util.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn {
+
+Context::Context(MPI_Comm comm, ContextOptions options) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) throw Error(ErrorCode::invalid_argument, "ringattn::Context: MPI is not initialised");
+  // Our own duplicate: the ring's messages cannot collide with the caller's, and errors on it
+  // are returned to us instead of aborting the caller's job.
+  RINGATTN_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
+  RINGATTN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+  rank_ = detail::comm_rank(comm_);
+  size_ = detail::comm_size(comm_);
+
+  MPI_Comm node = MPI_COMM_NULL;
+  RINGATTN_MPI_CHECK(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
+  local_rank_ = detail::comm_rank(node);
+  local_size_ = detail::comm_size(node);
+  MPI_Comm_free(&node);
+
+  int provided = MPI_THREAD_SINGLE;
+  RINGATTN_MPI_CHECK(MPI_Query_thread(&provided));
+  funneled_ = provided >= MPI_THREAD_FUNNELED;
+
+  if (options.cpu_threads > 0) {
+    cpu_threads_ = options.cpu_threads;
+  } else if (const char* env = std::getenv("OMP_NUM_THREADS"); env != nullptr && std::atoi(env) > 0) {
+    cpu_threads_ = std::atoi(env);
+  } else {
+    // Ranks sharing a node share its cores.
+    const int hw = static_cast<int>(std::thread::hardware_concurrency());
+    cpu_threads_ = std::max(1, (hw > 0 ? hw : 1) / local_size_);
+  }
+  hostname_ = detail::host_name();
+}
+
+Context::~Context() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
+}
+
+Context::Context(Context&& other) noexcept { *this = std::move(other); }
+
+Context& Context::operator=(Context&& other) noexcept {
+  if (this != &other) {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
+    comm_ = std::exchange(other.comm_, MPI_COMM_NULL);
+    rank_ = other.rank_;
+    size_ = other.size_;
+    local_rank_ = other.local_rank_;
+    local_size_ = other.local_size_;
+    cpu_threads_ = other.cpu_threads_;
+    funneled_ = other.funneled_;
+    hostname_ = std::move(other.hostname_);
+  }
+  return *this;
+}
+
+}  // namespace ringattn

@@ -1,0 +1,110 @@
+#include "comm/agreement.hpp"
+
+#include <array>
+#include <cstring>
+#include <new>
+
+#include "comm/mpi_util.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn::detail {
+
+namespace {
+
+struct Failure {
+  ErrorCode code = ErrorCode::internal;
+  std::string message;
+};
+
+Failure describe(std::exception_ptr outcome) {
+  try {
+    std::rethrow_exception(outcome);
+  } catch (const Error& e) {
+    return {e.code(), e.what()};
+  } catch (const std::bad_alloc&) {
+    return {ErrorCode::out_of_memory, "out of host memory"};
+  } catch (const std::exception& e) {
+    return {ErrorCode::internal, e.what()};
+  } catch (...) {
+    return {ErrorCode::internal, "unknown exception"};
+  }
+}
+
+}  // namespace
+
+void agree(MPI_Comm comm, std::exception_ptr local_outcome) {
+  const int rank = comm_rank(comm);
+  const int size = comm_size(comm);
+  int mine = local_outcome ? rank : size;
+  int first_failed = size;
+  RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &first_failed, 1, MPI_INT, MPI_MIN, comm));
+  if (first_failed == size) return;
+
+  // The lowest failing rank shares its error; a fixed-size buffer keeps it to one broadcast.
+  constexpr std::size_t kMaxMessage = 2048;
+  struct {
+    int code;
+    char text[kMaxMessage];
+  } packet{};
+  if (rank == first_failed) {
+    const Failure f = describe(local_outcome);
+    packet.code = static_cast<int>(f.code);
+    std::strncpy(packet.text, f.message.c_str(), kMaxMessage - 1);
+  }
+  RINGATTN_MPI_CHECK(MPI_Bcast(&packet, sizeof(packet), MPI_BYTE, first_failed, comm));
+  packet.text[kMaxMessage - 1] = '\0';
+  std::string message = packet.text;
+  if (size > 1) message = "rank " + std::to_string(first_failed) + ": " + message;
+  throw Error(static_cast<ErrorCode>(packet.code), message, /*on_all_ranks=*/true);
+}
+
+void agree_on(MPI_Comm comm, const std::function<void()>& fn) {
+  std::exception_ptr outcome;
+  try {
+    fn();
+  } catch (...) {
+    outcome = std::current_exception();
+  }
+  agree(comm, outcome);
+}
+
+std::vector<std::int64_t> agree_fingerprint(MPI_Comm comm, const std::vector<FingerprintField>& fields,
+                                            const char* what) {
+  if (fields.size() > static_cast<std::size_t>(kMaxFingerprintFields) - 1) {
+    throw Error(ErrorCode::internal, "fingerprint has too many fields");
+  }
+  // Slot 0 holds the field count so that ranks running different builds are caught too.
+  std::array<std::int64_t, kMaxFingerprintFields> mine{};
+  mine[0] = static_cast<std::int64_t>(fields.size());
+  for (std::size_t i = 0; i < fields.size(); ++i) mine[i + 1] = fields[i].value;
+
+  const int size = comm_size(comm);
+  std::vector<std::int64_t> all(static_cast<std::size_t>(size) * kMaxFingerprintFields);
+  RINGATTN_MPI_CHECK(MPI_Allgather(mine.data(), kMaxFingerprintFields, MPI_INT64_T, all.data(),
+                                   kMaxFingerprintFields, MPI_INT64_T, comm));
+  auto at = [&](int r, std::size_t slot) { return all[static_cast<std::size_t>(r) * kMaxFingerprintFields + slot]; };
+  for (int r = 1; r < size; ++r) {
+    if (at(r, 0) != at(0, 0)) {
+      throw Error(ErrorCode::mismatch, std::string("ranks disagree on ") + what + ": rank " + std::to_string(r) +
+                                           " runs a different ringattn build than rank 0",
+                  /*on_all_ranks=*/true);
+    }
+    for (std::size_t i = 0; i < fields.size(); ++i) {
+      const std::int64_t theirs = at(r, i + 1);
+      const std::int64_t ours = at(0, i + 1);
+      if (theirs == ours) continue;
+      auto show = [&](std::int64_t v) { return fields[i].show ? fields[i].show(v) : std::to_string(v); };
+      throw Error(ErrorCode::mismatch, std::string("ranks disagree on ") + what + ": rank " + std::to_string(r) +
+                                           " has " + fields[i].name + "=" + show(theirs) + " but rank 0 has " +
+                                           fields[i].name + "=" + show(ours),
+                  /*on_all_ranks=*/true);
+    }
+  }
+  std::vector<std::int64_t> values(static_cast<std::size_t>(size) * fields.size());
+  for (int r = 0; r < size; ++r) {
+    for (std::size_t i = 0; i < fields.size(); ++i) values[static_cast<std::size_t>(r) * fields.size() + i] = at(r, i + 1);
+  }
+  return values;
+}
+
+}  // namespace ringattn::detail

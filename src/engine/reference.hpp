@@ -1,0 +1,47 @@
+// engine/reference.hpp: the fp64 reference that every result is checked against.
+//
+// Plain two-pass softmax in double precision, one query row at a time, no blocking, no
+// merging: deliberately nothing in common with the ring's kernels.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ringattn/tensor.hpp"
+
+namespace ringattn::detail {
+
+struct ReferenceProblem {
+  std::int64_t batch = 1;
+  std::int64_t seq_len = 1;  // S: keys and values cover global positions 0 .. S-1
+  std::int64_t heads = 1;
+  std::int64_t kv_heads = 1;
+  std::int64_t head_dim = 1;
+  bool causal = false;
+  double scale = 1.0;
+};
+
+// q: (B, n, H, D) values as stored, for the query rows at global `positions` (n of them);
+// k, v: (B, S, H_kv, D) for the whole sequence in natural order.
+// out: (B, n, H, D); lse: (B, H, n), natural log.
+void reference_forward(const ReferenceProblem& problem, const std::vector<std::int64_t>& positions,
+                       const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                       std::vector<double>& out, std::vector<double>& lse);
+
+}  // namespace ringattn::detail
+
+namespace ringattn::detail {
+
+// |result - reference| <= atol + rtol * |reference| element by element.
+struct Tolerance {
+  double atol;
+  double rtol;
+};
+
+// For O stored in `dtype`: the storage rounding (half an ulp: 2^-24, 2^-11, 2^-8 relative)
+// with a margin of 4x, plus fp32 accumulation error in atol.
+Tolerance output_tolerance(DType dtype);
+// LSE is always fp32: accumulation error only.
+Tolerance lse_tolerance();
+
+}  // namespace ringattn::detail

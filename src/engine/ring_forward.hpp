@@ -1,0 +1,51 @@
+// engine/ring_forward.hpp: the ring loop of the forward pass on CPU.
+//
+//   pack own K,V into buf[0]
+//   for step s = 0 .. P-1:
+//     post send of buf[cur] to r+1 and receive of the next block into buf[1-cur]  (s < P-1)
+//     fold buf[cur] into the running (o, lse) with this step's tasks, poking MPI meanwhile
+//     wait for both transfers; cur = 1 - cur
+//   write o and lse
+// Construction allocates everything, so the caller can agree on allocation failures across
+// ranks before the first transfer.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "kernels/cpu/cpu_forward.hpp"
+#include "plan/ring_plan.hpp"
+#include "ringattn/tensor.hpp"
+
+namespace ringattn::detail {
+
+class CpuRingForward {
+ public:
+  CpuRingForward(MPI_Comm comm, RingPlan plan, const AttentionShape& shape, DType dtype, std::int64_t q_len,
+                 std::int64_t kv_capacity, int threads, bool mpi_progress_from_kernel);
+
+  // q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); out like q; lse (B, H, S_local) or no data.
+  void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+           const TensorView& lse, float scale, const std::function<void(int, int)>& on_step);
+
+  std::uint64_t bytes_sent() const { return bytes_sent_; }
+
+ private:
+  std::size_t block_bytes(std::int64_t kv_len) const;
+
+  MPI_Comm comm_;
+  RingPlan plan_;
+  AttentionShape shape_;
+  DType dtype_;
+  std::int64_t q_len_;
+  bool mpi_progress_;
+  CpuForwardKernel kernel_;
+  std::vector<unsigned char> blocks_[2];  // packed K then V, storage dtype, double-buffered
+  std::uint64_t bytes_sent_ = 0;
+};
+
+}  // namespace ringattn::detail

@@ -1,0 +1,42 @@
+// io/npy_mpi.hpp: collective, sharded .npy reading and writing with MPI-IO.
+//
+// Each rank reads or writes only its own records. A record is `record_bytes` contiguous bytes
+// (a token's H*D values for q/k/v/out, one float for lse). A rank's records are described by
+// runs: run j covers records first + i*stride, 0 <= i < count, laid out back to back in the
+// rank's local buffer in run order. Runs must be in increasing file order and must not
+// overlap (MPI file views require monotone displacements).
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "io/npy.hpp"
+
+namespace ringattn::io {
+
+struct RecordRun {
+  std::int64_t first = 0;   // index of the first record in the file's data section
+  std::int64_t count = 0;   // records in the run
+  std::int64_t stride = 1;  // records between consecutive records of the run
+};
+
+// Collective. Rank 0 reads the header bytes and the file size and broadcasts them; every rank
+// parses the same bytes, so a missing or malformed file gives the same Error(io) everywhere.
+NpyHeader npy_read_header(MPI_Comm comm, const std::string& path);
+
+// Collective. Reads this rank's runs into `dst` (sum of counts * record_bytes bytes).
+// Failures (open, read, short read) are agreed: every rank throws the same Error(io).
+void npy_read_records(MPI_Comm comm, const std::string& path, const NpyHeader& header,
+                      const std::vector<RecordRun>& runs, std::size_t record_bytes, void* dst);
+
+// Collective. Creates (truncating) `path`, rank 0 writes the header for (dtype, shape), every
+// rank writes its runs from `src`. The ranks' runs together should cover the array.
+// Failures are agreed: every rank throws the same Error(io).
+void npy_write_records(MPI_Comm comm, const std::string& path, NpyDType dtype,
+                       const std::vector<std::int64_t>& shape, const std::vector<RecordRun>& runs,
+                       std::size_t record_bytes, const void* src);
+
+}  // namespace ringattn::io

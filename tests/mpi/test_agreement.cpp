@@ -1,0 +1,174 @@
+// Bad inputs on one rank, or ranks that disagree, must make every rank throw the same error
+// (never a hang, never a crash).
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "comm/agreement.hpp"
+#include "ringattn/ringattn.hpp"
+
+using namespace ringattn;
+
+namespace {
+
+int world_rank() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+int world_size() {
+  int n = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return n;
+}
+
+// Runs fn on every rank; asserts that every rank threw an Error with `code` whose message
+// contains `needle`, and that the messages are identical on all ranks.
+void expect_same_error_everywhere(const std::function<void()>& fn, ErrorCode code, const std::string& needle) {
+  std::string message;
+  bool threw = false;
+  ErrorCode got = ErrorCode::internal;
+  bool all_ranks = false;
+  try {
+    fn();
+  } catch (const Error& e) {
+    threw = true;
+    got = e.code();
+    message = e.what();
+    all_ranks = e.on_all_ranks();
+  }
+  ASSERT_TRUE(threw) << "expected an error containing '" << needle << "'";
+  EXPECT_EQ(got, code) << message;
+  EXPECT_TRUE(all_ranks) << message;
+  EXPECT_NE(message.find(needle), std::string::npos) << "message: " << message;
+  // Same message on every rank: compare lengths and a checksum with rank 0's.
+  long long sig[2] = {static_cast<long long>(message.size()), 0};
+  for (unsigned char ch : message) sig[1] = sig[1] * 131 + ch;
+  long long root[2] = {sig[0], sig[1]};
+  MPI_Bcast(root, 2, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+  EXPECT_EQ(sig[0], root[0]) << "message differs from rank 0's: " << message;
+  EXPECT_EQ(sig[1], root[1]) << "message differs from rank 0's: " << message;
+}
+
+// A well-formed fp32 problem with this rank's contiguous shard, adjustable per test.
+struct Shard {
+  std::int64_t batch = 1, heads = 4, kv_heads = 2, dim = 16, seq = 0;
+  std::int64_t local = 0;
+  std::vector<float> q, k, v, out, lse;
+
+  explicit Shard(std::int64_t S) : seq(S) {
+    local = Layout(LayoutKind::contiguous, S, world_size()).local_length(world_rank());
+  }
+  void allocate() {
+    q.assign(static_cast<std::size_t>(batch * local * heads * dim), 0.5f);
+    k.assign(static_cast<std::size_t>(batch * local * kv_heads * dim), 0.25f);
+    v.assign(k.size(), 1.0f);
+    out.assign(q.size(), 0.0f);
+    lse.assign(static_cast<std::size_t>(batch * heads * local), 0.0f);
+  }
+  TensorView qv() { return TensorView::contiguous(q.data(), DType::f32, {batch, local, heads, dim}); }
+  TensorView kv(std::int64_t d) { return TensorView::contiguous(k.data(), DType::f32, {batch, local, kv_heads, d}); }
+  TensorView vv() { return TensorView::contiguous(v.data(), DType::f32, {batch, local, kv_heads, dim}); }
+  TensorView ov() { return TensorView::contiguous(out.data(), DType::f32, {batch, local, heads, dim}); }
+  TensorView lv() { return TensorView::contiguous(lse.data(), DType::f32, {batch, heads, local}); }
+};
+
+}  // namespace
+
+TEST(Agreement, AgreeSharesTheLowestFailingRanksError) {
+  const int last = world_size() - 1;
+  expect_same_error_everywhere(
+      [&] {
+        detail::agree_on(MPI_COMM_WORLD, [&] {
+          if (world_rank() == last) throw Error(ErrorCode::io, "disk on fire");
+        });
+      },
+      ErrorCode::io, "disk on fire");
+  EXPECT_NO_THROW(detail::agree_on(MPI_COMM_WORLD, [] {}));
+}
+
+TEST(Agreement, FingerprintNamesRankAndField) {
+  const int last = world_size() - 1;
+  if (world_size() == 1) GTEST_SKIP() << "needs two ranks to disagree";
+  expect_same_error_everywhere(
+      [&] {
+        detail::agree_fingerprint(MPI_COMM_WORLD, {{"heads", 8}, {"seq", world_rank() == last ? 2048 : 1024}}, "test");
+      },
+      ErrorCode::mismatch, "rank " + std::to_string(last) + " has seq=2048 but rank 0 has seq=1024");
+  const auto values = detail::agree_fingerprint(MPI_COMM_WORLD, {{"heads", 8}, {"seq", 1024}}, "test");
+  EXPECT_EQ(values.size(), static_cast<std::size_t>(2 * world_size()));
+}
+
+TEST(Agreement, HeadDimMismatchOnOneRankFailsEveryRank) {
+  Shard s(37);
+  s.allocate();
+  const bool bad = world_rank() == world_size() - 1;
+  Context ctx(MPI_COMM_WORLD);
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(bad ? 8 : 16), s.vv(), s.ov(), s.lv()); },
+                               ErrorCode::invalid_argument, "k: head_dim 8 differs from q's 16");
+}
+
+TEST(Agreement, KvHeadsMustDivideHeads) {
+  Shard s(37);
+  s.kv_heads = 3;
+  s.allocate();
+  Context ctx(MPI_COMM_WORLD);
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv()); },
+                               ErrorCode::invalid_argument, "kv-heads 3 does not divide q's heads 4");
+}
+
+TEST(Agreement, RanksWithDifferentOptionsAllFail) {
+  if (world_size() == 1) GTEST_SKIP() << "needs two ranks to disagree";
+  Shard s(37);
+  s.allocate();
+  Context ctx(MPI_COMM_WORLD);
+  AttentionOptions options;
+  options.causal = world_rank() == 1;
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
+                               ErrorCode::mismatch, "rank 1 has causal=true but rank 0 has causal=false");
+}
+
+TEST(Agreement, WrongLocalLengthNamesTheRank) {
+  if (world_size() == 1) GTEST_SKIP() << "one rank's length is always the total";
+  Shard s(40);
+  if (world_rank() == 1) s.local -= 1;  // rank 1 holds one token too few for S = 40
+  s.allocate();
+  Context ctx(MPI_COMM_WORLD);
+  AttentionOptions options;
+  options.seq_len = 40;
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
+                               ErrorCode::invalid_argument, "rank 1: q holds");
+}
+
+TEST(Agreement, BadLseShapeAndDtypeAndScale) {
+  Shard s(37);
+  s.allocate();
+  Context ctx(MPI_COMM_WORLD);
+  TensorView bad_lse = TensorView::contiguous(s.lse.data(), DType::f32, {s.batch, s.local, s.heads});
+  if (s.local == s.heads) bad_lse = TensorView::contiguous(s.lse.data(), DType::f32, {s.batch, s.heads, s.local, 1});
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), bad_lse); },
+                               ErrorCode::invalid_argument, "lse:");
+  TensorView half_out = s.ov();
+  half_out.dtype = DType::f16;
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), half_out, s.lv()); },
+                               ErrorCode::invalid_argument, "out: dtype fp16 differs from q's fp32");
+  AttentionOptions options;
+  options.scale = -1.0;
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
+                               ErrorCode::invalid_argument, "scale must be a positive finite number");
+}
+
+TEST(Agreement, SequenceShorterThanRanks) {
+  if (world_size() == 1) GTEST_SKIP() << "one rank always has a token";
+  Shard s(37);
+  s.allocate();
+  Context ctx(MPI_COMM_WORLD);
+  AttentionOptions options;
+  options.seq_len = world_size() - 1;
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
+                               ErrorCode::invalid_argument, "shorter than the");
+}

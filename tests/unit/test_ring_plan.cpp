@@ -1,0 +1,105 @@
+// The plan property: over all ranks and steps, every (query, key) pair the mask allows is
+// computed exactly once and no other pair is.
+#include <gtest/gtest.h>
+
+#include "plan/ring_plan.hpp"
+
+using namespace ringattn;
+using namespace ringattn::detail;
+
+namespace {
+
+void check_plan_covers_mask_once(LayoutKind kind, MaskKind mask, std::int64_t S, int P) {
+  const Layout layout(kind, S, P);
+  std::vector<std::uint8_t> count(static_cast<std::size_t>(S * S), 0);
+  for (int r = 0; r < P; ++r) {
+    const RingPlan plan = make_ring_plan(layout, mask, r);
+    ASSERT_EQ(static_cast<int>(plan.steps.size()), P);
+    const auto q_pos = layout.positions(r);
+    for (int s = 0; s < P; ++s) {
+      const RingStep& step = plan.steps[static_cast<std::size_t>(s)];
+      ASSERT_EQ(step.kv_source, (r - s + P) % P);
+      const auto k_pos = layout.positions(step.kv_source);
+      ASSERT_EQ(step.kv_len, static_cast<std::int64_t>(k_pos.size()));
+      for (const BlockTask& t : step.tasks) {
+        ASSERT_GE(t.q_begin, 0);
+        ASSERT_LE(t.q_begin + t.q_len, static_cast<std::int64_t>(q_pos.size()));
+        ASSERT_GE(t.kv_begin, 0);
+        ASSERT_LE(t.kv_begin + t.kv_len, step.kv_len);
+        std::int64_t pairs = 0;
+        for (std::int64_t i = 0; i < t.q_len; ++i) {
+          std::int64_t row_pairs = 0;
+          for (std::int64_t l = 0; l < t.kv_len; ++l) {
+            if (!t.allows(i, l)) continue;
+            const std::int64_t qp = q_pos[static_cast<std::size_t>(t.q_begin + i)];
+            const std::int64_t kp = k_pos[static_cast<std::size_t>(t.kv_begin + l)];
+            ++count[static_cast<std::size_t>(qp * S + kp)];
+            ++row_pairs;
+          }
+          ASSERT_GT(row_pairs, 0) << "task rows must each see a key";
+          pairs += row_pairs;
+        }
+        EXPECT_EQ(pairs, t.pairs());
+      }
+    }
+  }
+  for (std::int64_t qp = 0; qp < S; ++qp) {
+    for (std::int64_t kp = 0; kp < S; ++kp) {
+      const int expected = (mask == MaskKind::full || kp <= qp) ? 1 : 0;
+      ASSERT_EQ(count[static_cast<std::size_t>(qp * S + kp)], expected)
+          << to_string(kind) << (mask == MaskKind::causal ? " causal" : " full") << " S=" << S << " P=" << P
+          << " pair (" << qp << ", " << kp << ")";
+    }
+  }
+}
+
+}  // namespace
+
+TEST(RingPlan, EveryAllowedPairExactlyOnce) {
+  for (LayoutKind kind : {LayoutKind::contiguous, LayoutKind::zigzag, LayoutKind::striped}) {
+    for (MaskKind mask : {MaskKind::full, MaskKind::causal}) {
+      for (int P = 1; P <= 16; ++P) {
+        for (std::int64_t S : {std::int64_t{P}, std::int64_t{4} * P, std::int64_t{4} * P + 3, std::int64_t{97}}) {
+          if (S < P) continue;
+          check_plan_covers_mask_once(kind, mask, S, P);
+          if (HasFatalFailure()) return;
+        }
+      }
+    }
+  }
+}
+
+TEST(RingPlan, CausalSkipsHiddenBlocksAndZigzagBalances) {
+  // Contiguous causal: rank 0 sees only its own block; all later blocks are hidden.
+  const Layout contiguous(LayoutKind::contiguous, 64, 4);
+  const RingPlan first = make_ring_plan(contiguous, MaskKind::causal, 0);
+  EXPECT_EQ(first.steps[0].tasks.size(), 1u);
+  for (int s = 1; s < 4; ++s) EXPECT_TRUE(first.steps[static_cast<std::size_t>(s)].tasks.empty());
+  const RingPlan last = make_ring_plan(contiguous, MaskKind::causal, 3);
+  EXPECT_EQ(last.steps[1].tasks.at(0).mask, MaskKind::full);
+
+  // Zigzag causal: every rank computes the same number of pairs.
+  const Layout zigzag(LayoutKind::zigzag, 64, 4);
+  std::int64_t reference = -1;
+  for (int r = 0; r < 4; ++r) {
+    std::int64_t pairs = 0;
+    for (const RingStep& step : make_ring_plan(zigzag, MaskKind::causal, r).steps) {
+      for (const BlockTask& t : step.tasks) pairs += t.pairs();
+    }
+    if (reference < 0) reference = pairs;
+    EXPECT_EQ(pairs, reference) << "rank " << r;
+  }
+}
+
+TEST(RingPlan, ClassifyTrimsCausalBlocks) {
+  // Queries at 10..19 against keys at 15..24: query 10+i sees key 15+l iff l <= i - 5.
+  const auto t = classify_block({0, 10, 10, 1}, {0, 15, 10, 1}, MaskKind::causal);
+  ASSERT_TRUE(t.has_value());
+  EXPECT_EQ(t->q_begin, 5);   // queries 10..14 see none of these keys
+  EXPECT_EQ(t->q_len, 5);
+  EXPECT_EQ(t->kv_len, 5);    // keys 20..24 are seen by no query
+  EXPECT_EQ(t->mask, MaskKind::causal);
+  EXPECT_EQ(t->diag_offset, 0);
+  EXPECT_FALSE(classify_block({0, 0, 10, 1}, {0, 10, 10, 1}, MaskKind::causal).has_value());
+  EXPECT_EQ(classify_block({0, 10, 10, 1}, {0, 0, 10, 1}, MaskKind::causal)->mask, MaskKind::full);
+}
