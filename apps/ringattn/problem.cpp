@@ -108,15 +108,29 @@ void check_flag(const char* flag, bool given, std::int64_t value, std::int64_t f
   }
 }
 
+// CLI11's own number validators print the whole double range in their messages.
+CLI::Validator at_least(std::int64_t minimum) {
+  return CLI::Validator(
+      [minimum](std::string& value) -> std::string {
+        try {
+          std::size_t used = 0;
+          if (std::stoll(value, &used) >= minimum && used == value.size()) return {};
+        } catch (const std::exception&) {
+        }
+        return "must be an integer >= " + std::to_string(minimum) + ", got '" + value + "'";
+      },
+      "INT>=" + std::to_string(minimum));
+}
+
 }  // namespace
 
 void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
-  cmd.add_option("--batch,-B", o.batch, "Batch size")->check(CLI::PositiveNumber);
-  cmd.add_option("--seq,-S", o.seq, "Global sequence length (tokens over all ranks)")->check(CLI::PositiveNumber);
-  cmd.add_option("--heads,-H", o.heads, "Query heads")->check(CLI::PositiveNumber);
+  cmd.add_option("--batch,-B", o.batch, "Batch size")->check(at_least(1));
+  cmd.add_option("--seq,-S", o.seq, "Global sequence length (tokens over all ranks)")->check(at_least(1));
+  cmd.add_option("--heads,-H", o.heads, "Query heads")->check(at_least(1));
   cmd.add_option("--kv-heads", o.kv_heads, "Key/value heads (GQA/MQA); must divide --heads; default = --heads")
-      ->check(CLI::NonNegativeNumber);
-  cmd.add_option("--head-dim,-D", o.head_dim, "Head dimension")->check(CLI::PositiveNumber);
+      ->check(at_least(0));
+  cmd.add_option("--head-dim,-D", o.head_dim, "Head dimension (at most 256)")->check(at_least(1));
   cmd.add_flag("--causal", o.causal, "Causal mask: query i attends keys <= i");
   cmd.add_option("--layout", o.layout, "Sequence sharding: contiguous, zigzag or striped")
       ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}));

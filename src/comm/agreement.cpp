@@ -1,6 +1,7 @@
 #include "comm/agreement.hpp"
 
 #include <array>
+#include <climits>
 #include <cstring>
 #include <new>
 
@@ -35,10 +36,19 @@ Failure describe(std::exception_ptr outcome) {
 void agree(MPI_Comm comm, std::exception_ptr local_outcome) {
   const int rank = comm_rank(comm);
   const int size = comm_size(comm);
-  int mine = local_outcome ? rank : size;
-  int first_failed = size;
-  RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &first_failed, 1, MPI_INT, MPI_MIN, comm));
+  const Failure mine = local_outcome ? describe(local_outcome) : Failure{};
+  // One reduction answers three questions: who failed first, how many failed, and whether
+  // they all failed the same way (then the message needs no rank to explain it).
+  std::uint64_t hash = 1469598103934665603ull;  // FNV-1a of the message
+  for (unsigned char c : mine.message) hash = (hash ^ c) * 1099511628211ull;
+  long long local[4] = {local_outcome ? rank : size, local_outcome ? 1 : 0,
+                        local_outcome ? static_cast<long long>(hash >> 1) : LLONG_MAX,
+                        local_outcome ? -static_cast<long long>(hash >> 1) : LLONG_MAX};
+  long long global[4];
+  RINGATTN_MPI_CHECK(MPI_Allreduce(local, global, 4, MPI_LONG_LONG, MPI_MIN, comm));
+  const int first_failed = static_cast<int>(global[0]);
   if (first_failed == size) return;
+  const bool everyone_alike = global[1] == 1 && global[2] == -global[3];
 
   // The lowest failing rank shares its error; a fixed-size buffer keeps it to one broadcast.
   constexpr std::size_t kMaxMessage = 2048;
@@ -47,14 +57,13 @@ void agree(MPI_Comm comm, std::exception_ptr local_outcome) {
     char text[kMaxMessage];
   } packet{};
   if (rank == first_failed) {
-    const Failure f = describe(local_outcome);
-    packet.code = static_cast<int>(f.code);
-    std::strncpy(packet.text, f.message.c_str(), kMaxMessage - 1);
+    packet.code = static_cast<int>(mine.code);
+    std::strncpy(packet.text, mine.message.c_str(), kMaxMessage - 1);
   }
   RINGATTN_MPI_CHECK(MPI_Bcast(&packet, sizeof(packet), MPI_BYTE, first_failed, comm));
   packet.text[kMaxMessage - 1] = '\0';
   std::string message = packet.text;
-  if (size > 1) message = "rank " + std::to_string(first_failed) + ": " + message;
+  if (size > 1 && !everyone_alike) message = "rank " + std::to_string(first_failed) + ": " + message;
   throw Error(static_cast<ErrorCode>(packet.code), message, /*on_all_ranks=*/true);
 }
 

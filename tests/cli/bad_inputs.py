@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Bad inputs end every rank with one clear error and a non-zero exit, within seconds.
+
+Each case runs ringattn under mpirun and asserts: a non-zero exit (the expected code), that
+every rank printed exactly one "ringattn: error (rank r of P): ..." line, that all ranks
+printed the same message, that it contains the expected words, and that the job ended within
+the time limit (no hang).
+"""
+import os
+import re
+import struct
+import sys
+
+import numpy as np
+
+from common import mpirun, parse_args
+
+ERROR_LINE = re.compile(r"^ringattn: error \(rank (\d+) of (\d+)\): (.*)$", re.M)
+
+
+def write_npy_raw(path, header_dict, data=b""):
+    """A .npy file with an arbitrary header (for malformed cases)."""
+    header = header_dict.encode()
+    pad = 64 - (10 + len(header) + 1) % 64
+    header += b" " * pad + b"\n"
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data)
+
+
+def make_files(workdir):
+    rng = np.random.default_rng(1)
+    f = {}
+    def save(name, array):
+        f[name] = os.path.join(workdir, name + ".npy")
+        np.save(f[name], array)
+    save("q", rng.standard_normal((64, 4, 32)).astype(np.float32))
+    save("k", rng.standard_normal((64, 2, 32)).astype(np.float32))
+    save("v", rng.standard_normal((64, 2, 32)).astype(np.float32))
+    save("k_d48", rng.standard_normal((64, 2, 48)).astype(np.float32))
+    save("k_h3", rng.standard_normal((64, 3, 32)).astype(np.float32))
+    save("v_h3", rng.standard_normal((64, 3, 32)).astype(np.float32))
+    save("k_s60", rng.standard_normal((60, 2, 32)).astype(np.float32))
+    save("q_2d", rng.standard_normal((64, 128)).astype(np.float32))
+    save("q_i32", np.zeros((64, 4, 32), dtype=np.int32))
+    # Truncated: a valid header, half the data.
+    full = open(f["q"], "rb").read()
+    f["q_trunc"] = os.path.join(workdir, "q_trunc.npy")
+    open(f["q_trunc"], "wb").write(full[: len(full) // 2])
+    f["q_fortran"] = os.path.join(workdir, "q_fortran.npy")
+    write_npy_raw(f["q_fortran"], "{'descr': '<f4', 'fortran_order': True, 'shape': (64, 4, 32), }",
+                  bytes(64 * 4 * 32 * 4))
+    f["garbage"] = os.path.join(workdir, "garbage.npy")
+    open(f["garbage"], "wb").write(b"this is not a numpy file at all")
+    f["missing"] = os.path.join(workdir, "does_not_exist.npy")
+    return f
+
+
+def files(f, q="q", k="k", v="v"):
+    return ["--q", f[q], "--k", f[k], "--v", f[v]]
+
+
+def check(args, name, np_, cli, words, code=1, mpmd=None, limit=30.0):
+    proc, seconds = mpirun(args, np_, cli, mpmd=mpmd, timeout=120)
+    ranks = sum(n for n, _ in mpmd) if mpmd else np_
+    errors = ERROR_LINE.findall(proc.stderr)
+    problems = []
+    if proc.returncode == 0:
+        problems.append("exit code 0")
+    elif code is not None and proc.returncode != code:
+        problems.append(f"exit code {proc.returncode}, expected {code}")
+    by_rank = {}
+    for rank, world, message in errors:
+        by_rank.setdefault(int(rank), []).append(message)
+        if int(world) != ranks:
+            problems.append(f"error line names world {world}, expected {ranks}")
+    if sorted(by_rank) != list(range(ranks)) or any(len(m) != 1 for m in by_rank.values()):
+        problems.append(f"expected one error line from each of {ranks} ranks, got {dict(by_rank)}")
+    messages = {m for ms in by_rank.values() for m in ms}
+    if len(messages) > 1:
+        problems.append(f"ranks printed different errors: {messages}")
+    for word in words:
+        if not any(word in m for m in messages):
+            problems.append(f"no error mentions '{word}'")
+    if seconds > limit:
+        problems.append(f"took {seconds:.1f} s (limit {limit} s)")
+    status = "ok  " if not problems else "FAIL"
+    shown = next(iter(messages), "<no error line>")
+    print(f"{status} np={ranks} {name}: exit {proc.returncode}, {seconds:.1f} s: {shown}")
+    for p in problems:
+        print(f"     {p}")
+    if problems:
+        print(proc.stdout[-2000:], proc.stderr[-3000:])
+    return not problems
+
+
+def main():
+    args = parse_args(__doc__)
+    os.makedirs(args.workdir, exist_ok=True)
+    f = make_files(args.workdir)
+    out = os.path.join(args.workdir, "out.npy")
+    cases = [
+        ("head dims differ", 2, ["run"] + files(f, k="k_d48"), ["head_dim 48", "differs from q's 32"]),
+        ("kv-heads do not divide heads (files)", 3, ["run"] + files(f, k="k_h3", v="v_h3"), ["does not divide"]),
+        ("kv-heads do not divide heads (flags)", 4, ["run", "--seq", "64", "--heads", "4", "--kv-heads", "3"],
+         ["kv-heads 3 does not divide q's heads 4"]),
+        ("truncated .npy", 3, ["run"] + files(f, q="q_trunc"), ["q_trunc.npy", "truncated"]),
+        ("missing .npy", 2, ["run"] + files(f, v="missing"), ["does_not_exist.npy"]),
+        ("not a .npy file", 5, ["run"] + files(f, q="garbage"), ["garbage.npy"]),
+        ("fortran-order .npy", 2, ["run"] + files(f, q="q_fortran"), ["ortran"]),
+        ("integer .npy", 1, ["run"] + files(f, q="q_i32"), ["q_i32.npy"]),
+        ("2-D q", 3, ["run"] + files(f, q="q_2d"), ["[S, H, D]"]),
+        ("k sequence length differs", 2, ["run"] + files(f, k="k_s60"), ["sequence length 60 differs from q's 64"]),
+        ("--seq conflicts with files", 2, ["run", "--seq", "128"] + files(f), ["--seq 128 conflicts"]),
+        ("--q without --k/--v", 2, ["run", "--q", f["q"]], ["must be given together"]),
+        ("fewer tokens than ranks", 5, ["run", "--seq", "4"], ["shorter than the 5 ranks"]),
+        ("output directory missing", 2, ["run", "--seq", "64", "--out", "/nonexistent/dir/o.npy"], ["o.npy"]),
+        ("unknown flag", 3, ["run", "--bogus"], ["--bogus"], 2),
+        ("bad layout name", 2, ["run", "--layout", "ring"], ["ring"], 2),
+        ("zero heads", 2, ["verify", "--heads", "0"], ["--heads"], 2),
+    ]
+    results = [check(args, *c[:4], code=c[4] if len(c) > 4 else 1) for c in cases]
+    # Ranks started with different options (an MPMD launch) fail together before any transfer.
+    results.append(check(args, "MPMD: different --seq", 0, None, ["rank 1 has --seq=1000 but rank 0 has --seq=512"],
+                         mpmd=[(1, ["run", "--seq", "512"]), (2, ["run", "--seq", "1000"])]))
+    results.append(check(args, "MPMD: different --causal", 0, None, ["--causal"],
+                         mpmd=[(2, ["run", "--seq", "256"]), (1, ["run", "--seq", "256", "--causal"])]))
+    results.append(check(args, "MPMD: one rank's bad flag", 0, None, ["--bogus"], code=2,
+                         mpmd=[(1, ["run", "--seq", "256"]), (1, ["run", "--seq", "256", "--bogus"])]))
+    print(f"{sum(results)} of {len(results)} bad-input cases behaved")
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
