@@ -13,8 +13,8 @@
 namespace ringattn {
 
 struct ContextOptions {
-  // Threads for the CPU kernel; 0 = the node's hardware threads divided by the ranks on the node
-  // (or OMP_NUM_THREADS when it is set).
+  // Threads for the CPU kernel; 0 = OMP_NUM_THREADS when set, else the cores this process is
+  // bound to, else (unbound) the node's hardware threads divided by the ranks on the node.
   int cpu_threads = 0;
 };
 

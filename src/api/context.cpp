@@ -1,5 +1,8 @@
 #include "ringattn/context.hpp"
 
+#include <sched.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <thread>
 #include <utility>
@@ -35,9 +38,13 @@ Context::Context(MPI_Comm comm, ContextOptions options) {
   } else if (const char* env = std::getenv("OMP_NUM_THREADS"); env != nullptr && std::atoi(env) > 0) {
     cpu_threads_ = std::atoi(env);
   } else {
-    // Ranks sharing a node share its cores.
-    const int hw = static_cast<int>(std::thread::hardware_concurrency());
-    cpu_threads_ = std::max(1, (hw > 0 ? hw : 1) / local_size_);
+    // mpirun usually binds each rank to its own cores (Open MPI: one core per rank for np <= 2,
+    // a socket otherwise): use exactly those. Unbound ranks share the node's cores.
+    const int hw = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    const int usable = sched_getaffinity(0, sizeof(allowed), &allowed) == 0 ? CPU_COUNT(&allowed) : hw;
+    cpu_threads_ = usable < hw ? std::max(1, usable) : std::max(1, hw / local_size_);
   }
   hostname_ = detail::host_name();
 }
