@@ -32,7 +32,10 @@ class Context {
   int local_rank() const { return local_rank_; }  // rank among the processes on this node
   int local_size() const { return local_size_; }
   int cpu_threads() const { return cpu_threads_; }
-  bool mpi_progress_from_threads() const { return funneled_; }
+  // Whether the CPU kernel, running on the calling thread and its OpenMP team, may call MPI
+  // (from the calling thread only) to progress transfers: MPI_THREAD_SERIALIZED or better, or
+  // FUNNELED when called from the thread that initialised MPI.
+  bool mpi_progress_from_threads() const;
   const std::string& hostname() const { return hostname_; }
   // The library's own duplicate of the caller's communicator.
   MPI_Comm comm() const { return comm_; }
@@ -44,7 +47,7 @@ class Context {
   int local_rank_ = 0;
   int local_size_ = 1;
   int cpu_threads_ = 1;
-  bool funneled_ = false;
+  int thread_level_ = MPI_THREAD_SINGLE;
   std::string hostname_;
 };
 

@@ -31,7 +31,7 @@ Context::Context(MPI_Comm comm, ContextOptions options) {
 
   int provided = MPI_THREAD_SINGLE;
   RINGATTN_MPI_CHECK(MPI_Query_thread(&provided));
-  funneled_ = provided >= MPI_THREAD_FUNNELED;
+  thread_level_ = provided;
 
   if (options.cpu_threads > 0) {
     cpu_threads_ = options.cpu_threads;
@@ -47,6 +47,13 @@ Context::Context(MPI_Comm comm, ContextOptions options) {
     cpu_threads_ = usable < hw ? std::max(1, usable) : std::max(1, hw / local_size_);
   }
   hostname_ = detail::host_name();
+}
+
+bool Context::mpi_progress_from_threads() const {
+  if (thread_level_ >= MPI_THREAD_SERIALIZED) return true;
+  int is_main = 0;
+  MPI_Is_thread_main(&is_main);
+  return thread_level_ == MPI_THREAD_FUNNELED && is_main != 0;
 }
 
 Context::~Context() {
@@ -68,7 +75,7 @@ Context& Context::operator=(Context&& other) noexcept {
     local_rank_ = other.local_rank_;
     local_size_ = other.local_size_;
     cpu_threads_ = other.cpu_threads_;
-    funneled_ = other.funneled_;
+    thread_level_ = other.thread_level_;
     hostname_ = std::move(other.hostname_);
   }
   return *this;
