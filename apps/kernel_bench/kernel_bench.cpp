@@ -1,0 +1,88 @@
+// kernel_bench: the native flash forward kernel alone on one GPU (no ring, no MPI), for
+// kernel tuning. Times init + kernel + finalize (what one rank's forward costs at P = 1)
+// with CUDA events; prints TFLOP/s with 4*B*S^2*H*D (halved when causal).
+//   kernel_bench [--heads 32] [--head-dim 128] [--dtype bf16] [--iters 10] S...
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "core/cuda_raii.hpp"
+#include "kernels/cuda/cuda_kernels.hpp"
+
+using namespace ringattn;
+using namespace ringattn::detail;
+
+int main(int argc, char** argv) {
+  std::int64_t heads = 32, dim = 128;
+  int iters = 10;
+  DType dtype = DType::bf16;
+  std::vector<std::int64_t> seqs;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--heads" && i + 1 < argc) heads = std::atoll(argv[++i]);
+    else if (a == "--head-dim" && i + 1 < argc) dim = std::atoll(argv[++i]);
+    else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
+    else if (a == "--dtype" && i + 1 < argc) dtype = parse_dtype(argv[++i]);
+    else seqs.push_back(std::atoll(a.c_str()));
+  }
+  if (seqs.empty()) seqs = {4096, 16384, 65536};
+  if (cuda_device_count() == 0) {
+    std::fprintf(stderr, "kernel_bench: no CUDA device\n");
+    return 1;
+  }
+  cudaDeviceProp prop{};
+  RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("# kernel_bench: %s, B=1 H=%lld D=%lld %s, %d iterations after 2 warm-up\n", prop.name,
+              static_cast<long long>(heads), static_cast<long long>(dim), to_string(dtype), iters);
+  std::printf("# %8s %7s %10s %10s\n", "seq", "causal", "time_ms", "TFLOP/s");
+  CudaStream stream;
+  CudaEvent start(true), stop(true);
+  for (std::int64_t S : seqs) {
+    const std::size_t elems = static_cast<std::size_t>(S * heads * dim);
+    DeviceBuffer q(elems * 2), k(elems * 2), v(elems * 2), out(elems * 2);
+    DeviceBuffer o_acc(elems * 4), lse(static_cast<std::size_t>(S * heads) * 4);
+    // Inputs: small values so that exp never overflows; the content does not change the time.
+    RINGATTN_CUDA_CHECK(cudaMemset(q.get(), 0x3c, elems * 2));
+    RINGATTN_CUDA_CHECK(cudaMemset(k.get(), 0x3c, elems * 2));
+    RINGATTN_CUDA_CHECK(cudaMemset(v.get(), 0x3c, elems * 2));
+    for (bool causal : {false, true}) {
+      FlashFwdParams p;
+      p.q = q.get();
+      p.k = k.get();
+      p.v = v.get();
+      p.q_batch_stride = p.kv_batch_stride = S * heads * dim;
+      p.q_row_stride = p.kv_row_stride = heads * dim;
+      p.q_head_stride = p.kv_head_stride = dim;
+      p.o_acc = o_acc.as<float>();
+      p.lse = lse.as<float>();
+      p.s_q = S;
+      p.heads = static_cast<int>(heads);
+      p.q_len = p.kv_len = static_cast<int>(S);
+      p.causal = causal;
+      p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(dim)));
+      const TensorView out_view = TensorView::contiguous(out.get(), dtype, {1, S, heads, dim}, DeviceKind::cuda);
+      auto once = [&] {
+        fill_neg_inf(lse.as<float>(), S * heads, stream);
+        flash_fwd(p, dtype, dim, stream);
+        finalize_output(o_acc.as<float>(), lse.as<float>(), out_view, TensorView{}, stream);
+      };
+      for (int w = 0; w < 2; ++w) once();
+      RINGATTN_CUDA_CHECK(cudaEventRecord(start, stream));
+      for (int it = 0; it < iters; ++it) once();
+      RINGATTN_CUDA_CHECK(cudaEventRecord(stop, stream));
+      RINGATTN_CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms = 0.0f;
+      RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      ms /= static_cast<float>(iters);
+      const double flops = 4.0 * static_cast<double>(S) * static_cast<double>(S) * static_cast<double>(heads * dim) /
+                           (causal ? 2.0 : 1.0);
+      std::printf("  %8lld %7s %10.3f %10.1f\n", static_cast<long long>(S), causal ? "yes" : "no", ms,
+                  flops / (ms * 1e-3) / 1e12);
+    }
+  }
+  return 0;
+}

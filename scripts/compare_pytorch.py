@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""PyTorch peers on the same shapes as `ringattn bench`, printed in the same table.
+
+  python3 scripts/compare_pytorch.py sdpa -b 4096 -e 65536 -f 4 [--causal both] [--kv-heads 8]
+      torch SDPA on one GPU, flash (FA2) and cuDNN backends.
+  torchrun --nproc-per-node 2 scripts/compare_pytorch.py cp -b 65536 -e 262144 -f 4
+      PyTorch context parallel (ring attention over NCCL, SDPA inside), per-GPU TFLOP/s.
+
+FLOPs: 4*B*S^2*H*D forward (halved when causal), forward+backward 3.5x forward. Times are
+CUDA-event averages over --iters after --warmup iterations.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def seq_lengths(a):
+    s = a.begin
+    out = []
+    while s <= a.end:
+        out.append(s)
+        s *= a.factor
+    return out
+
+
+def flops(batch, seq, heads, dim, causal, backward):
+    f = 4.0 * batch * seq * seq * heads * dim / (2 if causal else 1)
+    return f * 3.5 if backward else f
+
+
+def time_ms(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / iters
+
+
+def header(title, a, world):
+    print(f"# {title}: torch {torch.__version__}, {torch.cuda.get_device_name()}, {world} GPU(s), "
+          f"dtype {a.dtype}, {'forward+backward' if a.backward else 'forward'}")
+    print(f"# {'seq':>9} {'batch':>5} {'heads':>5} {'kv':>4} {'dim':>4} {'causal':>6} {'impl':>14} "
+          f"{'time_ms':>10} {'TFLOP/s/GPU':>12}")
+
+
+def row(seq, a, causal, impl, ms, world):
+    tf = flops(a.batch, seq, a.heads, a.head_dim, causal, a.backward) / (ms * 1e-3) / 1e12 / world
+    print(f"  {seq:>9} {a.batch:>5} {a.heads:>5} {a.kv_heads:>4} {a.head_dim:>4} {'yes' if causal else 'no':>6} "
+          f"{impl:>14} {ms:>10.3f} {tf:>12.1f}", flush=True)
+
+
+def make_qkv(a, seq, device, requires_grad):
+    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[a.dtype])
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(a.batch, a.heads, seq, a.head_dim, device=device, dtype=dtype, generator=g)
+    k = torch.randn(a.batch, a.kv_heads, seq, a.head_dim, device=device, dtype=dtype, generator=g)
+    v = torch.randn(a.batch, a.kv_heads, seq, a.head_dim, device=device, dtype=dtype, generator=g)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v
+
+
+def attention_step(q, k, v, causal, gqa, backward):
+    def step():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        if backward:
+            o.backward(torch.ones_like(o))
+    return step
+
+
+def run_sdpa(a):
+    header("torch SDPA, one GPU", a, 1)
+    backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+    for seq in seq_lengths(a):
+        for causal in a.causal_list:
+            for name, backend in backends.items():
+                q, k, v = make_qkv(a, seq, "cuda", a.backward)
+                gqa = a.kv_heads != a.heads
+                if gqa and backend == SDPBackend.FLASH_ATTENTION:
+                    # The flash backend has no GQA: it needs the KV heads repeated.
+                    k = k.detach().repeat_interleave(a.heads // a.kv_heads, 1).requires_grad_(a.backward)
+                    v = v.detach().repeat_interleave(a.heads // a.kv_heads, 1).requires_grad_(a.backward)
+                    gqa = False
+                try:
+                    with sdpa_kernel(backend):
+                        ms = time_ms(attention_step(q, k, v, causal, gqa, a.backward), a.warmup, a.iters)
+                    row(seq, a, causal, name, ms, 1)
+                except RuntimeError as e:
+                    print(f"  {seq:>9} {name}: not available ({str(e).splitlines()[0][:80]})")
+                del q, k, v
+                torch.cuda.empty_cache()
+
+
+def run_cp(a):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl")
+    mesh = init_device_mesh("cuda", (world,))
+    if rank == 0:
+        header("PyTorch context parallel (ring, SDPA cuDNN inside)", a, world)
+    for seq in seq_lengths(a):
+        for causal in a.causal_list:
+            q, k, v = make_qkv(a, seq, "cuda", a.backward)
+            gqa = a.kv_heads != a.heads
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
+                    ms = time_ms(attention_step(q, k, v, causal, gqa, a.backward), a.warmup, a.iters)
+            t = torch.tensor([ms], device="cuda")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if rank == 0:
+                row(seq, a, causal, "torch-cp", t.item(), world)
+            del q, k, v
+            torch.cuda.empty_cache()
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["sdpa", "cp"])
+    p.add_argument("-b", "--begin", type=int, default=4096, help="first total sequence length")
+    p.add_argument("-e", "--end", type=int, default=65536, help="last total sequence length")
+    p.add_argument("-f", "--factor", type=int, default=4, help="multiplier between lengths")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=0, help="default: --heads")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    a = p.parse_args()
+    a.kv_heads = a.kv_heads or a.heads
+    a.causal_list = {"no": [False], "yes": [True], "both": [False, True]}[a.causal]
+    if not torch.cuda.is_available():
+        sys.exit("compare_pytorch.py: no CUDA device")
+    run_sdpa(a) if a.mode == "sdpa" else run_cp(a)
+
+
+if __name__ == "__main__":
+    main()

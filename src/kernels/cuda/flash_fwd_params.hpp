@@ -1,0 +1,34 @@
+// kernels/cuda/flash_fwd_params.hpp: the arguments of one native flash forward launch.
+//
+// One launch computes one plan task (query rows x key rows, mask) for all batches and heads,
+// and merges its result into the rank's running fp32 (o, lse). Plain data, shared by host
+// code (.cpp) and the kernels (.cu); strides are in elements.
+#pragma once
+
+#include <cstdint>
+
+namespace ringattn::detail {
+
+struct FlashFwdParams {
+  // q: (B, S_q, H, D), any strides with unit head_dim stride; rows q_begin .. q_begin+q_len.
+  const void* q = nullptr;
+  std::int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  // k, v: the held KV block, (B, S_kv, H_kv, D); rows kv_begin .. kv_begin+kv_len.
+  const void* k = nullptr;
+  const void* v = nullptr;
+  std::int64_t kv_batch_stride = 0, kv_row_stride = 0, kv_head_stride = 0;
+  // Running result, fp32: o_acc (B, H, S_q, D) normalised, lse (B, H, S_q) natural log,
+  // -inf where no key was seen yet (then o_acc is not read).
+  float* o_acc = nullptr;
+  float* lse = nullptr;
+  std::int64_t s_q = 0;  // rows of o_acc / lse per (batch, head)
+
+  int batch = 1, heads = 1, kv_group = 1;  // kv head of query head h: h / kv_group
+  int q_begin = 0, q_len = 0;
+  int kv_begin = 0, kv_len = 0;
+  int causal = 0;        // row i sees key l iff l <= i + diag_offset (task-relative)
+  int diag_offset = 0;
+  float scale_log2 = 1.0f;  // softmax scale * log2(e)
+};
+
+}  // namespace ringattn::detail

@@ -1,0 +1,135 @@
+// kernels/cuda/ring_kernels.cu: the small kernels around the flash kernel: state
+// initialisation, packing the local K/V into the ring buffer, and writing the final output.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <limits>
+
+#include "core/cuda_check.hpp"
+#include "kernels/cuda/cuda_kernels.hpp"
+
+namespace ringattn::detail {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned blocks_for(std::int64_t n) {
+  const std::int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(b < 65535 * 16 ? b : 65535 * 16);
+}
+
+__global__ void fill_kernel(float* x, std::int64_t n, float value) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    x[i] = value;
+  }
+}
+
+// One thread per 16-bit element pair would be faster for huge copies; packing happens once
+// per call (the local block), so a plain grid-stride loop over elements suffices.
+template <typename T>
+__global__ void pack_kernel(const T* src, T* dst, std::int64_t S, std::int64_t Hh, std::int64_t D, std::int64_t sb,
+                            std::int64_t ss, std::int64_t sh, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t d = i % D;
+    const std::int64_t h = (i / D) % Hh;
+    const std::int64_t s = (i / (D * Hh)) % S;
+    const std::int64_t b = i / (D * Hh * S);
+    dst[i] = src[b * sb + s * ss + h * sh + d];
+  }
+}
+
+template <typename T>
+__device__ T from_float(float x);
+template <>
+__device__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ float from_float<float>(float x) { return x; }
+
+// out[b, s, h, d] <- o_acc[b, h, s, d]
+template <typename T>
+__global__ void finalize_kernel(const float* o_acc, T* out, std::int64_t S, std::int64_t H, std::int64_t D,
+                                std::int64_t ob, std::int64_t os, std::int64_t oh, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t d = i % D;
+    const std::int64_t s = (i / D) % S;
+    const std::int64_t h = (i / (D * S)) % H;
+    const std::int64_t b = i / (D * S * H);
+    out[b * ob + s * os + h * oh + d] = from_float<T>(o_acc[i]);
+  }
+}
+
+__global__ void copy_lse_kernel(const float* lse_acc, float* lse, std::int64_t S, std::int64_t H, std::int64_t lb,
+                                std::int64_t lh, std::int64_t ls, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t s = i % S;
+    const std::int64_t h = (i / S) % H;
+    const std::int64_t b = i / (S * H);
+    lse[b * lb + h * lh + s * ls] = lse_acc[i];
+  }
+}
+
+}  // namespace
+
+void fill_neg_inf(float* lse, std::int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  fill_kernel<<<blocks_for(n), kThreads, 0, stream>>>(lse, n, -std::numeric_limits<float>::infinity());
+  RINGATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+void pack_rows(const TensorView& t, void* dst, cudaStream_t stream) {
+  const std::int64_t n = t.numel();
+  if (n == 0) return;
+  if (t.is_contiguous()) {
+    RINGATTN_CUDA_CHECK(cudaMemcpyAsync(dst, t.data, static_cast<std::size_t>(n) * dtype_size(t.dtype),
+                                        cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
+  if (dtype_size(t.dtype) == 2) {
+    pack_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const __half*>(t.data), static_cast<__half*>(dst),
+                                                        t.shape[1], t.shape[2], t.shape[3], t.strides[0], t.strides[1],
+                                                        t.strides[2], n);
+  } else {
+    pack_kernel<<<blocks_for(n), kThreads, 0, stream>>>(static_cast<const float*>(t.data), static_cast<float*>(dst),
+                                                        t.shape[1], t.shape[2], t.shape[3], t.strides[0], t.strides[1],
+                                                        t.strides[2], n);
+  }
+  RINGATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+void finalize_output(const float* o_acc, const float* lse_acc, const TensorView& out, const TensorView& lse,
+                     cudaStream_t stream) {
+  const std::int64_t B = out.shape[0], S = out.shape[1], H = out.shape[2], D = out.shape[3];
+  const std::int64_t n = B * S * H * D;
+  if (n > 0) {
+    switch (out.dtype) {
+      case DType::bf16:
+        finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<__nv_bfloat16*>(out.data), S, H, D,
+                                                                out.strides[0], out.strides[1], out.strides[2], n);
+        break;
+      case DType::f16:
+        finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<__half*>(out.data), S, H, D,
+                                                                out.strides[0], out.strides[1], out.strides[2], n);
+        break;
+      case DType::f32:
+        finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<float*>(out.data), S, H, D,
+                                                                out.strides[0], out.strides[1], out.strides[2], n);
+        break;
+    }
+    RINGATTN_CUDA_CHECK(cudaGetLastError());
+  }
+  if (lse.data != nullptr && B * H * S > 0) {
+    copy_lse_kernel<<<blocks_for(B * H * S), kThreads, 0, stream>>>(lse_acc, static_cast<float*>(lse.data), S, H,
+                                                                     lse.strides[0], lse.strides[1], lse.strides[2],
+                                                                     B * H * S);
+    RINGATTN_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace ringattn::detail
