@@ -29,16 +29,18 @@
 
 namespace ringattn::detail::flash {
 
-template <typename T_, int kHeadDim_>
+// Tile shape: kWarps warps, each owning kMTiles m16 tiles of query rows; kBlockN keys per
+// tile. The defaults keep the S and O accumulators within 255 registers.
+template <typename T_, int kHeadDim_, int kBlockN_ = (kHeadDim_ >= 128 ? 32 : 64), int kMTiles_ = 2, int kWarps_ = 4>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;  // query rows per CTA
-  static constexpr int kBlockN = kHeadDim_ >= 128 ? 32 : 64;  // keys per tile: S + O accumulators must fit in 255 registers
-  static constexpr int kWarps = 4;
+  static constexpr int kBlockN = kBlockN_;  // keys per tile
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kMTiles = kMTiles_;  // m16 tiles per warp: K/V fragments feed kMTiles MMAs
+  static constexpr int kBlockM = 16 * kMTiles * kWarps;  // query rows per CTA
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRowsPerWarp = kBlockM / kWarps;  // 32
-  static constexpr int kMTiles = kRowsPerWarp / 16;      // m16 tiles per warp
+  static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kNTilesS = kBlockN / 8;           // n8 tiles of S per m16 tile
   static constexpr int kNTilesO = kHeadDim / 8;          // n8 tiles of O per m16 tile
   static constexpr int kChunks = kHeadDim / 8;           // 16-byte chunks per row

@@ -7,9 +7,8 @@
 
 namespace ringattn::detail::flash {
 
-template <typename T, int kHeadDim>
-void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<T, kHeadDim>;
+template <class Tr>
+void launch_flash_fwd_traits(const FlashFwdParams& p, cudaStream_t stream) {
   if (p.q_len <= 0 || p.kv_len <= 0) return;
   const dim3 grid((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
   auto run = [&](auto kernel) {
@@ -27,6 +26,11 @@ void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   } else {
     run(flash_fwd_kernel<Tr, false>);
   }
+}
+
+template <typename T, int kHeadDim>
+void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
+  launch_flash_fwd_traits<FwdTraits<T, kHeadDim>>(p, stream);
 }
 
 }  // namespace ringattn::detail::flash

@@ -1,7 +1,8 @@
 // kernel_bench: the native flash forward kernel alone on one GPU (no ring, no MPI), for
 // kernel tuning. Times init + kernel + finalize (what one rank's forward costs at P = 1)
 // with CUDA events; prints TFLOP/s with 4*B*S^2*H*D (halved when causal).
-//   kernel_bench [--heads 32] [--head-dim 128] [--dtype bf16] [--iters 10] S...
+//   kernel_bench [--heads 32] [--head-dim 128] [--dtype bf16] [--iters 10] [--variant N] S...
+// --variant picks a tile shape (bf16, head dim 128 only) for tuning; 0 is the library's.
 #include <cuda_runtime_api.h>
 
 #include <cmath>
@@ -12,13 +13,38 @@
 
 #include "core/cuda_raii.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
+#include "kernels/cuda/flash_fwd_launch.cuh"
 
 using namespace ringattn;
 using namespace ringattn::detail;
 
+namespace {
+
+using flash::FwdTraits;
+using flash::launch_flash_fwd_traits;
+using bf16 = __nv_bfloat16;
+
+// Tile shapes to compare: (keys per tile, m16 tiles per warp, warps).
+const char* kVariants[] = {"library default", "BN64 MT2 W4", "BN64 MT1 W4", "BN64 MT1 W8", "BN128 MT1 W8",
+                           "BN32 MT1 W8"};
+
+void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int64_t dim, cudaStream_t s) {
+  switch (variant) {
+    case 1: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 2, 4>>(p, s);
+    case 2: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4>>(p, s);
+    case 3: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 8>>(p, s);
+    case 4: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 128, 1, 8>>(p, s);
+    case 5: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 32, 1, 8>>(p, s);
+    default: return flash_fwd(p, dtype, dim, s);
+  }
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   std::int64_t heads = 32, dim = 128;
   int iters = 10;
+  int variant = 0;
   DType dtype = DType::bf16;
   std::vector<std::int64_t> seqs;
   for (int i = 1; i < argc; ++i) {
@@ -27,6 +53,7 @@ int main(int argc, char** argv) {
     else if (a == "--head-dim" && i + 1 < argc) dim = std::atoll(argv[++i]);
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (a == "--dtype" && i + 1 < argc) dtype = parse_dtype(argv[++i]);
+    else if (a == "--variant" && i + 1 < argc) variant = std::atoi(argv[++i]);
     else seqs.push_back(std::atoll(a.c_str()));
   }
   if (seqs.empty()) seqs = {4096, 16384, 65536};
@@ -36,8 +63,14 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("# kernel_bench: %s, B=1 H=%lld D=%lld %s, %d iterations after 2 warm-up\n", prop.name,
-              static_cast<long long>(heads), static_cast<long long>(dim), to_string(dtype), iters);
+  if (variant < 0 || variant >= static_cast<int>(sizeof(kVariants) / sizeof(kVariants[0])) ||
+      (variant > 0 && (dtype != DType::bf16 || dim != 128))) {
+    std::fprintf(stderr, "kernel_bench: variant %d is not available for %s, head dim %lld\n", variant, to_string(dtype),
+                 static_cast<long long>(dim));
+    return 2;
+  }
+  std::printf("# kernel_bench: %s, B=1 H=%lld D=%lld %s, %d iterations after 2 warm-up, tiles: %s\n", prop.name,
+              static_cast<long long>(heads), static_cast<long long>(dim), to_string(dtype), iters, kVariants[variant]);
   std::printf("# %8s %7s %10s %10s\n", "seq", "causal", "time_ms", "TFLOP/s");
   CudaStream stream;
   CudaEvent start(true), stop(true);
@@ -67,7 +100,7 @@ int main(int argc, char** argv) {
       const TensorView out_view = TensorView::contiguous(out.get(), dtype, {1, S, heads, dim}, DeviceKind::cuda);
       auto once = [&] {
         fill_neg_inf(lse.as<float>(), S * heads, stream);
-        flash_fwd(p, dtype, dim, stream);
+        launch_variant(variant, p, dtype, dim, stream);
         finalize_output(o_acc.as<float>(), lse.as<float>(), out_view, TensorView{}, stream);
       };
       for (int w = 0; w < 2; ++w) once();
