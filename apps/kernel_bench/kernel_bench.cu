@@ -26,7 +26,7 @@ using bf16 = __nv_bfloat16;
 
 // Tile shapes to compare: (keys per tile, m16 tiles per warp, warps).
 const char* kVariants[] = {"library default", "BN64 MT2 W4", "BN64 MT1 W4", "BN64 MT1 W8", "BN128 MT1 W8",
-                           "BN32 MT1 W8"};
+                           "BN32 MT2 W4", "BN64 MT1 W8 Qregs", "BN128 MT1 W8 Qregs", "BN64 MT1 W4 Qregs"};
 
 void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int64_t dim, cudaStream_t s) {
   switch (variant) {
@@ -34,7 +34,10 @@ void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int6
     case 2: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4>>(p, s);
     case 3: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 8>>(p, s);
     case 4: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 128, 1, 8>>(p, s);
-    case 5: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 32, 1, 8>>(p, s);
+    case 5: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 32, 2, 4>>(p, s);
+    case 6: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 8, true>>(p, s);
+    case 7: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 128, 1, 8, true>>(p, s);
+    case 8: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, true>>(p, s);
     default: return flash_fwd(p, dtype, dim, s);
   }
 }

@@ -30,8 +30,12 @@
 namespace ringattn::detail::flash {
 
 // Tile shape: kWarps warps, each owning kMTiles m16 tiles of query rows; kBlockN keys per
-// tile. The defaults keep the S and O accumulators within 255 registers.
-template <typename T_, int kHeadDim_, int kBlockN_ = (kHeadDim_ >= 128 ? 32 : 64), int kMTiles_ = 2, int kWarps_ = 4>
+// tile.
+// Defaults, measured on an H100 (docs/PERFORMANCE.md, kernel_bench --variant): head dim 128
+// holds Q in registers with one m16 tile per warp (64-row CTAs); head dim 64 reuses K/V
+// fragments over two m16 tiles per warp (128-row CTAs).
+template <typename T_, int kHeadDim_, int kBlockN_ = 64, int kMTiles_ = (kHeadDim_ >= 128 ? 1 : 2), int kWarps_ = 4,
+          bool kQInRegs_ = (kHeadDim_ >= 128)>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -39,6 +43,9 @@ struct FwdTraits {
   static constexpr int kWarps = kWarps_;
   static constexpr int kMTiles = kMTiles_;  // m16 tiles per warp: K/V fragments feed kMTiles MMAs
   static constexpr int kBlockM = 16 * kMTiles * kWarps;  // query rows per CTA
+  // Hold the warp's Q fragments in registers for the whole loop instead of re-reading them
+  // from shared memory for every key tile (costs kMTiles * kHeadDim / 4 registers).
+  static constexpr bool kQInRegs = kQInRegs_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kNTilesS = kBlockN / 8;           // n8 tiles of S per m16 tile
@@ -149,7 +156,10 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const FlashFwdP
   T* sV = sK + Tr::kSmemKV;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = blockIdx.x * BM;  // first task-relative query row of this CTA
+  // Causal CTAs near the end of the sequence have the most keys: start them first, so that the
+  // short ones fill the tail of the grid.
+  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int m0 = m_block * BM;  // first task-relative query row of this CTA
   const int h = blockIdx.y, b = blockIdx.z;
   const int kv_h = h / p.kv_group;
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + static_cast<std::int64_t>(p.q_begin + m0) * p.q_row_stride +
@@ -178,6 +188,17 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const FlashFwdP
   for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.0f;
 
   const int warp_row = warp * Tr::kRowsPerWarp;
+  std::uint32_t q_frag[Tr::kQInRegs ? MT : 1][Tr::kQInRegs ? D / 16 : 1][4];
+  if constexpr (Tr::kQInRegs) {
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(q_frag[mt][ks], smem_u32(sQ + swz<CH>(warp_row + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8)));
+  }
+
   for (int j = 0; j < n_tiles; ++j) {
     const int n0 = j * BN;
     load_tile<Tr, BN>(sV, v + static_cast<std::int64_t>(n0) * p.kv_row_stride, p.kv_row_stride, n_end - n0, tid);
@@ -196,7 +217,12 @@ __global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const FlashFwdP
       std::uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        ldmatrix_x4(a[mt], smem_u32(sQ + swz<CH>(warp_row + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8)));
+        if constexpr (Tr::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mt][e] = q_frag[mt][ks][e];
+        } else {
+          ldmatrix_x4(a[mt], smem_u32(sQ + swz<CH>(warp_row + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8)));
+        }
       }
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
