@@ -23,17 +23,21 @@ int run_command(Context& ctx, const RunOptions& o) {
 
   RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
   const double start = MPI_Wtime();
-  forward(ctx, p.q_view(), p.k_view(), p.v_view(),
-          TensorView::contiguous(out.data(), p.dtype, {p.batch, p.local_len(), p.heads, p.head_dim}),
-          TensorView::contiguous(lse.data(), DType::f32, {p.batch, p.heads, p.local_len()}), attention);
+  ProblemTensors tensors(ctx, p, out, lse);
+  forward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, tensors.lse, attention);
   const double mine = MPI_Wtime() - start;
+  tensors.download();
   double seconds = 0.0;  // the slowest rank finishes the job
   RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
 
   write_outputs(ctx, p, o.out_path, o.lse_path, out, lse);
 
   const double tflops = p.flops() / seconds / 1e12;
-  print0(ctx, "ringattn run: %s, %d ranks x %d threads (cpu)\n", describe(p).c_str(), ctx.size(), ctx.cpu_threads());
+  if (p.device == DeviceKind::cpu) {
+    print0(ctx, "ringattn run: %s, %d ranks x %d threads (cpu)\n", describe(p).c_str(), ctx.size(), ctx.cpu_threads());
+  } else {
+    print0(ctx, "ringattn run: %s, %d ranks (cuda, one GPU each)\n", describe(p).c_str(), ctx.size());
+  }
   print0(ctx, "  time %.4f s   %.3f GFLOP   %.4f TFLOP/s total   %.4f TFLOP/s per rank\n", seconds, p.flops() / 1e9,
          tflops, tflops / ctx.size());
   if (!o.out_path.empty()) print0(ctx, "  wrote O to %s\n", o.out_path.c_str());
@@ -48,7 +52,7 @@ int run_command(Context& ctx, const RunOptions& o) {
           {"dtype", to_string(p.dtype)}, {"causal", p.causal}, {"layout", to_string(p.layout)}, {"seed", p.seed}}},
         {"ranks", ctx.size()},
         {"threads_per_rank", ctx.cpu_threads()},
-        {"device", "cpu"},
+        {"device", to_string(p.device)},
         {"hosts", gather_hostnames(ctx)},
         {"time_s", seconds},
         {"flop", p.flops()},

@@ -40,9 +40,9 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   std::vector<float> lse(static_cast<std::size_t>(p.batch * p.heads * p.local_len()));
   AttentionOptions attention = p.attention_options();
   attention.on_step = progress_logger(ctx, "verify");
-  forward(ctx, p.q_view(), p.k_view(), p.v_view(),
-          TensorView::contiguous(out.data(), p.dtype, {p.batch, p.local_len(), p.heads, p.head_dim}),
-          TensorView::contiguous(lse.data(), DType::f32, {p.batch, p.heads, p.local_len()}), attention);
+  ProblemTensors tensors(ctx, p, out, lse);
+  forward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, tensors.lse, attention);
+  tensors.download();
 
   std::vector<float> k_all, v_all;
   load_full_kv(ctx, p, o.problem, k_all, v_all);
@@ -71,7 +71,8 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   RINGATTN_MPI_CHECK(MPI_Allreduce(counts, total, 4, MPI_DOUBLE, MPI_SUM, ctx.comm()));
   const bool ok = total[0] == 0.0 && total[2] == 0.0;
 
-  print0(ctx, "ringattn verify: %s, %d ranks (cpu), fp64 reference per rank\n", describe(p).c_str(), ctx.size());
+  print0(ctx, "ringattn verify: %s, %d ranks (%s), fp64 reference per rank\n", describe(p).c_str(), ctx.size(),
+         to_string(p.device));
   print0(ctx, "  O:   max |err| %.3e   tolerance %.1e + %.1e*|ref|   worst err/tol %.3f   wrong %.0f of %.0f\n",
          global[0], out_tol.atol, out_tol.rtol, global[1], total[0], total[1]);
   print0(ctx, "  LSE: max |err| %.3e   tolerance %.1e + %.1e*|ref|   worst err/tol %.3f   wrong %.0f of %.0f\n",

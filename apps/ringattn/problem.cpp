@@ -8,6 +8,11 @@
 #include "core/dtype.hpp"
 #include "core/synthetic.hpp"
 #include "io/npy_mpi.hpp"
+#ifdef RINGATTN_HAVE_CUDA
+#include "core/cuda_check.hpp"
+#include "core/cuda_raii.hpp"
+#include "engine/cuda_resources.hpp"
+#endif
 
 namespace ringattn::cli {
 
@@ -26,7 +31,11 @@ std::int64_t hash_string(const std::string& s) {
 std::string show_other(std::int64_t) { return "(a different value)"; }
 std::string show_bool(std::int64_t v) { return v ? "true" : "false"; }
 
-DType dtype_for_file(io::NpyDType d) { return d == io::NpyDType::f2 ? DType::f16 : DType::f32; }
+// --dtype auto: what the device computes with, keeping float16 files in fp16.
+DType auto_dtype(DeviceKind device, bool float16_input) {
+  if (float16_input) return DType::f16;
+  return device == DeviceKind::cuda ? DType::bf16 : DType::f32;
+}
 
 // Converts n values of a file dtype into a storage dtype.
 void convert_file_values(io::NpyDType from, const unsigned char* src, DType to, unsigned char* dst, std::size_t n) {
@@ -134,11 +143,14 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_flag("--causal", o.causal, "Causal mask: query i attends keys <= i");
   cmd.add_option("--layout", o.layout, "Sequence sharding: contiguous, zigzag or striped")
       ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}));
-  cmd.add_option("--dtype", o.dtype, "Storage dtype: fp32, fp16 or bf16 (compute is fp32); with files: the q file's")
-      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
+  cmd.add_option("--dtype", o.dtype,
+                 "Storage dtype: fp32, fp16 or bf16 (compute is fp32); auto = fp32 on cpu, bf16 on cuda, "
+                 "fp16 for float16 files")
+      ->check(CLI::IsMember({"auto", "fp32", "fp16", "bf16"}));
   cmd.add_option("--scale", o.scale, "Softmax scale (default 1/sqrt(head-dim))");
   cmd.add_option("--seed", o.seed, "Seed of the generated inputs");
-  cmd.add_option("--device", o.device, "Where to compute: cpu")->check(CLI::IsMember({"cpu"}));
+  cmd.add_option("--device", o.device, "Where to compute: cpu, or cuda (one GPU per rank, NCCL ring)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd.add_option("--q", o.q_path, "Queries .npy, float32/float16, [S, H, D] or [B, S, H, D]");
   cmd.add_option("--k", o.k_path, "Keys .npy, like --q with H_kv heads");
   cmd.add_option("--v", o.v_path, "Values .npy, shaped like --k");
@@ -203,6 +215,7 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
   // any rank (say, memory) must still reach all of them: agree on the outcome.
   detail::agree_on(comm, [&] {
     p.layout = parse_layout(o.layout);
+    p.device = o.device == "cuda" ? DeviceKind::cuda : DeviceKind::cpu;
     if (p.from_files) {
       if (o.q_path.empty() || o.k_path.empty() || o.v_path.empty()) invalid("--q, --k and --v must be given together");
     } else {
@@ -211,7 +224,7 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
       p.heads = o.heads;
       p.kv_heads = o.kv_heads == 0 ? o.heads : o.kv_heads;
       p.head_dim = o.head_dim;
-      p.dtype = parse_dtype(o.dtype);
+      p.dtype = o.dtype == "auto" ? auto_dtype(p.device, false) : parse_dtype(o.dtype);
       p.out_file_dtype = p.dtype == DType::f16 ? io::NpyDType::f2 : io::NpyDType::f4;
     }
   });
@@ -245,7 +258,7 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
       p.head_dim = fq.head_dim;
       p.batched_files = fq.batched;
       p.out_file_dtype = hq.dtype;
-      p.dtype = o.explicit_dtype ? parse_dtype(o.dtype) : dtype_for_file(hq.dtype);
+      p.dtype = o.dtype == "auto" ? auto_dtype(p.device, hq.dtype == io::NpyDType::f2) : parse_dtype(o.dtype);
     });
   }
 
@@ -334,6 +347,67 @@ void load_full_kv(Context& ctx, const Problem& p, const ProblemOptions& o, std::
   };
   load(detail::SyntheticTensor::k, o.k_path, k);
   load(detail::SyntheticTensor::v, o.v_path, v);
+}
+
+#ifdef RINGATTN_HAVE_CUDA
+struct ProblemTensors::Device {
+  detail::DeviceBuffer q, k, v, out, lse;
+};
+#else
+struct ProblemTensors::Device {};
+#endif
+
+ProblemTensors::ProblemTensors(Context& ctx, Problem& p, std::vector<unsigned char>& out,
+                               std::vector<float>& lse)
+    : host_out_(out), host_lse_(lse) {
+  const std::int64_t n = p.local_len();
+  if (p.device == DeviceKind::cpu) {
+    q = p.q_view();
+    k = p.k_view();
+    v = p.v_view();
+    this->out = TensorView::contiguous(out.data(), p.dtype, {p.batch, n, p.heads, p.head_dim});
+    this->lse = TensorView::contiguous(lse.data(), DType::f32, {p.batch, p.heads, n});
+    return;
+  }
+#ifdef RINGATTN_HAVE_CUDA
+  const int device = ctx.cuda().device();  // collective: opens the device and NCCL
+  device_ = std::make_unique<Device>();
+  detail::agree_on(ctx.comm(), [&] {
+    RINGATTN_CUDA_CHECK(cudaSetDevice(device));
+    auto upload = [](const std::vector<unsigned char>& src) {
+      detail::DeviceBuffer d(src.size());
+      RINGATTN_CUDA_CHECK(cudaMemcpy(d.get(), src.data(), src.size(), cudaMemcpyHostToDevice));
+      return d;
+    };
+    device_->q = upload(p.q);
+    device_->k = upload(p.k);
+    device_->v = upload(p.v);
+    device_->out = detail::DeviceBuffer(out.size());
+    device_->lse = detail::DeviceBuffer(lse.size() * sizeof(float));
+  });
+  auto view = [&](const detail::DeviceBuffer& b, DType dt, std::initializer_list<std::int64_t> shape) {
+    return TensorView::contiguous(b.get(), dt, shape, DeviceKind::cuda, device);
+  };
+  q = view(device_->q, p.dtype, {p.batch, n, p.heads, p.head_dim});
+  k = view(device_->k, p.dtype, {p.batch, n, p.kv_heads, p.head_dim});
+  v = view(device_->v, p.dtype, {p.batch, n, p.kv_heads, p.head_dim});
+  this->out = view(device_->out, p.dtype, {p.batch, n, p.heads, p.head_dim});
+  this->lse = view(device_->lse, DType::f32, {p.batch, p.heads, n});
+#else
+  (void)ctx;
+  throw Error(ErrorCode::invalid_argument, "--device cuda: this build of ringattn has no CUDA backend", true);
+#endif
+}
+
+ProblemTensors::~ProblemTensors() = default;
+
+void ProblemTensors::download() {
+#ifdef RINGATTN_HAVE_CUDA
+  if (!device_) return;
+  RINGATTN_CUDA_CHECK(cudaMemcpy(host_out_.data(), device_->out.get(), host_out_.size(), cudaMemcpyDeviceToHost));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(host_lse_.data(), device_->lse.get(), host_lse_.size() * sizeof(float),
+                                 cudaMemcpyDeviceToHost));
+#endif
 }
 
 }  // namespace ringattn::cli

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,7 +23,7 @@ struct ProblemOptions {
   std::int64_t head_dim = 64;
   bool causal = false;
   std::string layout = "contiguous";
-  std::string dtype = "fp32";
+  std::string dtype = "auto";
   std::optional<double> scale;
   std::uint64_t seed = 42;
   std::string device = "cpu";
@@ -42,6 +43,7 @@ struct Problem {
   bool causal = false;
   LayoutKind layout = LayoutKind::contiguous;
   DType dtype = DType::f32;
+  DeviceKind device = DeviceKind::cpu;
   std::optional<double> scale;
   std::uint64_t seed = 42;
   bool from_files = false;
@@ -61,6 +63,25 @@ struct Problem {
 // Collective: agrees on the options across ranks, then builds this rank's shard. Every
 // failure is agreed, so all ranks throw the same Error.
 Problem load_problem(Context& ctx, const ProblemOptions& options);
+
+// The tensors forward() sees: the host buffers themselves (cpu), or copies on this rank's GPU
+// (cuda), uploaded at construction; download() brings O and LSE back into the host buffers.
+class ProblemTensors {
+ public:
+  ProblemTensors(Context& ctx, Problem& problem, std::vector<unsigned char>& out, std::vector<float>& lse);
+  ~ProblemTensors();
+  ProblemTensors(const ProblemTensors&) = delete;
+  ProblemTensors& operator=(const ProblemTensors&) = delete;
+  void download();
+
+  TensorView q, k, v, out, lse;
+
+ private:
+  struct Device;
+  std::unique_ptr<Device> device_;
+  std::vector<unsigned char>& host_out_;
+  std::vector<float>& host_lse_;
+};
 
 // Collective: writes (B, S_local, H, D) `out` and (B, H, S_local) `lse` into natural-order
 // .npy files (out in q's file dtype, or float32 for generated bf16 / fp32 and float16 for fp16).

@@ -14,6 +14,10 @@ namespace ringattn {
 // S_local must be the length that options.layout assigns to this rank. Collective over the
 // context's communicator: every rank calls it, and every rank throws the same Error when any
 // rank's inputs are bad or the ranks disagree on shapes and options.
+// Tensors on cuda (device_index = the context's GPU; bf16/fp16, head_dim 64 or 128) run the
+// NCCL ring. With a stream borrowed through ContextOptions::cuda_stream the work is enqueued
+// on it and forward() returns at once; otherwise it starts after the legacy default stream's
+// work and returns with the result ready.
 void forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
              const TensorView& out, const TensorView& lse, const AttentionOptions& options = {});
 

@@ -8,14 +8,26 @@
 
 #include <mpi.h>
 
+#include <memory>
 #include <string>
 
 namespace ringattn {
+
+namespace detail {
+class CudaResources;
+}
 
 struct ContextOptions {
   // Threads for the CPU kernel; 0 = OMP_NUM_THREADS when set, else the cores this process is
   // bound to, else (unbound) the node's hardware threads divided by the ranks on the node.
   int cpu_threads = 0;
+  // GPU ring (CUDA builds). The device this rank uses: -1 = its rank among the ranks on its
+  // node (an error when a node has more ranks than GPUs).
+  int cuda_device = -1;
+  // Handles borrowed from an embedding program, used as they are and never destroyed. They
+  // are void* so that this header needs neither CUDA nor NCCL headers.
+  void* nccl_comm = nullptr;    // an ncclComm_t over the same ranks, in the same order
+  void* cuda_stream = nullptr;  // a cudaStream_t: forward() is ordered on it and does not sync
 };
 
 class Context {
@@ -39,6 +51,11 @@ class Context {
   const std::string& hostname() const { return hostname_; }
   // The library's own duplicate of the caller's communicator.
   MPI_Comm comm() const { return comm_; }
+  const ContextOptions& options() const { return options_; }
+
+  // GPU resources (device, NCCL communicator, streams), created by the first CUDA forward:
+  // collective. Throws where the build has no CUDA backend.
+  detail::CudaResources& cuda();
 
  private:
   MPI_Comm comm_ = MPI_COMM_NULL;
@@ -49,6 +66,8 @@ class Context {
   int cpu_threads_ = 1;
   int thread_level_ = MPI_THREAD_SINGLE;
   std::string hostname_;
+  ContextOptions options_;
+  std::unique_ptr<detail::CudaResources> cuda_;
 };
 
 }  // namespace ringattn

@@ -5,10 +5,15 @@
 #include <memory>
 #include <string>
 
+#include "api/prepared_forward.hpp"
 #include "comm/agreement.hpp"
 #include "comm/mpi_util.hpp"
-#include "engine/ring_forward.hpp"
 #include "plan/ring_plan.hpp"
+#ifdef RINGATTN_HAVE_CUDA
+#include "core/cuda_check.hpp"
+#include "core/cuda_raii.hpp"
+#include "kernels/cuda/cuda_kernels.hpp"
+#endif
 #include "ringattn/error.hpp"
 
 namespace ringattn {
@@ -35,9 +40,6 @@ void check_view(const char* name, const TensorView& t, int ndim) {
     }
   }
   if (t.numel() > 0 && t.data == nullptr) invalid(std::string(name) + ": data pointer is null");
-  if (t.device != DeviceKind::cpu) {
-    invalid(std::string(name) + ": device " + to_string(t.device) + " is not supported by this build (cpu only)");
-  }
 }
 
 // q, k, v, out: (B, S_local, heads, D); lse: (B, H, S_local) fp32 or no data.
@@ -74,9 +76,25 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
   if (q.shape[2] % k.shape[2] != 0) {
     invalid("k: kv-heads " + std::to_string(k.shape[2]) + " does not divide q's heads " + std::to_string(q.shape[2]));
   }
-  if (q.shape[3] > detail::CpuForwardKernel::kMaxHeadDim) {
-    invalid("q: head_dim " + std::to_string(q.shape[3]) + " exceeds the supported maximum of " +
+  for (const auto& [name, t] : {std::pair{"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}}) {
+    if (t->data != nullptr && (t->device != q.device || t->device_index != q.device_index)) {
+      invalid(std::string(name) + ": on " + to_string(t->device) + ":" + std::to_string(t->device_index) +
+              " but q is on " + to_string(q.device) + ":" + std::to_string(q.device_index));
+    }
+  }
+  if (q.device == DeviceKind::cpu && q.shape[3] > detail::CpuForwardKernel::kMaxHeadDim) {
+    invalid("q: head_dim " + std::to_string(q.shape[3]) + " exceeds the CPU kernel's maximum of " +
             std::to_string(detail::CpuForwardKernel::kMaxHeadDim));
+  }
+  if (q.device == DeviceKind::cuda) {
+#ifdef RINGATTN_HAVE_CUDA
+    if (!detail::flash_fwd_supports(q.dtype, q.shape[3])) {
+      invalid(std::string("q: the CUDA kernel supports bf16 and fp16 with head_dim 64 or 128, not ") +
+              to_string(q.dtype) + " with head_dim " + std::to_string(q.shape[3]));
+    }
+#else
+    invalid("q: device cuda, but this build of ringattn has no CUDA backend");
+#endif
   }
   for (int d = 0; d < 4; ++d) {
     if (out.shape[static_cast<std::size_t>(d)] != q.shape[static_cast<std::size_t>(d)]) {
@@ -106,6 +124,7 @@ std::int64_t double_bits(double x) {
 std::string show_dtype(std::int64_t v) { return to_string(static_cast<DType>(v)); }
 std::string show_layout(std::int64_t v) { return to_string(static_cast<LayoutKind>(v)); }
 std::string show_bool(std::int64_t v) { return v ? "true" : "false"; }
+std::string show_device(std::int64_t v) { return to_string(static_cast<DeviceKind>(v)); }
 std::string show_double(std::int64_t v) {
   double x = 0.0;
   std::memcpy(&x, &v, sizeof x);
@@ -114,8 +133,10 @@ std::string show_double(std::int64_t v) {
 
 }  // namespace
 
-void forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-             const TensorView& lse, const AttentionOptions& options) {
+namespace detail {
+
+PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
   // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
   detail::agree_on(comm, [&] { validate(q, k, v, out, lse, options); });
@@ -133,6 +154,7 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
       {"layout", static_cast<std::int64_t>(options.layout), show_layout},
       {"scale", double_bits(scale), show_double},
       {"seq_len", options.seq_len},
+      {"device", static_cast<std::int64_t>(q.device), show_device},
   };
   detail::agree_fingerprint(comm, fields, "attention arguments");
 
@@ -160,15 +182,62 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
   // 4. Allocate everything before the first transfer and agree on the outcome.
   detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], D};
   const detail::MaskKind mask = options.causal ? detail::MaskKind::causal : detail::MaskKind::full;
-  std::unique_ptr<detail::CpuRingForward> engine;
-  detail::agree_on(comm, [&] {
-    engine = std::make_unique<detail::CpuRingForward>(comm, detail::make_ring_plan(*layout, mask, ctx.rank()), shape,
-                                                      q.dtype, q.shape[1], layout->max_local_length(),
-                                                      ctx.cpu_threads(), ctx.mpi_progress_from_threads());
-  });
+  PreparedForward prepared;
+  prepared.scale = static_cast<float>(scale);
+  if (q.device == DeviceKind::cuda) {
+#ifdef RINGATTN_HAVE_CUDA
+    CudaResources& resources = ctx.cuda();
+    detail::agree_on(comm, [&] {
+      if (q.device_index != resources.device()) {
+        invalid("q: on cuda:" + std::to_string(q.device_index) + " but this rank runs on cuda:" +
+                std::to_string(resources.device()));
+      }
+      prepared.cuda = std::make_unique<CudaRingForward>(resources, make_ring_plan(*layout, mask, ctx.rank()), shape,
+                                                        q.dtype, q.shape[1], layout->max_local_length());
+    });
+#endif
+  } else {
+    detail::agree_on(comm, [&] {
+      prepared.cpu = std::make_unique<CpuRingForward>(comm, make_ring_plan(*layout, mask, ctx.rank()), shape, q.dtype,
+                                                      q.shape[1], layout->max_local_length(), ctx.cpu_threads(),
+                                                      ctx.mpi_progress_from_threads());
+    });
+  }
+  return prepared;
+}
 
+void PreparedForward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                          const TensorView& lse, const std::function<void(int, int)>& on_step) {
+#ifdef RINGATTN_HAVE_CUDA
+  if (cuda) {
+    cuda->run(q, k, v, out, lse, scale);
+    if (on_step) on_step(1, 1);  // the GPU ring is enqueued as a whole
+    return;
+  }
+#endif
+  cpu->run(q, k, v, out, lse, scale, on_step);
+}
+
+}  // namespace detail
+
+void forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+             const TensorView& lse, const AttentionOptions& options) {
+  detail::PreparedForward prepared = detail::prepare_forward(ctx, q, k, v, out, lse, options);
+#ifdef RINGATTN_HAVE_CUDA
+  // Without a borrowed stream the caller has no stream to order against: start after the
+  // legacy default stream's work (what plain cudaMemcpy uses) and return with the result ready.
+  const bool own_stream = prepared.cuda && ctx.options().cuda_stream == nullptr;
+  if (own_stream) {
+    detail::CudaEvent inputs_ready;
+    RINGATTN_CUDA_CHECK(cudaEventRecord(inputs_ready, cudaStreamLegacy));
+    RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda->stream(), inputs_ready, 0));
+  }
+#endif
   // 5. The ring.
-  engine->run(q, k, v, out, lse, static_cast<float>(scale), options.on_step);
+  prepared.run(q, k, v, out, lse, options.on_step);
+#ifdef RINGATTN_HAVE_CUDA
+  if (own_stream) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda->stream()));
+#endif
 }
 
 }  // namespace ringattn

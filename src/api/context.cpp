@@ -8,11 +8,18 @@
 #include <utility>
 
 #include "comm/mpi_util.hpp"
+#ifdef RINGATTN_HAVE_CUDA
+#include "engine/cuda_resources.hpp"
+#else
+namespace ringattn::detail {
+class CudaResources {};  // never created without the CUDA backend
+}  // namespace ringattn::detail
+#endif
 #include "ringattn/error.hpp"
 
 namespace ringattn {
 
-Context::Context(MPI_Comm comm, ContextOptions options) {
+Context::Context(MPI_Comm comm, ContextOptions options) : options_(options) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) throw Error(ErrorCode::invalid_argument, "ringattn::Context: MPI is not initialised");
@@ -57,6 +64,7 @@ bool Context::mpi_progress_from_threads() const {
 }
 
 Context::~Context() {
+  cuda_.reset();  // before the communicator: tearing NCCL down may still use it
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
@@ -66,6 +74,7 @@ Context::Context(Context&& other) noexcept { *this = std::move(other); }
 
 Context& Context::operator=(Context&& other) noexcept {
   if (this != &other) {
+    cuda_.reset();
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
@@ -77,8 +86,20 @@ Context& Context::operator=(Context&& other) noexcept {
     cpu_threads_ = other.cpu_threads_;
     thread_level_ = other.thread_level_;
     hostname_ = std::move(other.hostname_);
+    options_ = other.options_;
+    cuda_ = std::move(other.cuda_);
   }
   return *this;
+}
+
+detail::CudaResources& Context::cuda() {
+#ifdef RINGATTN_HAVE_CUDA
+  if (!cuda_) cuda_ = std::make_unique<detail::CudaResources>(*this);
+  return *cuda_;
+#else
+  throw Error(ErrorCode::invalid_argument, "device cuda: this build of ringattn has no CUDA backend "
+                                           "(configure with RINGATTN_WITH_CUDA=ON on a machine with the CUDA toolkit)");
+#endif
 }
 
 }  // namespace ringattn

@@ -1,0 +1,32 @@
+// api/prepared_forward.hpp: forward() in two halves, for callers that run the same shapes
+// many times (the benchmark): prepare once (validate, agree, plan, allocate: collective),
+// then run as often as needed without re-agreeing.
+#pragma once
+
+#include <functional>
+#include <memory>
+
+#include "engine/ring_forward.hpp"
+#include "ringattn/attention.hpp"
+#ifdef RINGATTN_HAVE_CUDA
+#include "engine/cuda_ring_forward.hpp"
+#endif
+
+namespace ringattn::detail {
+
+struct PreparedForward {
+  float scale = 1.0f;
+  std::unique_ptr<CpuRingForward> cpu;
+#ifdef RINGATTN_HAVE_CUDA
+  std::unique_ptr<CudaRingForward> cuda;
+#endif
+
+  // Collective on the CPU; on GPUs it enqueues on the context's compute stream and returns.
+  void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+           const TensorView& lse, const std::function<void(int, int)>& on_step = {});
+};
+
+PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView& out, const TensorView& lse, const AttentionOptions& options);
+
+}  // namespace ringattn::detail

@@ -1,0 +1,71 @@
+#include "engine/cuda_resources.hpp"
+
+#include <mpi.h>
+
+#include "comm/agreement.hpp"
+#include "comm/mpi_util.hpp"
+#include "core/cuda_check.hpp"
+#include "ringattn/context.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn::detail {
+
+CudaResources::CudaResources(Context& ctx) {
+  const ContextOptions& options = ctx.options();
+  // Pick and open the device; a node with more ranks than GPUs fails every rank.
+  agree_on(ctx.comm(), [&] {
+    const int count = cuda_device_count();
+    if (count == 0) throw Error(ErrorCode::cuda, "device cuda: no CUDA device is visible on " + ctx.hostname());
+    device_ = options.cuda_device >= 0 ? options.cuda_device : ctx.local_rank();
+    if (device_ >= count) {
+      throw Error(ErrorCode::invalid_argument,
+                  options.cuda_device >= 0
+                      ? "device cuda: cuda_device " + std::to_string(device_) + " does not exist on " + ctx.hostname() +
+                            " (" + std::to_string(count) + " GPUs)"
+                      : "device cuda: " + ctx.hostname() + " runs " + std::to_string(ctx.local_size()) +
+                            " ranks but has only " + std::to_string(count) + " GPUs (one rank per GPU)");
+    }
+    RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
+    cudaDeviceProp prop{};
+    RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+    device_name_ = prop.name;
+    if (options.cuda_stream != nullptr) {
+      compute_ = static_cast<cudaStream_t>(options.cuda_stream);
+    } else {
+      RINGATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking));
+      owns_compute_ = true;
+    }
+    int least = 0, greatest = 0;  // numerically lower = higher priority
+    RINGATTN_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    RINGATTN_CUDA_CHECK(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, greatest));
+  });
+
+  if (options.nccl_comm != nullptr) {
+    comm_ = static_cast<ncclComm_t>(options.nccl_comm);
+    int nranks = 0, rank = 0;
+    RINGATTN_NCCL_CHECK(ncclCommCount(comm_, &nranks));
+    RINGATTN_NCCL_CHECK(ncclCommUserRank(comm_, &rank));
+    agree_on(ctx.comm(), [&] {
+      if (nranks != ctx.size() || rank != ctx.rank()) {
+        throw Error(ErrorCode::invalid_argument,
+                    "the borrowed NCCL communicator has rank " + std::to_string(rank) + " of " + std::to_string(nranks) +
+                        " but the MPI communicator has rank " + std::to_string(ctx.rank()) + " of " +
+                        std::to_string(ctx.size()) + ": they must span the same ranks in the same order");
+      }
+    });
+    return;
+  }
+  ncclUniqueId id{};
+  if (ctx.rank() == 0) RINGATTN_NCCL_CHECK(ncclGetUniqueId(&id));
+  RINGATTN_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, ctx.comm()));
+  agree_on(ctx.comm(), [&] { RINGATTN_NCCL_CHECK(ncclCommInitRank(&comm_, ctx.size(), id, ctx.rank())); });
+  owns_comm_ = true;
+}
+
+CudaResources::~CudaResources() {
+  if (owns_comm_ && comm_ != nullptr) RINGATTN_NCCL_CHECK_NOTHROW(ncclCommDestroy(comm_));
+  if (comm_stream_ != nullptr) RINGATTN_CUDA_CHECK_NOTHROW(cudaStreamDestroy(comm_stream_));
+  if (owns_compute_ && compute_ != nullptr) RINGATTN_CUDA_CHECK_NOTHROW(cudaStreamDestroy(compute_));
+}
+
+}  // namespace ringattn::detail

@@ -1,0 +1,46 @@
+// engine/cuda_resources.hpp: what a rank needs to run the ring on its GPU.
+//
+// The device (the rank's index among the ranks of its node, unless the caller chose one),
+// an NCCL communicator over the context's ranks (rank 0's ncclUniqueId broadcast over MPI),
+// the compute stream forward() is ordered on, and a higher-priority stream for NCCL so that
+// its kernels are scheduled as soon as an SM frees up. Borrowed handles are used as they are
+// and never destroyed.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <string>
+
+#include "core/cuda_raii.hpp"
+
+namespace ringattn {
+class Context;
+}
+
+namespace ringattn::detail {
+
+class CudaResources {
+ public:
+  explicit CudaResources(Context& ctx);  // collective over ctx
+  ~CudaResources();
+  CudaResources(const CudaResources&) = delete;
+  CudaResources& operator=(const CudaResources&) = delete;
+
+  int device() const { return device_; }
+  const std::string& device_name() const { return device_name_; }
+  ncclComm_t nccl() const { return comm_; }
+  cudaStream_t compute_stream() const { return compute_; }
+  cudaStream_t comm_stream() const { return comm_stream_; }
+
+ private:
+  int device_ = 0;
+  std::string device_name_;
+  ncclComm_t comm_ = nullptr;
+  bool owns_comm_ = false;
+  cudaStream_t compute_ = nullptr;
+  bool owns_compute_ = false;
+  cudaStream_t comm_stream_ = nullptr;
+};
+
+}  // namespace ringattn::detail

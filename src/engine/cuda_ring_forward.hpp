@@ -1,0 +1,53 @@
+// engine/cuda_ring_forward.hpp: the ring loop of the forward pass on GPUs.
+//
+//   pack own K,V into block[0]; lse_acc = -inf                          (compute stream)
+//   for step s = 0 .. P-1:
+//     post send block[cur] -> r+1, recv block[1-cur] <- r-1 on the NCCL stream  (s < P-1)
+//     launch this step's tasks on block[cur] (flash kernel, fused merge)
+//     compute stream waits for the transfer's event; cur = 1 - cur
+//   out, lse <- o_acc, lse_acc
+// Nothing here synchronises the host: run() returns once everything is enqueued on the
+// compute stream. Construction allocates everything, so that allocation failures can be
+// agreed across ranks before the first transfer.
+#pragma once
+
+#include <cstdint>
+
+#include "core/cuda_raii.hpp"
+#include "engine/cuda_resources.hpp"
+#include "kernels/cpu/cpu_forward.hpp"
+#include "plan/ring_plan.hpp"
+#include "ringattn/tensor.hpp"
+
+namespace ringattn::detail {
+
+class CudaRingForward {
+ public:
+  CudaRingForward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
+                  std::int64_t q_len, std::int64_t kv_capacity);
+
+  // q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); out like q; lse (B, H, S_local) or
+  // no data; all on this rank's GPU. With communicate = false every step computes on the
+  // rank's own block instead (the same kernels on the same shapes, no transfers): the
+  // baseline of the overlap efficiency that `ringattn bench` reports.
+  void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+           const TensorView& lse, float scale, bool communicate = true);
+
+  std::uint64_t bytes_sent_per_run() const { return bytes_sent_per_run_; }
+  cudaStream_t stream() const { return resources_.compute_stream(); }
+
+ private:
+  std::size_t block_bytes(std::int64_t kv_len) const;
+
+  CudaResources& resources_;
+  RingPlan plan_;
+  AttentionShape shape_;
+  DType dtype_;
+  std::int64_t q_len_;
+  DeviceBuffer blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
+  DeviceBuffer o_acc_;      // (B, H, S_local, D) fp32
+  DeviceBuffer lse_acc_;    // (B, H, S_local) fp32
+  std::uint64_t bytes_sent_per_run_ = 0;
+};
+
+}  // namespace ringattn::detail
