@@ -23,6 +23,19 @@ struct VerifyOptions {
   std::string json_path;
 };
 
+struct BenchOptions {
+  ProblemOptions problem;
+  std::int64_t begin = 4096;  // -b: first sequence length
+  std::int64_t end = 65536;   // -e: last
+  std::int64_t factor = 4;    // -f: multiplier
+  bool per_rank = false;      // lengths are per rank rather than total
+  std::string causal = "both";
+  int warmup = 3;
+  int iters = 10;
+  bool check = false;
+  std::string json_path;
+};
+
 struct InfoOptions {
   std::string json_path;
 };
@@ -30,6 +43,7 @@ struct InfoOptions {
 int run_command(Context& ctx, const RunOptions& options);
 int verify_command(Context& ctx, const VerifyOptions& options);
 int info_command(Context& ctx, const InfoOptions& options);
+int bench_command(Context& ctx, const BenchOptions& options);
 
 // "B=1 S=4096 H=8 H_kv=8 D=64 fp32 causal zigzag"
 std::string describe(const Problem& p);

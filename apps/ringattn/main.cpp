@@ -3,6 +3,7 @@
 //   mpirun -np 4 ringattn run [--seq 4096 --heads 8 ... | --q q.npy --k k.npy --v v.npy] [--out o.npy]
 //   mpirun -np 4 ringattn verify [...]
 //   mpirun -np 4 ringattn info
+//   mpirun -np 2 ringattn bench --device cuda -b 16384 -e 262144 -f 4 --heads 32 --head-dim 128
 //
 // Exit codes: 0 success; 1 an error (printed by every rank, naming the rank) or a failed
 // verification; 2 bad command-line usage.
@@ -61,6 +62,20 @@ int run_cli(int argc, char** argv) {
   verify_cmd->add_option("--rtol", verify.rtol, "Relative tolerance on O (default by dtype)");
   verify_cmd->add_option("--json", verify.json_path, "Write a JSON report here");
 
+  BenchOptions bench;
+  CLI::App* bench_cmd = app.add_subcommand("bench", "Sweep sequence lengths: time, TFLOP/s, comm GB/s, overlap");
+  add_problem_options(*bench_cmd, bench.problem);
+  bench_cmd->add_option("-b,--begin", bench.begin, "First sequence length")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("-e,--end", bench.end, "Last sequence length")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("-f,--factor", bench.factor, "Multiplier between lengths (>= 2)")->check(CLI::Range(2, 1024));
+  bench_cmd->add_flag("--per-rank", bench.per_rank, "Lengths are per rank instead of total");
+  bench_cmd->add_option("--mask", bench.causal, "Which masks: no (full), yes (causal) or both")
+      ->check(CLI::IsMember({"no", "yes", "both"}));
+  bench_cmd->add_option("--warmup", bench.warmup, "Untimed runs first")->check(CLI::Range(0, 1000));
+  bench_cmd->add_option("--iters", bench.iters, "Timed runs")->check(CLI::Range(1, 100000));
+  bench_cmd->add_flag("--check", bench.check, "Compare sampled rows with the fp64 reference (#wrong)");
+  bench_cmd->add_option("--json", bench.json_path, "Write the table as JSON here");
+
   InfoOptions info;
   CLI::App* info_cmd = app.add_subcommand("info", "Ranks, hosts, devices, versions and backends");
   info_cmd->add_option("--json", info.json_path, "Write a JSON report here");
@@ -111,6 +126,11 @@ int run_cli(int argc, char** argv) {
   if (run_cmd->parsed()) {
     note_explicit_options(*run_cmd, run.problem);
     return run_command(ctx, run);
+  }
+  if (bench_cmd->parsed()) {
+    note_explicit_options(*bench_cmd, bench.problem);
+    if (bench.problem.causal) bench.causal = "yes";  // --causal alone means the causal mask only
+    return bench_command(ctx, bench);
   }
   if (verify_cmd->parsed()) {
     note_explicit_options(*verify_cmd, verify.problem);

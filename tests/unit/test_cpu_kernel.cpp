@@ -157,3 +157,28 @@ TEST(CpuKernel, OddHeadDimAndCustomScaleTile) {
   check_case({1, 33, 3, 3, 7, true, LayoutKind::zigzag, 4, DType::f32});
   check_case({1, 4, 1, 1, 16, false, LayoutKind::striped, 4, DType::f16});
 }
+
+TEST(CpuKernel, ReusedKernelStartsEachPassFresh) {
+  // The benchmark runs one prepared kernel many times: each pass must forget the last.
+  const Case c{1, 40, 2, 2, 16, true, LayoutKind::contiguous, 1, DType::f32};
+  const Layout layout(c.layout, c.seq, 1);
+  const auto pos = layout.positions(0);
+  std::vector<unsigned char> q = generate(c, SyntheticTensor::q, pos, c.heads);
+  std::vector<unsigned char> block = generate(c, SyntheticTensor::k, pos, c.kv_heads);
+  const std::vector<unsigned char> v = generate(c, SyntheticTensor::v, pos, c.kv_heads);
+  block.insert(block.end(), v.begin(), v.end());
+  CpuForwardKernel kernel({c.batch, c.heads, c.kv_heads, c.dim}, c.seq, c.seq, 1);
+  const RingPlan plan = make_ring_plan(layout, MaskKind::causal, 0);
+  std::vector<float> out[2], lse[2];
+  for (int pass = 0; pass < 2; ++pass) {
+    kernel.load_queries(TensorView::contiguous(q.data(), c.dtype, {1, c.seq, c.heads, c.dim}), 0.25f);
+    kernel.load_kv(c.dtype, block.data(), c.seq);
+    kernel.run(plan.steps[0].tasks);
+    out[pass].resize(q.size() / 4);
+    lse[pass].resize(static_cast<std::size_t>(c.heads * c.seq));
+    kernel.store(TensorView::contiguous(out[pass].data(), c.dtype, {1, c.seq, c.heads, c.dim}),
+                 TensorView::contiguous(lse[pass].data(), DType::f32, {1, c.heads, c.seq}));
+  }
+  EXPECT_EQ(out[0], out[1]);
+  EXPECT_EQ(lse[0], lse[1]);
+}

@@ -62,6 +62,9 @@ CpuForwardKernel::CpuForwardKernel(const AttentionShape& shape, std::int64_t q_l
 void CpuForwardKernel::load_queries(const TensorView& q, float scale) {
   const std::int64_t B = shape_.batch, H = shape_.heads, D = shape_.head_dim, S = q_len_;
   const float factor = scale * kLog2e;
+  // A new pass starts from an empty running result (the kernel may be reused).
+  std::fill(o_.begin(), o_.end(), 0.0f);
+  std::fill(lse_.begin(), lse_.end(), -INFINITY);
 #pragma omp parallel for collapse(2) num_threads(threads_)
   for (std::int64_t b = 0; b < B; ++b) {
     for (std::int64_t h = 0; h < H; ++h) {

@@ -35,6 +35,7 @@ class CpuForwardKernel {
   // q_len: this rank's S_local; kv_capacity: the largest KV block it will hold.
   CpuForwardKernel(const AttentionShape& shape, std::int64_t q_len, std::int64_t kv_capacity, int threads);
 
+  // Starts a pass: resets the running (o, lse) and loads the queries.
   void load_queries(const TensorView& q, float scale);
   void load_kv(DType dtype, const void* block, std::int64_t kv_len);
   // `poke`, when set, is called between tiles by OpenMP thread 0 (the thread that called

@@ -1,0 +1,223 @@
+// `ringattn bench`: sweeps of sequence length, timed like nccl-tests.
+//
+// For each length and mask: warm-up runs, then --iters timed runs (CUDA events on GPUs,
+// MPI_Wtime on CPUs), the slowest rank's average. Also times the same per-rank block work
+// with no communication (every step computes on the rank's own block): overlap efficiency =
+// that time / the ring's time (1.0 means communication is completely hidden).
+// --check compares sampled rows of every rank (16 rows, first and last head) with the fp64
+// reference and counts the elements over tolerance in #wrong.
+#include <mpi.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "api/prepared_forward.hpp"
+#include "comm/mpi_util.hpp"
+#include "commands.hpp"
+#include "core/dtype.hpp"
+#include "core/synthetic.hpp"
+#include "engine/reference.hpp"
+#include "report.hpp"
+#ifdef RINGATTN_HAVE_CUDA
+#include "core/cuda_check.hpp"
+#include "core/cuda_raii.hpp"
+#include "engine/cuda_resources.hpp"
+#endif
+
+namespace ringattn::cli {
+
+namespace {
+
+struct Timing {
+  double ring_ms = 0.0;
+  double solo_ms = 0.0;  // 0 where not measured
+};
+
+// Average milliseconds of `iters` runs after `warmup`, the slowest rank's.
+template <class Fn>
+double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, int iters, Fn&& run_once) {
+  for (int i = 0; i < warmup; ++i) run_once();
+  double ms = 0.0;
+#ifdef RINGATTN_HAVE_CUDA
+  if (prepared.cuda) {
+    const cudaStream_t stream = prepared.cuda->stream();
+    RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream));
+    RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+    detail::CudaEvent start(true), stop(true);
+    RINGATTN_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int i = 0; i < iters; ++i) run_once();
+    RINGATTN_CUDA_CHECK(cudaEventRecord(stop, stream));
+    RINGATTN_CUDA_CHECK(cudaEventSynchronize(stop));
+    float elapsed = 0.0f;
+    RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
+    ms = elapsed / iters;
+  }
+#endif
+  if (prepared.cpu) {
+    RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+    const double t0 = MPI_Wtime();
+    for (int i = 0; i < iters; ++i) run_once();
+    ms = (MPI_Wtime() - t0) * 1e3 / iters;
+  }
+  double slowest = 0.0;
+  RINGATTN_MPI_CHECK(MPI_Allreduce(&ms, &slowest, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+  return slowest;
+}
+
+// Elements of sampled rows (16 per rank; first and last head) over the tolerance.
+double count_wrong(Context& ctx, const Problem& p, const std::vector<unsigned char>& out, const std::vector<float>& lse) {
+  const std::int64_t n = p.local_len();
+  const std::int64_t samples = std::min<std::int64_t>(16, n);
+  std::vector<std::int64_t> heads = {0};
+  if (p.heads > 1) heads.push_back(p.heads - 1);
+  const std::int64_t group = p.heads / p.kv_heads;
+  const double scale = p.scale.value_or(1.0 / std::sqrt(static_cast<double>(p.head_dim)));
+  const detail::Tolerance tol = detail::output_tolerance(p.dtype), ltol = detail::lse_tolerance();
+  const auto D = static_cast<std::size_t>(p.head_dim);
+  double wrong = 0.0;
+  for (std::int64_t b = 0; b < p.batch; ++b) {
+    for (std::int64_t h : heads) {
+      // K and V of this head's KV head for the whole sequence, rounded to the storage dtype.
+      const std::int64_t hk = h / group;
+      std::vector<float> kv(static_cast<std::size_t>(p.seq) * D * 2);
+#pragma omp parallel for
+      for (std::int64_t t = 0; t < p.seq; ++t) {
+        for (std::size_t d = 0; d < D; ++d) {
+          const auto dd = static_cast<std::int64_t>(d);
+          kv[static_cast<std::size_t>(t) * D * 2 + d] = detail::round_to(
+              p.dtype, detail::synthetic_value(p.seed, detail::SyntheticTensor::k, b, t, hk, dd));
+          kv[static_cast<std::size_t>(t) * D * 2 + D + d] = detail::round_to(
+              p.dtype, detail::synthetic_value(p.seed, detail::SyntheticTensor::v, b, t, hk, dd));
+        }
+      }
+#pragma omp parallel for reduction(+ : wrong)
+      for (std::int64_t j = 0; j < samples; ++j) {
+        const std::int64_t i = j * n / samples;
+        const std::int64_t pos = p.positions[static_cast<std::size_t>(i)];
+        const std::int64_t keys = p.causal ? pos + 1 : p.seq;
+        std::vector<double> q(D), o(D, 0.0), s(static_cast<std::size_t>(keys));
+        const std::size_t row = static_cast<std::size_t>(((b * n + i) * p.heads + h) * p.head_dim);
+        for (std::size_t d = 0; d < D; ++d) q[d] = detail::load_f32(p.dtype, p.q.data(), static_cast<std::int64_t>(row + d));
+        double mx = -INFINITY;
+        for (std::int64_t t = 0; t < keys; ++t) {
+          double dot = 0.0;
+          for (std::size_t d = 0; d < D; ++d) dot += q[d] * kv[static_cast<std::size_t>(t) * D * 2 + d];
+          s[static_cast<std::size_t>(t)] = dot * scale;
+          mx = std::max(mx, dot * scale);
+        }
+        double sum = 0.0;
+        for (double& x : s) sum += (x = std::exp(x - mx));
+        for (std::int64_t t = 0; t < keys; ++t)
+          for (std::size_t d = 0; d < D; ++d) o[d] += s[static_cast<std::size_t>(t)] / sum * kv[static_cast<std::size_t>(t) * D * 2 + D + d];
+        for (std::size_t d = 0; d < D; ++d) {
+          const double got = detail::load_f32(p.dtype, out.data(), static_cast<std::int64_t>(row + d));
+          if (!(std::fabs(got - o[d]) <= tol.atol + tol.rtol * std::fabs(o[d]))) wrong += 1.0;
+        }
+        const double ref_lse = mx + std::log(sum);
+        const double got_lse = lse[static_cast<std::size_t>((b * p.heads + h) * n + i)];
+        if (!(std::fabs(got_lse - ref_lse) <= ltol.atol + ltol.rtol * std::fabs(ref_lse))) wrong += 1.0;
+      }
+    }
+  }
+  double total = 0.0;
+  RINGATTN_MPI_CHECK(MPI_Allreduce(&wrong, &total, 1, MPI_DOUBLE, MPI_SUM, ctx.comm()));
+  return total;
+}
+
+std::string device_description(Context& ctx, DeviceKind device) {
+#ifdef RINGATTN_HAVE_CUDA
+  if (device == DeviceKind::cuda) {
+    auto& r = ctx.cuda();
+    return "cuda:" + std::to_string(r.device()) + " " + r.device_name();
+  }
+#endif
+  (void)device;
+  return "cpu, " + std::to_string(ctx.cpu_threads()) + " threads";
+}
+
+}  // namespace
+
+int bench_command(Context& ctx, const BenchOptions& o) {
+  ProblemOptions base = o.problem;
+  const DeviceKind device = base.device == "cuda" ? DeviceKind::cuda : DeviceKind::cpu;
+  std::vector<bool> masks;
+  if (o.causal == "no" || o.causal == "both") masks.push_back(false);
+  if (o.causal == "yes" || o.causal == "both") masks.push_back(true);
+
+  // Preamble: one line per rank (host, pid, device), gathered so that rank 0 prints them.
+  const std::string mine = ctx.hostname() + " pid " + std::to_string(getpid()) + " " + device_description(ctx, device);
+  std::vector<char> line(256, '\0');
+  mine.copy(line.data(), line.size() - 1);
+  std::vector<char> lines(line.size() * static_cast<std::size_t>(ctx.size()));
+  RINGATTN_MPI_CHECK(MPI_Gather(line.data(), static_cast<int>(line.size()), MPI_CHAR, lines.data(),
+                                static_cast<int>(line.size()), MPI_CHAR, 0, ctx.comm()));
+  print0(ctx, "# ringattn bench %s: %d ranks, kernel: %s, %d warm-up + %d timed iterations\n", version(), ctx.size(),
+         device == DeviceKind::cuda ? "native flash (mma.sync)" : "cpu", o.warmup, o.iters);
+  for (int r = 0; r < ctx.size(); ++r) print0(ctx, "#   rank %d: %s\n", r, &lines[line.size() * static_cast<std::size_t>(r)]);
+  print0(ctx, "# seq = total tokens; TFLOP/s per GPU/rank with 4*B*S^2*H*D (halved when causal); comm = bytes sent per "
+              "rank / time; overlap = no-comm time / ring time\n");
+  print0(ctx, "# %9s %5s %5s %4s %4s %6s %10s %6s %10s %10s %9s %7s %7s\n", "seq", "batch", "heads", "kv", "dim", "causal",
+         "layout", "dtype", "time_ms", "TFLOP/s", "comm_GB/s", "overlap", "#wrong");
+
+  nlohmann::json rows = nlohmann::json::array();
+  double total_wrong = 0.0;
+  for (std::int64_t len = o.begin; len <= o.end; len *= o.factor) {
+    for (bool causal : masks) {
+      ProblemOptions opt = base;
+      opt.seq = o.per_rank ? len * ctx.size() : len;
+      opt.causal = causal;
+      Problem p = load_problem(ctx, opt);
+      std::vector<unsigned char> out(p.q.size());
+      std::vector<float> lse(static_cast<std::size_t>(p.batch * p.heads * p.local_len()));
+      ProblemTensors t(ctx, p, out, lse);
+      detail::PreparedForward prepared = detail::prepare_forward(ctx, t.q, t.k, t.v, t.out, t.lse, p.attention_options());
+
+      Timing timing;
+      timing.ring_ms = time_runs(ctx, prepared, o.warmup, o.iters, [&] { prepared.run(t.q, t.k, t.v, t.out, t.lse); });
+      double bytes = 0.0;
+#ifdef RINGATTN_HAVE_CUDA
+      if (prepared.cuda) {
+        bytes = static_cast<double>(prepared.cuda->bytes_sent_per_run());
+        timing.solo_ms = time_runs(ctx, prepared, o.warmup, o.iters,
+                                   [&] { prepared.cuda->run(t.q, t.k, t.v, t.out, t.lse, prepared.scale, false); });
+        prepared.run(t.q, t.k, t.v, t.out, t.lse);  // leave the ring's result for --check
+        RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda->stream()));
+      }
+#endif
+      if (prepared.cpu) bytes = static_cast<double>(prepared.cpu->bytes_sent());
+      double wrong = -1.0;
+      if (o.check) {
+        t.download();
+        wrong = count_wrong(ctx, p, out, lse);
+        total_wrong += wrong;
+      }
+      const double tflops = p.flops() / (timing.ring_ms * 1e-3) / 1e12 / ctx.size();
+      const double gbps = bytes / (timing.ring_ms * 1e-3) / 1e9;
+      const double overlap = timing.solo_ms > 0.0 ? timing.solo_ms / timing.ring_ms : 0.0;
+      const std::string overlap_text = timing.solo_ms > 0.0 ? std::to_string(overlap).substr(0, 5) : "-";
+      const std::string wrong_text = o.check ? std::to_string(static_cast<long long>(wrong)) : "-";
+      print0(ctx, "  %9lld %5lld %5lld %4lld %4lld %6s %10s %6s %10.3f %10.2f %9.2f %7s %7s\n",
+             static_cast<long long>(p.seq), static_cast<long long>(p.batch), static_cast<long long>(p.heads),
+             static_cast<long long>(p.kv_heads), static_cast<long long>(p.head_dim), causal ? "yes" : "no",
+             to_string(p.layout), to_string(p.dtype), timing.ring_ms, tflops, gbps, overlap_text.c_str(),
+             wrong_text.c_str());
+      rows.push_back({{"seq", p.seq}, {"batch", p.batch}, {"heads", p.heads}, {"kv_heads", p.kv_heads},
+                      {"head_dim", p.head_dim}, {"causal", causal}, {"layout", to_string(p.layout)},
+                      {"dtype", to_string(p.dtype)}, {"time_ms", timing.ring_ms}, {"solo_ms", timing.solo_ms},
+                      {"tflops_per_rank", tflops}, {"comm_gbps", gbps}, {"overlap", overlap}, {"wrong", wrong}});
+    }
+  }
+  const bool ok = total_wrong <= 0.0;
+  print0(ctx, "# %s\n", o.check ? (ok ? "check: all sampled values within tolerance" : "check: WRONG VALUES")
+                                : "(no --check: values not verified)");
+  if (!o.json_path.empty()) {
+    nlohmann::json report = {{"command", "bench"},       {"version", version()}, {"ranks", ctx.size()},
+                             {"device", to_string(device)}, {"rows", rows},       {"check", o.check},
+                             {"environment", relevant_environment()}};
+    write_json(ctx, o.json_path, report);
+  }
+  return ok ? 0 : 1;
+}
+
+}  // namespace ringattn::cli
