@@ -53,7 +53,9 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   std::vector<double> ref_out, ref_lse;
   detail::reference_forward(ref, p.positions, q_rows, k_all, v_all, ref_out, ref_lse);
 
-  detail::Tolerance out_tol = detail::output_tolerance(p.dtype);
+  double max_abs_v = 0.0;
+  for (float x : v_all) max_abs_v = std::max(max_abs_v, static_cast<double>(std::fabs(x)));
+  detail::Tolerance out_tol = detail::output_tolerance(p.dtype, max_abs_v);
   if (o.atol) out_tol.atol = *o.atol;
   if (o.rtol) out_tol.rtol = *o.rtol;
   const detail::Tolerance lse_tol = detail::lse_tolerance();

@@ -48,11 +48,11 @@ void reference_forward(const ReferenceProblem& p, const std::vector<std::int64_t
   }
 }
 
-Tolerance output_tolerance(DType dtype) {
+Tolerance output_tolerance(DType dtype, double max_abs_v) {
   switch (dtype) {
-    case DType::f32: return {2e-5, 4.0 * 0x1p-24};
-    case DType::f16: return {2e-4, 4.0 * 0x1p-11};
-    case DType::bf16: return {1e-3, 4.0 * 0x1p-8};
+    case DType::f32: return {2e-5 + 0x1p-24 * max_abs_v, 4.0 * 0x1p-24};
+    case DType::f16: return {2e-4 + 0x1p-11 * max_abs_v, 4.0 * 0x1p-11};
+    case DType::bf16: return {1e-3 + 0x1p-8 * max_abs_v, 4.0 * 0x1p-8};
   }
   return {0.0, 0.0};
 }

@@ -38,9 +38,11 @@ struct Tolerance {
   double rtol;
 };
 
-// For O stored in `dtype`: the storage rounding (half an ulp: 2^-24, 2^-11, 2^-8 relative)
-// with a margin of 4x, plus fp32 accumulation error in atol.
-Tolerance output_tolerance(DType dtype);
+// For O in `dtype`: the storage rounding of O (half an ulp: 2^-24, 2^-11, 2^-8 relative) with
+// a margin of 4x as rtol; as atol, fp32 accumulation error plus what rounding P to the
+// storage precision costs where a GPU kernel feeds P to tensor cores in 16 bits: at most one
+// unit roundoff of sum_j p_j |v_j| <= max|V|. max_abs_v = the largest |V| element.
+Tolerance output_tolerance(DType dtype, double max_abs_v);
 // LSE is always fp32: accumulation error only.
 Tolerance lse_tolerance();
 

@@ -1,5 +1,6 @@
 """Shared helpers of the CLI tests: launching ringattn under mpirun."""
 import argparse
+import os
 import subprocess
 import time
 
@@ -22,6 +23,8 @@ def mpirun(args, np_, cli_args, timeout=120, mpmd=None):
             cmd.append(":")
         cmd += ["-np", str(n), args.ringattn] + list(a)
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    # Keep the environment: launchers and drivers are configured through it (OMPI_MCA_*,
+    # LD_LIBRARY_PATH). One thread per rank keeps oversubscribed runs quick.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return proc, time.monotonic() - start
