@@ -35,7 +35,7 @@ namespace ringattn::detail::flash {
 // holds Q in registers with one m16 tile per warp (64-row CTAs); head dim 64 reuses K/V
 // fragments over two m16 tiles per warp (128-row CTAs).
 template <typename T_, int kHeadDim_, int kBlockN_ = 64, int kMTiles_ = (kHeadDim_ >= 128 ? 1 : 2), int kWarps_ = 4,
-          bool kQInRegs_ = (kHeadDim_ >= 128)>
+          bool kQInRegs_ = (kHeadDim_ >= 128), int kMinBlocks_ = 1>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -46,6 +46,8 @@ struct FwdTraits {
   // Hold the warp's Q fragments in registers for the whole loop instead of re-reading them
   // from shared memory for every key tile (costs kMTiles * kHeadDim / 4 registers).
   static constexpr bool kQInRegs = kQInRegs_;
+  // CTAs per SM to budget registers for (__launch_bounds__): more hides latency, fewer spills.
+  static constexpr int kMinBlocks = kMinBlocks_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kNTilesS = kBlockN / 8;           // n8 tiles of S per m16 tile
@@ -146,7 +148,7 @@ __device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename T
 // --- the kernel --------------------------------------------------------------------------------
 
 template <class Tr, bool kCausal>
-__global__ void __launch_bounds__(Tr::kThreads) flash_fwd_kernel(const FlashFwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel(const FlashFwdParams p) {
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, MT = Tr::kMTiles;
   constexpr int NS = Tr::kNTilesS, NO = Tr::kNTilesO, CH = Tr::kChunks;
