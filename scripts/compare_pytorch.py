@@ -70,8 +70,10 @@ def make_qkv(a, seq, device, requires_grad):
 
 
 def attention_step(q, k, v, causal, gqa, backward):
+    kwargs = {"enable_gqa": True} if gqa else {}  # only where needed: not every dispatcher takes it
+
     def step():
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kwargs)
         if backward:
             o.backward(torch.ones_like(o))
     return step
