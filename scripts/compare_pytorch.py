@@ -106,6 +106,7 @@ def run_cp(a):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental import _attention as cp_attention
 
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -116,6 +117,8 @@ def run_cp(a):
         header("PyTorch context parallel (ring, SDPA cuDNN inside)", a, world)
     for seq in seq_lengths(a):
         for causal in a.causal_list:
+            # Its load balancing (a zigzag-like sharding) exists only for causal attention.
+            cp_attention._cp_options.enable_load_balance = causal
             q, k, v = make_qkv(a, seq, "cuda", a.backward)
             gqa = a.kv_heads != a.heads
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
