@@ -162,7 +162,6 @@ void note_explicit_options(const CLI::App& cmd, ProblemOptions& o) {
   o.explicit_heads = cmd.count("--heads") > 0;
   o.explicit_kv_heads = cmd.count("--kv-heads") > 0;
   o.explicit_head_dim = cmd.count("--head-dim") > 0;
-  o.explicit_dtype = cmd.count("--dtype") > 0;
 }
 
 double Problem::flops() const {

@@ -30,7 +30,7 @@ struct ProblemOptions {
   std::string q_path, k_path, v_path;
   // Which shape flags the user gave explicitly (they must then agree with the files).
   bool explicit_batch = false, explicit_seq = false, explicit_heads = false, explicit_kv_heads = false,
-       explicit_head_dim = false, explicit_dtype = false;
+       explicit_head_dim = false;
 };
 
 void add_problem_options(CLI::App& cmd, ProblemOptions& options);

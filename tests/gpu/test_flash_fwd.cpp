@@ -9,6 +9,8 @@
 // Skips where no GPU is present.
 #include <gtest/gtest.h>
 
+#include "common/attention_case.hpp"
+
 #include <cmath>
 #include <vector>
 
@@ -24,70 +26,10 @@ using namespace ringattn::detail;
 
 namespace {
 
-struct Case {
-  std::int64_t batch, seq, heads, kv_heads, dim;
-  bool causal;
-  LayoutKind layout;
-  int world;
-  DType dtype;
-};
-
-std::string name(const Case& c) {
-  return std::string(to_string(c.dtype)) + " B=" + std::to_string(c.batch) + " S=" + std::to_string(c.seq) +
-         " H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + " D=" + std::to_string(c.dim) +
-         (c.causal ? " causal " : " full ") + to_string(c.layout) + " P=" + std::to_string(c.world);
-}
-
-std::vector<unsigned char> generate(const Case& c, SyntheticTensor t, const std::vector<std::int64_t>& pos,
-                                    std::int64_t heads) {
-  std::vector<unsigned char> buf(static_cast<std::size_t>(c.batch) * pos.size() *
-                                 static_cast<std::size_t>(heads * c.dim) * dtype_size(c.dtype));
-  fill_synthetic(3, t, c.dtype, c.batch, pos, heads, c.dim, buf.data());
-  return buf;
-}
-
-std::vector<float> to_f32(DType dtype, const std::vector<unsigned char>& buf) {
-  std::vector<float> out(buf.size() / dtype_size(dtype));
-  convert_to_f32(dtype, buf.data(), out.data(), out.size());
-  return out;
-}
-
-std::vector<float> naive_same_precision(const Case& c, double scale, const std::vector<std::int64_t>& pos,
-                                        const std::vector<float>& q, const std::vector<float>& k,
-                                        const std::vector<float>& v) {
-  const auto n = static_cast<std::int64_t>(pos.size());
-  std::vector<float> out(static_cast<std::size_t>(c.batch * n * c.heads * c.dim));
-  for (std::int64_t b = 0; b < c.batch; ++b)
-    for (std::int64_t i = 0; i < n; ++i)
-      for (std::int64_t h = 0; h < c.heads; ++h) {
-        const std::int64_t hk = h / (c.heads / c.kv_heads);
-        const std::int64_t keys = c.causal ? pos[static_cast<std::size_t>(i)] + 1 : c.seq;
-        std::vector<float> s(static_cast<std::size_t>(keys));
-        float mx = -INFINITY;
-        for (std::int64_t t = 0; t < keys; ++t) {
-          float dot = 0.0f;
-          for (std::int64_t d = 0; d < c.dim; ++d)
-            dot += q[static_cast<std::size_t>(((b * n + i) * c.heads + h) * c.dim + d)] *
-                   k[static_cast<std::size_t>(((b * c.seq + t) * c.kv_heads + hk) * c.dim + d)];
-          s[static_cast<std::size_t>(t)] = dot * static_cast<float>(scale);
-          mx = std::max(mx, s[static_cast<std::size_t>(t)]);
-        }
-        float sum = 0.0f;
-        for (float& x : s) {
-          x = std::exp(x - mx);
-          sum += x;
-          x = round_to(c.dtype, x);
-        }
-        for (std::int64_t d = 0; d < c.dim; ++d) {
-          float acc = 0.0f;
-          for (std::int64_t t = 0; t < keys; ++t)
-            acc += s[static_cast<std::size_t>(t)] *
-                   v[static_cast<std::size_t>(((b * c.seq + t) * c.kv_heads + hk) * c.dim + d)];
-          out[static_cast<std::size_t>(((b * n + i) * c.heads + h) * c.dim + d)] = round_to(c.dtype, acc / sum);
-        }
-      }
-  return out;
-}
+using Case = ringattn::testing::AttentionCase;
+using ringattn::testing::name;
+using ringattn::testing::generate;
+using ringattn::testing::to_f32;
 
 void upload(DeviceBuffer& dst, const std::vector<unsigned char>& src) {
   RINGATTN_CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size(), cudaMemcpyHostToDevice));
@@ -160,7 +102,7 @@ void check_case(const Case& c) {
     reference_forward({c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale}, pos, q32, k_all, v_all, ref_out,
                       ref_lse);
     const std::vector<float> got = to_f32(c.dtype, out);
-    const std::vector<float> naive = naive_same_precision(c, scale, pos, q32, k_all, v_all);
+    const std::vector<float> naive = ringattn::testing::naive_attention(c, scale, pos, q32, k_all, v_all, true);
     for (std::size_t i = 0; i < ref_out.size(); ++i) {
       ASSERT_FALSE(std::isnan(got[i])) << "element " << i;
       kernel_err = std::max(kernel_err, std::fabs(got[i] - ref_out[i]));
