@@ -36,7 +36,7 @@ std::vector<std::string> gather_hostnames(const Context& ctx) {
 
 nlohmann::json relevant_environment() {
   nlohmann::json env = nlohmann::json::object();
-  static const char* prefixes[] = {"NCCL_", "CUDA_", "OMPI_", "SLURM_", "UCX_", "OMP_"};
+  static const char* prefixes[] = {"NCCL_", "CUDA_", "OMPI_", "SLURM_", "UCX_"};
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
     const std::string entry = *e;
     for (const char* prefix : prefixes) {

@@ -15,7 +15,7 @@ void print0(const Context& ctx, const char* format, ...) __attribute__((format(p
 // Host names of all ranks (collective).
 std::vector<std::string> gather_hostnames(const Context& ctx);
 
-// Environment variables that explain a run (NCCL_, CUDA_, OMPI_, SLURM_, UCX_, OMP_); never
+// Environment variables that explain a run (NCCL_, CUDA_, OMPI_, SLURM_, UCX_); never
 // the whole environment.
 nlohmann::json relevant_environment();
 
