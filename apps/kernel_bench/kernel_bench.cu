@@ -5,6 +5,7 @@
 // --variant picks a tile shape (bf16, head dim 128 only) for tuning; 0 is the library's.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "core/cuda_raii.hpp"
+#include "core/dtype.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
 #include "kernels/cuda/flash_fwd_launch.cuh"
 
@@ -28,7 +30,9 @@ using bf16 = __nv_bfloat16;
 const char* kVariants[] = {"library default", "BN64 MT2 W4", "BN64 MT1 W4", "BN64 MT1 W8", "BN128 MT1 W8",
                            "BN32 MT2 W4", "BN64 MT1 W8 Qregs", "BN128 MT1 W8 Qregs", "BN64 MT1 W4 Qregs",
                            "BN64 MT1 W4 Qregs 3/SM", "BN64 MT1 W4 Qregs 4/SM", "BN64 MT1 W4 3/SM",
-                           "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM"};
+                           "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM", "BN64 MT1 W4 Qregs pipelined",
+                           "BN64 MT1 W4 pipelined", "BN64 MT2 W4 pipelined", "BN32 MT2 W4 pipelined",
+                           "BN64 MT1 W8 Qregs pipelined"};
 
 void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int64_t dim, cudaStream_t s) {
   switch (variant) {
@@ -45,6 +49,11 @@ void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int6
     case 11: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, false, 3>>(p, s);
     case 12: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 2, 4, false, 2>>(p, s);
     case 13: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 128, 1, 4, true, 2>>(p, s);
+    case 14: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, true, 1, true>>(p, s);
+    case 15: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, false, 1, true>>(p, s);
+    case 16: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 2, 4, false, 1, true>>(p, s);
+    case 17: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 32, 2, 4, false, 1, true>>(p, s);
+    case 18: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 8, true, 1, true>>(p, s);
     default: return flash_fwd(p, dtype, dim, s);
   }
 }
@@ -81,17 +90,26 @@ int main(int argc, char** argv) {
   }
   std::printf("# kernel_bench: %s, B=1 H=%lld D=%lld %s, %d iterations after 2 warm-up, tiles: %s\n", prop.name,
               static_cast<long long>(heads), static_cast<long long>(dim), to_string(dtype), iters, kVariants[variant]);
-  std::printf("# %8s %7s %10s %10s\n", "seq", "causal", "time_ms", "TFLOP/s");
+  std::printf("# %8s %7s %10s %10s %12s\n", "seq", "causal", "time_ms", "TFLOP/s", "max|diff|");
   CudaStream stream;
   CudaEvent start(true), stop(true);
   for (std::int64_t S : seqs) {
     const std::size_t elems = static_cast<std::size_t>(S * heads * dim);
     DeviceBuffer q(elems * 2), k(elems * 2), v(elems * 2), out(elems * 2);
     DeviceBuffer o_acc(elems * 4), lse(static_cast<std::size_t>(S * heads) * 4);
-    // Inputs: small values so that exp never overflows; the content does not change the time.
-    RINGATTN_CUDA_CHECK(cudaMemset(q.get(), 0x3c, elems * 2));
-    RINGATTN_CUDA_CHECK(cudaMemset(k.get(), 0x3c, elems * 2));
-    RINGATTN_CUDA_CHECK(cudaMemset(v.get(), 0x3c, elems * 2));
+    // Random inputs in [-1, 1): the variant's output is compared with the library default's.
+    {
+      std::vector<std::uint16_t> host(elems);
+      std::uint64_t state = 0x9e3779b97f4a7c15ull;
+      for (DeviceBuffer* buf : {&q, &k, &v}) {
+        for (auto& x : host) {
+          state = state * 6364136223846793005ull + 1442695040888963407ull;
+          const float f = static_cast<float>(static_cast<std::int32_t>(state >> 33) - (1 << 30)) * 0x1p-30f;
+          x = dtype == DType::bf16 ? f32_to_bf16(f) : f32_to_f16(f);
+        }
+        RINGATTN_CUDA_CHECK(cudaMemcpy(buf->get(), host.data(), elems * 2, cudaMemcpyHostToDevice));
+      }
+    }
     for (bool causal : {false, true}) {
       FlashFwdParams p;
       p.q = q.get();
@@ -121,10 +139,21 @@ int main(int argc, char** argv) {
       float ms = 0.0f;
       RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
       ms /= static_cast<float>(iters);
+      // Max |difference| from the library's default kernel on the same inputs.
+      double max_diff = 0.0;
+      if (variant != 0) {
+        std::vector<float> got(elems), want(elems);
+        RINGATTN_CUDA_CHECK(cudaMemcpy(got.data(), o_acc.get(), elems * 4, cudaMemcpyDeviceToHost));
+        fill_neg_inf(lse.as<float>(), S * heads, stream);
+        flash_fwd(p, dtype, dim, stream);
+        RINGATTN_CUDA_CHECK(cudaMemcpyAsync(want.data(), o_acc.get(), elems * 4, cudaMemcpyDeviceToHost, stream));
+        RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream));
+        for (std::size_t i = 0; i < elems; ++i) max_diff = std::max(max_diff, static_cast<double>(std::fabs(got[i] - want[i])));
+      }
       const double flops = 4.0 * static_cast<double>(S) * static_cast<double>(S) * static_cast<double>(heads * dim) /
                            (causal ? 2.0 : 1.0);
-      std::printf("  %8lld %7s %10.3f %10.1f\n", static_cast<long long>(S), causal ? "yes" : "no", ms,
-                  flops / (ms * 1e-3) / 1e12);
+      std::printf("  %8lld %7s %10.3f %10.1f %12.2e\n", static_cast<long long>(S), causal ? "yes" : "no", ms,
+                  flops / (ms * 1e-3) / 1e12, max_diff);
     }
   }
   return 0;

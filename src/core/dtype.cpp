@@ -1,6 +1,7 @@
 #include "core/dtype.hpp"
 
 #include <array>
+#include <bit>
 #include <cmath>
 #include <stdexcept>
 

@@ -1,7 +1,6 @@
 // core/dtype.hpp: storage dtypes <-> fp32 on the CPU (round to nearest even, NaN kept NaN).
 #pragma once
 
-#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -10,10 +9,17 @@
 
 namespace ringattn::detail {
 
-inline float bf16_to_f32(std::uint16_t h) { return std::bit_cast<float>(std::uint32_t{h} << 16); }
+// memcpy rather than std::bit_cast: CUDA translation units (C++17) include this header too.
+inline float bf16_to_f32(std::uint16_t h) {
+  const std::uint32_t u = std::uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 inline std::uint16_t f32_to_bf16(float f) {
-  std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<std::uint16_t>(u >> 16);
