@@ -30,9 +30,7 @@ using bf16 = __nv_bfloat16;
 const char* kVariants[] = {"library default", "BN64 MT2 W4", "BN64 MT1 W4", "BN64 MT1 W8", "BN128 MT1 W8",
                            "BN32 MT2 W4", "BN64 MT1 W8 Qregs", "BN128 MT1 W8 Qregs", "BN64 MT1 W4 Qregs",
                            "BN64 MT1 W4 Qregs 3/SM", "BN64 MT1 W4 Qregs 4/SM", "BN64 MT1 W4 3/SM",
-                           "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM", "BN64 MT1 W4 Qregs pipelined",
-                           "BN64 MT1 W4 pipelined", "BN64 MT2 W4 pipelined", "BN32 MT2 W4 pipelined",
-                           "BN64 MT1 W8 Qregs pipelined"};
+                           "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM"};
 
 void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int64_t dim, cudaStream_t s) {
   switch (variant) {
@@ -49,11 +47,6 @@ void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int6
     case 11: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, false, 3>>(p, s);
     case 12: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 2, 4, false, 2>>(p, s);
     case 13: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 128, 1, 4, true, 2>>(p, s);
-    case 14: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, true, 1, true>>(p, s);
-    case 15: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, false, 1, true>>(p, s);
-    case 16: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 2, 4, false, 1, true>>(p, s);
-    case 17: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 32, 2, 4, false, 1, true>>(p, s);
-    case 18: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 8, true, 1, true>>(p, s);
     default: return flash_fwd(p, dtype, dim, s);
   }
 }

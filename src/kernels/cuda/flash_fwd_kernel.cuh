@@ -35,7 +35,7 @@ namespace ringattn::detail::flash {
 // holds Q in registers with one m16 tile per warp (64-row CTAs); head dim 64 reuses K/V
 // fragments over two m16 tiles per warp (128-row CTAs).
 template <typename T_, int kHeadDim_, int kBlockN_ = 64, int kMTiles_ = (kHeadDim_ >= 128 ? 1 : 2), int kWarps_ = 4,
-          bool kQInRegs_ = (kHeadDim_ >= 128), int kMinBlocks_ = 1, bool kPipelined_ = false>
+          bool kQInRegs_ = (kHeadDim_ >= 128), int kMinBlocks_ = 1>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -48,9 +48,6 @@ struct FwdTraits {
   static constexpr bool kQInRegs = kQInRegs_;
   // CTAs per SM to budget registers for (__launch_bounds__): more hides latency, fewer spills.
   static constexpr int kMinBlocks = kMinBlocks_;
-  // Software pipelining across key tiles: S for tile j+1 is computed (tensor cores) while the
-  // softmax of tile j runs (ALU, MUFU), with K and V double-buffered and one barrier per tile.
-  static constexpr bool kPipelined = kPipelined_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kNTilesS = kBlockN / 8;           // n8 tiles of S per m16 tile
@@ -58,7 +55,7 @@ struct FwdTraits {
   static constexpr int kChunks = kHeadDim / 8;           // 16-byte chunks per row
   static constexpr int kSmemQ = kBlockM * kHeadDim;      // elements
   static constexpr int kSmemKV = kBlockN * kHeadDim;
-  static constexpr int kSmemBytes = (kSmemQ + (kPipelined ? 4 : 2) * kSmemKV) * static_cast<int>(sizeof(T));
+  static constexpr int kSmemBytes = (kSmemQ + 2 * kSmemKV) * static_cast<int>(sizeof(T));
   static_assert(kHeadDim % 64 == 0, "the swizzle needs at least 8 chunks per row");
 };
 
@@ -148,216 +145,17 @@ __device__ __forceinline__ void load_tile(typename Tr::T* smem, const typename T
   }
 }
 
-// --- building blocks of the kernels ----------------------------------------------------------
-
-// Per-thread state of a warp's rows: the O accumulator (fp32, unnormalised), the running max
-// (scaled log2 units) and this thread's partial row sums.
-template <class Tr>
-struct RowState {
-  float o[Tr::kMTiles][Tr::kNTilesO][4];
-  float row_max[Tr::kMTiles][2];
-  float row_sum[Tr::kMTiles][2];
-
-  __device__ __forceinline__ void init() {
-#pragma unroll
-    for (int mt = 0; mt < Tr::kMTiles; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < Tr::kNTilesO; ++nt) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.0f;
-      row_max[mt][0] = row_max[mt][1] = -INFINITY;
-      row_sum[mt][0] = row_sum[mt][1] = 0.0f;
-    }
-  }
-};
-
-template <class Tr>
-using STile = float[Tr::kMTiles][Tr::kNTilesS][4];
-
-template <class Tr>
-using QFrags = std::uint32_t[Tr::kQInRegs ? Tr::kMTiles : 1][Tr::kQInRegs ? Tr::kHeadDim / 16 : 1][4];
-
-template <class Tr>
-__device__ __forceinline__ void load_q_frags(QFrags<Tr>& q_frag, const typename Tr::T* sQ, int warp_row, int lane) {
-#pragma unroll
-  for (int ks = 0; ks < Tr::kHeadDim / 16; ++ks)
-#pragma unroll
-    for (int mt = 0; mt < Tr::kMTiles; ++mt)
-      ldmatrix_x4(q_frag[mt][ks],
-                  smem_u32(sQ + swz<Tr::kChunks>(warp_row + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8)));
-}
-
-// s = Q K^T for the warp's rows against the key tile in sK.
-template <class Tr>
-__device__ __forceinline__ void compute_s(STile<Tr>& s, const QFrags<Tr>& q_frag, const typename Tr::T* sQ,
-                                          const typename Tr::T* sK, int warp_row, int lane) {
-  using T = typename Tr::T;
-  constexpr int MT = Tr::kMTiles, NS = Tr::kNTilesS, CH = Tr::kChunks;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NS; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
-#pragma unroll
-  for (int ks = 0; ks < Tr::kHeadDim / 16; ++ks) {
-    std::uint32_t a[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      if constexpr (Tr::kQInRegs) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) a[mt][e] = q_frag[mt][ks][e];
-      } else {
-        ldmatrix_x4(a[mt], smem_u32(sQ + swz<CH>(warp_row + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8)));
-      }
-    }
-#pragma unroll
-    for (int np = 0; np < NS / 2; ++np) {
-      std::uint32_t bk[4];
-      ldmatrix_x4(bk, smem_u32(sK + swz<CH>(np * 16 + (lane / 16) * 8 + (lane % 8), ks * 16 + ((lane / 8) % 2) * 8)));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(s[mt][2 * np], a[mt], bk[0], bk[1]);
-        mma_16816<T>(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
-      }
-    }
-  }
-}
-
-// Masks keys past the block and, on tiles that cross the diagonal, keys after the query;
-// then the online softmax (log2 units): s becomes P, and what came before is rescaled by
-// 2^(old max - new max).
-template <class Tr, bool kCausal>
-__device__ __forceinline__ void softmax_tile(STile<Tr>& s, RowState<Tr>& st, const FlashFwdParams& p, int m0,
-                                             int warp_row, int n0, int lane) {
-  constexpr int MT = Tr::kMTiles, NS = Tr::kNTilesS, NO = Tr::kNTilesO, BN = Tr::kBlockN;
-  const bool past_end = n0 + BN > p.kv_len;
-  const bool crosses = kCausal && n0 + BN - 1 > m0 + p.diag_offset;
-  if (past_end || crosses) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = m0 + warp_row + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-          const int col = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-          if (col >= p.kv_len || (kCausal && col > row + p.diag_offset)) s[mt][nt][e] = -INFINITY;
-        }
-  }
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float new_max = fmaxf(st.row_max[mt][hr], mx * p.scale_log2);
-      const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet
-      const float correction = fast_exp2(st.row_max[mt][hr] - base);
-      st.row_max[mt][hr] = new_max;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < NS; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = fast_exp2(fmaf(s[mt][nt][2 * hr + e], p.scale_log2, -base));
-          s[mt][nt][2 * hr + e] = pe;
-          sum += pe;
-        }
-      }
-      st.row_sum[mt][hr] = st.row_sum[mt][hr] * correction + sum;
-#pragma unroll
-      for (int nt = 0; nt < NO; ++nt) {
-        st.o[mt][nt][2 * hr] *= correction;
-        st.o[mt][nt][2 * hr + 1] *= correction;
-      }
-    }
-  }
-}
-
-// O += P V for the value tile in sV: two adjacent n8 tiles of S form one k16 A fragment.
-template <class Tr>
-__device__ __forceinline__ void accumulate_pv(RowState<Tr>& st, const STile<Tr>& s, const typename Tr::T* sV, int lane) {
-  using T = typename Tr::T;
-  constexpr int MT = Tr::kMTiles, NO = Tr::kNTilesO, CH = Tr::kChunks;
-#pragma unroll
-  for (int kk = 0; kk < Tr::kBlockN / 16; ++kk) {
-    std::uint32_t a[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-      a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-      a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-      a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-    }
-#pragma unroll
-    for (int dp = 0; dp < NO / 2; ++dp) {
-      std::uint32_t bv[4];
-      ldmatrix_x4_trans(bv, smem_u32(sV + swz<CH>(kk * 16 + ((lane / 8) % 2) * 8 + (lane % 8), dp * 16 + (lane / 16) * 8)));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(st.o[mt][2 * dp], a[mt], bv[0], bv[1]);
-        mma_16816<T>(st.o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
-      }
-    }
-  }
-}
-
-// Normalises the block result and merges it into the running (o_acc, lse) in fp32.
-template <class Tr>
-__device__ __forceinline__ void merge_epilogue(const RowState<Tr>& st, const FlashFwdParams& p, int b, int h, int m0,
-                                               int warp_row, int lane) {
-  constexpr int MT = Tr::kMTiles, NO = Tr::kNTilesO, D = Tr::kHeadDim;
-  constexpr float kLn2 = 0.6931471805599453f;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float sum = st.row_sum[mt][hr];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int row = m0 + warp_row + mt * 16 + lane / 4 + hr * 8;
-      const bool live = row < p.q_len && sum > 0.0f;
-      const std::int64_t idx = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin + row;
-      float merged = 0.0f;
-      if (live) {
-        const float lse_b = (st.row_max[mt][hr] + __log2f(sum)) * kLn2;
-        const float old = p.lse[idx];
-        float w_old = 0.0f, w_b = 1.0f / sum;
-        merged = lse_b;
-        if (old != -INFINITY) {
-          merged = fmaxf(old, lse_b) + log1pf(__expf(-fabsf(old - lse_b)));
-          w_old = __expf(old - merged);
-          w_b *= __expf(lse_b - merged);
-        }
-        float* orow = p.o_acc + idx * D;
-#pragma unroll
-        for (int nt = 0; nt < NO; ++nt) {
-          float2* dst = reinterpret_cast<float2*>(orow + nt * 8 + (lane % 4) * 2);
-          float2 acc = make_float2(st.o[mt][nt][2 * hr] * w_b, st.o[mt][nt][2 * hr + 1] * w_b);
-          if (old != -INFINITY) {
-            const float2 prev = *dst;
-            acc.x = fmaf(prev.x, w_old, acc.x);
-            acc.y = fmaf(prev.y, w_old, acc.y);
-          }
-          *dst = acc;
-        }
-      }
-      __syncwarp();  // every lane of the quad has read the old lse
-      if (live && lane % 4 == 0) p.lse[idx] = merged;
-    }
-  }
-}
-
 // --- the kernel --------------------------------------------------------------------------------
 
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel(const FlashFwdParams p) {
   using T = typename Tr::T;
-  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, MT = Tr::kMTiles;
+  constexpr int NS = Tr::kNTilesS, NO = Tr::kNTilesO, CH = Tr::kChunks;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + Tr::kSmemQ;                                   // K tiles: 1, or 2 when pipelined
-  T* sV = sK + (Tr::kPipelined ? 2 : 1) * Tr::kSmemKV;       // V tiles likewise
+  T* sK = sQ + Tr::kSmemQ;
+  T* sV = sK + Tr::kSmemKV;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // Causal CTAs near the end of the sequence have the most keys: start them first, so that the
@@ -372,87 +170,196 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
                               kv_h * p.kv_head_stride;
   const T* k = static_cast<const T*>(p.k) + kv_off;
   const T* v = static_cast<const T*>(p.v) + kv_off;
-  auto k_tile = [&](int j) { return k + static_cast<std::int64_t>(j) * BN * p.kv_row_stride; };
-  auto v_tile = [&](int j) { return v + static_cast<std::int64_t>(j) * BN * p.kv_row_stride; };
 
   // Keys past what the CTA's last row may see are never loaded.
   int n_end = p.kv_len;
   if constexpr (kCausal) n_end = min(n_end, m0 + BM + p.diag_offset);
   const int n_tiles = (n_end + BN - 1) / BN;
+
+  load_tile<Tr, BM>(sQ, q, p.q_row_stride, p.q_len - m0, tid);
+  load_tile<Tr, BN>(sK, k, p.kv_row_stride, n_end, tid);
+  cp_async_commit();
+
+  float o[MT][NO][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NO; ++nt) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.0f;
+  float row_max[MT][2], row_sum[MT][2];  // max in scaled log2 units; per-thread partial sums
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+
   const int warp_row = warp * Tr::kRowsPerWarp;
-
-  RowState<Tr> st;
-  st.init();
-  QFrags<Tr> q_frag;
-
-  if constexpr (!Tr::kPipelined) {
-    // Per tile: load V_j while S_j = Q K_j^T runs, load K_{j+1} while O += P_j V_j runs.
-    load_tile<Tr, BM>(sQ, q, p.q_row_stride, p.q_len - m0, tid);
-    load_tile<Tr, BN>(sK, k, p.kv_row_stride, n_end, tid);
-    cp_async_commit();
-    if constexpr (Tr::kQInRegs) {
-      cp_async_wait<0>();
-      __syncthreads();
-      load_q_frags<Tr>(q_frag, sQ, warp_row, lane);
-    }
-    for (int j = 0; j < n_tiles; ++j) {
-      const int n0 = j * BN;
-      load_tile<Tr, BN>(sV, v_tile(j), p.kv_row_stride, n_end - n0, tid);
-      cp_async_commit();
-      cp_async_wait<1>();  // Q and K_j have landed
-      __syncthreads();
-      float s[Tr::kMTiles][Tr::kNTilesS][4];
-      compute_s<Tr>(s, q_frag, sQ, sK, warp_row, lane);
-      softmax_tile<Tr, kCausal>(s, st, p, m0, warp_row, n0, lane);
-      cp_async_wait<0>();  // V_j has landed
-      __syncthreads();     // and every warp is done with K_j
-      if (j + 1 < n_tiles) {
-        load_tile<Tr, BN>(sK, k_tile(j + 1), p.kv_row_stride, n_end - n0 - BN, tid);
-        cp_async_commit();
-      }
-      accumulate_pv<Tr>(st, s, sV, lane);
-      __syncthreads();  // before the next V overwrites this one
-    }
-  } else {
-    // Two tiles in flight: at the top of iteration j, K_{j+1} and V_j have landed; the loads
-    // of V_{j+1} and K_{j+2} are issued, then S_{j+1} = Q K_{j+1}^T is computed while the
-    // softmax of tile j runs, then O += P_j V_j. One barrier per tile.
-    load_tile<Tr, BM>(sQ, q, p.q_row_stride, p.q_len - m0, tid);
-    load_tile<Tr, BN>(sK, k, p.kv_row_stride, n_end, tid);
-    cp_async_commit();
-    load_tile<Tr, BN>(sV, v, p.kv_row_stride, n_end, tid);
-    if (n_tiles > 1) load_tile<Tr, BN>(sK + Tr::kSmemKV, k_tile(1), p.kv_row_stride, n_end - BN, tid);
-    cp_async_commit();
-    cp_async_wait<1>();  // Q and K_0
+  std::uint32_t q_frag[Tr::kQInRegs ? MT : 1][Tr::kQInRegs ? D / 16 : 1][4];
+  if constexpr (Tr::kQInRegs) {
+    cp_async_wait<0>();
     __syncthreads();
-    if constexpr (Tr::kQInRegs) load_q_frags<Tr>(q_frag, sQ, warp_row, lane);
-    float s_cur[Tr::kMTiles][Tr::kNTilesS][4];
-    compute_s<Tr>(s_cur, q_frag, sQ, sK, warp_row, lane);
-    for (int j = 0; j < n_tiles; ++j) {
-      const int n0 = j * BN;
-      cp_async_wait<0>();  // V_j and K_{j+1}
-      __syncthreads();     // and every warp is done with K_j and V_{j-1}
-      if (j + 1 < n_tiles) {
-        load_tile<Tr, BN>(sV + ((j + 1) % 2) * Tr::kSmemKV, v_tile(j + 1), p.kv_row_stride, n_end - n0 - BN, tid);
-        if (j + 2 < n_tiles) {
-          load_tile<Tr, BN>(sK + (j % 2) * Tr::kSmemKV, k_tile(j + 2), p.kv_row_stride, n_end - n0 - 2 * BN, tid);
-        }
-        cp_async_commit();
-      }
-      float s_next[Tr::kMTiles][Tr::kNTilesS][4];
-      if (j + 1 < n_tiles) compute_s<Tr>(s_next, q_frag, sQ, sK + ((j + 1) % 2) * Tr::kSmemKV, warp_row, lane);
-      softmax_tile<Tr, kCausal>(s_cur, st, p, m0, warp_row, n0, lane);
-      accumulate_pv<Tr>(st, s_cur, sV + (j % 2) * Tr::kSmemKV, lane);
 #pragma unroll
-      for (int mt = 0; mt < Tr::kMTiles; ++mt)
+    for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
-        for (int nt = 0; nt < Tr::kNTilesS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s_cur[mt][nt][e] = s_next[mt][nt][e];
-    }
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(q_frag[mt][ks], smem_u32(sQ + swz<CH>(warp_row + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8)));
   }
 
-  merge_epilogue<Tr>(st, p, b, h, m0, warp_row, lane);
+  for (int j = 0; j < n_tiles; ++j) {
+    const int n0 = j * BN;
+    load_tile<Tr, BN>(sV, v + static_cast<std::int64_t>(n0) * p.kv_row_stride, p.kv_row_stride, n_end - n0, tid);
+    cp_async_commit();
+    cp_async_wait<1>();  // Q and K_j have landed
+    __syncthreads();
+
+    // S = Q K_j^T
+    float s[MT][NS][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      std::uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (Tr::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mt][e] = q_frag[mt][ks][e];
+        } else {
+          ldmatrix_x4(a[mt], smem_u32(sQ + swz<CH>(warp_row + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8)));
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        std::uint32_t bk[4];
+        ldmatrix_x4(bk, smem_u32(sK + swz<CH>(np * 16 + (lane / 16) * 8 + (lane % 8), ks * 16 + ((lane / 8) % 2) * 8)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(s[mt][2 * np], a[mt], bk[0], bk[1]);
+          mma_16816<T>(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Mask keys past the block and, on tiles that cross the diagonal, keys after the query.
+    const bool past_end = n0 + BN > p.kv_len;
+    const bool crosses = kCausal && n0 + BN - 1 > m0 + p.diag_offset;
+    if (past_end || crosses) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m0 + warp_row + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+            const int col = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+            if (col >= p.kv_len || (kCausal && col > row + p.diag_offset)) s[mt][nt][e] = -INFINITY;
+          }
+    }
+
+    // Online softmax (log2 units): rescale what came before by 2^(old max - new max).
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float new_max = fmaxf(row_max[mt][hr], mx * p.scale_log2);
+        const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet
+        const float correction = fast_exp2(row_max[mt][hr] - base);
+        row_max[mt][hr] = new_max;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pe = fast_exp2(fmaf(s[mt][nt][2 * hr + e], p.scale_log2, -base));
+            s[mt][nt][2 * hr + e] = pe;
+            sum += pe;
+          }
+        }
+        row_sum[mt][hr] = row_sum[mt][hr] * correction + sum;
+#pragma unroll
+        for (int nt = 0; nt < NO; ++nt) {
+          o[mt][nt][2 * hr] *= correction;
+          o[mt][nt][2 * hr + 1] *= correction;
+        }
+      }
+    }
+
+    cp_async_wait<0>();  // V_j has landed
+    __syncthreads();     // and every warp is done with K_j
+    if (j + 1 < n_tiles) {
+      load_tile<Tr, BN>(sK, k + static_cast<std::int64_t>(n0 + BN) * p.kv_row_stride, p.kv_row_stride,
+                        n_end - n0 - BN, tid);
+      cp_async_commit();
+    }
+
+    // O += P V_j: two adjacent n8 tiles of S form one k16 A fragment.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      std::uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < NO / 2; ++dp) {
+        std::uint32_t bv[4];
+        ldmatrix_x4_trans(bv, smem_u32(sV + swz<CH>(kk * 16 + ((lane / 8) % 2) * 8 + (lane % 8), dp * 16 + (lane / 16) * 8)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(o[mt][2 * dp], a[mt], bv[0], bv[1]);
+          mma_16816<T>(o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+        }
+      }
+    }
+    __syncthreads();  // before the next V overwrites this one
+  }
+
+  // Epilogue: normalise and merge into the running (o_acc, lse) in fp32.
+  constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float sum = row_sum[mt][hr];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = m0 + warp_row + mt * 16 + lane / 4 + hr * 8;
+      const bool live = row < p.q_len && sum > 0.0f;
+      const std::int64_t idx = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin + row;
+      float merged = 0.0f;
+      if (live) {
+        const float lse_b = (row_max[mt][hr] + __log2f(sum)) * kLn2;
+        const float old = p.lse[idx];
+        float w_old = 0.0f, w_b = 1.0f / sum;
+        merged = lse_b;
+        if (old != -INFINITY) {
+          merged = fmaxf(old, lse_b) + log1pf(__expf(-fabsf(old - lse_b)));
+          w_old = __expf(old - merged);
+          w_b *= __expf(lse_b - merged);
+        }
+        float* orow = p.o_acc + idx * D;
+#pragma unroll
+        for (int nt = 0; nt < NO; ++nt) {
+          float2* dst = reinterpret_cast<float2*>(orow + nt * 8 + (lane % 4) * 2);
+          float2 acc = make_float2(o[mt][nt][2 * hr] * w_b, o[mt][nt][2 * hr + 1] * w_b);
+          if (old != -INFINITY) {
+            const float2 prev = *dst;
+            acc.x = fmaf(prev.x, w_old, acc.x);
+            acc.y = fmaf(prev.y, w_old, acc.y);
+          }
+          *dst = acc;
+        }
+      }
+      __syncwarp();  // every lane of the quad has read the old lse
+      if (live && lane % 4 == 0) p.lse[idx] = merged;
+    }
+  }
 }
 
 }  // namespace ringattn::detail::flash
