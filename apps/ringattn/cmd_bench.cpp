@@ -141,6 +141,10 @@ std::string device_description(Context& ctx, DeviceKind device) {
 }  // namespace
 
 int bench_command(Context& ctx, const BenchOptions& o) {
+  if (o.end < o.begin) {
+    throw Error(ErrorCode::invalid_argument,
+                "bench: -e " + std::to_string(o.end) + " is below -b " + std::to_string(o.begin), /*on_all_ranks=*/true);
+  }
   ProblemOptions base = o.problem;
   const DeviceKind device = base.device == "cuda" ? DeviceKind::cuda : DeviceKind::cpu;
   std::vector<bool> masks;

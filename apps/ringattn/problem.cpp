@@ -117,6 +117,8 @@ void check_flag(const char* flag, bool given, std::int64_t value, std::int64_t f
   }
 }
 
+}  // namespace
+
 // CLI11's own number validators print the whole double range in their messages.
 CLI::Validator at_least(std::int64_t minimum) {
   return CLI::Validator(
@@ -131,7 +133,6 @@ CLI::Validator at_least(std::int64_t minimum) {
       "INT>=" + std::to_string(minimum));
 }
 
-}  // namespace
 
 void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--batch,-B", o.batch, "Batch size")->check(at_least(1));

@@ -34,6 +34,8 @@ struct ProblemOptions {
 };
 
 void add_problem_options(CLI::App& cmd, ProblemOptions& options);
+// An integer flag's check with a readable message ("must be an integer >= 1, got '0'").
+CLI::Validator at_least(std::int64_t minimum);
 // After parsing: records which flags were given.
 void note_explicit_options(const CLI::App& cmd, ProblemOptions& options);
 

@@ -117,6 +117,9 @@ def main():
         ("unknown flag", 3, ["run", "--bogus"], ["--bogus"], 2),
         ("bad layout name", 2, ["run", "--layout", "ring"], ["ring"], 2),
         ("zero heads", 2, ["verify", "--heads", "0"], ["--heads"], 2),
+        ("bench: -e below -b", 3, ["bench", "-b", "512", "-e", "256"], ["-e 256 is below -b 512"]),
+        ("bench: factor 1", 2, ["bench", "-f", "1"], ["--factor"], 2),
+        ("cuda device without GPUs or CUDA build", 2, ["run", "--seq", "64", "--device", "cuda"], ["cuda"]),
     ]
     results = [check(args, *c[:4], code=c[4] if len(c) > 4 else 1) for c in cases]
     # Ranks started with different options (an MPMD launch) fail together before any transfer.
