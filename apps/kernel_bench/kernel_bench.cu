@@ -1,8 +1,10 @@
 // kernel_bench: the native flash forward kernel alone on one GPU (no ring, no MPI), for
 // kernel tuning. Times init + kernel + finalize (what one rank's forward costs at P = 1)
 // with CUDA events; prints TFLOP/s with 4*B*S^2*H*D (halved when causal).
-//   kernel_bench [--heads 32] [--head-dim 128] [--dtype bf16] [--iters 10] [--variant N] S...
+//   kernel_bench [--heads 32] [--head-dim 128] [--dtype bf16] [--iters 10] [--variant N] [--steps N] S...
 // --variant picks a tile shape (bf16, head dim 128 only) for tuning; 0 is the library's.
+// --steps N runs the kernel N times per forward over the same rows, as N ring steps would,
+// so that each step after the first merges into the running result.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -30,9 +32,37 @@ using bf16 = __nv_bfloat16;
 const char* kVariants[] = {"library default", "BN64 MT2 W4", "BN64 MT1 W4", "BN64 MT1 W8", "BN128 MT1 W8",
                            "BN32 MT2 W4", "BN64 MT1 W8 Qregs", "BN128 MT1 W8 Qregs", "BN64 MT1 W4 Qregs",
                            "BN64 MT1 W4 Qregs 3/SM", "BN64 MT1 W4 Qregs 4/SM", "BN64 MT1 W4 3/SM",
-                           "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM"};
+                           "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM", "default tiles, separate merge kernel"};
 
-void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int64_t dim, cudaStream_t s) {
+// The alternative to the fused epilogue merge: the kernel writes its block result (o_b
+// normalised, lse_b) to scratch, then this merges it into the running state, one warp per row:
+//   lse' = max(lse, lse_b) + log1p(exp(-|lse - lse_b|)),  o' = o e^(lse - lse') + o_b e^(lse_b - lse')
+__global__ void merge_rows_kernel(const float* block_o, const float* block_lse, float* o_acc, float* lse,
+                                  std::int64_t rows, int dim) {
+  const std::int64_t row = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const float lse_b = block_lse[row], old = lse[row];
+  float w_old = 0.0f, w_b = 1.0f, merged = lse_b;
+  if (old != -INFINITY) {
+    merged = fmaxf(old, lse_b) + log1pf(__expf(-fabsf(old - lse_b)));
+    w_old = __expf(old - merged);
+    w_b = __expf(lse_b - merged);
+  }
+  for (int d = lane; d < dim; d += 32) {
+    const std::int64_t i = row * dim + d;
+    o_acc[i] = (old != -INFINITY ? o_acc[i] * w_old : 0.0f) + block_o[i] * w_b;
+  }
+  if (lane == 0) lse[row] = merged;
+}
+
+// Scratch for the separate-merge variant: one block result, (B, H, S, D) and (B, H, S) fp32.
+struct Scratch {
+  DeviceBuffer o, lse;
+};
+
+void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int64_t dim, cudaStream_t s,
+                    Scratch& scratch) {
   switch (variant) {
     case 1: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 2, 4>>(p, s);
     case 2: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4>>(p, s);
@@ -47,6 +77,18 @@ void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int6
     case 11: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, false, 3>>(p, s);
     case 12: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 2, 4, false, 2>>(p, s);
     case 13: return launch_flash_fwd_traits<FwdTraits<bf16, 128, 128, 1, 4, true, 2>>(p, s);
+    case 14: {
+      // Block result to scratch, then the merge kernel.
+      const std::int64_t rows = static_cast<std::int64_t>(p.batch) * p.heads * p.s_q;
+      FlashFwdParams block = p;
+      block.o_acc = scratch.o.as<float>();
+      block.lse = scratch.lse.as<float>();
+      launch_flash_fwd_traits<FwdTraits<bf16, 128, 64, 1, 4, true, 1, false>>(block, s);
+      merge_rows_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, s>>>(scratch.o.as<float>(), scratch.lse.as<float>(),
+                                                                         p.o_acc, p.lse, rows, static_cast<int>(dim));
+      RINGATTN_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
     default: return flash_fwd(p, dtype, dim, s);
   }
 }
@@ -57,6 +99,7 @@ int main(int argc, char** argv) {
   std::int64_t heads = 32, dim = 128;
   int iters = 10;
   int variant = 0;
+  int steps = 1;
   DType dtype = DType::bf16;
   std::vector<std::int64_t> seqs;
   for (int i = 1; i < argc; ++i) {
@@ -66,6 +109,7 @@ int main(int argc, char** argv) {
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (a == "--dtype" && i + 1 < argc) dtype = parse_dtype(argv[++i]);
     else if (a == "--variant" && i + 1 < argc) variant = std::atoi(argv[++i]);
+    else if (a == "--steps" && i + 1 < argc) steps = std::max(1, std::atoi(argv[++i]));
     else seqs.push_back(std::atoll(a.c_str()));
   }
   if (seqs.empty()) seqs = {4096, 16384, 65536};
@@ -81,8 +125,9 @@ int main(int argc, char** argv) {
                  static_cast<long long>(dim));
     return 2;
   }
-  std::printf("# kernel_bench: %s, B=1 H=%lld D=%lld %s, %d iterations after 2 warm-up, tiles: %s\n", prop.name,
-              static_cast<long long>(heads), static_cast<long long>(dim), to_string(dtype), iters, kVariants[variant]);
+  std::printf("# kernel_bench: %s, B=1 H=%lld D=%lld %s, %d iterations after 2 warm-up, %d step(s), tiles: %s\n",
+              prop.name, static_cast<long long>(heads), static_cast<long long>(dim), to_string(dtype), iters, steps,
+              kVariants[variant]);
   std::printf("# %8s %7s %10s %10s %12s\n", "seq", "causal", "time_ms", "TFLOP/s", "max|diff|");
   CudaStream stream;
   CudaEvent start(true), stop(true);
@@ -90,6 +135,8 @@ int main(int argc, char** argv) {
     const std::size_t elems = static_cast<std::size_t>(S * heads * dim);
     DeviceBuffer q(elems * 2), k(elems * 2), v(elems * 2), out(elems * 2);
     DeviceBuffer o_acc(elems * 4), lse(static_cast<std::size_t>(S * heads) * 4);
+    Scratch scratch;
+    if (variant == 14) scratch = Scratch{DeviceBuffer(elems * 4), DeviceBuffer(static_cast<std::size_t>(S * heads) * 4)};
     // Random inputs in [-1, 1): the variant's output is compared with the library default's.
     {
       std::vector<std::uint16_t> host(elems);
@@ -121,7 +168,7 @@ int main(int argc, char** argv) {
       const TensorView out_view = TensorView::contiguous(out.get(), dtype, {1, S, heads, dim}, DeviceKind::cuda);
       auto once = [&] {
         fill_neg_inf(lse.as<float>(), S * heads, stream);
-        launch_variant(variant, p, dtype, dim, stream);
+        for (int step = 0; step < steps; ++step) launch_variant(variant, p, dtype, dim, stream, scratch);
         finalize_output(o_acc.as<float>(), lse.as<float>(), out_view, TensorView{}, stream);
       };
       for (int w = 0; w < 2; ++w) once();
@@ -138,13 +185,13 @@ int main(int argc, char** argv) {
         std::vector<float> got(elems), want(elems);
         RINGATTN_CUDA_CHECK(cudaMemcpy(got.data(), o_acc.get(), elems * 4, cudaMemcpyDeviceToHost));
         fill_neg_inf(lse.as<float>(), S * heads, stream);
-        flash_fwd(p, dtype, dim, stream);
+        for (int step = 0; step < steps; ++step) flash_fwd(p, dtype, dim, stream);
         RINGATTN_CUDA_CHECK(cudaMemcpyAsync(want.data(), o_acc.get(), elems * 4, cudaMemcpyDeviceToHost, stream));
         RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream));
         for (std::size_t i = 0; i < elems; ++i) max_diff = std::max(max_diff, static_cast<double>(std::fabs(got[i] - want[i])));
       }
       const double flops = 4.0 * static_cast<double>(S) * static_cast<double>(S) * static_cast<double>(heads * dim) /
-                           (causal ? 2.0 : 1.0);
+                           (causal ? 2.0 : 1.0) * steps;
       std::printf("  %8lld %7s %10.3f %10.1f %12.2e\n", static_cast<long long>(S), causal ? "yes" : "no", ms,
                   flops / (ms * 1e-3) / 1e12, max_diff);
     }

@@ -35,7 +35,7 @@ namespace ringattn::detail::flash {
 // holds Q in registers with one m16 tile per warp (64-row CTAs); head dim 64 reuses K/V
 // fragments over two m16 tiles per warp (128-row CTAs).
 template <typename T_, int kHeadDim_, int kBlockN_ = 64, int kMTiles_ = (kHeadDim_ >= 128 ? 1 : 2), int kWarps_ = 4,
-          bool kQInRegs_ = (kHeadDim_ >= 128), int kMinBlocks_ = 1>
+          bool kQInRegs_ = (kHeadDim_ >= 128), int kMinBlocks_ = 1, bool kFusedMerge_ = true>
 struct FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -48,6 +48,10 @@ struct FwdTraits {
   static constexpr bool kQInRegs = kQInRegs_;
   // CTAs per SM to budget registers for (__launch_bounds__): more hides latency, fewer spills.
   static constexpr int kMinBlocks = kMinBlocks_;
+  // Merge into the running (o_acc, lse) in the epilogue. Without it the epilogue overwrites
+  // o_acc and lse with this block's normalised result (for a separate merge kernel; the
+  // alternative kernel_bench measures, docs/PERFORMANCE.md).
+  static constexpr bool kFusedMerge = kFusedMerge_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kNTilesS = kBlockN / 8;           // n8 tiles of S per m16 tile
@@ -335,7 +339,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
       float merged = 0.0f;
       if (live) {
         const float lse_b = (row_max[mt][hr] + __log2f(sum)) * kLn2;
-        const float old = p.lse[idx];
+        const float old = Tr::kFusedMerge ? p.lse[idx] : -INFINITY;
         float w_old = 0.0f, w_b = 1.0f / sum;
         merged = lse_b;
         if (old != -INFINITY) {
