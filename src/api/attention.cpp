@@ -1,6 +1,7 @@
 #include "ringattn/attention.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -91,6 +92,15 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
     if (!detail::flash_fwd_supports(q.dtype, q.shape[3])) {
       invalid(std::string("q: the CUDA kernel supports bf16 and fp16 with head_dim 64 or 128, not ") +
               to_string(q.dtype) + " with head_dim " + std::to_string(q.shape[3]));
+    }
+    // The kernel moves q and out in 16-byte pieces (K and V are repacked, so any layout works).
+    for (const auto& [name, t] : {std::pair{"q", &q}, {"out", &out}}) {
+      const bool aligned = reinterpret_cast<std::uintptr_t>(t->data) % 16 == 0 && t->strides[0] % 8 == 0 &&
+                           t->strides[1] % 8 == 0 && t->strides[2] % 8 == 0;
+      if (!aligned) {
+        invalid(std::string(name) + ": on cuda the data pointer must be 16-byte aligned and the batch, sequence and "
+                                    "head strides multiples of 8 elements");
+      }
     }
 #else
     invalid("q: device cuda, but this build of ringattn has no CUDA backend");

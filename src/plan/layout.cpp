@@ -71,7 +71,14 @@ std::vector<Segment> Layout::segments(int rank) const {
       const Part early = part(seq_len_, 2 * P, rank);
       const Part late = part(seq_len_, 2 * P, 2 * P - 1 - rank);
       if (early.length > 0) out.push_back({0, early.begin, early.length, 1});
-      if (late.length > 0) out.push_back({early.length, late.begin, late.length, 1});
+      if (late.length > 0) {
+        // The middle rank's two chunks (and P = 1's) are adjacent: one segment, one task.
+        if (!out.empty() && early.begin + early.length == late.begin) {
+          out.back().length += late.length;
+        } else {
+          out.push_back({early.length, late.begin, late.length, 1});
+        }
+      }
       break;
     }
     case LayoutKind::striped:

@@ -337,7 +337,21 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
       const bool live = row < p.q_len && sum > 0.0f;
       const std::int64_t idx = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin + row;
       float merged = 0.0f;
-      if (live) {
+      if (live && p.out != nullptr) {
+        // The only contribution to this row: write the final result in the storage dtype.
+        const float inv = 1.0f / sum;
+        T* orow = static_cast<T*>(p.out) + b * p.out_batch_stride +
+                  static_cast<std::int64_t>(p.q_begin + row) * p.out_row_stride + h * p.out_head_stride;
+#pragma unroll
+        for (int nt = 0; nt < NO; ++nt) {
+          *reinterpret_cast<std::uint32_t*>(orow + nt * 8 + (lane % 4) * 2) =
+              pack2<T>(o[mt][nt][2 * hr] * inv, o[mt][nt][2 * hr + 1] * inv);
+        }
+        if (p.lse_out != nullptr && lane % 4 == 0) {
+          p.lse_out[b * p.lse_batch_stride + h * p.lse_head_stride + (p.q_begin + row) * p.lse_row_stride] =
+              (row_max[mt][hr] + __log2f(sum)) * kLn2;
+        }
+      } else if (live) {
         const float lse_b = (row_max[mt][hr] + __log2f(sum)) * kLn2;
         const float old = Tr::kFusedMerge ? p.lse[idx] : -INFINITY;
         float w_old = 0.0f, w_b = 1.0f / sum;
@@ -361,7 +375,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
         }
       }
       __syncwarp();  // every lane of the quad has read the old lse
-      if (live && lane % 4 == 0) p.lse[idx] = merged;
+      if (live && p.out == nullptr && lane % 4 == 0) p.lse[idx] = merged;
     }
   }
 }

@@ -22,6 +22,13 @@ struct FlashFwdParams {
   float* o_acc = nullptr;
   float* lse = nullptr;
   std::int64_t s_q = 0;  // rows of o_acc / lse per (batch, head)
+  // When out is set, the launch is the only contribution to its rows (one step, one task):
+  // the epilogue writes the final O (q's dtype, out's strides) and, when lse_out is set, the
+  // LSE (B, H, S_q) straight away; o_acc and lse are then neither read nor written.
+  void* out = nullptr;
+  std::int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+  float* lse_out = nullptr;
+  std::int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
 
   int batch = 1, heads = 1, kv_group = 1;  // kv head of query head h: h / kv_group
   int q_begin = 0, q_len = 0;
