@@ -5,6 +5,8 @@
 // fewer GPUs than ranks.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
+
+#include "common/mpi_world.hpp"
 #include <mpi.h>
 #include <nccl.h>
 
@@ -22,17 +24,8 @@ using namespace ringattn::detail;
 
 namespace {
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
+using ringattn::testing::world_rank;
+using ringattn::testing::world_size;
 
 }  // namespace
 

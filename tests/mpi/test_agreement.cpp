@@ -1,6 +1,8 @@
 // Bad inputs on one rank, or ranks that disagree, must make every rank throw the same error
 // (never a hang, never a crash).
 #include <gtest/gtest.h>
+
+#include "common/mpi_world.hpp"
 #include <mpi.h>
 
 #include <functional>
@@ -14,17 +16,8 @@ using namespace ringattn;
 
 namespace {
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
+using ringattn::testing::world_rank;
+using ringattn::testing::world_size;
 
 // Runs fn on every rank; asserts that every rank threw an Error with `code` whose message
 // contains `needle`, and that the messages are identical on all ranks.

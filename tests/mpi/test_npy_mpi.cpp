@@ -1,6 +1,8 @@
 #include "io/npy_mpi.hpp"
 
 #include <gtest/gtest.h>
+
+#include "common/mpi_world.hpp"
 #include <mpi.h>
 #include <unistd.h>
 
@@ -22,17 +24,8 @@ using ringattn::io::NpyDType;
 using ringattn::io::NpyHeader;
 using ringattn::io::RecordRun;
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-int world_size() {
-  int n = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
+using ringattn::testing::world_rank;
+using ringattn::testing::world_size;
 
 // Rank 0's pid names a scratch directory that every rank uses; rank 0 removes it afterwards.
 class NpyMpi : public ::testing::Test {
