@@ -12,7 +12,10 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <cstdio>
+#include <string>
 
 #include "comm/agreement.hpp"
 #include "commands.hpp"
@@ -35,8 +38,12 @@ int world_size() {
 }
 
 void print_error(const std::string& message) {
-  std::fprintf(stderr, "ringattn: error (rank %d of %d): %s\n", world_rank(), world_size(), message.c_str());
-  std::fflush(stderr);
+  // One write() per line: mpirun forwards each rank's stderr in the chunks it reads, and a
+  // line written in pieces can come out spliced with another rank's.
+  const std::string line = "ringattn: error (rank " + std::to_string(world_rank()) + " of " +
+                           std::to_string(world_size()) + "): " + message + "\n";
+  std::fflush(stdout);
+  if (::write(STDERR_FILENO, line.data(), line.size()) < 0) std::fputs(line.c_str(), stderr);
 }
 
 enum class ParseOutcome { ok = 0, help = 1, error = 2 };
