@@ -21,4 +21,15 @@ namespace ringattn {
 void forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
              const TensorView& out, const TensorView& lse, const AttentionOptions& options = {});
 
+// Gradients of sum(out * dout) for this rank's shard: Q, O, dO and LSE stay home while K and
+// V travel around the ring with fp32 dK/dV accumulators that come back to their owner.
+//   q, out, dout, dq: (B, S_local, H, D)     k, v, dk, dv: (B, S_local, H_kv, D)
+//   lse: (B, H, S_local) fp32, from forward() with the same options (required).
+// Gradients have their input's dtype and are accumulated in fp32; a shared KV head (GQA)
+// receives the sum over its query heads. Bitwise reproducible for a given rank count.
+// Collective, with the same agreement on bad inputs as forward(). CPU tensors only so far.
+void backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+              const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+              const TensorView& dv, const AttentionOptions& options = {});
+
 }  // namespace ringattn

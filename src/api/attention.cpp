@@ -5,10 +5,12 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <tuple>
 
 #include "api/prepared_forward.hpp"
 #include "comm/agreement.hpp"
 #include "comm/mpi_util.hpp"
+#include "engine/ring_backward.hpp"
 #include "plan/ring_plan.hpp"
 #ifdef RINGATTN_HAVE_CUDA
 #include "core/cuda_check.hpp"
@@ -141,19 +143,12 @@ std::string show_double(std::int64_t v) {
   return std::to_string(x);
 }
 
-}  // namespace
-
-namespace detail {
-
-PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
-                                const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
+// Steps 2 and 3 of every pass: the ranks agree on everything but their local lengths, then
+// on the layout those lengths must follow. Returns the layout.
+std::unique_ptr<Layout> agree_on_problem(Context& ctx, const TensorView& q, const TensorView& k,
+                                         const AttentionOptions& options, double scale, const char* pass) {
   MPI_Comm comm = ctx.comm();
-  // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
-  detail::agree_on(comm, [&] { validate(q, k, v, out, lse, options); });
-
-  // 2. The ranks must agree on everything but their local lengths.
   const std::int64_t D = q.shape[3];
-  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
   const std::vector<FingerprintField> fields = {
       {"dtype", static_cast<std::int64_t>(q.dtype), show_dtype},
       {"batch", q.shape[0]},
@@ -166,7 +161,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
       {"seq_len", options.seq_len},
       {"device", static_cast<std::int64_t>(q.device), show_device},
   };
-  detail::agree_fingerprint(comm, fields, "attention arguments");
+  detail::agree_fingerprint(comm, fields, pass);
 
   std::vector<std::int64_t> local_lengths(static_cast<std::size_t>(ctx.size()));
   const std::int64_t mine = q.shape[1];
@@ -175,7 +170,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
   for (std::int64_t n : local_lengths) total += n;
   const std::int64_t seq_len = options.seq_len > 0 ? options.seq_len : total;
 
-  // 3. Every rank sees every length, so each reaches the same verdict without another round.
+  // Every rank sees every length, so each reaches the same verdict without another round.
   std::unique_ptr<Layout> layout;
   detail::agree_on(comm, [&] { layout = std::make_unique<Layout>(options.layout, seq_len, ctx.size()); });
   for (int r = 0; r < ctx.size(); ++r) {
@@ -188,6 +183,47 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
                   /*on_all_ranks=*/true);
     }
   }
+  return layout;
+}
+
+// The backward pass's extra arguments: lse is required, gradients mirror their inputs.
+void validate_backward(const TensorView& q, const TensorView& k, const TensorView& lse, const TensorView& dout,
+                       const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+  if (lse.data == nullptr) invalid("lse: the backward pass needs the forward pass's lse");
+  for (const auto& [name, t, like, like_name] :
+       {std::tuple{"dout", &dout, &q, "q"}, {"dq", &dq, &q, "q"}, {"dk", &dk, &k, "k"}, {"dv", &dv, &k, "k"}}) {
+    check_view(name, *t, 4);
+    if (t->dtype != like->dtype) {
+      invalid(std::string(name) + ": dtype " + to_string(t->dtype) + " differs from " + like_name + "'s " +
+              to_string(like->dtype));
+    }
+    for (int d = 0; d < 4; ++d) {
+      if (t->shape[static_cast<std::size_t>(d)] != like->shape[static_cast<std::size_t>(d)]) {
+        invalid(std::string(name) + ": shape " + t->shape_string() + " differs from " + like_name + "'s " +
+                like->shape_string());
+      }
+    }
+    if (t->strides[3] != 1 && t->shape[3] > 1) invalid(std::string(name) + ": head_dim must be contiguous (stride 1)");
+    if (t->device != q.device) invalid(std::string(name) + ": on a different device than q");
+  }
+  if (q.device == DeviceKind::cuda) {
+    invalid("backward: the CUDA backward pass is not available yet; run it with tensors on the cpu");
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
+  MPI_Comm comm = ctx.comm();
+  // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
+  detail::agree_on(comm, [&] { validate(q, k, v, out, lse, options); });
+
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
+  std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "attention arguments");
+  const std::int64_t D = q.shape[3];
 
   // 4. Allocate everything before the first transfer and agree on the outcome.
   detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], D};
@@ -248,6 +284,27 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
 #ifdef RINGATTN_HAVE_CUDA
   if (own_stream) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda->stream()));
 #endif
+}
+
+void backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+              const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+              const TensorView& dv, const AttentionOptions& options) {
+  MPI_Comm comm = ctx.comm();
+  detail::agree_on(comm, [&] {
+    validate(q, k, v, out, lse, options);
+    validate_backward(q, k, lse, dout, dq, dk, dv);
+  });
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
+  std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");
+  const detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], q.shape[3]};
+  const detail::MaskKind mask = options.causal ? detail::MaskKind::causal : detail::MaskKind::full;
+  std::unique_ptr<detail::CpuRingBackward> engine;
+  detail::agree_on(comm, [&] {
+    engine = std::make_unique<detail::CpuRingBackward>(comm, detail::make_ring_plan(*layout, mask, ctx.rank()), shape,
+                                                       q.dtype, q.shape[1], layout->max_local_length(),
+                                                       ctx.cpu_threads());
+  });
+  engine->run(q, k, v, out, lse, dout, dq, dk, dv, static_cast<float>(scale));
 }
 
 }  // namespace ringattn

@@ -1,6 +1,7 @@
 #include "engine/reference.hpp"
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
 
 namespace ringattn::detail {
@@ -43,6 +44,57 @@ void reference_forward(const ReferenceProblem& p, const std::vector<std::int64_t
           for (std::int64_t d = 0; d < D; ++d) o[d] += w * static_cast<double>(vt[d]);
         }
         lse[static_cast<std::size_t>((b * H + h) * n + i)] = max_score + std::log(sum);
+      }
+    }
+  }
+}
+
+void reference_backward(const ReferenceProblem& p, const std::vector<float>& q, const std::vector<float>& k,
+                        const std::vector<float>& v, const std::vector<float>& dout, std::vector<double>& dq,
+                        std::vector<double>& dk, std::vector<double>& dv) {
+  const std::int64_t B = p.batch, S = p.seq_len, H = p.heads, Hkv = p.kv_heads, D = p.head_dim;
+  const std::int64_t group = H / Hkv;
+  dq.assign(static_cast<std::size_t>(B * S * H * D), 0.0);
+  dk.assign(static_cast<std::size_t>(B * S * Hkv * D), 0.0);
+  dv.assign(dk.size(), 0.0);
+  auto qi = [&](std::int64_t b, std::int64_t t, std::int64_t h) { return static_cast<std::size_t>(((b * S + t) * H + h) * D); };
+  auto ki = [&](std::int64_t b, std::int64_t t, std::int64_t h) { return static_cast<std::size_t>(((b * S + t) * Hkv + h) * D); };
+  // Batches are independent; within one, rows of different query heads share dk/dv rows.
+#pragma omp parallel for
+  for (std::int64_t b = 0; b < B; ++b) {
+    std::vector<double> prob(static_cast<std::size_t>(S)), o(static_cast<std::size_t>(D));
+    for (std::int64_t h = 0; h < H; ++h) {
+      const std::int64_t hk = h / group;
+      for (std::int64_t i = 0; i < S; ++i) {
+        const std::int64_t keys = p.causal ? i + 1 : S;
+        double mx = -std::numeric_limits<double>::infinity();
+        for (std::int64_t j = 0; j < keys; ++j) {
+          double dot = 0.0;
+          for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(q[qi(b, i, h) + d]) * k[ki(b, j, hk) + d];
+          prob[static_cast<std::size_t>(j)] = dot * p.scale;
+          mx = std::max(mx, dot * p.scale);
+        }
+        double sum = 0.0;
+        for (std::int64_t j = 0; j < keys; ++j) sum += (prob[static_cast<std::size_t>(j)] = std::exp(prob[static_cast<std::size_t>(j)] - mx));
+        std::fill(o.begin(), o.end(), 0.0);
+        for (std::int64_t j = 0; j < keys; ++j) {
+          prob[static_cast<std::size_t>(j)] /= sum;
+          for (std::int64_t d = 0; d < D; ++d) o[static_cast<std::size_t>(d)] += prob[static_cast<std::size_t>(j)] * v[ki(b, j, hk) + d];
+        }
+        // delta = dout . O; dS = P (dP - delta) with dP = dout . v.
+        double delta = 0.0;
+        for (std::int64_t d = 0; d < D; ++d) delta += static_cast<double>(dout[qi(b, i, h) + d]) * o[static_cast<std::size_t>(d)];
+        for (std::int64_t j = 0; j < keys; ++j) {
+          const double pj = prob[static_cast<std::size_t>(j)];
+          double dp = 0.0;
+          for (std::int64_t d = 0; d < D; ++d) dp += static_cast<double>(dout[qi(b, i, h) + d]) * v[ki(b, j, hk) + d];
+          const double ds = pj * (dp - delta) * p.scale;
+          for (std::int64_t d = 0; d < D; ++d) {
+            dq[qi(b, i, h) + static_cast<std::size_t>(d)] += ds * k[ki(b, j, hk) + d];
+            dk[ki(b, j, hk) + static_cast<std::size_t>(d)] += ds * q[qi(b, i, h) + d];
+            dv[ki(b, j, hk) + static_cast<std::size_t>(d)] += pj * dout[qi(b, i, h) + d];
+          }
+        }
       }
     }
   }

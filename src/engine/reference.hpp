@@ -28,6 +28,13 @@ void reference_forward(const ReferenceProblem& problem, const std::vector<std::i
                        const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
                        std::vector<double>& out, std::vector<double>& lse);
 
+// Gradients of sum(O * dout) for the whole sequence in natural order, in fp64:
+// q, dout: (B, S, H, D); k, v: (B, S, H_kv, D) -> dq (B, S, H, D), dk, dv (B, S, H_kv, D).
+// Shared KV heads receive the sum over their query heads.
+void reference_backward(const ReferenceProblem& problem, const std::vector<float>& q, const std::vector<float>& k,
+                        const std::vector<float>& v, const std::vector<float>& dout, std::vector<double>& dq,
+                        std::vector<double>& dk, std::vector<double>& dv);
+
 }  // namespace ringattn::detail
 
 namespace ringattn::detail {
