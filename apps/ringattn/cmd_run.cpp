@@ -21,9 +21,9 @@ int run_command(Context& ctx, const RunOptions& o) {
   AttentionOptions attention = p.attention_options();
   attention.on_step = progress_logger(ctx, "run");
 
+  ProblemTensors tensors(ctx, p, out, lse);
   RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
   const double start = MPI_Wtime();
-  ProblemTensors tensors(ctx, p, out, lse);
   forward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, tensors.lse, attention);
   const double mine = MPI_Wtime() - start;
   tensors.download();
@@ -31,6 +31,23 @@ int run_command(Context& ctx, const RunOptions& o) {
   RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
 
   write_outputs(ctx, p, o.out_path, o.lse_path, out, lse);
+
+  // The backward pass (CPU): gradients of sum(O * dO) from the forward's O and LSE.
+  double backward_seconds = 0.0;
+  if (p.backward) {
+    std::vector<unsigned char> dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
+    const std::int64_t n = p.local_len();
+    auto rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.heads, p.head_dim}); };
+    auto kv_rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.kv_heads, p.head_dim}); };
+    RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+    const double t0 = MPI_Wtime();
+    backward(ctx, rows(p.q.data()), kv_rows(p.k.data()), kv_rows(p.v.data()), rows(out.data()),
+             TensorView::contiguous(lse.data(), DType::f32, {p.batch, p.heads, n}), rows(p.dout.data()),
+             rows(dq.data()), kv_rows(dk.data()), kv_rows(dv.data()), attention);
+    const double mine_backward = MPI_Wtime() - t0;
+    RINGATTN_MPI_CHECK(MPI_Allreduce(&mine_backward, &backward_seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+    write_gradients(ctx, p, o.dq_path, o.dk_path, o.dv_path, dq, dk, dv);
+  }
 
   const double tflops = p.flops() / seconds / 1e12;
   if (p.device == DeviceKind::cpu) {
@@ -40,7 +57,16 @@ int run_command(Context& ctx, const RunOptions& o) {
   }
   print0(ctx, "  time %.4f s   %.3f GFLOP   %.4f TFLOP/s total   %.4f TFLOP/s per rank\n", seconds, p.flops() / 1e9,
          tflops, tflops / ctx.size());
+  if (p.backward) {
+    // FLOPs of forward + backward: 3.5x the forward's (backward = 2.5x), as PyTorch counts.
+    const double both = 3.5 * p.flops() / (seconds + backward_seconds) / 1e12;
+    print0(ctx, "  backward %.4f s   forward+backward %.4f TFLOP/s total   %.4f TFLOP/s per rank\n", backward_seconds,
+           both, both / ctx.size());
+  }
   if (!o.out_path.empty()) print0(ctx, "  wrote O to %s\n", o.out_path.c_str());
+  if (!o.dq_path.empty()) print0(ctx, "  wrote dQ to %s\n", o.dq_path.c_str());
+  if (!o.dk_path.empty()) print0(ctx, "  wrote dK to %s\n", o.dk_path.c_str());
+  if (!o.dv_path.empty()) print0(ctx, "  wrote dV to %s\n", o.dv_path.c_str());
   if (!o.lse_path.empty()) print0(ctx, "  wrote LSE to %s\n", o.lse_path.c_str());
 
   if (!o.json_path.empty()) {
@@ -55,6 +81,7 @@ int run_command(Context& ctx, const RunOptions& o) {
         {"device", to_string(p.device)},
         {"hosts", gather_hostnames(ctx)},
         {"time_s", seconds},
+        {"backward_time_s", p.backward ? nlohmann::json(backward_seconds) : nlohmann::json(nullptr)},
         {"flop", p.flops()},
         {"tflops", tflops},
         {"tflops_per_rank", tflops / ctx.size()},

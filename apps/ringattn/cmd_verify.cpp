@@ -71,7 +71,44 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   double counts[4] = {co.wrong, co.checked, cl.wrong, cl.checked};
   double total[4];
   RINGATTN_MPI_CHECK(MPI_Allreduce(counts, total, 4, MPI_DOUBLE, MPI_SUM, ctx.comm()));
-  const bool ok = total[0] == 0.0 && total[2] == 0.0;
+  bool ok = total[0] == 0.0 && total[2] == 0.0;
+
+  // --backward: dQ, dK, dV against the fp64 reference gradients (whole sequence, rebuilt
+  // locally), on this rank's rows, relative to the largest reference gradient.
+  double grad_err = 0.0;
+  const double grad_tol = detail::gradient_tolerance(p.dtype);
+  if (p.backward) {
+    std::vector<unsigned char> dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
+    const std::int64_t n = p.local_len();
+    auto rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.heads, p.head_dim}); };
+    auto kv_rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.kv_heads, p.head_dim}); };
+    backward(ctx, rows(p.q.data()), kv_rows(p.k.data()), kv_rows(p.v.data()), rows(out.data()),
+             TensorView::contiguous(lse.data(), DType::f32, {p.batch, p.heads, n}), rows(p.dout.data()),
+             rows(dq.data()), kv_rows(dk.data()), kv_rows(dv.data()), attention);
+    std::vector<double> rdq, rdk, rdv;
+    detail::reference_backward(ref, load_full_rows(ctx, p, detail::SyntheticTensor::q, o.problem.q_path), k_all, v_all,
+                               load_full_rows(ctx, p, detail::SyntheticTensor::dout, o.problem.dout_path), rdq, rdk,
+                               rdv);
+    double err = 0.0, biggest = 0.0;
+    auto compare = [&](const std::vector<unsigned char>& got, const std::vector<double>& want, std::int64_t heads) {
+      const std::int64_t width = heads * p.head_dim;
+      for (std::int64_t b = 0; b < p.batch; ++b)
+        for (std::int64_t i = 0; i < n; ++i)
+          for (std::int64_t e = 0; e < width; ++e) {
+            const double g = detail::load_f32(p.dtype, got.data(), (b * n + i) * width + e);
+            const double w = want[static_cast<std::size_t>((b * p.seq + p.positions[static_cast<std::size_t>(i)]) * width + e)];
+            err = std::max(err, std::isnan(g) ? INFINITY : std::fabs(g - w));
+            biggest = std::max(biggest, std::fabs(w));
+          }
+    };
+    compare(dq, rdq, p.heads);
+    compare(dk, rdk, p.kv_heads);
+    compare(dv, rdv, p.kv_heads);
+    double local_g[2] = {err, biggest}, global_g[2];
+    RINGATTN_MPI_CHECK(MPI_Allreduce(local_g, global_g, 2, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+    grad_err = global_g[1] > 0.0 ? global_g[0] / global_g[1] : global_g[0];
+    ok = ok && grad_err <= grad_tol;
+  }
 
   print0(ctx, "ringattn verify: %s, %d ranks (%s), fp64 reference per rank\n", describe(p).c_str(), ctx.size(),
          to_string(p.device));
@@ -79,6 +116,9 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
          global[0], out_tol.atol, out_tol.rtol, global[1], total[0], total[1]);
   print0(ctx, "  LSE: max |err| %.3e   tolerance %.1e + %.1e*|ref|   worst err/tol %.3f   wrong %.0f of %.0f\n",
          global[2], lse_tol.atol, lse_tol.rtol, global[3], total[2], total[3]);
+  if (p.backward) {
+    print0(ctx, "  dQ, dK, dV: max |err| / max |ref| %.3e   tolerance %.1e\n", grad_err, grad_tol);
+  }
   print0(ctx, "  %s\n", ok ? "PASSED" : "FAILED");
 
   if (!o.json_path.empty()) {
@@ -91,6 +131,7 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
                  {"atol", out_tol.atol}, {"rtol", out_tol.rtol}}},
         {"lse", {{"max_abs_err", global[2]}, {"worst_err_over_tol", global[3]}, {"wrong", total[2]}, {"checked", total[3]},
                  {"atol", lse_tol.atol}, {"rtol", lse_tol.rtol}}},
+        {"gradients", p.backward ? nlohmann::json{{"max_rel_err", grad_err}, {"tolerance", grad_tol}} : nlohmann::json(nullptr)},
         {"passed", ok},
         {"environment", relevant_environment()},
     };

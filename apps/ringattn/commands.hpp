@@ -13,6 +13,7 @@ struct RunOptions {
   ProblemOptions problem;
   std::string out_path;
   std::string lse_path;
+  std::string dq_path, dk_path, dv_path;  // with --backward
   std::string json_path;
 };
 

@@ -61,6 +61,9 @@ int run_cli(int argc, char** argv) {
   run_cmd->add_option("--out", run.out_path, "Write O to this .npy (q's shape and dtype)");
   run_cmd->add_option("--lse", run.lse_path, "Write LSE to this .npy (float32, [H, S] or [B, H, S])");
   run_cmd->add_option("--json", run.json_path, "Write a JSON report here");
+  run_cmd->add_option("--dq", run.dq_path, "With --backward: write dQ to this .npy (q's shape and dtype)");
+  run_cmd->add_option("--dk", run.dk_path, "With --backward: write dK to this .npy (k's shape and dtype)");
+  run_cmd->add_option("--dv", run.dv_path, "With --backward: write dV to this .npy (v's shape and dtype)");
 
   VerifyOptions verify;
   CLI::App* verify_cmd = app.add_subcommand("verify", "Run, then check every rank's O and LSE against fp64");

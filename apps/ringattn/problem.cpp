@@ -155,6 +155,8 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--q", o.q_path, "Queries .npy, float32/float16, [S, H, D] or [B, S, H, D]");
   cmd.add_option("--k", o.k_path, "Keys .npy, like --q with H_kv heads");
   cmd.add_option("--v", o.v_path, "Values .npy, shaped like --k");
+  cmd.add_flag("--backward", o.backward, "Also compute dQ, dK, dV (CPU)");
+  cmd.add_option("--dout", o.dout_path, "dO for --backward: a .npy shaped like --q (default: seeded values)");
 }
 
 void note_explicit_options(const CLI::App& cmd, ProblemOptions& o) {
@@ -202,7 +204,9 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
                              {"--device", hash_string(o.device), show_other},
                              {"--q", hash_string(o.q_path), show_other},
                              {"--k", hash_string(o.k_path), show_other},
-                             {"--v", hash_string(o.v_path), show_other}},
+                             {"--v", hash_string(o.v_path), show_other},
+                             {"--backward", o.backward, show_bool},
+                             {"--dout", hash_string(o.dout_path), show_other}},
                             "command-line options");
 
   Problem p;
@@ -210,12 +214,18 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
   p.scale = o.scale;
   p.seed = o.seed;
   p.from_files = !o.q_path.empty() || !o.k_path.empty() || !o.v_path.empty();
+  p.backward = o.backward;
   io::NpyHeader hq, hk, hv;
   // Everything below derives from the options and broadcast file headers, but a failure on
   // any rank (say, memory) must still reach all of them: agree on the outcome.
   detail::agree_on(comm, [&] {
     p.layout = parse_layout(o.layout);
     p.device = o.device == "cuda" ? DeviceKind::cuda : DeviceKind::cpu;
+    if (!o.dout_path.empty() && !o.backward) invalid("--dout needs --backward");
+    if (o.backward && p.device == DeviceKind::cuda) {
+      invalid("--backward runs on the cpu only so far (the CUDA backward pass is not available yet)");
+    }
+    if (!o.dout_path.empty() && !p.from_files) invalid("--dout needs the inputs as files too (--q, --k, --v)");
     if (p.from_files) {
       if (o.q_path.empty() || o.k_path.empty() || o.v_path.empty()) invalid("--q, --k and --v must be given together");
     } else {
@@ -270,6 +280,11 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
     p.q.resize(n * static_cast<std::size_t>(p.heads) * elem);
     p.k.resize(n * static_cast<std::size_t>(p.kv_heads) * elem);
     p.v.resize(p.k.size());
+    if (p.backward) p.dout.resize(p.q.size());
+    if (p.backward && o.dout_path.empty()) {
+      detail::fill_synthetic(p.seed, detail::SyntheticTensor::dout, p.dtype, p.batch, p.positions, p.heads, p.head_dim,
+                             p.dout.data());
+    }
     if (!p.from_files) {
       using detail::SyntheticTensor;
       detail::fill_synthetic(p.seed, SyntheticTensor::q, p.dtype, p.batch, p.positions, p.heads, p.head_dim, p.q.data());
@@ -290,6 +305,18 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
     read(o.q_path, hq, p.heads, p.q);
     read(o.k_path, hk, p.kv_heads, p.k);
     read(o.v_path, hv, p.kv_heads, p.v);
+    if (p.backward && !o.dout_path.empty()) {
+      io::NpyHeader hd;
+      detail::agree_on(comm, [&] { hd = io::npy_read_header(comm, o.dout_path); });
+      detail::agree_on(comm, [&] {
+        if (hd.shape != hq.shape) {
+          std::string dims;
+          for (std::int64_t d : hd.shape) dims += (dims.empty() ? "" : "x") + std::to_string(d);
+          invalid("dout (" + o.dout_path + "): shape " + dims + " differs from q's");
+        }
+      });
+      read(o.dout_path, hd, p.heads, p.dout);
+    }
   }
   return p;
 }
@@ -347,6 +374,48 @@ void load_full_kv(Context& ctx, const Problem& p, const ProblemOptions& o, std::
   };
   load(detail::SyntheticTensor::k, o.k_path, k);
   load(detail::SyntheticTensor::v, o.v_path, v);
+}
+
+std::vector<float> load_full_rows(Context& ctx, const Problem& p, detail::SyntheticTensor which,
+                                  const std::string& path) {
+  const auto values = static_cast<std::size_t>(p.batch * p.seq * p.heads * p.head_dim);
+  std::vector<unsigned char> stored(values * dtype_size(p.dtype));
+  if (path.empty()) {
+    std::vector<std::int64_t> all(static_cast<std::size_t>(p.seq));
+    for (std::int64_t t = 0; t < p.seq; ++t) all[static_cast<std::size_t>(t)] = t;
+    detail::fill_synthetic(p.seed, which, p.dtype, p.batch, all, p.heads, p.head_dim, stored.data());
+  } else {
+    io::NpyHeader h;
+    detail::agree_on(ctx.comm(), [&] { h = io::npy_read_header(ctx.comm(), path); });
+    std::vector<unsigned char> raw(values * io::npy_dtype_size(h.dtype));
+    io::npy_read_records(ctx.comm(), path, h, {{0, p.batch * p.seq, 1}},
+                         static_cast<std::size_t>(p.heads * p.head_dim) * io::npy_dtype_size(h.dtype), raw.data());
+    convert_file_values(h.dtype, raw.data(), p.dtype, stored.data(), values);
+  }
+  std::vector<float> out(values);
+  detail::convert_to_f32(p.dtype, stored.data(), out.data(), values);
+  return out;
+}
+
+void write_gradients(Context& ctx, const Problem& p, const std::string& dq_path, const std::string& dk_path,
+                     const std::string& dv_path, const std::vector<unsigned char>& dq,
+                     const std::vector<unsigned char>& dk, const std::vector<unsigned char>& dv) {
+  const Layout layout(p.layout, p.seq, ctx.size());
+  const bool batched = !p.from_files || p.batched_files;
+  const std::size_t elem = io::npy_dtype_size(p.out_file_dtype);
+  auto write = [&](const std::string& path, const std::vector<unsigned char>& grad, std::int64_t heads) {
+    if (path.empty()) return;
+    const std::size_t values = static_cast<std::size_t>(p.batch * p.local_len() * heads * p.head_dim);
+    std::vector<unsigned char> raw(values * elem);
+    convert_to_file_values(p.dtype, grad.data(), p.out_file_dtype, raw.data(), values);
+    std::vector<std::int64_t> shape = {p.seq, heads, p.head_dim};
+    if (batched) shape.insert(shape.begin(), p.batch);
+    io::npy_write_records(ctx.comm(), path, p.out_file_dtype, shape, token_runs(layout, ctx.rank(), p.batch),
+                          static_cast<std::size_t>(heads * p.head_dim) * elem, raw.data());
+  };
+  write(dq_path, dq, p.heads);
+  write(dk_path, dk, p.kv_heads);
+  write(dv_path, dv, p.kv_heads);
 }
 
 #ifdef RINGATTN_HAVE_CUDA

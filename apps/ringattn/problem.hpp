@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/synthetic.hpp"
 #include "io/npy.hpp"
 #include "ringattn/ringattn.hpp"
 
@@ -28,6 +29,8 @@ struct ProblemOptions {
   std::uint64_t seed = 42;
   std::string device = "cpu";
   std::string q_path, k_path, v_path;
+  bool backward = false;    // also compute gradients (run, verify, bench)
+  std::string dout_path;    // dO for --backward: a .npy shaped like q, or seeded values
   // Which shape flags the user gave explicitly (they must then agree with the files).
   bool explicit_batch = false, explicit_seq = false, explicit_heads = false, explicit_kv_heads = false,
        explicit_head_dim = false;
@@ -53,6 +56,8 @@ struct Problem {
   io::NpyDType out_file_dtype = io::NpyDType::f4;
   std::vector<std::int64_t> positions;  // global position of each local row
   std::vector<unsigned char> q, k, v;
+  std::vector<unsigned char> dout;  // with --backward: (B, S_local, H, D)
+  bool backward = false;
 
   std::int64_t local_len() const { return static_cast<std::int64_t>(positions.size()); }
   double flops() const;  // 4*B*S^2*H*D, halved when causal
@@ -93,5 +98,14 @@ void write_outputs(Context& ctx, const Problem& problem, const std::string& out_
 // The whole sequence's K and V as fp32 values as stored, (B, S, H_kv, D) each, for references.
 void load_full_kv(Context& ctx, const Problem& problem, const ProblemOptions& options, std::vector<float>& k,
                   std::vector<float>& v);
+// The whole sequence of a query-shaped input (q or dout), (B, S, H, D) fp32 as stored.
+std::vector<float> load_full_rows(Context& ctx, const Problem& problem, detail::SyntheticTensor which,
+                                  const std::string& path);
+
+// Collective: writes dq (q's file shape and dtype) and dk, dv (k's) in natural order; empty
+// paths are skipped.
+void write_gradients(Context& ctx, const Problem& problem, const std::string& dq_path, const std::string& dk_path,
+                     const std::string& dv_path, const std::vector<unsigned char>& dq,
+                     const std::vector<unsigned char>& dk, const std::vector<unsigned char>& dv);
 
 }  // namespace ringattn::cli

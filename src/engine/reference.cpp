@@ -109,6 +109,15 @@ Tolerance output_tolerance(DType dtype, double max_abs_v) {
   return {0.0, 0.0};
 }
 
+double gradient_tolerance(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return 1e-5;
+    case DType::f16: return 8 * 0x1p-11;
+    case DType::bf16: return 8 * 0x1p-8;
+  }
+  return 0.0;
+}
+
 Tolerance lse_tolerance() { return {1e-4, 1e-5}; }
 
 }  // namespace ringattn::detail

@@ -50,6 +50,11 @@ struct Tolerance {
 // storage precision costs where a GPU kernel feeds P to tensor cores in 16 bits: at most one
 // unit roundoff of sum_j p_j |v_j| <= max|V|. max_abs_v = the largest |V| element.
 Tolerance output_tolerance(DType dtype, double max_abs_v);
+// Gradients, relative to the largest reference gradient: the storage rounding of the
+// gradients and of O (which enters delta = rowsum(dO * O)) with a margin of 8 unit roundoffs;
+// fp32 allows 1e-5 of accumulation noise.
+double gradient_tolerance(DType dtype);
+
 // LSE is always fp32: accumulation error only.
 Tolerance lse_tolerance();
 

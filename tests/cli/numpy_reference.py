@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ringattn run with .npy inputs against an independent numpy float64 reference.
+"""ringattn run (and run --backward) with .npy inputs against an independent numpy float64 reference.
 
 For each case: write q/k/v .npy files with numpy, run `mpirun -np N ringattn run --q --k --v
 --out --lse ...`, and compare O and LSE with attention computed here in float64. float32
@@ -28,6 +28,59 @@ def reference(q, k, v, causal):
     out = np.einsum("bhqk,bkhd->bqhd", p / s, v)
     lse = (m + np.log(s))[..., 0]
     return out, lse
+
+
+def reference_backward(q, k, v, dout, causal):
+    """Gradients of sum(O * dout) (float64), same shapes as the inputs; shared KV heads sum."""
+    B, S, H, D = q.shape
+    Hkv = k.shape[2]
+    g = H // Hkv
+    kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    scale = 1.0 / np.sqrt(D)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    if causal:
+        scores = np.where(np.tril(np.ones((S, S), dtype=bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", p, vr)
+    delta = np.einsum("bqhd,bqhd->bhq", dout, o)[..., None]
+    dp = np.einsum("bqhd,bkhd->bhqk", dout, vr)
+    ds = p * (dp - delta) * scale
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, kr)
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q).reshape(B, S, Hkv, g, D).sum(axis=3)
+    dv = np.einsum("bhqk,bqhd->bkhd", p, dout).reshape(B, S, Hkv, g, D).sum(axis=3)
+    return dq, dk, dv
+
+
+def run_backward_case(args, np_, layout, causal, S, H, Hkv, D, tol=1e-5, seed=1):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((S, H, D)).astype(np.float32)
+    k = rng.standard_normal((S, Hkv, D)).astype(np.float32)
+    v = rng.standard_normal((S, Hkv, D)).astype(np.float32)
+    dout = rng.standard_normal((S, H, D)).astype(np.float32)
+    paths = {n: os.path.join(args.workdir, f"b{n}.npy") for n in ("q", "k", "v", "do", "dq", "dk", "dv")}
+    for n, a in (("q", q), ("k", k), ("v", v), ("do", dout)):
+        np.save(paths[n], a)
+    cli = ["run", "--backward", "--q", paths["q"], "--k", paths["k"], "--v", paths["v"], "--dout", paths["do"],
+           "--dq", paths["dq"], "--dk", paths["dk"], "--dv", paths["dv"], "--layout", layout]
+    cli += ["--causal"] if causal else []
+    proc, _ = mpirun(args, np_, cli)
+    name = f"backward np={np_} {layout} {'causal' if causal else 'full'} S={S} H={H}/{Hkv} D={D} float32"
+    if proc.returncode != 0:
+        print(f"FAIL {name}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return False
+    want = reference_backward(*(a[None].astype(np.float64) for a in (q, k, v, dout)), causal)
+    errs = []
+    for n, w, like in (("dq", want[0], q), ("dk", want[1], k), ("dv", want[2], v)):
+        got = np.load(paths[n])
+        if got.shape != like.shape or got.dtype != np.float32:
+            print(f"FAIL {name}: {n} has shape {got.shape} {got.dtype}, expected {like.shape} float32")
+            return False
+        errs.append(np.abs(got.astype(np.float64) - w[0]).max())
+    ok = max(errs) <= tol
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: max|dQ-ref| {errs[0]:.2e} max|dK-ref| {errs[1]:.2e} "
+          f"max|dV-ref| {errs[2]:.2e} (tol {tol:g})")
+    return ok
 
 
 def run_case(args, np_, layout, causal, S, H, Hkv, D, B=None, dtype=np.float32, tol=1e-5, seed=0):
@@ -83,6 +136,10 @@ def main():
         # A leading batch dimension, and float16 files (compared at float16 precision).
         run_case(args, 3, "striped", False, 301, 2, 1, 64, B=2),
         run_case(args, 2, "zigzag", True, 257, 4, 4, 64, dtype=np.float16, tol=4e-3),
+        # The backward bar: np 3 with .npy inputs, dQ, dK, dV within 1e-5 (float32, CPU).
+        run_backward_case(args, 3, "zigzag", True, 1001, 4, 2, 32),
+        run_backward_case(args, 3, "contiguous", False, 1001, 4, 2, 32),
+        run_backward_case(args, 5, "striped", True, 1001, 4, 2, 32),
     ]
     sys.exit(0 if all(results) else 1)
 

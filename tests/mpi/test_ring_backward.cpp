@@ -104,17 +104,6 @@ Result run_backward(MPI_Comm comm, const Case& c) {
   return r;
 }
 
-// Relative to the largest gradient: the storage rounding of the gradients and of O (which
-// enters delta = rowsum(dO * O)), with a margin; fp32 accumulates only rounding noise.
-double tolerance(DType dtype) {
-  switch (dtype) {
-    case DType::f32: return 1e-5;
-    case DType::f16: return 8 * 0x1p-11;
-    case DType::bf16: return 8 * 0x1p-8;
-  }
-  return 0.0;
-}
-
 }  // namespace
 
 TEST(RingBackward, MatchesReferenceForEveryLayoutMaskGqaAndDtype) {
@@ -125,7 +114,7 @@ TEST(RingBackward, MatchesReferenceForEveryLayoutMaskGqaAndDtype) {
           const Case c{2, 67, 4, kv_heads, 16, causal, layout, dtype};
           SCOPED_TRACE(name(c));
           const Result r = run_backward(MPI_COMM_WORLD, c);
-          EXPECT_LE(r.err, tolerance(dtype));
+          EXPECT_LE(r.err, gradient_tolerance(dtype));
         }
       }
     }

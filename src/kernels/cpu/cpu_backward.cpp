@@ -12,6 +12,7 @@ namespace {
 
 constexpr std::int64_t kTileKeys = 16;
 constexpr std::int64_t kTileRows = 16;
+constexpr std::int64_t kChunk = 64;  // terms summed in fp32 before joining an fp64 total
 
 inline float dot(const float* a, const float* b, std::int64_t n) {
   float s = 0.0f;
@@ -99,49 +100,76 @@ void CpuBackwardKernel::run(const std::vector<BlockTask>& tasks, float* dkv) {
   const float scale = scale_;
   // Tasks of one step may share key rows or query rows: they run one after another.
   for (const BlockTask& t : tasks) {
-    // Pass A: dK, dV; each item owns a tile of keys of one (batch, KV head).
+    // Pass A: dK, dV; each item owns a tile of keys of one (batch, KV head). Long sums (a key
+    // collects one term per query row) are added up in chunks of kChunk terms in fp32, and the
+    // chunks in fp64: the error stays that of a kChunk-term sum, not of a sequence-long one.
     const std::int64_t key_tiles = (t.kv_len + kTileKeys - 1) / kTileKeys;
 #pragma omp parallel for schedule(dynamic) num_threads(threads_)
     for (std::int64_t item = 0; item < B * Hkv * key_tiles; ++item) {
       const std::int64_t tile = item % key_tiles, bh = item / key_tiles, b = bh / Hkv, hk = bh % Hkv;
+      alignas(64) float part_k[CpuForwardKernel::kMaxHeadDim], part_v[CpuForwardKernel::kMaxHeadDim];
+      double sum_k[CpuForwardKernel::kMaxHeadDim], sum_v[CpuForwardKernel::kMaxHeadDim];
       for (std::int64_t l = tile * kTileKeys; l < std::min(t.kv_len, (tile + 1) * kTileKeys); ++l) {
         const float* kl = &k_[static_cast<std::size_t>(((b * Hkv + hk) * cap + t.kv_begin + l) * D)];
         const float* vl = &v_[static_cast<std::size_t>(((b * Hkv + hk) * cap + t.kv_begin + l) * D)];
-        float* dk = dk_all + ((b * L + t.kv_begin + l) * Hkv + hk) * D;
-        float* dv = dv_all + ((b * L + t.kv_begin + l) * Hkv + hk) * D;
+        std::fill_n(sum_k, D, 0.0);
+        std::fill_n(sum_v, D, 0.0);
         // Causal: row i sees key l iff l <= i + diag_offset.
         const std::int64_t first = t.mask == MaskKind::causal ? std::max<std::int64_t>(0, l - t.diag_offset) : 0;
         for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          for (std::int64_t i = first; i < t.q_len; ++i) {
-            const std::int64_t row = (b * H + h) * S + t.q_begin + i;
-            const float* qi = &q_[static_cast<std::size_t>(row * D)];
-            const float* di = &dout_[static_cast<std::size_t>(row * D)];
-            const float p = std::exp(scale * dot(qi, kl, D) - lse_[static_cast<std::size_t>(row)]);
-            const float ds = p * (dot(di, vl, D) - delta_[static_cast<std::size_t>(row)]);
-            axpy(p, di, dv, D);
-            axpy(scale * ds, qi, dk, D);
+          for (std::int64_t i0 = first; i0 < t.q_len; i0 += kChunk) {
+            std::fill_n(part_k, D, 0.0f);
+            std::fill_n(part_v, D, 0.0f);
+            for (std::int64_t i = i0; i < std::min(t.q_len, i0 + kChunk); ++i) {
+              const std::int64_t row = (b * H + h) * S + t.q_begin + i;
+              const float* qi = &q_[static_cast<std::size_t>(row * D)];
+              const float* di = &dout_[static_cast<std::size_t>(row * D)];
+              const float p = std::exp(scale * dot(qi, kl, D) - lse_[static_cast<std::size_t>(row)]);
+              const float ds = p * (dot(di, vl, D) - delta_[static_cast<std::size_t>(row)]);
+              axpy(p, di, part_v, D);
+              axpy(scale * ds, qi, part_k, D);
+            }
+            for (std::int64_t d = 0; d < D; ++d) {
+              sum_k[d] += part_k[d];
+              sum_v[d] += part_v[d];
+            }
           }
+        }
+        float* dk = dk_all + ((b * L + t.kv_begin + l) * Hkv + hk) * D;
+        float* dv = dv_all + ((b * L + t.kv_begin + l) * Hkv + hk) * D;
+        for (std::int64_t d = 0; d < D; ++d) {
+          dk[d] = static_cast<float>(dk[d] + sum_k[d]);
+          dv[d] = static_cast<float>(dv[d] + sum_v[d]);
         }
       }
     }
-    // Pass B: dQ; each item owns a tile of query rows of one (batch, head).
+    // Pass B: dQ; each item owns a tile of query rows of one (batch, head); keys are summed in
+    // chunks the same way.
     const std::int64_t row_tiles = (t.q_len + kTileRows - 1) / kTileRows;
 #pragma omp parallel for schedule(dynamic) num_threads(threads_)
     for (std::int64_t item = 0; item < B * H * row_tiles; ++item) {
       const std::int64_t tile = item % row_tiles, bh = item / row_tiles, b = bh / H, h = bh % H, hk = h / group;
+      alignas(64) float part[CpuForwardKernel::kMaxHeadDim];
+      double sum[CpuForwardKernel::kMaxHeadDim];
       for (std::int64_t i = tile * kTileRows; i < std::min(t.q_len, (tile + 1) * kTileRows); ++i) {
         const std::int64_t row = (b * H + h) * S + t.q_begin + i;
         const float* qi = &q_[static_cast<std::size_t>(row * D)];
         const float* di = &dout_[static_cast<std::size_t>(row * D)];
-        float* dq = &dq_[static_cast<std::size_t>(row * D)];
         const std::int64_t keys = t.mask == MaskKind::causal ? std::min(t.kv_len, i + t.diag_offset + 1) : t.kv_len;
-        for (std::int64_t l = 0; l < keys; ++l) {
-          const float* kl = &k_[static_cast<std::size_t>(((b * Hkv + hk) * cap + t.kv_begin + l) * D)];
-          const float* vl = &v_[static_cast<std::size_t>(((b * Hkv + hk) * cap + t.kv_begin + l) * D)];
-          const float p = std::exp(scale * dot(qi, kl, D) - lse_[static_cast<std::size_t>(row)]);
-          const float ds = p * (dot(di, vl, D) - delta_[static_cast<std::size_t>(row)]);
-          axpy(scale * ds, kl, dq, D);
+        std::fill_n(sum, D, 0.0);
+        for (std::int64_t l0 = 0; l0 < keys; l0 += kChunk) {
+          std::fill_n(part, D, 0.0f);
+          for (std::int64_t l = l0; l < std::min(keys, l0 + kChunk); ++l) {
+            const float* kl = &k_[static_cast<std::size_t>(((b * Hkv + hk) * cap + t.kv_begin + l) * D)];
+            const float* vl = &v_[static_cast<std::size_t>(((b * Hkv + hk) * cap + t.kv_begin + l) * D)];
+            const float p = std::exp(scale * dot(qi, kl, D) - lse_[static_cast<std::size_t>(row)]);
+            const float ds = p * (dot(di, vl, D) - delta_[static_cast<std::size_t>(row)]);
+            axpy(scale * ds, kl, part, D);
+          }
+          for (std::int64_t d = 0; d < D; ++d) sum[d] += part[d];
         }
+        float* dq = &dq_[static_cast<std::size_t>(row * D)];
+        for (std::int64_t d = 0; d < D; ++d) dq[d] = static_cast<float>(dq[d] + sum[d]);
       }
     }
   }

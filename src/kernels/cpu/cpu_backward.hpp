@@ -6,7 +6,9 @@
 //   dK_l += scale sum_i dS_il q_i          dQ_i += scale sum_l dS_il k_l
 // in two passes so that every accumulator has one writer and a fixed summation order (the
 // result is bitwise reproducible for a given rank count): pass A owns key tiles (dK, dV),
-// pass B owns query tiles (dQ). Shared KV heads (GQA) sum over their query heads.
+// pass B owns query tiles (dQ). Shared KV heads (GQA) sum over their query heads. Sums over
+// a whole block are taken in fp32 chunks joined in fp64, so that their error does not grow
+// with the block length.
 #pragma once
 
 #include <cstdint>
