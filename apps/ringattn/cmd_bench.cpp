@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "api/prepared_forward.hpp"
 #include "comm/mpi_util.hpp"
@@ -161,12 +162,13 @@ int bench_command(Context& ctx, const BenchOptions& o) {
   print0(ctx, "# ringattn bench %s: %d ranks, kernel: %s, %d warm-up + %d timed iterations\n", version(), ctx.size(),
          device == DeviceKind::cuda ? "native flash (mma.sync)" : "cpu", o.warmup, o.iters);
   for (int r = 0; r < ctx.size(); ++r) print0(ctx, "#   rank %d: %s\n", r, &lines[line.size() * static_cast<std::size_t>(r)]);
-  print0(ctx, "# seq = total tokens; TFLOP/s per GPU/rank with 4*B*S^2*H*D (halved when causal); comm = bytes sent per "
-              "rank / time; overlap = no-comm time / ring time\n");
+  print0(ctx, "# seq = total tokens; TFLOP/s per GPU/rank with 4*B*S^2*H*D (halved when causal%s); comm = bytes "
+              "sent per rank / time; overlap = no-comm time / ring time\n",
+         base.backward ? "; x3.5 for forward+backward" : "");
   print0(ctx, "# %9s %5s %5s %4s %4s %6s %10s %6s %10s %10s %9s %7s %7s\n", "seq", "batch", "heads", "kv", "dim", "causal",
          "layout", "dtype", "time_ms", "TFLOP/s", "comm_GB/s", "overlap", "#wrong");
 
-  nlohmann::json rows = nlohmann::json::array();
+  nlohmann::json table = nlohmann::json::array();
   double total_wrong = 0.0;
   for (std::int64_t len = o.begin; len <= o.end; len *= o.factor) {
     for (bool causal : masks) {
@@ -180,7 +182,19 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       detail::PreparedForward prepared = detail::prepare_forward(ctx, t.q, t.k, t.v, t.out, t.lse, p.attention_options());
 
       Timing timing;
-      timing.ring_ms = time_runs(ctx, prepared, o.warmup, o.iters, [&] { prepared.run(t.q, t.k, t.v, t.out, t.lse); });
+      // With --backward every timed run is a forward and a backward pass (CPU).
+      std::vector<unsigned char> dq(p.backward ? p.q.size() : 0), dk(p.backward ? p.k.size() : 0), dv(dk.size());
+      const std::int64_t n = p.local_len();
+      auto rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.heads, p.head_dim}); };
+      auto kv_rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.kv_heads, p.head_dim}); };
+      auto run_once = [&] {
+        prepared.run(t.q, t.k, t.v, t.out, t.lse);
+        if (p.backward) {
+          backward(ctx, t.q, t.k, t.v, t.out, t.lse, rows(p.dout.data()), rows(dq.data()), kv_rows(dk.data()),
+                   kv_rows(dv.data()), p.attention_options());
+        }
+      };
+      timing.ring_ms = time_runs(ctx, prepared, o.warmup, o.iters, run_once);
       double bytes = 0.0;
 #ifdef RINGATTN_HAVE_CUDA
       if (prepared.cuda) {
@@ -198,17 +212,21 @@ int bench_command(Context& ctx, const BenchOptions& o) {
         wrong = count_wrong(ctx, p, out, lse);
         total_wrong += wrong;
       }
-      const double tflops = p.flops() / (timing.ring_ms * 1e-3) / 1e12 / ctx.size();
+      const double tflops = (p.backward ? 3.5 : 1.0) * p.flops() / (timing.ring_ms * 1e-3) / 1e12 / ctx.size();
       const double gbps = bytes / (timing.ring_ms * 1e-3) / 1e9;
       const double overlap = timing.solo_ms > 0.0 ? timing.solo_ms / timing.ring_ms : 0.0;
       const std::string overlap_text = timing.solo_ms > 0.0 ? std::to_string(overlap).substr(0, 5) : "-";
       const std::string wrong_text = o.check ? std::to_string(static_cast<long long>(wrong)) : "-";
-      print0(ctx, "  %9lld %5lld %5lld %4lld %4lld %6s %10s %6s %10.3f %10.2f %9.2f %7s %7s\n",
+      // The backward pass's own traffic (K, V with dK, dV) is not counted: no figure then.
+      char gbps_text[32];
+      std::snprintf(gbps_text, sizeof gbps_text, "%.2f", gbps);
+      print0(ctx, "  %9lld %5lld %5lld %4lld %4lld %6s %10s %6s %10.3f %10.2f %9s %7s %7s\n",
              static_cast<long long>(p.seq), static_cast<long long>(p.batch), static_cast<long long>(p.heads),
              static_cast<long long>(p.kv_heads), static_cast<long long>(p.head_dim), causal ? "yes" : "no",
-             to_string(p.layout), to_string(p.dtype), timing.ring_ms, tflops, gbps, overlap_text.c_str(),
+             to_string(p.layout), to_string(p.dtype), timing.ring_ms, tflops, p.backward ? "-" : gbps_text,
+             overlap_text.c_str(),
              wrong_text.c_str());
-      rows.push_back({{"seq", p.seq}, {"batch", p.batch}, {"heads", p.heads}, {"kv_heads", p.kv_heads},
+      table.push_back({{"seq", p.seq}, {"backward", p.backward}, {"batch", p.batch}, {"heads", p.heads}, {"kv_heads", p.kv_heads},
                       {"head_dim", p.head_dim}, {"causal", causal}, {"layout", to_string(p.layout)},
                       {"dtype", to_string(p.dtype)}, {"time_ms", timing.ring_ms}, {"solo_ms", timing.solo_ms},
                       {"tflops_per_rank", tflops}, {"comm_gbps", gbps}, {"overlap", overlap}, {"wrong", wrong}});
@@ -219,7 +237,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                                 : "(no --check: values not verified)");
   if (!o.json_path.empty()) {
     nlohmann::json report = {{"command", "bench"},       {"version", version()}, {"ranks", ctx.size()},
-                             {"device", to_string(device)}, {"rows", rows},       {"check", o.check},
+                             {"device", to_string(device)}, {"rows", table},       {"check", o.check},
                              {"environment", relevant_environment()}};
     write_json(ctx, o.json_path, report);
   }
