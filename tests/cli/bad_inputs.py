@@ -125,6 +125,7 @@ def main():
         ("unknown flag", 3, ["run", "--bogus"], ["--bogus"], 2),
         ("bad layout name", 2, ["run", "--layout", "ring"], ["ring"], 2),
         ("zero heads", 2, ["verify", "--heads", "0"], ["--heads"], 2),
+        ("--dout without --backward", 2, ["run"] + files(f) + ["--dout", f["q"]], ["--dout needs --backward"]),
         ("bench: -e below -b", 3, ["bench", "-b", "512", "-e", "256"], ["-e 256 is below -b 512"]),
         ("bench: factor 1", 2, ["bench", "-f", "1"], ["--factor"], 2),
     ]
