@@ -352,49 +352,41 @@ void write_outputs(Context& ctx, const Problem& p, const std::string& out_path, 
   }
 }
 
-void load_full_kv(Context& ctx, const Problem& p, const ProblemOptions& o, std::vector<float>& k, std::vector<float>& v) {
-  const auto values = static_cast<std::size_t>(p.batch * p.seq * p.kv_heads * p.head_dim);
-  k.resize(values);
-  v.resize(values);
-  std::vector<unsigned char> stored(values * dtype_size(p.dtype));
-  auto load = [&](detail::SyntheticTensor which, const std::string& path, std::vector<float>& dst) {
-    if (!p.from_files) {
-      std::vector<std::int64_t> all(static_cast<std::size_t>(p.seq));
-      for (std::int64_t t = 0; t < p.seq; ++t) all[static_cast<std::size_t>(t)] = t;
-      detail::fill_synthetic(p.seed, which, p.dtype, p.batch, all, p.kv_heads, p.head_dim, stored.data());
-    } else {
-      io::NpyHeader h;
-      detail::agree_on(ctx.comm(), [&] { h = io::npy_read_header(ctx.comm(), path); });
-      std::vector<unsigned char> raw(values * io::npy_dtype_size(h.dtype));
-      io::npy_read_records(ctx.comm(), path, h, {{0, p.batch * p.seq, 1}},
-                           static_cast<std::size_t>(p.kv_heads * p.head_dim) * io::npy_dtype_size(h.dtype), raw.data());
-      convert_file_values(h.dtype, raw.data(), p.dtype, stored.data(), values);
-    }
-    detail::convert_to_f32(p.dtype, stored.data(), dst.data(), values);
-  };
-  load(detail::SyntheticTensor::k, o.k_path, k);
-  load(detail::SyntheticTensor::v, o.v_path, v);
-}
+namespace {
 
-std::vector<float> load_full_rows(Context& ctx, const Problem& p, detail::SyntheticTensor which,
-                                  const std::string& path) {
-  const auto values = static_cast<std::size_t>(p.batch * p.seq * p.heads * p.head_dim);
+// The whole sequence of one input, (B, S, heads, D) fp32 as stored: seeded values from
+// global positions, or the whole .npy file when `path` is set.
+std::vector<float> load_full(Context& ctx, const Problem& p, detail::SyntheticTensor which, const std::string& path,
+                             std::int64_t heads) {
+  const auto values = static_cast<std::size_t>(p.batch * p.seq * heads * p.head_dim);
   std::vector<unsigned char> stored(values * dtype_size(p.dtype));
   if (path.empty()) {
     std::vector<std::int64_t> all(static_cast<std::size_t>(p.seq));
     for (std::int64_t t = 0; t < p.seq; ++t) all[static_cast<std::size_t>(t)] = t;
-    detail::fill_synthetic(p.seed, which, p.dtype, p.batch, all, p.heads, p.head_dim, stored.data());
+    detail::fill_synthetic(p.seed, which, p.dtype, p.batch, all, heads, p.head_dim, stored.data());
   } else {
     io::NpyHeader h;
     detail::agree_on(ctx.comm(), [&] { h = io::npy_read_header(ctx.comm(), path); });
     std::vector<unsigned char> raw(values * io::npy_dtype_size(h.dtype));
     io::npy_read_records(ctx.comm(), path, h, {{0, p.batch * p.seq, 1}},
-                         static_cast<std::size_t>(p.heads * p.head_dim) * io::npy_dtype_size(h.dtype), raw.data());
+                         static_cast<std::size_t>(heads * p.head_dim) * io::npy_dtype_size(h.dtype), raw.data());
     convert_file_values(h.dtype, raw.data(), p.dtype, stored.data(), values);
   }
   std::vector<float> out(values);
   detail::convert_to_f32(p.dtype, stored.data(), out.data(), values);
   return out;
+}
+
+}  // namespace
+
+void load_full_kv(Context& ctx, const Problem& p, const ProblemOptions& o, std::vector<float>& k, std::vector<float>& v) {
+  k = load_full(ctx, p, detail::SyntheticTensor::k, o.k_path, p.kv_heads);
+  v = load_full(ctx, p, detail::SyntheticTensor::v, o.v_path, p.kv_heads);
+}
+
+std::vector<float> load_full_rows(Context& ctx, const Problem& p, detail::SyntheticTensor which,
+                                  const std::string& path) {
+  return load_full(ctx, p, which, path, p.heads);
 }
 
 void write_gradients(Context& ctx, const Problem& p, const std::string& dq_path, const std::string& dk_path,

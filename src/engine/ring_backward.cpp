@@ -5,23 +5,11 @@
 
 #include "comm/mpi_transport.hpp"
 #include "core/dtype.hpp"
+#include "core/tensor_copy.hpp"
 
 namespace ringattn::detail {
 
 namespace {
-
-// Copies a (B, S, H_kv, D) view into a dense buffer of the same dtype.
-void pack(const TensorView& t, unsigned char* dst) {
-  const std::size_t elem = dtype_size(t.dtype);
-  const auto* src = static_cast<const unsigned char*>(t.data);
-  for (std::int64_t b = 0; b < t.shape[0]; ++b)
-    for (std::int64_t s = 0; s < t.shape[1]; ++s)
-      for (std::int64_t h = 0; h < t.shape[2]; ++h) {
-        const std::int64_t from = b * t.strides[0] + s * t.strides[1] + h * t.strides[2];
-        std::memcpy(dst, src + static_cast<std::size_t>(from) * elem, static_cast<std::size_t>(t.shape[3]) * elem);
-        dst += static_cast<std::size_t>(t.shape[3]) * elem;
-      }
-}
 
 // Writes a dense fp32 (B, S, H_kv, D) buffer into a view of any dtype.
 void unpack(const float* src, const TensorView& t) {
@@ -62,8 +50,8 @@ void CpuRingBackward::run(const TensorView& q, const TensorView& k, const Tensor
                           const TensorView& dv, float scale) {
   const int P = plan_.world;
   unsigned char* own = blocks_[0].data();
-  pack(k, own);
-  pack(v, own + kv_bytes(q_len_) / 2);
+  pack_dense(k, own);
+  pack_dense(v, own + kv_bytes(q_len_) / 2);
   // The accumulators sit right after K, V; the float offset stays aligned (kv_bytes is a
   // multiple of 4 for every dtype since it counts an even number of 2-byte elements).
   std::memset(own + kv_bytes(q_len_), 0, dkv_floats(q_len_) * sizeof(float));

@@ -1,32 +1,12 @@
 #include "engine/ring_forward.hpp"
 
-#include <cstring>
 #include <utility>
 
 #include "comm/mpi_transport.hpp"
 #include "core/dtype.hpp"
+#include "core/tensor_copy.hpp"
 
 namespace ringattn::detail {
-
-namespace {
-
-// Copies a (B, S, H_kv, D) view into a dense (B, S, H_kv, D) buffer of the same dtype.
-void pack(const TensorView& t, unsigned char* dst) {
-  const std::size_t elem = dtype_size(t.dtype);
-  const std::int64_t B = t.shape[0], S = t.shape[1], Hk = t.shape[2], D = t.shape[3];
-  const auto* src = static_cast<const unsigned char*>(t.data);
-  for (std::int64_t b = 0; b < B; ++b) {
-    for (std::int64_t s = 0; s < S; ++s) {
-      for (std::int64_t h = 0; h < Hk; ++h) {
-        const std::int64_t from = b * t.strides[0] + s * t.strides[1] + h * t.strides[2];
-        std::memcpy(dst, src + static_cast<std::size_t>(from) * elem, static_cast<std::size_t>(D) * elem);
-        dst += static_cast<std::size_t>(D) * elem;
-      }
-    }
-  }
-}
-
-}  // namespace
 
 CpuRingForward::CpuRingForward(MPI_Comm comm, RingPlan plan, const AttentionShape& shape, DType dtype,
                                std::int64_t q_len, std::int64_t kv_capacity, int threads,
@@ -49,8 +29,8 @@ std::size_t CpuRingForward::block_bytes(std::int64_t kv_len) const {
 void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                          const TensorView& lse, float scale, const std::function<void(int, int)>& on_step) {
   const int P = plan_.world;
-  pack(k, blocks_[0].data());
-  pack(v, blocks_[0].data() + block_bytes(q_len_) / 2);
+  pack_dense(k, blocks_[0].data());
+  pack_dense(v, blocks_[0].data() + block_bytes(q_len_) / 2);
   kernel_.load_queries(q, scale);
 
   MpiTransport transport(comm_);

@@ -28,6 +28,20 @@ inline std::string name(const AttentionCase& c) {
          (c.causal ? " causal " : " full ") + to_string(c.layout) + " P=" + std::to_string(c.world);
 }
 
+// A problem for the MPI ring tests, which run at whatever rank count mpirun gives them.
+struct RingCase {
+  std::int64_t batch, seq, heads, kv_heads, dim;
+  bool causal;
+  LayoutKind layout;
+  DType dtype;
+};
+
+inline std::string name(const RingCase& c) {
+  return std::string(to_string(c.dtype)) + " S=" + std::to_string(c.seq) + " H=" + std::to_string(c.heads) + "/" +
+         std::to_string(c.kv_heads) + " D=" + std::to_string(c.dim) + (c.causal ? " causal " : " full ") +
+         to_string(c.layout);
+}
+
 // Dense (B, pos.size(), heads, D) synthetic values of `c.dtype` at global positions `pos`.
 inline std::vector<unsigned char> generate(const AttentionCase& c, detail::SyntheticTensor t,
                                            const std::vector<std::int64_t>& pos, std::int64_t heads,

@@ -2,6 +2,8 @@
 // runs it: every layout x causal x (MHA, GQA, MQA) x dtype, odd S; error growth with the
 // rank count; bitwise reproducibility.
 #include <gtest/gtest.h>
+
+#include "common/attention_case.hpp"
 #include <mpi.h>
 
 #include <cmath>
@@ -19,18 +21,8 @@ using namespace ringattn::detail;
 
 namespace {
 
-struct Case {
-  std::int64_t batch, seq, heads, kv_heads, dim;
-  bool causal;
-  LayoutKind layout;
-  DType dtype;
-};
-
-std::string name(const Case& c) {
-  return std::string(to_string(c.dtype)) + " S=" + std::to_string(c.seq) + " H=" + std::to_string(c.heads) + "/" +
-         std::to_string(c.kv_heads) + " D=" + std::to_string(c.dim) + (c.causal ? " causal " : " full ") +
-         to_string(c.layout);
-}
+using Case = ringattn::testing::RingCase;
+using ringattn::testing::name;
 
 struct Result {
   std::vector<unsigned char> dq, dk, dv;  // this rank's gradients, storage dtype

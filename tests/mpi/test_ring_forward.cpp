@@ -1,5 +1,7 @@
 // The ring forward pass over MPI against the fp64 reference, at whatever np CTest runs it.
 #include <gtest/gtest.h>
+
+#include "common/attention_case.hpp"
 #include <mpi.h>
 
 #include <cmath>
@@ -15,18 +17,8 @@ using namespace ringattn::detail;
 
 namespace {
 
-struct Case {
-  std::int64_t batch, seq, heads, kv_heads, dim;
-  bool causal;
-  LayoutKind layout;
-  DType dtype;
-};
-
-std::string name(const Case& c) {
-  return std::string(to_string(c.dtype)) + " S=" + std::to_string(c.seq) + " H=" + std::to_string(c.heads) + "/" +
-         std::to_string(c.kv_heads) + " D=" + std::to_string(c.dim) + (c.causal ? " causal " : " full ") +
-         to_string(c.layout);
-}
+using Case = ringattn::testing::RingCase;
+using ringattn::testing::name;
 
 struct Errors {
   double out = 0.0;  // max |O - ref| over this rank's rows
