@@ -2,7 +2,8 @@
 // kernel tuning. Times init + kernel + finalize (what one rank's forward costs at P = 1)
 // with CUDA events; prints TFLOP/s with 4*B*S^2*H*D (halved when causal).
 //   kernel_bench [--heads 32] [--head-dim 128] [--dtype bf16] [--iters 10] [--variant N] [--steps N] S...
-// --variant picks a tile shape (bf16, head dim 128 only) for tuning; 0 is the library's.
+// --variant picks a kernel and tile shape (bf16, head dim 128 only) for tuning; 0 is the
+// library's choice for the device (wgmma on H100/H200, mma.sync elsewhere).
 // --steps N runs the kernel N times per forward over the same rows, as N ring steps would,
 // so that each step after the first merges into the running result.
 #include <cuda_runtime_api.h>
@@ -32,7 +33,9 @@ using bf16 = __nv_bfloat16;
 const char* kVariants[] = {"library default", "BN64 MT2 W4", "BN64 MT1 W4", "BN64 MT1 W8", "BN128 MT1 W8",
                            "BN32 MT2 W4", "BN64 MT1 W8 Qregs", "BN128 MT1 W8 Qregs", "BN64 MT1 W4 Qregs",
                            "BN64 MT1 W4 Qregs 3/SM", "BN64 MT1 W4 Qregs 4/SM", "BN64 MT1 W4 3/SM",
-                           "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM", "default tiles, separate merge kernel"};
+                           "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM", "default tiles, separate merge kernel",
+                           "mma.sync kernel, default tiles", "wgmma BN128 2 warpgroups 1/SM",
+                           "wgmma BN64 2 warpgroups 2/SM", "wgmma BN64 3 warpgroups 1/SM"};
 
 // The alternative to the fused epilogue merge: the kernel writes its block result (o_b
 // normalised, lse_b) to scratch, then this merges it into the running state, one warp per row:
@@ -89,6 +92,10 @@ void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int6
       RINGATTN_CUDA_CHECK(cudaGetLastError());
       return;
     }
+    case 15: return flash_fwd(p, dtype, dim, s, FlashKernel::mma_sync);
+    case 16: return flash::launch_flash_fwd_sm90_traits<flash::Sm90Traits<bf16, 128, 128, 2, 1>>(p, s);
+    case 17: return flash::launch_flash_fwd_sm90_traits<flash::Sm90Traits<bf16, 128, 64, 2, 2>>(p, s);
+    case 18: return flash::launch_flash_fwd_sm90_traits<flash::Sm90Traits<bf16, 128, 64, 3, 1>>(p, s);
     default: return flash_fwd(p, dtype, dim, s);
   }
 }
@@ -125,9 +132,15 @@ int main(int argc, char** argv) {
                  static_cast<long long>(dim));
     return 2;
   }
-  std::printf("# kernel_bench: %s, B=1 H=%lld D=%lld %s, %d iterations after 2 warm-up, %d step(s), tiles: %s\n",
+  if (variant >= 16 && !flash_fwd_wgmma_available()) {
+    std::fprintf(stderr, "kernel_bench: variant %d needs the wgmma kernel (compute capability 9.0, sm_90a build)\n",
+                 variant);
+    return 2;
+  }
+  std::printf("# kernel_bench: %s, B=1 H=%lld D=%lld %s, %d iterations after 2 warm-up, %d step(s), default kernel %s, "
+              "tiles: %s\n",
               prop.name, static_cast<long long>(heads), static_cast<long long>(dim), to_string(dtype), iters, steps,
-              kVariants[variant]);
+              to_string(flash_fwd_resolve(FlashKernel::automatic)), kVariants[variant]);
   std::printf("# %8s %7s %10s %10s %12s\n", "seq", "causal", "time_ms", "TFLOP/s", "max|diff|");
   CudaStream stream;
   CudaEvent start(true), stop(true);

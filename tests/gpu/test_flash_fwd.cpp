@@ -35,8 +35,8 @@ void upload(DeviceBuffer& dst, const std::vector<unsigned char>& src) {
   RINGATTN_CUDA_CHECK(cudaMemcpy(dst.get(), src.data(), src.size(), cudaMemcpyHostToDevice));
 }
 
-void check_case(const Case& c) {
-  SCOPED_TRACE(name(c));
+void check_case(const Case& c, FlashKernel kernel) {
+  SCOPED_TRACE(name(c) + " kernel " + to_string(kernel));
   const Layout layout(c.layout, c.seq, c.world);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
   std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
@@ -86,7 +86,7 @@ void check_case(const Case& c) {
         p.causal = t.mask == MaskKind::causal;
         p.diag_offset = static_cast<int>(t.diag_offset);
         p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-        flash_fwd(p, c.dtype, c.dim, nullptr);
+        flash_fwd(p, c.dtype, c.dim, nullptr, kernel);
       }
     }
     const TensorView out_view = TensorView::contiguous(dout.get(), c.dtype, {c.batch, n, c.heads, c.dim}, DeviceKind::cuda);
@@ -114,10 +114,17 @@ void check_case(const Case& c) {
   EXPECT_LE(lse_err, 1e-3);
 }
 
+// Every native kernel this device can run: mma.sync everywhere, wgmma on compute capability 9.0.
+void check_case(const Case& c) {
+  check_case(c, FlashKernel::mma_sync);
+  if (flash_fwd_wgmma_available()) check_case(c, FlashKernel::wgmma);
+}
+
 class FlashFwd : public ::testing::Test {
  protected:
   void SetUp() override {
     if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+    RecordProperty("wgmma", flash_fwd_wgmma_available() ? "yes" : "no");
   }
 };
 
@@ -145,4 +152,6 @@ TEST_F(FlashFwd, ThroughRingPlansWithOffsetsAndGqa) {
 TEST_F(FlashFwd, LongerBlocksCrossManyTiles) {
   check_case({1, 2048, 2, 1, 128, true, LayoutKind::zigzag, 2, DType::bf16});
   check_case({1, 1500, 2, 2, 64, false, LayoutKind::contiguous, 2, DType::bf16});
+  check_case({1, 1100, 2, 2, 128, false, LayoutKind::contiguous, 1, DType::f16});
+  check_case({1, 1300, 2, 1, 64, true, LayoutKind::contiguous, 1, DType::bf16});
 }

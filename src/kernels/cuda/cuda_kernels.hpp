@@ -11,11 +11,25 @@
 
 namespace ringattn::detail {
 
-// Head dims the native kernel is instantiated for.
+// The native flash forward kernels: mma.sync (sm_80 and later) and wgmma (sm_90a: H100,
+// H200). automatic picks wgmma where the current device and the build allow it.
+enum class FlashKernel { automatic, mma_sync, wgmma };
+const char* to_string(FlashKernel kernel);
+
+// Head dims the native kernels are instantiated for.
 bool flash_fwd_supports(DType dtype, std::int64_t head_dim);
 
-// Runs one task (see FlashFwdParams) on `stream`. dtype: f16 or bf16.
-void flash_fwd(const FlashFwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream);
+// Whether the wgmma kernel can run on the current device (compute capability 9.0 and a build
+// with sm_90a code).
+bool flash_fwd_wgmma_available();
+
+// What `automatic` resolves to on the current device.
+FlashKernel flash_fwd_resolve(FlashKernel kernel);
+
+// Runs one task (see FlashFwdParams) on `stream`. dtype: f16 or bf16. Throws when the chosen
+// kernel cannot run here.
+void flash_fwd(const FlashFwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream,
+               FlashKernel kernel = FlashKernel::automatic);
 
 // lse[i] = -inf for n entries: the running state before the first block.
 void fill_neg_inf(float* lse, std::int64_t n, cudaStream_t stream);

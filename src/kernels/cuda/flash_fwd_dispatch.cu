@@ -1,9 +1,11 @@
-// Chooses the (dtype, head dim) instantiation of the native flash forward kernel.
+// Chooses the kernel and the (dtype, head dim) instantiation of the native flash forward.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <array>
 #include <string>
 
+#include "core/cuda_check.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
 #include "ringattn/error.hpp"
 
@@ -12,19 +14,68 @@ namespace ringattn::detail {
 namespace flash {
 template <typename T, int kHeadDim>
 void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream);
+template <typename T, int kHeadDim>
+void launch_flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream);
 }  // namespace flash
+
+const char* to_string(FlashKernel kernel) {
+  switch (kernel) {
+    case FlashKernel::automatic: return "automatic";
+    case FlashKernel::mma_sync: return "mma.sync";
+    case FlashKernel::wgmma: return "wgmma";
+  }
+  return "?";
+}
 
 bool flash_fwd_supports(DType dtype, std::int64_t head_dim) {
   return (dtype == DType::bf16 || dtype == DType::f16) && (head_dim == 64 || head_dim == 128);
 }
 
-void flash_fwd(const FlashFwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream) {
+bool flash_fwd_wgmma_available() {
+#if defined(RINGATTN_CUDA_SM90A)
+  // Per device, asked once: compute capability 9.0 exactly (sm_90a code runs nowhere else).
+  static std::array<int, 64> cached{};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  RINGATTN_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= static_cast<int>(cached.size())) return false;
+  if (cached[static_cast<std::size_t>(device)] == 0) {
+    int major = 0, minor = 0;
+    RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    cached[static_cast<std::size_t>(device)] = major == 9 && minor == 0 ? 1 : 2;
+  }
+  return cached[static_cast<std::size_t>(device)] == 1;
+#else
+  return false;
+#endif
+}
+
+FlashKernel flash_fwd_resolve(FlashKernel kernel) {
+  if (kernel != FlashKernel::automatic) return kernel;
+  return flash_fwd_wgmma_available() ? FlashKernel::wgmma : FlashKernel::mma_sync;
+}
+
+void flash_fwd(const FlashFwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashKernel kernel) {
   if (!flash_fwd_supports(dtype, head_dim)) {
     throw Error(ErrorCode::invalid_argument, std::string("the native CUDA kernel supports bf16 and fp16 with head_dim 64 "
                                                          "or 128, not ") + to_string(dtype) + " with head_dim " +
                                                  std::to_string(head_dim));
   }
+  kernel = flash_fwd_resolve(kernel);
   const bool bf16 = dtype == DType::bf16;
+  if (kernel == FlashKernel::wgmma) {
+    if (!flash_fwd_wgmma_available()) {
+      throw Error(ErrorCode::invalid_argument, "the wgmma flash kernel needs a compute capability 9.0 GPU and a build with "
+                                          "CMAKE_CUDA_ARCHITECTURES including 90a");
+    }
+    if (head_dim == 64) {
+      bf16 ? flash::launch_flash_fwd_sm90<__nv_bfloat16, 64>(p, stream) : flash::launch_flash_fwd_sm90<__half, 64>(p, stream);
+    } else {
+      bf16 ? flash::launch_flash_fwd_sm90<__nv_bfloat16, 128>(p, stream)
+           : flash::launch_flash_fwd_sm90<__half, 128>(p, stream);
+    }
+    return;
+  }
   if (head_dim == 64) {
     bf16 ? flash::launch_flash_fwd<__nv_bfloat16, 64>(p, stream) : flash::launch_flash_fwd<__half, 64>(p, stream);
   } else {

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_fwd_params.hpp"
 
 namespace ringattn::detail::flash {
@@ -106,23 +107,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-}
-
-template <typename T>
-__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<std::uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<std::uint32_t*>(&v);
-  }
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Element offset of (row, 8-aligned col) in a swizzled tile with kChunks chunks per row.
@@ -324,58 +308,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
     __syncthreads();  // before the next V overwrites this one
   }
 
-  // Epilogue: normalise and merge into the running (o_acc, lse) in fp32.
-  constexpr float kLn2 = 0.6931471805599453f;
+  // Epilogue: normalise, then write or merge into the running (o_acc, lse) in fp32.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      float sum = row_sum[mt][hr];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int row = m0 + warp_row + mt * 16 + lane / 4 + hr * 8;
-      const bool live = row < p.q_len && sum > 0.0f;
-      const std::int64_t idx = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin + row;
-      float merged = 0.0f;
-      if (live && p.out != nullptr) {
-        // The only contribution to this row: write the final result in the storage dtype.
-        const float inv = 1.0f / sum;
-        T* orow = static_cast<T*>(p.out) + b * p.out_batch_stride +
-                  static_cast<std::int64_t>(p.q_begin + row) * p.out_row_stride + h * p.out_head_stride;
+      float vals[NO][2];
 #pragma unroll
-        for (int nt = 0; nt < NO; ++nt) {
-          *reinterpret_cast<std::uint32_t*>(orow + nt * 8 + (lane % 4) * 2) =
-              pack2<T>(o[mt][nt][2 * hr] * inv, o[mt][nt][2 * hr + 1] * inv);
-        }
-        if (p.lse_out != nullptr && lane % 4 == 0) {
-          p.lse_out[b * p.lse_batch_stride + h * p.lse_head_stride + (p.q_begin + row) * p.lse_row_stride] =
-              (row_max[mt][hr] + __log2f(sum)) * kLn2;
-        }
-      } else if (live) {
-        const float lse_b = (row_max[mt][hr] + __log2f(sum)) * kLn2;
-        const float old = Tr::kFusedMerge ? p.lse[idx] : -INFINITY;
-        float w_old = 0.0f, w_b = 1.0f / sum;
-        merged = lse_b;
-        if (old != -INFINITY) {
-          merged = fmaxf(old, lse_b) + log1pf(__expf(-fabsf(old - lse_b)));
-          w_old = __expf(old - merged);
-          w_b *= __expf(lse_b - merged);
-        }
-        float* orow = p.o_acc + idx * D;
-#pragma unroll
-        for (int nt = 0; nt < NO; ++nt) {
-          float2* dst = reinterpret_cast<float2*>(orow + nt * 8 + (lane % 4) * 2);
-          float2 acc = make_float2(o[mt][nt][2 * hr] * w_b, o[mt][nt][2 * hr + 1] * w_b);
-          if (old != -INFINITY) {
-            const float2 prev = *dst;
-            acc.x = fmaf(prev.x, w_old, acc.x);
-            acc.y = fmaf(prev.y, w_old, acc.y);
-          }
-          *dst = acc;
-        }
-      }
-      __syncwarp();  // every lane of the quad has read the old lse
-      if (live && p.out == nullptr && lane % 4 == 0) p.lse[idx] = merged;
+      for (int nt = 0; nt < NO; ++nt) vals[nt][0] = o[mt][nt][2 * hr], vals[nt][1] = o[mt][nt][2 * hr + 1];
+      finish_row<T, D, Tr::kFusedMerge>(p, b, h, m0 + warp_row + mt * 16 + lane / 4 + hr * 8, lane, row_max[mt][hr],
+                                         row_sum[mt][hr], vals);
     }
   }
 }

@@ -1,0 +1,92 @@
+// kernels/cuda/flash_common.cuh: device helpers shared by the flash forward kernels: 16-bit
+// packing, exp2, and the end of a block (finish_row).
+//
+// A query row is held by a quad of lanes (lane / 4 equal), each with the unnormalised output at
+// columns nt * 8 + 2 (lane % 4) + {0, 1} of every n8 column tile nt, a partial row sum and the
+// row max (log2 units, scaled). finish_row normalises the row and either writes the final O
+// and LSE (params.out set: the task is the row's only contribution) or merges the block into
+// the running fp32 state (o_acc, lse):
+//   lse' = max(lse, lse_b) + log1p(exp(-|lse - lse_b|))
+//   o'   = o * exp(lse - lse') + o_b * exp(lse_b - lse')
+// Rows that saw no key (sum 0) and rows past q_len are left alone. Every lane of the warp must
+// call it (it shuffles and synchronises the warp).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels/cuda/flash_fwd_params.hpp"
+
+namespace ringattn::detail::flash {
+
+template <typename T>
+__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<std::uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<std::uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// kFusedMerge false: overwrite (o_acc, lse) with this block's normalised result instead of
+// merging (for a separate merge kernel; kernel_bench measures the alternative).
+template <typename T, int D, bool kFusedMerge = true>
+__device__ __forceinline__ void finish_row(const FlashFwdParams& p, int b, int h, int row, int lane, float row_max,
+                                           float sum, const float (&vals)[D / 8][2]) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  const bool live = row < p.q_len && sum > 0.0f;
+  const std::int64_t idx = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin + row;
+  float merged = 0.0f;
+  if (live && p.out != nullptr) {
+    const float inv = 1.0f / sum;
+    T* orow = static_cast<T*>(p.out) + b * p.out_batch_stride + static_cast<std::int64_t>(p.q_begin + row) * p.out_row_stride +
+              h * p.out_head_stride;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<std::uint32_t*>(orow + nt * 8 + (lane % 4) * 2) = pack2<T>(vals[nt][0] * inv, vals[nt][1] * inv);
+    }
+    if (p.lse_out != nullptr && lane % 4 == 0) {
+      p.lse_out[b * p.lse_batch_stride + h * p.lse_head_stride + (p.q_begin + row) * p.lse_row_stride] =
+          (row_max + __log2f(sum)) * kLn2;
+    }
+  } else if (live) {
+    const float lse_b = (row_max + __log2f(sum)) * kLn2;
+    const float old = kFusedMerge ? p.lse[idx] : -INFINITY;
+    float w_old = 0.0f, w_b = 1.0f / sum;
+    merged = lse_b;
+    if (old != -INFINITY) {
+      merged = fmaxf(old, lse_b) + log1pf(__expf(-fabsf(old - lse_b)));
+      w_old = __expf(old - merged);
+      w_b *= __expf(lse_b - merged);
+    }
+    float* orow = p.o_acc + idx * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      float2* dst = reinterpret_cast<float2*>(orow + nt * 8 + (lane % 4) * 2);
+      float2 acc = make_float2(vals[nt][0] * w_b, vals[nt][1] * w_b);
+      if (old != -INFINITY) {
+        const float2 prev = *dst;
+        acc.x = fmaf(prev.x, w_old, acc.x);
+        acc.y = fmaf(prev.y, w_old, acc.y);
+      }
+      *dst = acc;
+    }
+  }
+  __syncwarp();  // every lane of the quad has read the old lse
+  if (live && p.out == nullptr && lane % 4 == 0) p.lse[idx] = merged;
+}
+
+}  // namespace ringattn::detail::flash
