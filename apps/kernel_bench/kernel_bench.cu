@@ -19,6 +19,9 @@
 #include "core/dtype.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
 #include "kernels/cuda/flash_fwd_launch.cuh"
+#if defined(RINGATTN_HAVE_CUDNN)
+#include "kernels/cudnn/cudnn_sdpa.hpp"
+#endif
 
 using namespace ringattn;
 using namespace ringattn::detail;
@@ -35,7 +38,9 @@ const char* kVariants[] = {"library default", "BN64 MT2 W4", "BN64 MT1 W4", "BN6
                            "BN64 MT1 W4 Qregs 3/SM", "BN64 MT1 W4 Qregs 4/SM", "BN64 MT1 W4 3/SM",
                            "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM", "default tiles, separate merge kernel",
                            "mma.sync kernel, default tiles", "wgmma BN128 2 warpgroups 1/SM",
-                           "wgmma BN64 2 warpgroups 2/SM", "wgmma BN64 3 warpgroups 1/SM"};
+                           "wgmma BN64 2 warpgroups 2/SM", "wgmma BN64 3 warpgroups 1/SM",
+                           "cuDNN fused attention (O and LSE written directly, no running state)"};
+constexpr int kCudnnVariant = 19;
 
 // The alternative to the fused epilogue merge: the kernel writes its block result (o_b
 // normalised, lse_b) to scratch, then this merges it into the running state, one warp per row:
@@ -132,7 +137,13 @@ int main(int argc, char** argv) {
                  static_cast<long long>(dim));
     return 2;
   }
-  if (variant >= 16 && !flash_fwd_wgmma_available()) {
+#if !defined(RINGATTN_HAVE_CUDNN)
+  if (variant == kCudnnVariant) {
+    std::fprintf(stderr, "kernel_bench: built without cuDNN\n");
+    return 2;
+  }
+#endif
+  if (variant >= 16 && variant < kCudnnVariant && !flash_fwd_wgmma_available()) {
     std::fprintf(stderr, "kernel_bench: variant %d needs the wgmma kernel (compute capability 9.0, sm_90a build)\n",
                  variant);
     return 2;
@@ -179,7 +190,25 @@ int main(int argc, char** argv) {
       p.causal = causal;
       p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(dim)));
       const TensorView out_view = TensorView::contiguous(out.get(), dtype, {1, S, heads, dim}, DeviceKind::cuda);
+#if defined(RINGATTN_HAVE_CUDNN)
+      static CudnnSdpa sdpa;
+      CudnnSdpaProblem cp;
+      cp.dtype = dtype;
+      cp.heads = cp.kv_heads = heads;
+      cp.q_len = cp.kv_len = S;
+      cp.head_dim = dim;
+      cp.q_batch_stride = cp.kv_batch_stride = cp.o_batch_stride = S * heads * dim;
+      cp.q_row_stride = cp.kv_row_stride = cp.o_row_stride = heads * dim;
+      cp.q_head_stride = cp.kv_head_stride = cp.o_head_stride = dim;
+      cp.causal = causal;
+#endif
       auto once = [&] {
+        if (variant == kCudnnVariant) {
+#if defined(RINGATTN_HAVE_CUDNN)
+          sdpa.forward(cp, q.get(), k.get(), v.get(), out.get(), lse.as<float>(), p.scale_log2 / 1.4426950408889634f, stream);
+#endif
+          return;
+        }
         fill_neg_inf(lse.as<float>(), S * heads, stream);
         for (int step = 0; step < steps; ++step) launch_variant(variant, p, dtype, dim, stream, scratch);
         finalize_output(o_acc.as<float>(), lse.as<float>(), out_view, TensorView{}, stream);
@@ -194,7 +223,7 @@ int main(int argc, char** argv) {
       ms /= static_cast<float>(iters);
       // Max |difference| from the library's default kernel on the same inputs.
       double max_diff = 0.0;
-      if (variant != 0) {
+      if (variant != 0 && variant != kCudnnVariant) {
         std::vector<float> got(elems), want(elems);
         RINGATTN_CUDA_CHECK(cudaMemcpy(got.data(), o_acc.get(), elems * 4, cudaMemcpyDeviceToHost));
         fill_neg_inf(lse.as<float>(), S * heads, stream);

@@ -1,0 +1,336 @@
+// The cuDNN graph for one attention task (see cudnn_sdpa.hpp). Backend descriptors are
+// created, given their attributes and finalised in the order cuDNN requires: tensors, then
+// operation descriptors, the operation graph, heuristics, and one execution plan per key.
+#include "kernels/cudnn/cudnn_sdpa.hpp"
+
+#include <cudnn.h>
+
+#include <cmath>
+#include <deque>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/cuda_check.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn::detail {
+
+namespace {
+
+[[noreturn]] void cudnn_fail(cudnnStatus_t status, const char* what, const char* file, int line) {
+  char detail[1024] = {0};
+  cudnnGetLastErrorString(detail, sizeof(detail));
+  throw Error(ErrorCode::cuda, std::string(what) + " failed at " + file + ":" + std::to_string(line) + ": " +
+                                   cudnnGetErrorString(status) + (detail[0] != '\0' ? std::string(" (") + detail + ")" : ""));
+}
+
+#define RINGATTN_CUDNN_CHECK(call)                                                        \
+  do {                                                                                    \
+    const cudnnStatus_t status_ = (call);                                                 \
+    if (status_ != CUDNN_STATUS_SUCCESS) cudnn_fail(status_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+// One backend descriptor, destroyed with its owner.
+class Desc {
+ public:
+  explicit Desc(cudnnBackendDescriptorType_t type) { RINGATTN_CUDNN_CHECK(cudnnBackendCreateDescriptor(type, &d_)); }
+  ~Desc() {
+    if (d_ != nullptr) cudnnBackendDestroyDescriptor(d_);
+  }
+  Desc(const Desc&) = delete;
+  Desc& operator=(const Desc&) = delete;
+  Desc(Desc&& o) noexcept : d_(o.d_) { o.d_ = nullptr; }
+  cudnnBackendDescriptor_t get() const { return d_; }
+
+  Desc& set(cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, std::int64_t count, const void* value) {
+    RINGATTN_CUDNN_CHECK(cudnnBackendSetAttribute(d_, name, type, count, value));
+    return *this;
+  }
+  Desc& set_desc(cudnnBackendAttributeName_t name, const Desc& other) {
+    cudnnBackendDescriptor_t o = other.get();
+    return set(name, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &o);
+  }
+  Desc& set_i64(cudnnBackendAttributeName_t name, std::int64_t v) { return set(name, CUDNN_TYPE_INT64, 1, &v); }
+  Desc& set_type(cudnnBackendAttributeName_t name, cudnnDataType_t t) { return set(name, CUDNN_TYPE_DATA_TYPE, 1, &t); }
+  Desc& finalize() {
+    RINGATTN_CUDNN_CHECK(cudnnBackendFinalize(d_));
+    return *this;
+  }
+
+ private:
+  cudnnBackendDescriptor_t d_ = nullptr;
+};
+
+cudnnDataType_t to_cudnn(DType t) {
+  switch (t) {
+    case DType::bf16: return CUDNN_DATA_BFLOAT16;
+    case DType::f16: return CUDNN_DATA_HALF;
+    case DType::f32: return CUDNN_DATA_FLOAT;
+  }
+  return CUDNN_DATA_FLOAT;
+}
+
+// Unique ids of the tensors the variant pack binds.
+enum Uid : std::int64_t { kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kOffset, kVirtualBase = 100 };
+
+}  // namespace
+
+struct CudnnSdpa::Plan {
+  std::deque<Desc> keep;  // every descriptor the plan refers to (a deque: references stay valid)
+  std::unique_ptr<Desc> plan;
+  std::int64_t workspace = 0;
+  bool causal = false, offset = false;
+};
+
+std::int64_t cudnn_version() { return static_cast<std::int64_t>(cudnnGetVersion()); }
+
+std::string cudnn_sdpa_unsupported_reason(const CudnnSdpaProblem& p) {
+  if (p.dtype != DType::bf16 && p.dtype != DType::f16) return "cuDNN attention needs bf16 or fp16 inputs";
+  if (p.head_dim % 8 != 0 || p.head_dim > 256) return "cuDNN attention needs a head_dim that is a multiple of 8, at most 256";
+  if (p.heads % p.kv_heads != 0) return "kv_heads must divide heads";
+  // A row that sees no key would get LSE = -inf from the ring kernel; cuDNN's softmax would
+  // produce NaN (max = -inf). Offsets below 0 mask row 0 entirely, so they stay native.
+  if (p.causal && p.diag_offset < 0) return "causal sub-blocks with a negative diagonal offset run on the native kernel";
+  if (p.q_len <= 0 || p.kv_len <= 0) return "empty task";
+  return "";
+}
+
+CudnnSdpa::CudnnSdpa() {
+  cudnnHandle_t h = nullptr;
+  RINGATTN_CUDNN_CHECK(cudnnCreate(&h));
+  handle_ = h;
+}
+
+CudnnSdpa::~CudnnSdpa() {
+  plans_.clear();
+  if (handle_ != nullptr) cudnnDestroy(static_cast<cudnnHandle_t>(handle_));
+}
+
+CudnnSdpa::Plan& CudnnSdpa::plan_for(const CudnnSdpaProblem& p) {
+  auto it = plans_.find(p.key());
+  if (it != plans_.end()) return *it->second;
+  const std::string reason = cudnn_sdpa_unsupported_reason(p);
+  if (!reason.empty()) throw Error(ErrorCode::invalid_argument, reason);
+
+  auto plan = std::make_unique<Plan>();
+  std::deque<Desc>& keep = plan->keep;
+  std::int64_t next_virtual = kVirtualBase;
+  const std::int64_t B = p.batch, H = p.heads, Hk = p.kv_heads, Sq = p.q_len, Skv = p.kv_len, D = p.head_dim;
+  const cudnnDataType_t io = to_cudnn(p.dtype);
+
+  auto tensor = [&](std::int64_t uid, cudnnDataType_t type, std::vector<std::int64_t> dims, std::vector<std::int64_t> strides,
+                    bool is_virtual, bool by_value = false) -> const Desc& {
+    Desc t(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
+    const std::int64_t alignment = 16;
+    const bool v = is_virtual, bv = by_value;
+    t.set_type(CUDNN_ATTR_TENSOR_DATA_TYPE, type)
+        .set(CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, static_cast<std::int64_t>(dims.size()), dims.data())
+        .set(CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, static_cast<std::int64_t>(strides.size()), strides.data())
+        .set_i64(CUDNN_ATTR_TENSOR_UNIQUE_ID, uid)
+        .set_i64(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, alignment)
+        .set(CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &v);
+    if (by_value) t.set(CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &bv);
+    t.finalize();
+    keep.push_back(std::move(t));
+    return keep.back();
+  };
+  auto virt = [&](cudnnDataType_t type, std::vector<std::int64_t> dims) -> const Desc& {
+    std::vector<std::int64_t> strides(dims.size(), 1);
+    for (int i = static_cast<int>(dims.size()) - 2; i >= 0; --i) strides[i] = strides[i + 1] * dims[i + 1];
+    return tensor(next_virtual++, type, dims, strides, true);
+  };
+  auto scalar = [&](std::int64_t uid, cudnnDataType_t type) -> const Desc& {
+    return tensor(uid, type, {1, 1, 1, 1}, {1, 1, 1, 1}, false, true);
+  };
+  std::vector<cudnnBackendDescriptor_t> ops;
+  auto add_op = [&](Desc op) {
+    op.finalize();
+    keep.push_back(std::move(op));
+    ops.push_back(keep.back().get());
+  };
+  auto pointwise = [&](cudnnPointwiseMode_t mode, cudnnDataType_t prec, const Desc& x, const Desc* b, const Desc& y,
+                       const Desc* t = nullptr, std::int64_t axis = -1) {
+    Desc pw(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
+    pw.set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode).set_type(CUDNN_ATTR_POINTWISE_MATH_PREC, prec);
+    if (axis >= 0) pw.set_i64(CUDNN_ATTR_POINTWISE_AXIS, axis);
+    pw.finalize();
+    keep.push_back(std::move(pw));
+    const Desc& pwd = keep.back();
+    Desc op(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
+    op.set_desc(CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pwd).set_desc(CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x);
+    if (b != nullptr) op.set_desc(CUDNN_ATTR_OPERATION_POINTWISE_BDESC, *b);
+    if (t != nullptr) op.set_desc(CUDNN_ATTR_OPERATION_POINTWISE_TDESC, *t);
+    op.set_desc(CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y);
+    add_op(std::move(op));
+  };
+  auto reduction = [&](cudnnReduceTensorOp_t mode, const Desc& x, const Desc& y) {
+    Desc red(CUDNN_BACKEND_REDUCTION_DESCRIPTOR);
+    red.set(CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &mode)
+        .set_type(CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_DATA_FLOAT)
+        .finalize();
+    keep.push_back(std::move(red));
+    const Desc& rd = keep.back();
+    Desc op(CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR);
+    op.set_desc(CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x)
+        .set_desc(CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y)
+        .set_desc(CUDNN_ATTR_OPERATION_REDUCTION_DESC, rd);
+    add_op(std::move(op));
+  };
+  auto matmul = [&](const Desc& a, const Desc& b, const Desc& c) {
+    Desc mm(CUDNN_BACKEND_MATMUL_DESCRIPTOR);
+    mm.set_type(CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_DATA_FLOAT).finalize();
+    keep.push_back(std::move(mm));
+    const Desc& mmd = keep.back();
+    Desc op(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR);
+    op.set_desc(CUDNN_ATTR_OPERATION_MATMUL_ADESC, a)
+        .set_desc(CUDNN_ATTR_OPERATION_MATMUL_BDESC, b)
+        .set_desc(CUDNN_ATTR_OPERATION_MATMUL_CDESC, c)
+        .set_desc(CUDNN_ATTR_OPERATION_MATMUL_DESC, mmd);
+    add_op(std::move(op));
+  };
+
+  // Tensors in (b, h, s, d) order with the caller's strides; K enters transposed (b, h, d, s).
+  const Desc& q = tensor(kQ, io, {B, H, Sq, D}, {p.q_batch_stride, p.q_head_stride, p.q_row_stride, 1}, false);
+  const Desc& kt = tensor(kK, io, {B, Hk, D, Skv}, {p.kv_batch_stride, p.kv_head_stride, 1, p.kv_row_stride}, false);
+  const Desc& v = tensor(kV, io, {B, Hk, Skv, D}, {p.kv_batch_stride, p.kv_head_stride, p.kv_row_stride, 1}, false);
+  const Desc& o = tensor(kO, io, {B, H, Sq, D}, {p.o_batch_stride, p.o_head_stride, p.o_row_stride, 1}, false);
+  const Desc& stats = tensor(kStats, CUDNN_DATA_FLOAT, {B, H, Sq, 1}, {H * Sq, Sq, 1, 1}, false);
+  const Desc& scale = scalar(kScale, CUDNN_DATA_FLOAT);
+
+  const Desc& s = virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+  matmul(q, kt, s);
+  const Desc& s_scaled = virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+  pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, s, &scale, s_scaled);
+  const Desc* logits = &s_scaled;
+  if (p.causal) {
+    plan->causal = true;
+    const Desc& row = virt(CUDNN_DATA_INT32, {B, H, Sq, Skv});
+    pointwise(CUDNN_POINTWISE_GEN_INDEX, CUDNN_DATA_INT32, s_scaled, nullptr, row, nullptr, 2);
+    const Desc& col = virt(CUDNN_DATA_INT32, {B, H, Sq, Skv});
+    pointwise(CUDNN_POINTWISE_GEN_INDEX, CUDNN_DATA_INT32, s_scaled, nullptr, col, nullptr, 3);
+    const Desc* bound = &row;
+    if (p.diag_offset != 0) {
+      plan->offset = true;
+      const Desc& off = scalar(kOffset, CUDNN_DATA_INT32);
+      const Desc& shifted = virt(CUDNN_DATA_INT32, {B, H, Sq, Skv});
+      pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_INT32, row, &off, shifted);
+      bound = &shifted;
+    }
+    const Desc& keep_mask = virt(CUDNN_DATA_BOOLEAN, {B, H, Sq, Skv});
+    pointwise(CUDNN_POINTWISE_CMP_GE, CUDNN_DATA_BOOLEAN, *bound, &col, keep_mask);
+    const Desc& neg_inf = scalar(kNegInf, CUDNN_DATA_FLOAT);
+    const Desc& masked = virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+    pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, s_scaled, &neg_inf, masked, &keep_mask);
+    logits = &masked;
+  }
+  // Softmax with statistics: LSE = max + log(sum exp(S - max)).
+  const Desc& mx = virt(CUDNN_DATA_FLOAT, {B, H, Sq, 1});
+  reduction(CUDNN_REDUCE_TENSOR_MAX, *logits, mx);
+  const Desc& centred = virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+  pointwise(CUDNN_POINTWISE_SUB, CUDNN_DATA_FLOAT, *logits, &mx, centred);
+  const Desc& ex = virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+  pointwise(CUDNN_POINTWISE_EXP, CUDNN_DATA_FLOAT, centred, nullptr, ex);
+  const Desc& sum = virt(CUDNN_DATA_FLOAT, {B, H, Sq, 1});
+  reduction(CUDNN_REDUCE_TENSOR_ADD, ex, sum);
+  const Desc& log_sum = virt(CUDNN_DATA_FLOAT, {B, H, Sq, 1});
+  pointwise(CUDNN_POINTWISE_LOG, CUDNN_DATA_FLOAT, sum, nullptr, log_sum);
+  pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, mx, &log_sum, stats);
+  const Desc& prob = virt(io, {B, H, Sq, Skv});
+  pointwise(CUDNN_POINTWISE_DIV, CUDNN_DATA_FLOAT, ex, &sum, prob);
+  matmul(prob, v, o);
+
+  // Operation graph -> heuristics -> the first engine config whose plan finalises.
+  cudnnHandle_t handle = static_cast<cudnnHandle_t>(handle_);
+  Desc graph(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
+  graph.set(CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, static_cast<std::int64_t>(ops.size()), ops.data())
+      .set(CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle)
+      .finalize();
+  keep.push_back(std::move(graph));
+  const Desc& graph_ref = keep.back();
+
+  Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+  cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
+  heur.set_desc(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph_ref)
+      .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode)
+      .finalize();
+  std::int64_t n_cfg = 0;
+  RINGATTN_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0,
+                                                &n_cfg, nullptr));
+  if (n_cfg <= 0) throw Error(ErrorCode::invalid_argument, "cuDNN found no engine for this attention graph");
+  std::vector<Desc> cfgs;
+  std::vector<cudnnBackendDescriptor_t> raw;
+  for (std::int64_t i = 0; i < n_cfg; ++i) {
+    cfgs.emplace_back(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
+    raw.push_back(cfgs.back().get());
+  }
+  std::int64_t got = 0;
+  RINGATTN_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                                                n_cfg, &got, raw.data()));
+  std::string last_error = "no engine configuration";
+  for (std::int64_t i = 0; i < got; ++i) {
+    auto candidate = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+    cudnnBackendDescriptor_t cfg = raw[static_cast<std::size_t>(i)];
+    candidate->set(CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle)
+        .set(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &cfg);
+    const cudnnStatus_t st = cudnnBackendFinalize(candidate->get());
+    if (st != CUDNN_STATUS_SUCCESS) {
+      char detail[512] = {0};
+      cudnnGetLastErrorString(detail, sizeof(detail));
+      last_error = std::string(cudnnGetErrorString(st)) + (detail[0] != '\0' ? std::string(": ") + detail : "");
+      continue;
+    }
+    std::int64_t ws = 0;
+    RINGATTN_CUDNN_CHECK(cudnnBackendGetAttribute(candidate->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                                                  CUDNN_TYPE_INT64, 1, &got, &ws));
+    plan->workspace = ws;
+    plan->plan = std::move(candidate);
+    for (Desc& c : cfgs) keep.push_back(std::move(c));
+    break;
+  }
+  if (!plan->plan) throw Error(ErrorCode::invalid_argument, "cuDNN cannot run this attention graph: " + last_error);
+  Plan& ref = *plan;
+  plans_.emplace(p.key(), std::move(plan));
+  return ref;
+}
+
+bool CudnnSdpa::try_prepare(const CudnnSdpaProblem& problem, std::string* why_not) {
+  try {
+    plan_for(problem);
+    return true;
+  } catch (const Error& e) {
+    if (why_not != nullptr) *why_not = e.what();
+    return false;
+  }
+}
+
+void CudnnSdpa::forward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, void* o, float* lse,
+                        float scale, cudaStream_t stream) {
+  Plan& plan = plan_for(problem);
+  if (static_cast<std::int64_t>(workspace_.bytes()) < plan.workspace) {
+    workspace_ = DeviceBuffer(static_cast<std::size_t>(plan.workspace));
+  }
+  RINGATTN_CUDNN_CHECK(cudnnSetStream(static_cast<cudnnHandle_t>(handle_), stream));
+  float scale_value = scale;
+  float neg_inf = -std::numeric_limits<float>::infinity();
+  std::int32_t offset = static_cast<std::int32_t>(problem.diag_offset);
+  std::vector<std::int64_t> uids = {kQ, kK, kV, kO, kStats, kScale};
+  std::vector<void*> ptrs = {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), o, lse, &scale_value};
+  if (plan.causal) {
+    uids.push_back(kNegInf);
+    ptrs.push_back(&neg_inf);
+  }
+  if (plan.offset) {
+    uids.push_back(kOffset);
+    ptrs.push_back(&offset);
+  }
+  void* ws = workspace_.get();
+  Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
+  pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, static_cast<std::int64_t>(uids.size()), uids.data())
+      .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, static_cast<std::int64_t>(ptrs.size()), ptrs.data())
+      .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &ws)
+      .finalize();
+  RINGATTN_CUDNN_CHECK(cudnnBackendExecute(static_cast<cudnnHandle_t>(handle_), plan.plan->get(), pack.get()));
+}
+
+}  // namespace ringattn::detail
