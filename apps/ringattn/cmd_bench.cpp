@@ -160,7 +160,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
   RINGATTN_MPI_CHECK(MPI_Gather(line.data(), static_cast<int>(line.size()), MPI_CHAR, lines.data(),
                                 static_cast<int>(line.size()), MPI_CHAR, 0, ctx.comm()));
   print0(ctx, "# ringattn bench %s: %d ranks, kernel: %s, %d warm-up + %d timed iterations\n", version(), ctx.size(),
-         device == DeviceKind::cuda ? "native flash (mma.sync)" : "cpu", o.warmup, o.iters);
+         device == DeviceKind::cuda ? ("--kernel " + base.kernel).c_str() : "cpu", o.warmup, o.iters);
   for (int r = 0; r < ctx.size(); ++r) print0(ctx, "#   rank %d: %s\n", r, &lines[line.size() * static_cast<std::size_t>(r)]);
   print0(ctx, "# seq = total tokens; TFLOP/s per GPU/rank with 4*B*S^2*H*D (halved when causal%s); comm = bytes "
               "sent per rank / time; overlap = no-comm time / ring time\n",
@@ -170,6 +170,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
 
   nlohmann::json table = nlohmann::json::array();
   double total_wrong = 0.0;
+  std::string kernel_said;
   for (std::int64_t len = o.begin; len <= o.end; len *= o.factor) {
     for (bool causal : masks) {
       ProblemOptions opt = base;
@@ -180,6 +181,13 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       std::vector<float> lse(static_cast<std::size_t>(p.batch * p.heads * p.local_len()));
       ProblemTensors t(ctx, p, out, lse);
       detail::PreparedForward prepared = detail::prepare_forward(ctx, t.q, t.k, t.v, t.out, t.lse, p.attention_options());
+#ifdef RINGATTN_HAVE_CUDA
+      // Which kernel runs, and why (rank 0's view; once, or when it changes across the sweep).
+      if (prepared.cuda && prepared.cuda->kernel_description() != kernel_said) {
+        kernel_said = prepared.cuda->kernel_description();
+        print0(ctx, "# blocks computed by: %s\n", kernel_said.c_str());
+      }
+#endif
 
       Timing timing;
       // With --backward every timed run is a forward and a backward pass (CPU).

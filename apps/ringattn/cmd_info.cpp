@@ -15,6 +15,8 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include "kernels/cudnn/cudnn_sdpa.hpp"
+
 #include "core/cuda_raii.hpp"
 #endif
 
@@ -63,7 +65,18 @@ std::string cuda_description() {
   if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
   ncclGetVersion(&nccl);
   auto cuda_version = [](int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); };
-  return "native flash kernel (bf16/fp16, head dim 64/128) + NCCL ring; CUDA runtime " + cuda_version(runtime) +
+#ifdef RINGATTN_HAVE_CUDNN
+  // cudnnGetVersion: major * 10000 + minor * 100 + patch (cuDNN 9).
+  const std::int64_t cudnn = detail::cudnn_version();
+  const std::string kernels = "cuDNN " + std::to_string(cudnn / 10000) + "." + std::to_string((cudnn / 100) % 100) + "." +
+                              std::to_string(cudnn % 100) +
+                              " fused attention (--kernel auto picks it), native flash kernel (wgmma on "
+                              "H100/H200, mma.sync elsewhere; bf16/fp16, head dim 64/128)";
+#else
+  const std::string kernels =
+      "native flash kernel (wgmma on H100/H200, mma.sync elsewhere; bf16/fp16, head dim 64/128); no cuDNN in this build";
+#endif
+  return kernels + " + NCCL ring; CUDA runtime " + cuda_version(runtime) +
          ", driver " + (driver ? cuda_version(driver) : std::string("none")) + ", NCCL " + std::to_string(nccl / 10000) +
          "." + std::to_string((nccl / 100) % 100) + "." + std::to_string(nccl % 100);
 #else

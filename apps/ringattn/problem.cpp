@@ -152,6 +152,9 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--seed", o.seed, "Seed of the generated inputs");
   cmd.add_option("--device", o.device, "Where to compute: cpu, or cuda (one GPU per rank, NCCL ring)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd.add_option("--kernel", o.kernel,
+                 "GPU block kernel: auto (cuDNN's fused attention where available, else native), cudnn, native")
+      ->check(CLI::IsMember({"auto", "cudnn", "native"}));
   cmd.add_option("--q", o.q_path, "Queries .npy, float32/float16, [S, H, D] or [B, S, H, D]");
   cmd.add_option("--k", o.k_path, "Keys .npy, like --q with H_kv heads");
   cmd.add_option("--v", o.v_path, "Values .npy, shaped like --k");
@@ -178,6 +181,7 @@ AttentionOptions Problem::attention_options() const {
   a.causal = causal;
   a.scale = scale;
   a.layout = layout;
+  a.kernel = kernel;
   a.seq_len = seq;
   return a;
 }
@@ -202,6 +206,7 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
                              {"--scale", o.scale ? hash_string(std::to_string(*o.scale)) : 0, show_other},
                              {"--seed", static_cast<std::int64_t>(o.seed)},
                              {"--device", hash_string(o.device), show_other},
+                             {"--kernel", hash_string(o.kernel), show_other},
                              {"--q", hash_string(o.q_path), show_other},
                              {"--k", hash_string(o.k_path), show_other},
                              {"--v", hash_string(o.v_path), show_other},
@@ -221,6 +226,10 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
   detail::agree_on(comm, [&] {
     p.layout = parse_layout(o.layout);
     p.device = o.device == "cuda" ? DeviceKind::cuda : DeviceKind::cpu;
+    p.kernel = parse_kernel(o.kernel);
+    if (p.kernel != KernelKind::automatic && p.device != DeviceKind::cuda) {
+      invalid("--kernel " + o.kernel + " needs --device cuda");
+    }
     if (!o.dout_path.empty() && !o.backward) invalid("--dout needs --backward");
     if (o.backward && p.device == DeviceKind::cuda) {
       invalid("--backward runs on the cpu only so far (the CUDA backward pass is not available yet)");

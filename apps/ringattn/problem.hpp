@@ -28,6 +28,7 @@ struct ProblemOptions {
   std::optional<double> scale;
   std::uint64_t seed = 42;
   std::string device = "cpu";
+  std::string kernel = "auto";  // GPU block kernel: auto, cudnn or native
   std::string q_path, k_path, v_path;
   bool backward = false;    // also compute gradients (run, verify, bench)
   std::string dout_path;    // dO for --backward: a .npy shaped like q, or seeded values
@@ -49,6 +50,7 @@ struct Problem {
   LayoutKind layout = LayoutKind::contiguous;
   DType dtype = DType::f32;
   DeviceKind device = DeviceKind::cpu;
+  KernelKind kernel = KernelKind::automatic;
   std::optional<double> scale;
   std::uint64_t seed = 42;
   bool from_files = false;

@@ -137,6 +137,7 @@ std::string show_dtype(std::int64_t v) { return to_string(static_cast<DType>(v))
 std::string show_layout(std::int64_t v) { return to_string(static_cast<LayoutKind>(v)); }
 std::string show_bool(std::int64_t v) { return v ? "true" : "false"; }
 std::string show_device(std::int64_t v) { return to_string(static_cast<DeviceKind>(v)); }
+std::string show_kernel(std::int64_t v) { return to_string(static_cast<KernelKind>(v)); }
 std::string show_double(std::int64_t v) {
   double x = 0.0;
   std::memcpy(&x, &v, sizeof x);
@@ -160,6 +161,7 @@ std::unique_ptr<Layout> agree_on_problem(Context& ctx, const TensorView& q, cons
       {"scale", double_bits(scale), show_double},
       {"seq_len", options.seq_len},
       {"device", static_cast<std::int64_t>(q.device), show_device},
+      {"kernel", static_cast<std::int64_t>(options.kernel), show_kernel},
   };
   detail::agree_fingerprint(comm, fields, pass);
 
@@ -239,7 +241,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
                 std::to_string(resources.device()));
       }
       prepared.cuda = std::make_unique<CudaRingForward>(resources, make_ring_plan(*layout, mask, ctx.rank()), shape,
-                                                        q.dtype, q.shape[1], layout->max_local_length());
+                                                        q.dtype, q.shape[1], layout->max_local_length(), options.kernel);
     });
 #endif
   } else {

@@ -5,6 +5,7 @@
 #include "comm/agreement.hpp"
 #include "comm/mpi_util.hpp"
 #include "core/cuda_check.hpp"
+#include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "ringattn/context.hpp"
 #include "ringattn/error.hpp"
 
@@ -62,7 +63,20 @@ CudaResources::CudaResources(Context& ctx) {
   owns_comm_ = true;
 }
 
+CudnnSdpa* CudaResources::cudnn() {
+#ifdef RINGATTN_HAVE_CUDNN
+  if (!cudnn_) {
+    RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
+    cudnn_ = std::make_shared<CudnnSdpa>();
+  }
+  return cudnn_.get();
+#else
+  return nullptr;
+#endif
+}
+
 CudaResources::~CudaResources() {
+  cudnn_.reset();
   if (owns_comm_ && comm_ != nullptr) RINGATTN_NCCL_CHECK_NOTHROW(ncclCommDestroy(comm_));
   if (comm_stream_ != nullptr) RINGATTN_CUDA_CHECK_NOTHROW(cudaStreamDestroy(comm_stream_));
   if (owns_compute_ && compute_ != nullptr) RINGATTN_CUDA_CHECK_NOTHROW(cudaStreamDestroy(compute_));

@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <memory>
 #include <string>
 
 #include "core/cuda_raii.hpp"
@@ -19,6 +20,8 @@ class Context;
 }
 
 namespace ringattn::detail {
+
+class CudnnSdpa;
 
 class CudaResources {
  public:
@@ -32,6 +35,9 @@ class CudaResources {
   ncclComm_t nccl() const { return comm_; }
   cudaStream_t compute_stream() const { return compute_; }
   cudaStream_t comm_stream() const { return comm_stream_; }
+  // cuDNN's attention with its plan cache and workspace, created on first use; nullptr in
+  // builds without cuDNN.
+  CudnnSdpa* cudnn();
 
  private:
   int device_ = 0;
@@ -41,6 +47,7 @@ class CudaResources {
   cudaStream_t compute_ = nullptr;
   bool owns_compute_ = false;
   cudaStream_t comm_stream_ = nullptr;
+  std::shared_ptr<CudnnSdpa> cudnn_;  // shared_ptr: no destructor needed where cuDNN is absent
 };
 
 }  // namespace ringattn::detail

@@ -1,14 +1,48 @@
 #include "engine/cuda_ring_forward.hpp"
 
+#include <algorithm>
+#include <string>
 #include <utility>
 
 #include "comm/nccl_transport.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
+#include "kernels/cudnn/cudnn_sdpa.hpp"
+#include "ringattn/error.hpp"
 
 namespace ringattn::detail {
 
+namespace {
+
+// The cuDNN problem of one task: q rows from a (B, S_local, H, D) tensor with q's strides, K/V
+// rows from the packed block of the step, the result to o's strides.
+CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, const AttentionShape& shape, DType dtype,
+                               const std::int64_t (&q_strides)[3], const std::int64_t (&o_strides)[3]) {
+  CudnnSdpaProblem p;
+  p.dtype = dtype;
+  p.batch = shape.batch;
+  p.heads = shape.heads;
+  p.kv_heads = shape.kv_heads;
+  p.head_dim = shape.head_dim;
+  p.q_len = t.q_len;
+  p.kv_len = t.kv_len;
+  p.q_batch_stride = q_strides[0];
+  p.q_row_stride = q_strides[1];
+  p.q_head_stride = q_strides[2];
+  p.kv_batch_stride = step_kv_len * shape.kv_heads * shape.head_dim;
+  p.kv_row_stride = shape.kv_heads * shape.head_dim;
+  p.kv_head_stride = shape.head_dim;
+  p.o_batch_stride = o_strides[0];
+  p.o_row_stride = o_strides[1];
+  p.o_head_stride = o_strides[2];
+  p.causal = t.mask == MaskKind::causal;
+  p.diag_offset = t.diag_offset;
+  return p;
+}
+
+}  // namespace
+
 CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
-                                 std::int64_t q_len, std::int64_t kv_capacity)
+                                 std::int64_t q_len, std::int64_t kv_capacity, KernelKind kernel)
     : resources_(resources), plan_(std::move(plan)), shape_(shape), dtype_(dtype), q_len_(q_len) {
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
   blocks_[0] = DeviceBuffer(block_bytes(kv_capacity));
@@ -16,6 +50,57 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
   o_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
   lse_acc_ = DeviceBuffer(rows * sizeof(float));
+
+  const std::string native = std::string("native ") + to_string(flash_fwd_resolve(FlashKernel::automatic)) + " kernel";
+  kernel_description_ = native;
+  if (kernel == KernelKind::native) return;
+  std::string why_not;
+  CudnnSdpa* sdpa = resources_.cudnn();
+  if (sdpa == nullptr) {
+    why_not = "this build has no cuDNN";
+  } else {
+    // Build the plan of every task cuDNN may run (dense q and out) before the ring starts.
+    const std::int64_t H = shape.heads, D = shape.head_dim;
+    const std::int64_t q_dense[3] = {q_len * H * D, H * D, D};
+    std::int64_t max_rows = 0;
+    for (const RingStep& step : plan_.steps) {
+      for (const BlockTask& t : step.tasks) {
+        if (t.mask == MaskKind::causal && t.diag_offset < 0) continue;  // stays native
+        const bool whole = plan_.world == 1 && step.tasks.size() == 1 && t.q_begin == 0 && t.q_len == q_len;
+        const std::int64_t block_dense[3] = {t.q_len * H * D, H * D, D};
+        const CudnnSdpaProblem p = cudnn_problem(t, step.kv_len, shape, dtype, q_dense, whole ? q_dense : block_dense);
+        why_not = cudnn_sdpa_unsupported_reason(p);
+        if (why_not.empty()) sdpa->try_prepare(p, &why_not);
+        if (!why_not.empty()) break;
+        max_rows = std::max(max_rows, t.q_len);
+      }
+      if (!why_not.empty()) break;
+    }
+    if (why_not.empty()) {
+      cudnn_ = sdpa;
+      o_block_ = DeviceBuffer(static_cast<std::size_t>(shape.batch * max_rows * H * D) * dtype_size(dtype));
+      lse_block_ = DeviceBuffer(static_cast<std::size_t>(shape.batch * H * std::max<std::int64_t>(max_rows, q_len)) *
+                                sizeof(float));
+      kernel_description_ = "cuDNN " + std::to_string(cudnn_version()) + " fused attention";
+      for (const RingStep& step : plan_.steps) {
+        for (const BlockTask& t : step.tasks) {
+          if (!task_uses_cudnn(t)) {
+            kernel_description_ += " (causal sub-blocks whose first row sees no key: " + native + ")";
+            return;
+          }
+        }
+      }
+      return;
+    }
+  }
+  if (kernel == KernelKind::cudnn) {
+    throw Error(ErrorCode::invalid_argument, "--kernel cudnn: cuDNN cannot run this problem: " + why_not);
+  }
+  kernel_description_ = native + " (cuDNN not used: " + why_not + ")";
+}
+
+bool CudaRingForward::task_uses_cudnn(const BlockTask& t) const {
+  return cudnn_ != nullptr && (t.mask != MaskKind::causal || t.diag_offset >= 0);
 }
 
 std::size_t CudaRingForward::block_bytes(std::int64_t kv_len) const {
@@ -28,13 +113,19 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   const cudaStream_t stream = resources_.compute_stream();
   const int P = plan_.world;
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
+  const auto elem = static_cast<std::int64_t>(dtype_size(dtype_));
   auto* own = static_cast<unsigned char*>(blocks_[0].get());
   pack_rows(k, own, stream);
   pack_rows(v, own + block_bytes(q_len_) / 2, stream);
   // One step with one task covering every row (P = 1): the kernel writes the final output
   // itself, with no fp32 running state to initialise, merge or convert.
-  const bool single_task = P == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
-                           plan_.steps[0].tasks[0].q_len == q_len_;
+  bool single_task = P == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
+                     plan_.steps[0].tasks[0].q_len == q_len_;
+  // cuDNN writes LSE packed (B, H, S): other lse strides take the merge path.
+  if (single_task && task_uses_cudnn(plan_.steps[0].tasks[0]) && lse.data != nullptr &&
+      (lse.strides[2] != 1 || lse.strides[1] != q_len_ || lse.strides[0] != H * q_len_)) {
+    single_task = false;
+  }
   if (!single_task) fill_neg_inf(lse_acc_.as<float>(), B * H * q_len_, stream);
 
   NcclTransport transport(resources_.nccl(), stream, resources_.comm_stream());
@@ -85,7 +176,26 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       p.kv_len = static_cast<int>(t.kv_len);
       p.causal = t.mask == MaskKind::causal;
       p.diag_offset = static_cast<int>(t.diag_offset);
-      flash_fwd(p, dtype_, D, stream);
+      if (!task_uses_cudnn(t)) {
+        flash_fwd(p, dtype_, D, stream);
+        continue;
+      }
+      const std::int64_t q_strides[3] = {q.strides[0], q.strides[1], q.strides[2]};
+      const auto* q_rows = static_cast<const unsigned char*>(q.data) + t.q_begin * q.strides[1] * elem;
+      const auto* kv_off = static_cast<const unsigned char*>(block) + t.kv_begin * Hkv * D * elem;
+      const auto* v_off = static_cast<const unsigned char*>(p.v) + t.kv_begin * Hkv * D * elem;
+      if (single_task) {
+        const std::int64_t out_strides[3] = {out.strides[0], out.strides[1], out.strides[2]};
+        float* lse_dst = lse.data != nullptr ? static_cast<float*>(lse.data) : lse_block_.as<float>();
+        cudnn_->forward(cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides, out_strides), q_rows, kv_off, v_off,
+                        out.data, lse_dst, scale, stream);
+      } else {
+        const std::int64_t block_strides[3] = {t.q_len * H * D, H * D, D};
+        cudnn_->forward(cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides, block_strides), q_rows, kv_off, v_off,
+                        o_block_.get(), lse_block_.as<float>(), scale, stream);
+        merge_block_result(o_acc_.as<float>(), lse_acc_.as<float>(), q_len_, t.q_begin, t.q_len, B, H, D,
+                           o_block_.get(), dtype_, lse_block_.as<float>(), stream);
+      }
     }
     if (transfer) transport.wait();
     cur = 1 - cur;

@@ -3,7 +3,8 @@
 //   pack own K,V into block[0]; lse_acc = -inf                          (compute stream)
 //   for step s = 0 .. P-1:
 //     post send block[cur] -> r+1, recv block[1-cur] <- r-1 on the NCCL stream  (s < P-1)
-//     launch this step's tasks on block[cur] (flash kernel, fused merge)
+//     launch this step's tasks on block[cur]: the native flash kernel (merge fused into its
+//       epilogue) or cuDNN's fused attention into a scratch block, then a merge kernel
 //     compute stream waits for the transfer's event; cur = 1 - cur
 //   out, lse <- o_acc, lse_acc
 // Nothing here synchronises the host: run() returns once everything is enqueued on the
@@ -12,19 +13,24 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
 #include "kernels/cpu/cpu_forward.hpp"
 #include "plan/ring_plan.hpp"
+#include "ringattn/options.hpp"
 #include "ringattn/tensor.hpp"
 
 namespace ringattn::detail {
 
 class CudaRingForward {
  public:
+  // kernel: which kernel computes the blocks (see KernelKind). cuDNN plans for every task of
+  // the plan are built here (dense q and out assumed; other strides build their plan on first
+  // use), so that a refusal surfaces before the ring starts.
   CudaRingForward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
-                  std::int64_t q_len, std::int64_t kv_capacity);
+                  std::int64_t q_len, std::int64_t kv_capacity, KernelKind kernel = KernelKind::automatic);
 
   // q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); out like q; lse (B, H, S_local) or
   // no data; all on this rank's GPU. With communicate = false every step computes on the
@@ -34,10 +40,14 @@ class CudaRingForward {
            const TensorView& lse, float scale, bool communicate = true);
 
   std::uint64_t bytes_sent_per_run() const { return bytes_sent_per_run_; }
+  // What computes the blocks, in words ("cuDNN 9.19.0 fused attention", "native wgmma
+  // kernel", ...), with the reason where cuDNN was wanted but does not run.
+  const std::string& kernel_description() const { return kernel_description_; }
   cudaStream_t stream() const { return resources_.compute_stream(); }
 
  private:
   std::size_t block_bytes(std::int64_t kv_len) const;
+  bool task_uses_cudnn(const BlockTask& t) const;
 
   CudaResources& resources_;
   RingPlan plan_;
@@ -48,6 +58,10 @@ class CudaRingForward {
   DeviceBuffer o_acc_;      // (B, H, S_local, D) fp32
   DeviceBuffer lse_acc_;    // (B, H, S_local) fp32
   std::uint64_t bytes_sent_per_run_ = 0;
+  CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
+  DeviceBuffer o_block_;        // cuDNN's block result: (B, q_len, H, D) in dtype
+  DeviceBuffer lse_block_;      // (B, H, q_len) fp32
+  std::string kernel_description_;
 };
 
 }  // namespace ringattn::detail

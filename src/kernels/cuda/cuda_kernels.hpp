@@ -31,6 +31,13 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel);
 void flash_fwd(const FlashFwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream,
                FlashKernel kernel = FlashKernel::automatic);
 
+// Folds one block result into the running state (see kernels/cpu/merge.hpp for the rule):
+// rows q_begin .. q_begin + q_len of o_acc (B, H, s_q, D) fp32 and lse (B, H, s_q) take
+// o_b (B, q_len, H, D, dense, dtype f16 or bf16) and lse_b (B, H, q_len) fp32.
+void merge_block_result(float* o_acc, float* lse, std::int64_t s_q, std::int64_t q_begin, std::int64_t q_len,
+                        std::int64_t batch, std::int64_t heads, std::int64_t head_dim, const void* o_b, DType dtype,
+                        const float* lse_b, cudaStream_t stream);
+
 // lse[i] = -inf for n entries: the running state before the first block.
 void fill_neg_inf(float* lse, std::int64_t n, cudaStream_t stream);
 

@@ -50,6 +50,9 @@ __device__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ float from_float<float>(float x) { return x; }
 
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
 // out[b, s, h, d] <- o_acc[b, h, s, d]
 template <typename T>
 __global__ void finalize_kernel(const float* o_acc, T* out, std::int64_t S, std::int64_t H, std::int64_t D,
@@ -73,6 +76,38 @@ __global__ void copy_lse_kernel(const float* lse_acc, float* lse, std::int64_t S
     const std::int64_t b = i / (S * H);
     lse[b * lb + h * lh + s * ls] = lse_acc[i];
   }
+}
+
+// One warp per (batch, head, row): folds a block result (o_b normalised, lse_b) into the
+// running state, lse' = max(lse, lse_b) + log1p(exp(-|lse - lse_b|)),
+// o' = o e^(lse - lse') + o_b e^(lse_b - lse').
+template <typename T>
+__global__ void merge_block_kernel(float* o_acc, float* lse, std::int64_t s_q, std::int64_t q_begin,
+                                   std::int64_t q_len, std::int64_t H, std::int64_t D, const T* o_b,
+                                   const float* lse_b, std::int64_t rows) {
+  const std::int64_t w = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  if (w >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const std::int64_t i = w % q_len;         // row within the block
+  const std::int64_t h = (w / q_len) % H;
+  const std::int64_t b = w / (q_len * H);
+  const std::int64_t state = (b * H + h) * s_q + q_begin + i;
+  const float mine = lse_b[w], old = lse[state];
+  if (mine == -INFINITY) return;  // the block saw no key for this row
+  float w_old = 0.0f, w_b = 1.0f, merged = mine;
+  if (old != -INFINITY) {
+    merged = fmaxf(old, mine) + log1pf(__expf(-fabsf(old - mine)));
+    w_old = __expf(old - merged);
+    w_b = __expf(mine - merged);
+  }
+  const T* src = o_b + ((b * q_len + i) * H + h) * D;
+  float* dst = o_acc + state * D;
+  for (std::int64_t d = lane; d < D; d += 32) {
+    const float prev = old != -INFINITY ? dst[d] * w_old : 0.0f;
+    dst[d] = fmaf(to_float(src[d]), w_b, prev);
+  }
+  __syncwarp();
+  if (lane == 0) lse[state] = merged;
 }
 
 }  // namespace
@@ -130,6 +165,22 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
                                                                      B * H * S);
     RINGATTN_CUDA_CHECK(cudaGetLastError());
   }
+}
+
+void merge_block_result(float* o_acc, float* lse, std::int64_t s_q, std::int64_t q_begin, std::int64_t q_len,
+                        std::int64_t batch, std::int64_t heads, std::int64_t head_dim, const void* o_b, DType dtype,
+                        const float* lse_b, cudaStream_t stream) {
+  const std::int64_t rows = batch * heads * q_len;
+  if (rows == 0) return;
+  const auto grid = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
+  if (dtype == DType::bf16) {
+    merge_block_kernel<<<grid, kThreads, 0, stream>>>(o_acc, lse, s_q, q_begin, q_len, heads, head_dim,
+                                                      static_cast<const __nv_bfloat16*>(o_b), lse_b, rows);
+  } else {
+    merge_block_kernel<<<grid, kThreads, 0, stream>>>(o_acc, lse, s_q, q_begin, q_len, heads, head_dim,
+                                                      static_cast<const __half*>(o_b), lse_b, rows);
+  }
+  RINGATTN_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace ringattn::detail
