@@ -114,9 +114,14 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   const int P = plan_.world;
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
   const auto elem = static_cast<std::int64_t>(dtype_size(dtype_));
-  auto* own = static_cast<unsigned char*>(blocks_[0].get());
-  pack_rows(k, own, stream);
-  pack_rows(v, own + block_bytes(q_len_) / 2, stream);
+  // One rank: no block travels, so dense K and V are read where they are (no packing copy,
+  // ~10% of a 4k forward).
+  const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous();
+  if (!kv_in_place) {
+    auto* own = static_cast<unsigned char*>(blocks_[0].get());
+    pack_rows(k, own, stream);
+    pack_rows(v, own + block_bytes(q_len_) / 2, stream);
+  }
   // One step with one task covering every row (P = 1): the kernel writes the final output
   // itself, with no fp32 running state to initialise, merge or convert.
   bool single_task = P == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
@@ -166,8 +171,8 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
                       block_bytes(next_len), plan_.recv_from);
     }
     const auto* block = static_cast<const unsigned char*>((communicate ? blocks_[cur] : blocks_[0]).get());
-    p.k = block;
-    p.v = block + block_bytes(step.kv_len) / 2;
+    p.k = kv_in_place ? k.data : block;
+    p.v = kv_in_place ? v.data : block + block_bytes(step.kv_len) / 2;
     p.kv_batch_stride = step.kv_len * Hkv * D;
     for (const BlockTask& t : step.tasks) {
       p.q_begin = static_cast<int>(t.q_begin);
@@ -182,7 +187,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       }
       const std::int64_t q_strides[3] = {q.strides[0], q.strides[1], q.strides[2]};
       const auto* q_rows = static_cast<const unsigned char*>(q.data) + t.q_begin * q.strides[1] * elem;
-      const auto* kv_off = static_cast<const unsigned char*>(block) + t.kv_begin * Hkv * D * elem;
+      const auto* kv_off = static_cast<const unsigned char*>(p.k) + t.kv_begin * Hkv * D * elem;
       const auto* v_off = static_cast<const unsigned char*>(p.v) + t.kv_begin * Hkv * D * elem;
       if (single_task) {
         const std::int64_t out_strides[3] = {out.strides[0], out.strides[1], out.strides[2]};
