@@ -181,21 +181,26 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       p.kv_len = static_cast<int>(t.kv_len);
       p.causal = t.mask == MaskKind::causal;
       p.diag_offset = static_cast<int>(t.diag_offset);
-      if (!task_uses_cudnn(t)) {
+      const std::int64_t q_strides[3] = {q.strides[0], q.strides[1], q.strides[2]};
+      const std::int64_t out_strides[3] = {out.strides[0], out.strides[1], out.strides[2]};
+      const std::int64_t block_strides[3] = {t.q_len * H * D, H * D, D};
+      // Plans for dense q and out were built before the ring; other strides build theirs now,
+      // and a refusal then falls back to the native kernel on this rank rather than failing
+      // it alone mid-ring.
+      if (!task_uses_cudnn(t) ||
+          !cudnn_->try_prepare(cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides,
+                                             single_task ? out_strides : block_strides))) {
         flash_fwd(p, dtype_, D, stream);
         continue;
       }
-      const std::int64_t q_strides[3] = {q.strides[0], q.strides[1], q.strides[2]};
       const auto* q_rows = static_cast<const unsigned char*>(q.data) + t.q_begin * q.strides[1] * elem;
       const auto* kv_off = static_cast<const unsigned char*>(p.k) + t.kv_begin * Hkv * D * elem;
       const auto* v_off = static_cast<const unsigned char*>(p.v) + t.kv_begin * Hkv * D * elem;
       if (single_task) {
-        const std::int64_t out_strides[3] = {out.strides[0], out.strides[1], out.strides[2]};
         float* lse_dst = lse.data != nullptr ? static_cast<float*>(lse.data) : lse_block_.as<float>();
         cudnn_->forward(cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides, out_strides), q_rows, kv_off, v_off,
                         out.data, lse_dst, scale, stream);
       } else {
-        const std::int64_t block_strides[3] = {t.q_len * H * D, H * D, D};
         cudnn_->forward(cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides, block_strides), q_rows, kv_off, v_off,
                         o_block_.get(), lse_block_.as<float>(), scale, stream);
         merge_block_result(o_acc_.as<float>(), lse_acc_.as<float>(), q_len_, t.q_begin, t.q_len, B, H, D,

@@ -280,9 +280,9 @@ CudnnSdpa::Plan& CudnnSdpa::plan_for(const CudnnSdpaProblem& p) {
       last_error = std::string(cudnnGetErrorString(st)) + (detail[0] != '\0' ? std::string(": ") + detail : "");
       continue;
     }
-    std::int64_t ws = 0;
+    std::int64_t ws = 0, ws_count = 0;
     RINGATTN_CUDNN_CHECK(cudnnBackendGetAttribute(candidate->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                                                  CUDNN_TYPE_INT64, 1, &got, &ws));
+                                                  CUDNN_TYPE_INT64, 1, &ws_count, &ws));
     plan->workspace = ws;
     plan->plan = std::move(candidate);
     for (Desc& c : cfgs) keep.push_back(std::move(c));
