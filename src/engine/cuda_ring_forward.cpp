@@ -50,6 +50,8 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
   o_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
   lse_acc_ = DeviceBuffer(rows * sizeof(float));
+  one_task_ = plan_.world == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
+              plan_.steps[0].tasks[0].q_len == q_len;
 
   const std::string native = std::string("native ") + to_string(flash_fwd_resolve(FlashKernel::automatic)) + " kernel";
   kernel_description_ = native;
@@ -66,9 +68,8 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
     for (const RingStep& step : plan_.steps) {
       for (const BlockTask& t : step.tasks) {
         if (t.mask == MaskKind::causal && t.diag_offset < 0) continue;  // stays native
-        const bool whole = plan_.world == 1 && step.tasks.size() == 1 && t.q_begin == 0 && t.q_len == q_len;
         const std::int64_t block_dense[3] = {t.q_len * H * D, H * D, D};
-        const CudnnSdpaProblem p = cudnn_problem(t, step.kv_len, shape, dtype, q_dense, whole ? q_dense : block_dense);
+        const CudnnSdpaProblem p = cudnn_problem(t, step.kv_len, shape, dtype, q_dense, one_task_ ? q_dense : block_dense);
         why_not = cudnn_sdpa_unsupported_reason(p);
         if (why_not.empty()) sdpa->try_prepare(p, &why_not);
         if (!why_not.empty()) break;
@@ -124,8 +125,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   }
   // One step with one task covering every row (P = 1): the kernel writes the final output
   // itself, with no fp32 running state to initialise, merge or convert.
-  bool single_task = P == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
-                     plan_.steps[0].tasks[0].q_len == q_len_;
+  bool single_task = one_task_;
   // cuDNN writes LSE packed (B, H, S): other lse strides take the merge path.
   if (single_task && task_uses_cudnn(plan_.steps[0].tasks[0]) && lse.data != nullptr &&
       (lse.strides[2] != 1 || lse.strides[1] != q_len_ || lse.strides[0] != H * q_len_)) {
@@ -187,22 +187,21 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       // Plans for dense q and out were built before the ring; other strides build theirs now,
       // and a refusal then falls back to the native kernel on this rank rather than failing
       // it alone mid-ring.
-      if (!task_uses_cudnn(t) ||
-          !cudnn_->try_prepare(cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides,
-                                             single_task ? out_strides : block_strides))) {
+      const CudnnSdpaProblem problem =
+          cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides, single_task ? out_strides : block_strides);
+      if (!task_uses_cudnn(t) || !cudnn_->try_prepare(problem)) {
         flash_fwd(p, dtype_, D, stream);
         continue;
       }
       const auto* q_rows = static_cast<const unsigned char*>(q.data) + t.q_begin * q.strides[1] * elem;
-      const auto* kv_off = static_cast<const unsigned char*>(p.k) + t.kv_begin * Hkv * D * elem;
-      const auto* v_off = static_cast<const unsigned char*>(p.v) + t.kv_begin * Hkv * D * elem;
-      if (single_task) {
-        float* lse_dst = lse.data != nullptr ? static_cast<float*>(lse.data) : lse_block_.as<float>();
-        cudnn_->forward(cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides, out_strides), q_rows, kv_off, v_off,
-                        out.data, lse_dst, scale, stream);
-      } else {
-        cudnn_->forward(cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides, block_strides), q_rows, kv_off, v_off,
-                        o_block_.get(), lse_block_.as<float>(), scale, stream);
+      const auto* k_rows = static_cast<const unsigned char*>(p.k) + t.kv_begin * Hkv * D * elem;
+      const auto* v_rows = static_cast<const unsigned char*>(p.v) + t.kv_begin * Hkv * D * elem;
+      // One task writes the final O and LSE; otherwise the block result goes to scratch and
+      // is merged into the running state.
+      void* o_dst = single_task ? out.data : o_block_.get();
+      float* lse_dst = single_task && lse.data != nullptr ? static_cast<float*>(lse.data) : lse_block_.as<float>();
+      cudnn_->forward(problem, q_rows, k_rows, v_rows, o_dst, lse_dst, scale, stream);
+      if (!single_task) {
         merge_block_result(o_acc_.as<float>(), lse_acc_.as<float>(), q_len_, t.q_begin, t.q_len, B, H, D,
                            o_block_.get(), dtype_, lse_block_.as<float>(), stream);
       }

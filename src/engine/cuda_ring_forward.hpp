@@ -54,6 +54,7 @@ class CudaRingForward {
   AttentionShape shape_;
   DType dtype_;
   std::int64_t q_len_;
+  bool one_task_ = false;   // P = 1 and one task covers every row: results go straight to out
   DeviceBuffer blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
   DeviceBuffer o_acc_;      // (B, H, S_local, D) fp32
   DeviceBuffer lse_acc_;    // (B, H, S_local) fp32

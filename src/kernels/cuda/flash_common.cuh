@@ -39,6 +39,34 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// What one CTA of a flash forward kernel works on: its first task-relative query row m0,
+// the (batch, head) it serves, q at row m0, K and V of the head's KV head (GQA: h / kv_group)
+// at the task's first key, and n_end, the keys its last row may see (causal: later ones are
+// never loaded). Causal CTAs near the end of the sequence have the most keys and start first,
+// so that the short ones fill the tail of the grid.
+template <typename T, int kBlockM, bool kCausal>
+struct CtaTask {
+  int m0, h, b, n_end;
+  const T* q;
+  const T* k;
+  const T* v;
+
+  __device__ __forceinline__ explicit CtaTask(const FlashFwdParams& p) {
+    const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    m0 = m_block * kBlockM;
+    h = blockIdx.y;
+    b = blockIdx.z;
+    q = static_cast<const T*>(p.q) + b * p.q_batch_stride + static_cast<std::int64_t>(p.q_begin + m0) * p.q_row_stride +
+        h * p.q_head_stride;
+    const std::int64_t kv_off = b * p.kv_batch_stride + static_cast<std::int64_t>(p.kv_begin) * p.kv_row_stride +
+                                (h / p.kv_group) * p.kv_head_stride;
+    k = static_cast<const T*>(p.k) + kv_off;
+    v = static_cast<const T*>(p.v) + kv_off;
+    n_end = p.kv_len;
+    if constexpr (kCausal) n_end = min(n_end, m0 + kBlockM + p.diag_offset);
+  }
+};
+
 // kFusedMerge false: overwrite (o_acc, lse) with this block's normalised result instead of
 // merging (for a separate merge kernel; kernel_bench measures the alternative).
 template <typename T, int D, bool kFusedMerge = true>

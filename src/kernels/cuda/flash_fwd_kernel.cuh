@@ -146,22 +146,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
   T* sV = sK + Tr::kSmemKV;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  // Causal CTAs near the end of the sequence have the most keys: start them first, so that the
-  // short ones fill the tail of the grid.
-  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int m0 = m_block * BM;  // first task-relative query row of this CTA
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int kv_h = h / p.kv_group;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + static_cast<std::int64_t>(p.q_begin + m0) * p.q_row_stride +
-               h * p.q_head_stride;
-  const std::int64_t kv_off = b * p.kv_batch_stride + static_cast<std::int64_t>(p.kv_begin) * p.kv_row_stride +
-                              kv_h * p.kv_head_stride;
-  const T* k = static_cast<const T*>(p.k) + kv_off;
-  const T* v = static_cast<const T*>(p.v) + kv_off;
-
-  // Keys past what the CTA's last row may see are never loaded.
-  int n_end = p.kv_len;
-  if constexpr (kCausal) n_end = min(n_end, m0 + BM + p.diag_offset);
+  const CtaTask<T, BM, kCausal> task(p);
+  const int m0 = task.m0, h = task.h, b = task.b, n_end = task.n_end;
+  const T* q = task.q;
+  const T* k = task.k;
+  const T* v = task.v;
   const int n_tiles = (n_end + BN - 1) / BN;
 
   load_tile<Tr, BM>(sQ, q, p.q_row_stride, p.q_len - m0, tid);

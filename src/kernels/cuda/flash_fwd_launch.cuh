@@ -22,28 +22,29 @@ void launch_configured(dim3 grid, const FlashFwdParams& p, cudaStream_t stream) 
   RINGATTN_CUDA_CHECK(cudaGetLastError());
 }
 
-// The mma.sync kernel (sm_80 and later) with tile traits Tr.
-template <class Tr>
-void launch_flash_fwd_traits(const FlashFwdParams& p, cudaStream_t stream) {
+// One CTA per kBlockM query rows of the task, per head and batch; the causal flag picks the
+// instantiation.
+template <class Tr, void (*kCausalKernel)(FlashFwdParams), void (*kFullKernel)(FlashFwdParams)>
+void launch_task(const FlashFwdParams& p, cudaStream_t stream) {
   if (p.q_len <= 0 || p.kv_len <= 0) return;
   const dim3 grid((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
   if (p.causal) {
-    launch_configured<Tr, flash_fwd_kernel<Tr, true>>(grid, p, stream);
+    launch_configured<Tr, kCausalKernel>(grid, p, stream);
   } else {
-    launch_configured<Tr, flash_fwd_kernel<Tr, false>>(grid, p, stream);
+    launch_configured<Tr, kFullKernel>(grid, p, stream);
   }
+}
+
+// The mma.sync kernel (sm_80 and later) with tile traits Tr.
+template <class Tr>
+void launch_flash_fwd_traits(const FlashFwdParams& p, cudaStream_t stream) {
+  launch_task<Tr, flash_fwd_kernel<Tr, true>, flash_fwd_kernel<Tr, false>>(p, stream);
 }
 
 // The wgmma kernel (sm_90a only) with tile traits Tr.
 template <class Tr>
 void launch_flash_fwd_sm90_traits(const FlashFwdParams& p, cudaStream_t stream) {
-  if (p.q_len <= 0 || p.kv_len <= 0) return;
-  const dim3 grid((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
-  if (p.causal) {
-    launch_configured<Tr, flash_fwd_sm90_kernel<Tr, true>>(grid, p, stream);
-  } else {
-    launch_configured<Tr, flash_fwd_sm90_kernel<Tr, false>>(grid, p, stream);
-  }
+  launch_task<Tr, flash_fwd_sm90_kernel<Tr, true>, flash_fwd_sm90_kernel<Tr, false>>(p, stream);
 }
 
 template <typename T, int kHeadDim>

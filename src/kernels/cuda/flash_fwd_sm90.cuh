@@ -92,19 +92,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_k
 
   const int tid = threadIdx.x, lane = tid % 32;
   const int wg = tid / 128, warp_in_wg = (tid % 128) / 32;
-  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int m0 = m_block * BM;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int kv_h = h / p.kv_group;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + static_cast<std::int64_t>(p.q_begin + m0) * p.q_row_stride +
-               h * p.q_head_stride;
-  const std::int64_t kv_off = b * p.kv_batch_stride + static_cast<std::int64_t>(p.kv_begin) * p.kv_row_stride +
-                              kv_h * p.kv_head_stride;
-  const T* k = static_cast<const T*>(p.k) + kv_off;
-  const T* v = static_cast<const T*>(p.v) + kv_off;
-
-  int n_end = p.kv_len;
-  if constexpr (kCausal) n_end = min(n_end, m0 + BM + p.diag_offset);
+  const CtaTask<T, BM, kCausal> task(p);
+  const int m0 = task.m0, h = task.h, b = task.b, n_end = task.n_end;
+  const T* q = task.q;
+  const T* k = task.k;
+  const T* v = task.v;
   const int n_tiles = (n_end + BN - 1) / BN;
 
   auto load_kv = [&](int tile) {
