@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 
 #include "api/prepared_forward.hpp"
 #include "comm/mpi_util.hpp"
@@ -170,7 +171,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
 
   nlohmann::json table = nlohmann::json::array();
   double total_wrong = 0.0;
-  std::string kernel_said;
+  std::string kernel_said, backward_said;
   for (std::int64_t len = o.begin; len <= o.end; len *= o.factor) {
     for (bool causal : masks) {
       ProblemOptions opt = base;
@@ -190,16 +191,25 @@ int bench_command(Context& ctx, const BenchOptions& o) {
 #endif
 
       Timing timing;
-      // With --backward every timed run is a forward and a backward pass (CPU).
-      std::vector<unsigned char> dq(p.backward ? p.q.size() : 0), dk(p.backward ? p.k.size() : 0), dv(dk.size());
-      const std::int64_t n = p.local_len();
-      auto rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.heads, p.head_dim}); };
-      auto kv_rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.kv_heads, p.head_dim}); };
+      // With --backward every timed run is a forward and a backward pass.
+      std::unique_ptr<GradientTensors> grads;
+      detail::PreparedBackward prepared_bwd;
+      if (p.backward) {
+        grads = std::make_unique<GradientTensors>(ctx, p);
+        prepared_bwd = detail::prepare_backward(ctx, t.q, t.k, t.v, t.out, t.lse, grads->dout_view, grads->dq_view,
+                                                grads->dk_view, grads->dv_view, p.attention_options());
+#ifdef RINGATTN_HAVE_CUDA
+        if (prepared_bwd.cuda && prepared_bwd.cuda->kernel_description() != backward_said) {
+          backward_said = prepared_bwd.cuda->kernel_description();
+          print0(ctx, "# backward blocks computed by: %s\n", backward_said.c_str());
+        }
+#endif
+      }
       auto run_once = [&] {
         prepared.run(t.q, t.k, t.v, t.out, t.lse);
         if (p.backward) {
-          backward(ctx, t.q, t.k, t.v, t.out, t.lse, rows(p.dout.data()), rows(dq.data()), kv_rows(dk.data()),
-                   kv_rows(dv.data()), p.attention_options());
+          prepared_bwd.run(t.q, t.k, t.v, t.out, t.lse, grads->dout_view, grads->dq_view, grads->dk_view,
+                           grads->dv_view);
         }
       };
       timing.ring_ms = time_runs(ctx, prepared, o.warmup, o.iters, run_once);
@@ -207,8 +217,14 @@ int bench_command(Context& ctx, const BenchOptions& o) {
 #ifdef RINGATTN_HAVE_CUDA
       if (prepared.cuda) {
         bytes = static_cast<double>(prepared.cuda->bytes_sent_per_run());
-        timing.solo_ms = time_runs(ctx, prepared, o.warmup, o.iters,
-                                   [&] { prepared.cuda->run(t.q, t.k, t.v, t.out, t.lse, prepared.scale, false); });
+        if (prepared_bwd.cuda) bytes += static_cast<double>(prepared_bwd.cuda->bytes_sent_per_run());
+        timing.solo_ms = time_runs(ctx, prepared, o.warmup, o.iters, [&] {
+          prepared.cuda->run(t.q, t.k, t.v, t.out, t.lse, prepared.scale, false);
+          if (prepared_bwd.cuda) {
+            prepared_bwd.cuda->run(t.q, t.k, t.v, t.out, t.lse, grads->dout_view, grads->dq_view, grads->dk_view,
+                                   grads->dv_view, prepared_bwd.scale, false);
+          }
+        });
         prepared.run(t.q, t.k, t.v, t.out, t.lse);  // leave the ring's result for --check
         RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda->stream()));
       }
@@ -225,13 +241,13 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       const double overlap = timing.solo_ms > 0.0 ? timing.solo_ms / timing.ring_ms : 0.0;
       const std::string overlap_text = timing.solo_ms > 0.0 ? std::to_string(overlap).substr(0, 5) : "-";
       const std::string wrong_text = o.check ? std::to_string(static_cast<long long>(wrong)) : "-";
-      // The backward pass's own traffic (K, V with dK, dV) is not counted: no figure then.
-      char gbps_text[32];
-      std::snprintf(gbps_text, sizeof gbps_text, "%.2f", gbps);
+      // The CPU backward pass's own traffic (K, V with dK, dV) is not counted: no figure then.
+      char gbps_text[32] = "-";
+      if (!(p.backward && prepared.cpu)) std::snprintf(gbps_text, sizeof gbps_text, "%.2f", gbps);
       print0(ctx, "  %9lld %5lld %5lld %4lld %4lld %6s %10s %6s %10.3f %10.2f %9s %7s %7s\n",
              static_cast<long long>(p.seq), static_cast<long long>(p.batch), static_cast<long long>(p.heads),
              static_cast<long long>(p.kv_heads), static_cast<long long>(p.head_dim), causal ? "yes" : "no",
-             to_string(p.layout), to_string(p.dtype), timing.ring_ms, tflops, p.backward ? "-" : gbps_text,
+             to_string(p.layout), to_string(p.dtype), timing.ring_ms, tflops, gbps_text,
              overlap_text.c_str(),
              wrong_text.c_str());
       table.push_back({{"seq", p.seq}, {"backward", p.backward}, {"batch", p.batch}, {"heads", p.heads}, {"kv_heads", p.kv_heads},

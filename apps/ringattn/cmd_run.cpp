@@ -32,21 +32,18 @@ int run_command(Context& ctx, const RunOptions& o) {
 
   write_outputs(ctx, p, o.out_path, o.lse_path, out, lse);
 
-  // The backward pass (CPU): gradients of sum(O * dO) from the forward's O and LSE.
+  // The backward pass: gradients of sum(O * dO) from the forward's O and LSE.
   double backward_seconds = 0.0;
   if (p.backward) {
-    std::vector<unsigned char> dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
-    const std::int64_t n = p.local_len();
-    auto rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.heads, p.head_dim}); };
-    auto kv_rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.kv_heads, p.head_dim}); };
+    GradientTensors grads(ctx, p);
     RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
     const double t0 = MPI_Wtime();
-    backward(ctx, rows(p.q.data()), kv_rows(p.k.data()), kv_rows(p.v.data()), rows(out.data()),
-             TensorView::contiguous(lse.data(), DType::f32, {p.batch, p.heads, n}), rows(p.dout.data()),
-             rows(dq.data()), kv_rows(dk.data()), kv_rows(dv.data()), attention);
+    backward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, tensors.lse, grads.dout_view, grads.dq_view,
+             grads.dk_view, grads.dv_view, attention);
     const double mine_backward = MPI_Wtime() - t0;
     RINGATTN_MPI_CHECK(MPI_Allreduce(&mine_backward, &backward_seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
-    write_gradients(ctx, p, o.dq_path, o.dk_path, o.dv_path, dq, dk, dv);
+    grads.download();
+    write_gradients(ctx, p, o.dq_path, o.dk_path, o.dv_path, grads.dq, grads.dk, grads.dv);
   }
 
   const double tflops = p.flops() / seconds / 1e12;

@@ -78,13 +78,12 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   double grad_err = 0.0;
   const double grad_tol = detail::gradient_tolerance(p.dtype);
   if (p.backward) {
-    std::vector<unsigned char> dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
     const std::int64_t n = p.local_len();
-    auto rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.heads, p.head_dim}); };
-    auto kv_rows = [&](void* d) { return TensorView::contiguous(d, p.dtype, {p.batch, n, p.kv_heads, p.head_dim}); };
-    backward(ctx, rows(p.q.data()), kv_rows(p.k.data()), kv_rows(p.v.data()), rows(out.data()),
-             TensorView::contiguous(lse.data(), DType::f32, {p.batch, p.heads, n}), rows(p.dout.data()),
-             rows(dq.data()), kv_rows(dk.data()), kv_rows(dv.data()), attention);
+    GradientTensors grads(ctx, p);
+    backward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, tensors.lse, grads.dout_view, grads.dq_view,
+             grads.dk_view, grads.dv_view, attention);
+    grads.download();
+    const std::vector<unsigned char>&dq = grads.dq, &dk = grads.dk, &dv = grads.dv;
     std::vector<double> rdq, rdk, rdv;
     detail::reference_backward(ref, load_full_rows(ctx, p, detail::SyntheticTensor::q, o.problem.q_path), k_all, v_all,
                                load_full_rows(ctx, p, detail::SyntheticTensor::dout, o.problem.dout_path), rdq, rdk,

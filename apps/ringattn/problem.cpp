@@ -231,9 +231,6 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
       invalid("--kernel " + o.kernel + " needs --device cuda");
     }
     if (!o.dout_path.empty() && !o.backward) invalid("--dout needs --backward");
-    if (o.backward && p.device == DeviceKind::cuda) {
-      invalid("--backward runs on the cpu only so far (the CUDA backward pass is not available yet)");
-    }
     if (!o.dout_path.empty() && !p.from_files) invalid("--dout needs the inputs as files too (--q, --k, --v)");
     if (p.from_files) {
       if (o.q_path.empty() || o.k_path.empty() || o.v_path.empty()) invalid("--q, --k and --v must be given together");
@@ -477,6 +474,58 @@ void ProblemTensors::download() {
   RINGATTN_CUDA_CHECK(cudaMemcpy(host_out_.data(), device_->out.get(), host_out_.size(), cudaMemcpyDeviceToHost));
   RINGATTN_CUDA_CHECK(cudaMemcpy(host_lse_.data(), device_->lse.get(), host_lse_.size() * sizeof(float),
                                  cudaMemcpyDeviceToHost));
+#endif
+}
+
+#ifdef RINGATTN_HAVE_CUDA
+struct GradientTensors::Device {
+  detail::DeviceBuffer dout, dq, dk, dv;
+};
+#else
+struct GradientTensors::Device {};
+#endif
+
+GradientTensors::GradientTensors(Context& ctx, Problem& p) : dq(p.q.size()), dk(p.k.size()), dv(p.v.size()) {
+  const std::int64_t n = p.local_len();
+  auto rows = [&](void* d, std::int64_t heads, DeviceKind device, int index) {
+    return TensorView::contiguous(d, p.dtype, {p.batch, n, heads, p.head_dim}, device, index);
+  };
+  if (p.device == DeviceKind::cpu) {
+    dout_view = rows(p.dout.data(), p.heads, DeviceKind::cpu, 0);
+    dq_view = rows(dq.data(), p.heads, DeviceKind::cpu, 0);
+    dk_view = rows(dk.data(), p.kv_heads, DeviceKind::cpu, 0);
+    dv_view = rows(dv.data(), p.kv_heads, DeviceKind::cpu, 0);
+    return;
+  }
+#ifdef RINGATTN_HAVE_CUDA
+  const int device = ctx.cuda().device();
+  device_ = std::make_unique<Device>();
+  detail::agree_on(ctx.comm(), [&] {
+    RINGATTN_CUDA_CHECK(cudaSetDevice(device));
+    device_->dout = detail::DeviceBuffer(p.dout.size());
+    RINGATTN_CUDA_CHECK(cudaMemcpy(device_->dout.get(), p.dout.data(), p.dout.size(), cudaMemcpyHostToDevice));
+    device_->dq = detail::DeviceBuffer(dq.size());
+    device_->dk = detail::DeviceBuffer(dk.size());
+    device_->dv = detail::DeviceBuffer(dv.size());
+  });
+  dout_view = rows(device_->dout.get(), p.heads, DeviceKind::cuda, device);
+  dq_view = rows(device_->dq.get(), p.heads, DeviceKind::cuda, device);
+  dk_view = rows(device_->dk.get(), p.kv_heads, DeviceKind::cuda, device);
+  dv_view = rows(device_->dv.get(), p.kv_heads, DeviceKind::cuda, device);
+#else
+  (void)ctx;
+  throw Error(ErrorCode::invalid_argument, "--device cuda: this build of ringattn has no CUDA backend", true);
+#endif
+}
+
+GradientTensors::~GradientTensors() = default;
+
+void GradientTensors::download() {
+#ifdef RINGATTN_HAVE_CUDA
+  if (!device_) return;
+  RINGATTN_CUDA_CHECK(cudaMemcpy(dq.data(), device_->dq.get(), dq.size(), cudaMemcpyDeviceToHost));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(dk.data(), device_->dk.get(), dk.size(), cudaMemcpyDeviceToHost));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(dv.data(), device_->dv.get(), dv.size(), cudaMemcpyDeviceToHost));
 #endif
 }
 

@@ -92,6 +92,25 @@ class ProblemTensors {
   std::vector<float>& host_lse_;
 };
 
+// The backward pass's tensors: dO (from problem.dout) and dQ, dK, dV, on the host (cpu) or
+// on this rank's GPU (cuda, dO uploaded at construction); download() brings the gradients
+// into dq, dk, dv.
+class GradientTensors {
+ public:
+  GradientTensors(Context& ctx, Problem& problem);
+  ~GradientTensors();
+  GradientTensors(const GradientTensors&) = delete;
+  GradientTensors& operator=(const GradientTensors&) = delete;
+  void download();
+
+  std::vector<unsigned char> dq, dk, dv;  // host copies, dense like q, k, v
+  TensorView dout_view, dq_view, dk_view, dv_view;
+
+ private:
+  struct Device;
+  std::unique_ptr<Device> device_;
+};
+
 // Collective: writes (B, S_local, H, D) `out` and (B, H, S_local) `lse` into natural-order
 // .npy files (out in q's file dtype, or float32 for generated bf16 / fp32 and float16 for fp16).
 void write_outputs(Context& ctx, const Problem& problem, const std::string& out_path, const std::string& lse_path,

@@ -208,9 +208,6 @@ void validate_backward(const TensorView& q, const TensorView& k, const TensorVie
     if (t->strides[3] != 1 && t->shape[3] > 1) invalid(std::string(name) + ": head_dim must be contiguous (stride 1)");
     if (t->device != q.device) invalid(std::string(name) + ": on a different device than q");
   }
-  if (q.device == DeviceKind::cuda) {
-    invalid("backward: the CUDA backward pass is not available yet; run it with tensors on the cpu");
-  }
 }
 
 }  // namespace
@@ -288,9 +285,12 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
 #endif
 }
 
-void backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-              const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-              const TensorView& dv, const AttentionOptions& options) {
+namespace detail {
+
+PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, const TensorView& lse, const TensorView& dout,
+                                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                  const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
   detail::agree_on(comm, [&] {
     validate(q, k, v, out, lse, options);
@@ -300,13 +300,61 @@ void backward(Context& ctx, const TensorView& q, const TensorView& k, const Tens
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");
   const detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], q.shape[3]};
   const detail::MaskKind mask = options.causal ? detail::MaskKind::causal : detail::MaskKind::full;
-  std::unique_ptr<detail::CpuRingBackward> engine;
-  detail::agree_on(comm, [&] {
-    engine = std::make_unique<detail::CpuRingBackward>(comm, detail::make_ring_plan(*layout, mask, ctx.rank()), shape,
-                                                       q.dtype, q.shape[1], layout->max_local_length(),
-                                                       ctx.cpu_threads());
-  });
-  engine->run(q, k, v, out, lse, dout, dq, dk, dv, static_cast<float>(scale));
+  PreparedBackward prepared;
+  prepared.scale = static_cast<float>(scale);
+  if (q.device == DeviceKind::cuda) {
+#ifdef RINGATTN_HAVE_CUDA
+    CudaResources& resources = ctx.cuda();
+    detail::agree_on(comm, [&] {
+      if (q.device_index != resources.device()) {
+        invalid("q: on cuda:" + std::to_string(q.device_index) + " but this rank runs on cuda:" +
+                std::to_string(resources.device()));
+      }
+      prepared.cuda = std::make_unique<CudaRingBackward>(resources, make_ring_plan(*layout, mask, ctx.rank()), shape,
+                                                         q.dtype, q.shape[1], layout->max_local_length(), options.kernel);
+    });
+#endif
+  } else {
+    detail::agree_on(comm, [&] {
+      prepared.cpu = std::make_unique<CpuRingBackward>(comm, make_ring_plan(*layout, mask, ctx.rank()), shape, q.dtype,
+                                                       q.shape[1], layout->max_local_length(), ctx.cpu_threads());
+    });
+  }
+  return prepared;
+}
+
+void PreparedBackward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                           const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                           const TensorView& dv) {
+#ifdef RINGATTN_HAVE_CUDA
+  if (cuda) {
+    cuda->run(q, k, v, out, lse, dout, dq, dk, dv, scale);
+    return;
+  }
+#endif
+  cpu->run(q, k, v, out, lse, dout, dq, dk, dv, scale);
+}
+
+}  // namespace detail
+
+void backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+              const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+              const TensorView& dv, const AttentionOptions& options) {
+  detail::PreparedBackward prepared = detail::prepare_backward(ctx, q, k, v, out, lse, dout, dq, dk, dv, options);
+#ifdef RINGATTN_HAVE_CUDA
+  // As forward(): without a borrowed stream, order after the legacy default stream and return
+  // with the gradients ready.
+  const bool own_stream = prepared.cuda && ctx.options().cuda_stream == nullptr;
+  if (own_stream) {
+    detail::CudaEvent inputs_ready;
+    RINGATTN_CUDA_CHECK(cudaEventRecord(inputs_ready, cudaStreamLegacy));
+    RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda->stream(), inputs_ready, 0));
+  }
+#endif
+  prepared.run(q, k, v, out, lse, dout, dq, dk, dv);
+#ifdef RINGATTN_HAVE_CUDA
+  if (own_stream) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda->stream()));
+#endif
 }
 
 }  // namespace ringattn

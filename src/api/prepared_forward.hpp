@@ -9,8 +9,10 @@
 #include "engine/ring_forward.hpp"
 #include "ringattn/attention.hpp"
 #ifdef RINGATTN_HAVE_CUDA
+#include "engine/cuda_ring_backward.hpp"
 #include "engine/cuda_ring_forward.hpp"
 #endif
+#include "engine/ring_backward.hpp"
 
 namespace ringattn::detail {
 
@@ -28,5 +30,24 @@ struct PreparedForward {
 
 PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& out, const TensorView& lse, const AttentionOptions& options);
+
+// The backward pass, prepared: checked, agreed and allocated (collective).
+struct PreparedBackward {
+  float scale = 1.0f;
+  std::unique_ptr<CpuRingBackward> cpu;
+#ifdef RINGATTN_HAVE_CUDA
+  std::unique_ptr<CudaRingBackward> cuda;
+#endif
+
+  // Collective on the CPU; on GPUs it enqueues on the context's compute stream and returns.
+  void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+           const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+           const TensorView& dv);
+};
+
+PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, const TensorView& lse, const TensorView& dout,
+                                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                  const AttentionOptions& options);
 
 }  // namespace ringattn::detail

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU ring end to end: `ringattn verify --device cuda` at np = $NP for every layout x
 # causal x (MHA, GQA 32/8) x (bf16, fp16) with the default kernel (cuDNN where the build has
-# it), and every layout x causal with --kernel native (bf16, GQA). Exits 77 (CTest: skipped)
-# where this machine has fewer than $NP GPUs.
+# it), and every layout x causal with --kernel native (bf16, GQA). Then the backward pass
+# (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
+# (MHA, GQA) in bf16 and some fp16 / head-dim-64 cases; at np > 1 the gradient error may not
+# exceed 1.5x the error of the same inputs at np 1. Exits 77 (CTest: skipped) where this
+# machine has fewer than $NP GPUs.
 #   ring_verify.sh RINGATTN MPIEXEC NP [mpirun flags...]
 set -u
 ringattn=$1 mpiexec=$2 np=$3
@@ -35,5 +38,42 @@ for layout in contiguous zigzag striped; do
     check "np=$np $layout ${causal:---full} kv-heads=8 bf16 native" --kv-heads 8 --layout "$layout" $causal \
       --kernel native
   done
+done
+
+# Backward: smaller problems, since every rank builds the whole fp64 reference on its CPU.
+grad_err() {  # the relative gradient error that verify printed
+  echo "$1" | sed -n 's/.*dQ, dK, dV: max |err| \/ max |ref| \([0-9.e+-]*\).*/\1/p'
+}
+check_bwd() {  # name, then the verify flags
+  local name=$1
+  shift
+  local flags=(verify --backward --device cuda --seq 768 --heads 8 "$@")
+  if out=$("$mpiexec" "${mpi_flags[@]}" --bind-to none -np "$np" "$ringattn" "${flags[@]}" 2>&1); then
+    local err one=""
+    err=$(grad_err "$out")
+    if [ "$np" -gt 1 ]; then
+      if ! one_out=$("$mpiexec" "${mpi_flags[@]}" --bind-to none -np 1 "$ringattn" "${flags[@]}" 2>&1); then
+        echo "FAIL $name (np=1)"; echo "$one_out"; failed=1; return
+      fi
+      one=$(grad_err "$one_out")
+      if ! awk -v a="$err" -v b="$one" 'BEGIN { exit !(a <= 1.5 * b + 1e-7) }'; then
+        echo "FAIL $name: gradient error $err at np=$np exceeds 1.5x the np=1 error $one"; failed=1; return
+      fi
+      one=" (np=1: $one)"
+    fi
+    echo "ok   $name: gradient error $err$one"
+  else
+    echo "FAIL $name"; echo "$out"; failed=1
+  fi
+}
+for layout in contiguous zigzag striped; do
+  for causal in "" --causal; do
+    for kv in 8 2; do
+      check_bwd "backward np=$np $layout ${causal:---full} kv-heads=$kv bf16" --kv-heads "$kv" --layout "$layout" \
+        $causal --head-dim 128 --dtype bf16
+    done
+  done
+  check_bwd "backward np=$np $layout causal kv-heads=4 fp16 d64" --kv-heads 4 --layout "$layout" --causal \
+    --head-dim 64 --dtype fp16
 done
 exit $failed

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/flash_bwd_params.hpp"
 #include "kernels/cuda/flash_fwd_params.hpp"
 #include "ringattn/tensor.hpp"
 
@@ -48,5 +49,18 @@ void pack_rows(const TensorView& src, void* dst, cudaStream_t stream);
 // lse (B, H, S) with lse's strides <- lse_acc (B, H, S), when lse.data is set.
 void finalize_output(const float* o_acc, const float* lse_acc, const TensorView& out, const TensorView& lse,
                      cudaStream_t stream);
+
+// The native flash backward of one task (see FlashBwdParams): adds the task's share of dQ
+// (part dq), of dK and dV (part dkv), or of all three to the fp32 accumulators. The parts
+// are separate launches so that the ring can compute dQ while dK/dV accumulators travel.
+// dtype: f16 or bf16; head dims as the forward kernels.
+enum class FlashBwdPart { dq, dkv, both };
+void flash_bwd(const FlashBwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream,
+               FlashBwdPart part = FlashBwdPart::both);
+
+// Before the backward ring: delta = rowsum(dO * O) and lse2 = LSE * log2(e) (+inf where LSE
+// is -inf), both (B, H, S) dense fp32. out, dout: (B, S, H, D) f16 or bf16; lse (B, H, S).
+void backward_prep(const TensorView& out, const TensorView& dout, const TensorView& lse, float* lse2, float* delta,
+                   cudaStream_t stream);
 
 }  // namespace ringattn::detail

@@ -110,6 +110,34 @@ __global__ void merge_block_kernel(float* o_acc, float* lse, std::int64_t s_q, s
   if (lane == 0) lse[state] = merged;
 }
 
+
+// One warp per (batch, head, row) of the backward pass: delta = rowsum(dO * O) in fp32 and
+// lse2 = LSE * log2(e), both (B, H, S) dense; a row that saw no key (LSE = -inf) gets
+// lse2 = +inf, so that the backward kernels' exp2(s - lse2) is 0 there, not NaN.
+template <typename T>
+__global__ void backward_prep_kernel(const T* out, const T* dout, const float* lse, float* lse2, float* delta,
+                                     std::int64_t S, std::int64_t H, std::int64_t D, std::int64_t ob, std::int64_t os,
+                                     std::int64_t oh, std::int64_t db, std::int64_t ds, std::int64_t dh,
+                                     std::int64_t lb, std::int64_t lh, std::int64_t ls, std::int64_t rows) {
+  const std::int64_t w = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  if (w >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const std::int64_t s = w % S;
+  const std::int64_t h = (w / S) % H;
+  const std::int64_t b = w / (S * H);
+  const T* o = out + b * ob + s * os + h * oh;
+  const T* g = dout + b * db + s * ds + h * dh;
+  float sum = 0.0f;
+  for (std::int64_t d = lane; d < D; d += 32) sum = fmaf(to_float(o[d]), to_float(g[d]), sum);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) {
+    const float l = lse[b * lb + h * lh + s * ls];
+    lse2[w] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+    delta[w] = sum;
+  }
+}
+
 }  // namespace
 
 void fill_neg_inf(float* lse, std::int64_t n, cudaStream_t stream) {
@@ -179,6 +207,27 @@ void merge_block_result(float* o_acc, float* lse, std::int64_t s_q, std::int64_t
   } else {
     merge_block_kernel<<<grid, kThreads, 0, stream>>>(o_acc, lse, s_q, q_begin, q_len, heads, head_dim,
                                                       static_cast<const __half*>(o_b), lse_b, rows);
+  }
+  RINGATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+void backward_prep(const TensorView& out, const TensorView& dout, const TensorView& lse, float* lse2, float* delta,
+                   cudaStream_t stream) {
+  const std::int64_t B = out.shape[0], S = out.shape[1], H = out.shape[2], D = out.shape[3];
+  const std::int64_t rows = B * H * S;
+  if (rows == 0) return;
+  const auto grid = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
+  const auto* l = static_cast<const float*>(lse.data);
+  if (out.dtype == DType::bf16) {
+    backward_prep_kernel<<<grid, kThreads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(out.data), static_cast<const __nv_bfloat16*>(dout.data), l, lse2, delta, S, H, D,
+        out.strides[0], out.strides[1], out.strides[2], dout.strides[0], dout.strides[1], dout.strides[2],
+        lse.strides[0], lse.strides[1], lse.strides[2], rows);
+  } else {
+    backward_prep_kernel<<<grid, kThreads, 0, stream>>>(
+        static_cast<const __half*>(out.data), static_cast<const __half*>(dout.data), l, lse2, delta, S, H, D,
+        out.strides[0], out.strides[1], out.strides[2], dout.strides[0], dout.strides[1], dout.strides[2],
+        lse.strides[0], lse.strides[1], lse.strides[2], rows);
   }
   RINGATTN_CUDA_CHECK(cudaGetLastError());
 }

@@ -1,0 +1,64 @@
+// engine/cuda_ring_backward.hpp: the ring loop of the backward pass on GPUs.
+//
+// Q, O, dO and LSE stay home; K and V travel as in the forward pass, and the fp32 dK/dV
+// accumulators of each block travel one hop behind them:
+//   delta = rowsum(dO * O), lse2 = LSE log2(e); dq_acc = 0; acc[0] = 0     (compute stream)
+//   for step s = 0 .. P-1 (block b_s, owned by rank r - s):
+//     post K,V send block[cur] -> r+1, recv block[1-cur] <- r-1             (s < P-1)
+//     dQ kernels of this step's tasks (into dq_acc)
+//     wait for b_s's accumulator from r-1 (s > 0; it left r-1 after its step s-1)
+//     dK/dV kernels of this step's tasks (into that accumulator)
+//     post accumulator send -> r+1, recv b_{s+1}'s <- r-1 (after the last step the hop
+//       brings every accumulator home)
+//     compute stream waits for the K,V transfer; cur = 1 - cur
+//   dq, dk, dv <- dq_acc, acc (in the tensors' dtype and strides)
+// The accumulator hop runs while the next step computes dQ; the K,V hop runs as in the
+// forward pass. All allocations happen at construction; run() does not sync the host.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/cuda_raii.hpp"
+#include "engine/cuda_resources.hpp"
+#include "kernels/cpu/cpu_forward.hpp"
+#include "plan/ring_plan.hpp"
+#include "ringattn/options.hpp"
+#include "ringattn/tensor.hpp"
+
+namespace ringattn::detail {
+
+class CudaRingBackward {
+ public:
+  CudaRingBackward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
+                   std::int64_t q_len, std::int64_t kv_capacity, KernelKind kernel = KernelKind::automatic);
+
+  // Shapes as in backward(); all on this rank's GPU. communicate = false: every step works on
+  // the rank's own block (the overlap baseline of `ringattn bench --backward`).
+  void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+           const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+           const TensorView& dv, float scale, bool communicate = true);
+
+  std::uint64_t bytes_sent_per_run() const { return bytes_sent_per_run_; }
+  const std::string& kernel_description() const { return kernel_description_; }
+  cudaStream_t stream() const { return resources_.compute_stream(); }
+
+ private:
+  std::size_t kv_bytes(std::int64_t kv_len) const;   // K and V of a block, dtype
+  std::size_t acc_bytes(std::int64_t kv_len) const;  // dK and dV of a block, fp32
+
+  CudaResources& resources_;
+  RingPlan plan_;
+  AttentionShape shape_;
+  DType dtype_;
+  std::int64_t q_len_;
+  DeviceBuffer blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
+  DeviceBuffer acc_[2];     // dK then dV, (B, H_kv, S_kv, D) fp32 each, double-buffered
+  DeviceBuffer dq_acc_;     // (B, H, S_local, D) fp32
+  DeviceBuffer lse2_;       // (B, H, S_local) fp32
+  DeviceBuffer delta_;      // (B, H, S_local) fp32
+  std::uint64_t bytes_sent_per_run_ = 0;
+  std::string kernel_description_;
+};
+
+}  // namespace ringattn::detail
