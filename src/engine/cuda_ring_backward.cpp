@@ -1,12 +1,46 @@
 #include "engine/cuda_ring_backward.hpp"
 
+#include <algorithm>
 #include <utility>
 
 #include "comm/nccl_transport.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
+#include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "ringattn/error.hpp"
 
 namespace ringattn::detail {
+
+namespace {
+
+using Strides = std::int64_t[3];
+
+// The cuDNN backward problem of one task: q, out, dout rows with their tensors' strides, K/V
+// rows from the packed block of the step, dq and dk/dv to the given strides.
+CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, const AttentionShape& shape, DType dtype,
+                               const Strides& q, const Strides& o, const Strides& dout, const Strides& dq,
+                               const Strides& dkv) {
+  CudnnSdpaProblem p;
+  p.dtype = dtype;
+  p.batch = shape.batch;
+  p.heads = shape.heads;
+  p.kv_heads = shape.kv_heads;
+  p.head_dim = shape.head_dim;
+  p.q_len = t.q_len;
+  p.kv_len = t.kv_len;
+  p.q_batch_stride = q[0], p.q_row_stride = q[1], p.q_head_stride = q[2];
+  p.kv_batch_stride = step_kv_len * shape.kv_heads * shape.head_dim;
+  p.kv_row_stride = shape.kv_heads * shape.head_dim;
+  p.kv_head_stride = shape.head_dim;
+  p.o_batch_stride = o[0], p.o_row_stride = o[1], p.o_head_stride = o[2];
+  p.do_batch_stride = dout[0], p.do_row_stride = dout[1], p.do_head_stride = dout[2];
+  p.dq_batch_stride = dq[0], p.dq_row_stride = dq[1], p.dq_head_stride = dq[2];
+  p.dkv_batch_stride = dkv[0], p.dkv_row_stride = dkv[1], p.dkv_head_stride = dkv[2];
+  p.causal = t.mask == MaskKind::causal;
+  p.diag_offset = t.diag_offset;
+  return p;
+}
+
+}  // namespace
 
 CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
                                    std::int64_t q_len, std::int64_t kv_capacity, KernelKind kernel)
@@ -15,10 +49,6 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
     throw Error(ErrorCode::invalid_argument, std::string("the CUDA backward pass supports bf16 and fp16 with head_dim "
                                                          "64 or 128, not ") +
                                                  to_string(dtype) + " with head_dim " + std::to_string(shape.head_dim));
-  }
-  if (kernel == KernelKind::cudnn) {
-    throw Error(ErrorCode::invalid_argument,
-                "--kernel cudnn: the backward pass has no cuDNN path yet; use --kernel auto or native");
   }
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
   blocks_[0] = DeviceBuffer(kv_bytes(kv_capacity));
@@ -31,7 +61,72 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   dq_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
   lse2_ = DeviceBuffer(rows * sizeof(float));
   delta_ = DeviceBuffer(rows * sizeof(float));
-  kernel_description_ = "native mma.sync backward kernels";
+  one_task_ = plan_.world == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
+              plan_.steps[0].tasks[0].q_len == q_len;
+
+  const std::string native = "native mma.sync backward kernels";
+  kernel_description_ = native;
+  if (kernel == KernelKind::native) return;
+  CudnnSdpa* sdpa = resources_.cudnn();
+  std::string why_not = sdpa == nullptr ? "this build has no cuDNN" : "";
+  std::size_t tasks = 0, on_cudnn = 0;
+  std::int64_t max_q = 0, max_kv = 0;
+  if (sdpa != nullptr) {
+    // Build the plan of every task (dense tensors assumed) before the ring starts; tasks that
+    // cuDNN refuses run on the native kernels.
+    const std::int64_t H = shape.heads, Hkv = shape.kv_heads, D = shape.head_dim;
+    const Strides dense = {q_len * H * D, H * D, D};
+    for (const RingStep& step : plan_.steps) {
+      for (const BlockTask& t : step.tasks) {
+        ++tasks;
+        const Strides dq_dense = {t.q_len * H * D, H * D, D};
+        const Strides dkv_dense = {t.kv_len * Hkv * D, Hkv * D, D};
+        const CudnnSdpaProblem p = cudnn_problem(t, step.kv_len, shape, dtype, dense, dense, dense,
+                                                 one_task_ ? dense : dq_dense, dkv_dense);
+        std::string reason = cudnn_sdpa_backward_unsupported_reason(p);
+        if (reason.empty() && t.mask == MaskKind::causal && t.diag_offset < 0) {
+          reason = "causal sub-blocks with a negative diagonal offset run on the native kernels";
+        }
+        if (reason.empty()) sdpa->try_prepare_backward(p, &reason);
+        if (!reason.empty()) {
+          why_not = reason;
+          continue;
+        }
+        ++on_cudnn;
+        cudnn_tasks_.insert(std::make_tuple(t.q_begin, t.q_len, t.kv_begin, t.kv_len, static_cast<int>(t.mask),
+                                            t.diag_offset, step.kv_len));
+        max_q = std::max(max_q, t.q_len);
+        max_kv = std::max(max_kv, t.kv_len);
+      }
+    }
+  }
+  if (on_cudnn == 0) {
+    if (kernel == KernelKind::cudnn) {
+      throw Error(ErrorCode::invalid_argument, "--kernel cudnn: cuDNN cannot run this backward pass: " + why_not);
+    }
+    kernel_description_ = native + " (cuDNN not used: " + why_not + ")";
+    return;
+  }
+  cudnn_ = sdpa;
+  const std::int64_t B = shape.batch, H = shape.heads, Hkv = shape.kv_heads, D = shape.head_dim;
+  const std::size_t elem = dtype_size(dtype);
+  if (!one_task_) {
+    dq_block_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * elem);
+    dq_block_f32_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * sizeof(float));
+    dkv_block_ = DeviceBuffer(2 * static_cast<std::size_t>(B * max_kv * Hkv * D) * elem);
+  }
+  stats_block_ = DeviceBuffer(static_cast<std::size_t>(B * H * std::max(max_q, q_len)) * sizeof(float));
+  kernel_description_ = "cuDNN " + std::to_string(cudnn_version()) + " fused attention backward";
+  if (on_cudnn < tasks) {
+    kernel_description_ += " (" + std::to_string(tasks - on_cudnn) + " of " + std::to_string(tasks) +
+                           " tasks on the " + native + ": " + why_not + ")";
+  }
+}
+
+bool CudaRingBackward::task_uses_cudnn(const BlockTask& t, std::int64_t step_kv_len) const {
+  return cudnn_ != nullptr && cudnn_tasks_.count(std::make_tuple(t.q_begin, t.q_len, t.kv_begin, t.kv_len,
+                                                                  static_cast<int>(t.mask), t.diag_offset,
+                                                                  step_kv_len)) > 0;
 }
 
 std::size_t CudaRingBackward::kv_bytes(std::int64_t kv_len) const {
@@ -48,6 +143,7 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
   const cudaStream_t stream = resources_.compute_stream();
   const int P = plan_.world;
+  direct_ = false;
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
   const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous();
   if (!kv_in_place) {
@@ -105,19 +201,28 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
       p.causal = t.mask == MaskKind::causal;
       p.diag_offset = static_cast<int>(t.diag_offset);
     };
-    for (const BlockTask& t : step.tasks) {
-      set_task(t);
-      flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
-    }
-    if (ring && s > 0) acc_hop.wait();  // this block's accumulator has arrived
     // Without communication every step adds into the first accumulator (the same work).
-    p.dk = acc_[communicate ? acc : 0].as<float>();
-    p.dv = p.dk + B * Hkv * step.kv_len * D;
+    float* dk_acc = acc_[communicate ? acc : 0].as<float>();
+    float* dv_acc = dk_acc + B * Hkv * step.kv_len * D;
+    p.dk = dk_acc;
+    p.dv = dv_acc;
     p.acc_len = step.kv_len;
+    bool acc_ready = !(ring && s > 0);
+    auto await_acc = [&] {  // this block's accumulator has arrived
+      if (!acc_ready) acc_hop.wait();
+      acc_ready = true;
+    };
     for (const BlockTask& t : step.tasks) {
       set_task(t);
+      if (task_uses_cudnn(t, step.kv_len) && run_cudnn_task(t, step.kv_len, q, p.k, p.v, out, lse, dout, dq, dk, dv,
+                                                            scale, dk_acc, dv_acc, await_acc)) {
+        continue;
+      }
+      flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
+      await_acc();
       flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
     }
+    await_acc();
     if (ring) {
       // After the last step the hop brings each accumulator to its owner.
       const std::int64_t next_len = s + 1 < P ? plan_.steps[static_cast<std::size_t>(s) + 1].kv_len : q_len_;
@@ -130,10 +235,62 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   }
   if (ring) acc_hop.wait();
   bytes_sent_per_run_ = kv_hop.bytes_sent() + acc_hop.bytes_sent();
+  if (direct_) return;  // cuDNN wrote dq, dk, dv
   const float* grads = acc_[ring ? acc : 0].as<float>();
   finalize_output(dq_acc_.as<float>(), nullptr, dq, TensorView{}, stream);
   finalize_output(grads, nullptr, dk, TensorView{}, stream);
   finalize_output(grads + B * Hkv * q_len_ * D, nullptr, dv, TensorView{}, stream);
+}
+
+bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_len, const TensorView& q,
+                                      const void* k, const void* v, const TensorView& out, const TensorView& lse,
+                                      const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                                      const TensorView& dv, float scale, float* dk_acc, float* dv_acc,
+                                      const std::function<void()>& await_acc) {
+  const cudaStream_t stream = resources_.compute_stream();
+  const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
+  const auto elem = static_cast<std::int64_t>(dtype_size(dtype_));
+  // One task covering every row of one rank: cuDNN writes the gradients themselves (when dk
+  // and dv share strides: one plan describes both).
+  const bool direct = one_task_ && dk.strides == dv.strides;
+  const Strides qs = {q.strides[0], q.strides[1], q.strides[2]};
+  const Strides os = {out.strides[0], out.strides[1], out.strides[2]};
+  const Strides ds = {dout.strides[0], dout.strides[1], dout.strides[2]};
+  const Strides dq_s = {direct ? dq.strides[0] : t.q_len * H * D, direct ? dq.strides[1] : H * D,
+                        direct ? dq.strides[2] : D};
+  const Strides dkv_s = {direct ? dk.strides[0] : t.kv_len * Hkv * D, direct ? dk.strides[1] : Hkv * D,
+                         direct ? dk.strides[2] : D};
+  const CudnnSdpaProblem problem = cudnn_problem(t, step_kv_len, shape_, dtype_, qs, os, ds, dq_s, dkv_s);
+  // Plans for dense tensors were built before the ring; other strides build theirs now, and a
+  // refusal falls back to the native kernels on this rank.
+  if (!cudnn_->try_prepare_backward(problem)) return false;
+  auto rows = [&](const void* base, std::int64_t row, std::int64_t row_stride) {
+    return static_cast<const unsigned char*>(base) + row * row_stride * elem;
+  };
+  gather_lse(lse, t.q_begin, t.q_len, stats_block_.as<float>(), stream);
+  const void* k_rows = rows(k, t.kv_begin, Hkv * D);
+  const void* v_rows = rows(v, t.kv_begin, Hkv * D);
+  if (direct) {
+    cudnn_->backward(problem, q.data, k_rows, v_rows, out.data, dout.data, stats_block_.as<float>(), dq.data, dk.data,
+                     dv.data, nullptr, scale, stream);
+    direct_ = true;
+    return true;
+  }
+  auto* dk_blk = static_cast<unsigned char*>(dkv_block_.get());
+  unsigned char* dv_blk = dk_blk + B * t.kv_len * Hkv * D * elem;
+  cudnn_->backward(problem, rows(q.data, t.q_begin, q.strides[1]), k_rows, v_rows,
+                   rows(out.data, t.q_begin, out.strides[1]), rows(dout.data, t.q_begin, dout.strides[1]),
+                   stats_block_.as<float>(), dq_block_.get(), dk_blk, dv_blk, dq_block_f32_.as<float>(), scale, stream);
+  // cuDNN's fp32 dQ (B, H, q_len, D) joins the fp32 dQ sum: no rounding to the dtype between
+  // steps. dK and dV come in the dtype (B, kv_len, H_kv, D).
+  const Strides dq_f32_s = {H * t.q_len * D, t.q_len * D, D};
+  accumulate_rows(dq_acc_.as<float>(), q_len_, t.q_begin, dq_block_f32_.get(), DType::f32, B, H, t.q_len, D, dq_f32_s,
+                  stream);
+  await_acc();
+  const Strides dkv_blk_s = {t.kv_len * Hkv * D, D, Hkv * D};
+  accumulate_rows(dk_acc, step_kv_len, t.kv_begin, dk_blk, dtype_, B, Hkv, t.kv_len, D, dkv_blk_s, stream);
+  accumulate_rows(dv_acc, step_kv_len, t.kv_begin, dv_blk, dtype_, B, Hkv, t.kv_len, D, dkv_blk_s, stream);
+  return true;
 }
 
 }  // namespace ringattn::detail

@@ -5,19 +5,25 @@
 //   delta = rowsum(dO * O), lse2 = LSE log2(e); dq_acc = 0; acc[0] = 0     (compute stream)
 //   for step s = 0 .. P-1 (block b_s, owned by rank r - s):
 //     post K,V send block[cur] -> r+1, recv block[1-cur] <- r-1             (s < P-1)
-//     dQ kernels of this step's tasks (into dq_acc)
-//     wait for b_s's accumulator from r-1 (s > 0; it left r-1 after its step s-1)
-//     dK/dV kernels of this step's tasks (into that accumulator)
+//     per task: dQ (native dq kernel, or cuDNN's fused backward into scratch, its fp32 dQ
+//       added to dq_acc); before the first dK/dV: wait for b_s's accumulator from r-1 (s > 0;
+//       it left r-1 after its step s-1); dK/dV (native dkv kernel, or cuDNN's added from
+//       scratch) into that accumulator
 //     post accumulator send -> r+1, recv b_{s+1}'s <- r-1 (after the last step the hop
 //       brings every accumulator home)
 //     compute stream waits for the K,V transfer; cur = 1 - cur
 //   dq, dk, dv <- dq_acc, acc (in the tensors' dtype and strides)
 // The accumulator hop runs while the next step computes dQ; the K,V hop runs as in the
-// forward pass. All allocations happen at construction; run() does not sync the host.
+// forward pass. One rank with one task (P = 1) lets cuDNN write dq, dk, dv directly. cuDNN
+// runs the tasks it supports (see cudnn_sdpa_backward_unsupported_reason); the rest run on
+// the native kernels. All allocations happen at construction; run() does not sync the host.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <set>
 #include <string>
+#include <tuple>
 
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
@@ -46,6 +52,13 @@ class CudaRingBackward {
  private:
   std::size_t kv_bytes(std::int64_t kv_len) const;   // K and V of a block, dtype
   std::size_t acc_bytes(std::int64_t kv_len) const;  // dK and dV of a block, fp32
+  bool task_uses_cudnn(const BlockTask& t, std::int64_t step_kv_len) const;
+  // Runs one task on cuDNN and adds its gradients to the accumulators (calling await_acc
+  // before touching dK/dV); false when cuDNN refuses the task's strides.
+  bool run_cudnn_task(const BlockTask& t, std::int64_t step_kv_len, const TensorView& q, const void* k, const void* v,
+                      const TensorView& out, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                      const TensorView& dk, const TensorView& dv, float scale, float* dk_acc, float* dv_acc,
+                      const std::function<void()>& await_acc);
 
   CudaResources& resources_;
   RingPlan plan_;
@@ -57,6 +70,17 @@ class CudaRingBackward {
   DeviceBuffer dq_acc_;     // (B, H, S_local, D) fp32
   DeviceBuffer lse2_;       // (B, H, S_local) fp32
   DeviceBuffer delta_;      // (B, H, S_local) fp32
+  bool one_task_ = false;   // P = 1 and one task covers every row
+  bool direct_ = false;     // this run's cuDNN task wrote dq, dk, dv itself
+  CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
+  // The tasks whose cuDNN plan was built: (q_begin, q_len, kv_begin, kv_len, mask, diag_offset,
+  // step kv_len).
+  std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, std::int64_t, std::int64_t>>
+      cudnn_tasks_;
+  DeviceBuffer dq_block_;       // cuDNN's task results: dQ (B, q_len, H, D) in dtype,
+  DeviceBuffer dq_block_f32_;   // dQ (B, H, q_len, D) fp32,
+  DeviceBuffer dkv_block_;      // dK then dV (B, kv_len, H_kv, D) in dtype,
+  DeviceBuffer stats_block_;    // and its LSE rows (B, H, q_len) fp32
   std::uint64_t bytes_sent_per_run_ = 0;
   std::string kernel_description_;
 };

@@ -3,7 +3,7 @@
 # causal x (MHA, GQA 32/8) x (bf16, fp16) with the default kernel (cuDNN where the build has
 # it), and every layout x causal with --kernel native (bf16, GQA). Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
-# (MHA, GQA) in bf16 and some fp16 / head-dim-64 cases; at np > 1 the gradient error may not
+# (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases; at np > 1 the gradient error may not
 # exceed 1.5x the error of the same inputs at np 1. Exits 77 (CTest: skipped) where this
 # machine has fewer than $NP GPUs.
 #   ring_verify.sh RINGATTN MPIEXEC NP [mpirun flags...]
@@ -47,7 +47,7 @@ grad_err() {  # the relative gradient error that verify printed
 check_bwd() {  # name, then the verify flags
   local name=$1
   shift
-  local flags=(verify --backward --device cuda --seq 768 --heads 8 "$@")
+  local flags=(verify --backward --device cuda --seq 1024 --heads 4 "$@")
   if out=$("$mpiexec" "${mpi_flags[@]}" --bind-to none -np "$np" "$ringattn" "${flags[@]}" 2>&1); then
     local err one=""
     err=$(grad_err "$out")
@@ -68,12 +68,14 @@ check_bwd() {  # name, then the verify flags
 }
 for layout in contiguous zigzag striped; do
   for causal in "" --causal; do
-    for kv in 8 2; do
+    for kv in 4 1; do
       check_bwd "backward np=$np $layout ${causal:---full} kv-heads=$kv bf16" --kv-heads "$kv" --layout "$layout" \
         $causal --head-dim 128 --dtype bf16
     done
   done
-  check_bwd "backward np=$np $layout causal kv-heads=4 fp16 d64" --kv-heads 4 --layout "$layout" --causal \
+  check_bwd "backward np=$np $layout causal kv-heads=2 fp16 d64" --kv-heads 2 --layout "$layout" --causal \
     --head-dim 64 --dtype fp16
+  check_bwd "backward np=$np $layout causal kv-heads=1 bf16 native" --kv-heads 1 --layout "$layout" --causal \
+    --head-dim 128 --dtype bf16 --kernel native
 done
 exit $failed

@@ -7,10 +7,13 @@
 
 #include "common/attention_case.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/cuda_raii.hpp"
+#include "core/dtype.hpp"
 #include "core/synthetic.hpp"
 #include "engine/reference.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
@@ -111,4 +114,102 @@ TEST_F(CudnnSdpaTest, PlansAreCachedPerProblem) {
   const Case c{1, 256, 4, 4, 128, true, LayoutKind::contiguous, 1, DType::bf16};
   check(sdpa, c, 256);
   check(sdpa, c, 256);  // the second run reuses the plan; the result must not change
+}
+
+namespace {
+
+// cuDNN's backward on one whole (square) problem against the fp64 reference gradients: dQ
+// (dtype and cuDNN's fp32 accumulator), dK, dV within detail::gradient_tolerance of the
+// largest reference gradient. O comes from the fp64 reference forward, rounded to the dtype.
+void check_backward(CudnnSdpa& sdpa, const Case& c) {
+  SCOPED_TRACE(name(c) + " backward");
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
+  std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
+  for (std::int64_t t = 0; t < c.seq; ++t) all[static_cast<std::size_t>(t)] = t;
+  const auto q = generate(c, SyntheticTensor::q, all, c.heads);
+  const auto k = generate(c, SyntheticTensor::k, all, c.kv_heads);
+  const auto v = generate(c, SyntheticTensor::v, all, c.kv_heads);
+  const auto dout = generate(c, SyntheticTensor::dout, all, c.heads);
+  const ReferenceProblem ref{c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale};
+  std::vector<double> o_ref, lse_ref, rdq, rdk, rdv;
+  reference_forward(ref, all, to_f32(c.dtype, q), to_f32(c.dtype, k), to_f32(c.dtype, v), o_ref, lse_ref);
+  reference_backward(ref, to_f32(c.dtype, q), to_f32(c.dtype, k), to_f32(c.dtype, v), to_f32(c.dtype, dout), rdq, rdk,
+                     rdv);
+  std::vector<float> o32(o_ref.begin(), o_ref.end()), lse32(lse_ref.begin(), lse_ref.end());
+  std::vector<unsigned char> o(q.size());
+  convert_from_f32(c.dtype, o32.data(), o.data(), o32.size());
+
+  DeviceBuffer d_q(q.size()), d_k(k.size()), d_v(v.size()), d_o(o.size()), d_do(dout.size());
+  DeviceBuffer d_lse(lse32.size() * sizeof(float)), d_dq(q.size()), d_dk(k.size()), d_dv(v.size());
+  DeviceBuffer d_dq32(q.size() / dtype_size(c.dtype) * sizeof(float));
+  upload(d_q, q);
+  upload(d_k, k);
+  upload(d_v, v);
+  upload(d_o, o);
+  upload(d_do, dout);
+  RINGATTN_CUDA_CHECK(cudaMemcpy(d_lse.get(), lse32.data(), d_lse.bytes(), cudaMemcpyHostToDevice));
+
+  const std::int64_t H = c.heads, Hk = c.kv_heads, D = c.dim, S = c.seq;
+  CudnnSdpaProblem p;
+  p.dtype = c.dtype;
+  p.batch = c.batch;
+  p.heads = H;
+  p.kv_heads = Hk;
+  p.q_len = p.kv_len = S;
+  p.head_dim = D;
+  p.q_batch_stride = p.o_batch_stride = p.do_batch_stride = p.dq_batch_stride = S * H * D;
+  p.q_row_stride = p.o_row_stride = p.do_row_stride = p.dq_row_stride = H * D;
+  p.q_head_stride = p.o_head_stride = p.do_head_stride = p.dq_head_stride = D;
+  p.kv_batch_stride = p.dkv_batch_stride = S * Hk * D;
+  p.kv_row_stride = p.dkv_row_stride = Hk * D;
+  p.kv_head_stride = p.dkv_head_stride = D;
+  p.causal = c.causal;
+  std::string why;
+  ASSERT_TRUE(sdpa.try_prepare_backward(p, &why)) << why;
+  sdpa.backward(p, d_q.get(), d_k.get(), d_v.get(), d_o.get(), d_do.get(), d_lse.as<float>(), d_dq.get(), d_dk.get(),
+                d_dv.get(), d_dq32.as<float>(), static_cast<float>(scale), nullptr);
+  RINGATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  auto fetch = [&](const DeviceBuffer& d) {
+    std::vector<unsigned char> h(d.bytes());
+    RINGATTN_CUDA_CHECK(cudaMemcpy(h.data(), d.get(), h.size(), cudaMemcpyDeviceToHost));
+    return h;
+  };
+  const std::vector<float> dq = to_f32(c.dtype, fetch(d_dq)), dk = to_f32(c.dtype, fetch(d_dk)),
+                           dv = to_f32(c.dtype, fetch(d_dv));
+  const std::vector<unsigned char> raw32 = fetch(d_dq32);
+  std::vector<float> dq32(raw32.size() / sizeof(float));
+  std::memcpy(dq32.data(), raw32.data(), raw32.size());
+  double biggest = 0.0;
+  for (const auto* r : {&rdq, &rdk, &rdv})
+    for (double x : *r) biggest = std::max(biggest, std::fabs(x));
+  auto rel_err = [&](const std::vector<float>& got, const std::vector<double>& want) {
+    double e = 0.0;
+    for (std::size_t i = 0; i < want.size(); ++i) e = std::max(e, std::isnan(got[i]) ? INFINITY : std::fabs(got[i] - want[i]));
+    return e / biggest;
+  };
+  // cuDNN's fp32 dQ is (B, H, S, D); the reference is (B, S, H, D).
+  std::vector<float> dq32_rows(dq32.size());
+  for (std::int64_t b = 0; b < c.batch; ++b)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t i = 0; i < S; ++i)
+        for (std::int64_t d = 0; d < D; ++d)
+          dq32_rows[static_cast<std::size_t>(((b * S + i) * H + h) * D + d)] =
+              dq32[static_cast<std::size_t>(((b * H + h) * S + i) * D + d)];
+  const double tol = gradient_tolerance(c.dtype);
+  EXPECT_LE(rel_err(dq, rdq), tol) << "dQ";
+  EXPECT_LE(rel_err(dq32_rows, rdq), tol) << "dQ (fp32)";
+  EXPECT_LE(rel_err(dk, rdk), tol) << "dK";
+  EXPECT_LE(rel_err(dv, rdv), tol) << "dV";
+}
+
+}  // namespace
+
+TEST_F(CudnnSdpaTest, BackwardAgainstReferenceGradients) {
+  CudnnSdpa sdpa;
+  for (DType dtype : {DType::bf16, DType::f16}) {
+    for (bool causal : {false, true}) {
+      check_backward(sdpa, {1, 256, 4, 4, 128, causal, LayoutKind::contiguous, 1, dtype});
+      check_backward(sdpa, {2, 384, 4, 1, 64, causal, LayoutKind::contiguous, 1, dtype});
+    }
+  }
 }

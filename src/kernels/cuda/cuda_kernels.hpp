@@ -63,4 +63,13 @@ void flash_bwd(const FlashBwdParams& params, DType dtype, std::int64_t head_dim,
 void backward_prep(const TensorView& out, const TensorView& dout, const TensorView& lse, float* lse2, float* delta,
                    cudaStream_t stream);
 
+// acc (B, heads, acc_rows, D) fp32, rows row0 .. row0 + n, += src (B, heads, n, D) of
+// src_dtype with element strides {batch, head, row} (unit head-dim stride).
+void accumulate_rows(float* acc, std::int64_t acc_rows, std::int64_t row0, const void* src, DType src_dtype,
+                     std::int64_t batch, std::int64_t heads, std::int64_t n, std::int64_t head_dim,
+                     const std::int64_t (&src_strides)[3], cudaStream_t stream);
+
+// dst (B, H, n) fp32 packed <- rows row0 .. row0 + n of lse (B, H, S) with lse's strides.
+void gather_lse(const TensorView& lse, std::int64_t row0, std::int64_t n, float* dst, cudaStream_t stream);
+
 }  // namespace ringattn::detail

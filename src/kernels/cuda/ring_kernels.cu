@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
@@ -138,6 +139,39 @@ __global__ void backward_prep_kernel(const T* out, const T* dout, const float* l
   }
 }
 
+// acc[(b * Hh + h) * acc_rows + row0 + i][d] += src[b * sb + h * sh + i * ss + d] (fp32 sum).
+template <typename T>
+__global__ void accumulate_rows_kernel(float* acc, std::int64_t acc_rows, std::int64_t row0, const T* src,
+                                       std::int64_t Hh, std::int64_t n, std::int64_t D, std::int64_t sb,
+                                       std::int64_t sh, std::int64_t ss, std::int64_t total) {
+  for (std::int64_t e = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t d = e % D;
+    const std::int64_t i = (e / D) % n;
+    const std::int64_t h = (e / (D * n)) % Hh;
+    const std::int64_t b = e / (D * n * Hh);
+    float x;
+    if constexpr (std::is_same_v<T, float>) {
+      x = src[b * sb + h * sh + i * ss + d];
+    } else {
+      x = to_float(src[b * sb + h * sh + i * ss + d]);
+    }
+    acc[((b * Hh + h) * acc_rows + row0 + i) * D + d] += x;
+  }
+}
+
+// dst[(b * H + h) * n + i] = lse[b * lb + h * lh + (row0 + i) * ls]
+__global__ void gather_lse_kernel(const float* lse, float* dst, std::int64_t H, std::int64_t n, std::int64_t row0,
+                                  std::int64_t lb, std::int64_t lh, std::int64_t ls, std::int64_t total) {
+  for (std::int64_t e = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t i = e % n;
+    const std::int64_t h = (e / n) % H;
+    const std::int64_t b = e / (n * H);
+    dst[e] = lse[b * lb + h * lh + (row0 + i) * ls];
+  }
+}
+
 }  // namespace
 
 void fill_neg_inf(float* lse, std::int64_t n, cudaStream_t stream) {
@@ -229,6 +263,38 @@ void backward_prep(const TensorView& out, const TensorView& dout, const TensorVi
         out.strides[0], out.strides[1], out.strides[2], dout.strides[0], dout.strides[1], dout.strides[2],
         lse.strides[0], lse.strides[1], lse.strides[2], rows);
   }
+  RINGATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+void accumulate_rows(float* acc, std::int64_t acc_rows, std::int64_t row0, const void* src, DType src_dtype,
+                     std::int64_t batch, std::int64_t heads, std::int64_t n, std::int64_t head_dim,
+                     const std::int64_t (&src_strides)[3], cudaStream_t stream) {
+  const std::int64_t total = batch * heads * n * head_dim;
+  if (total == 0) return;
+  const std::int64_t sb = src_strides[0], sh = src_strides[1], ss = src_strides[2];
+  switch (src_dtype) {
+    case DType::bf16:
+      accumulate_rows_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+          acc, acc_rows, row0, static_cast<const __nv_bfloat16*>(src), heads, n, head_dim, sb, sh, ss, total);
+      break;
+    case DType::f16:
+      accumulate_rows_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+          acc, acc_rows, row0, static_cast<const __half*>(src), heads, n, head_dim, sb, sh, ss, total);
+      break;
+    case DType::f32:
+      accumulate_rows_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+          acc, acc_rows, row0, static_cast<const float*>(src), heads, n, head_dim, sb, sh, ss, total);
+      break;
+  }
+  RINGATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+void gather_lse(const TensorView& lse, std::int64_t row0, std::int64_t n, float* dst, cudaStream_t stream) {
+  const std::int64_t B = lse.shape[0], H = lse.shape[1];
+  const std::int64_t total = B * H * n;
+  if (total == 0) return;
+  gather_lse_kernel<<<blocks_for(total), kThreads, 0, stream>>>(static_cast<const float*>(lse.data), dst, H, n, row0,
+                                                                lse.strides[0], lse.strides[1], lse.strides[2], total);
   RINGATTN_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -20,6 +20,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "core/cuda_raii.hpp"
 #include "ringattn/tensor.hpp"
@@ -34,11 +35,17 @@ struct CudnnSdpaProblem {
   std::int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
   bool causal = false;
   std::int64_t diag_offset = 0;  // causal: row i sees key l iff l <= i + diag_offset
+  // Backward only: dO (like q), dQ (like q), dK and dV (like k) strides; o is then an input.
+  std::int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+  std::int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  std::int64_t dkv_batch_stride = 0, dkv_row_stride = 0, dkv_head_stride = 0;
 
   auto key() const {
     return std::make_tuple(static_cast<int>(dtype), batch, heads, kv_heads, q_len, kv_len, head_dim, q_batch_stride,
                            q_row_stride, q_head_stride, kv_batch_stride, kv_row_stride, kv_head_stride, o_batch_stride,
-                           o_row_stride, o_head_stride, causal, diag_offset);
+                           o_row_stride, o_head_stride, causal, diag_offset,
+                           std::make_tuple(do_batch_stride, do_row_stride, do_head_stride, dq_batch_stride, dq_row_stride,
+                                           dq_head_stride, dkv_batch_stride, dkv_row_stride, dkv_head_stride));
   }
 };
 
@@ -48,6 +55,9 @@ std::int64_t cudnn_version();
 // Why cuDNN cannot run the problem here, or "" when it can try (the plan may still be refused
 // by cuDNN at build time: see CudnnSdpa::forward).
 std::string cudnn_sdpa_unsupported_reason(const CudnnSdpaProblem& problem);
+
+// The same for the backward graph (stricter: see the .cpp).
+std::string cudnn_sdpa_backward_unsupported_reason(const CudnnSdpaProblem& problem);
 
 class CudnnSdpa {
  public:
@@ -64,14 +74,28 @@ class CudnnSdpa {
   // Whether a plan for the problem can be built (builds and caches it; no execution).
   bool try_prepare(const CudnnSdpaProblem& problem, std::string* why_not = nullptr);
 
+  // The backward pass of one task: dq (q's shape), dk, dv (k's shape) in the io dtype, written
+  // (not added), from q, k, v, o, dout and lse (B, H, q_len) fp32 packed, the forward's
+  // natural-log LSE. dq_f32, when set, receives dQ in fp32 as well ((B, H, q_len, D) packed:
+  // cuDNN's own accumulator); otherwise an internal buffer serves.
+  void backward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, const void* o,
+                const void* dout, const float* lse, void* dq, void* dk, void* dv, float* dq_f32, float scale,
+                cudaStream_t stream);
+  bool try_prepare_backward(const CudnnSdpaProblem& problem, std::string* why_not = nullptr);
+
   struct Plan;
 
  private:
   Plan& plan_for(const CudnnSdpaProblem& problem);
+  Plan& backward_plan_for(const CudnnSdpaProblem& problem);
+  void execute(const Plan& plan, const std::vector<std::int64_t>& uids, const std::vector<void*>& ptrs);
 
   void* handle_ = nullptr;  // cudnnHandle_t
   std::map<decltype(CudnnSdpaProblem{}.key()), std::unique_ptr<Plan>> plans_;
+  std::map<decltype(CudnnSdpaProblem{}.key()), std::unique_ptr<Plan>> backward_plans_;
   DeviceBuffer workspace_;
+  DeviceBuffer delta_;     // the backward graph's rowsum(dO * O), fp32
+  DeviceBuffer dq_accum_;  // its fp32 dQ when the caller gives none
 };
 
 }  // namespace ringattn::detail
