@@ -112,7 +112,6 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   const std::size_t elem = dtype_size(dtype);
   if (!one_task_) {
     dq_block_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * elem);
-    dq_block_f32_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * sizeof(float));
     dkv_block_ = DeviceBuffer(2 * static_cast<std::size_t>(B * max_kv * Hkv * D) * elem);
   }
   stats_block_ = DeviceBuffer(static_cast<std::size_t>(B * H * std::max(max_q, q_len)) * sizeof(float));
@@ -272,7 +271,7 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
   const void* v_rows = rows(v, t.kv_begin, Hkv * D);
   if (direct) {
     cudnn_->backward(problem, q.data, k_rows, v_rows, out.data, dout.data, stats_block_.as<float>(), dq.data, dk.data,
-                     dv.data, nullptr, scale, stream);
+                     dv.data, scale, stream);
     direct_ = true;
     return true;
   }
@@ -280,12 +279,10 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
   unsigned char* dv_blk = dk_blk + B * t.kv_len * Hkv * D * elem;
   cudnn_->backward(problem, rows(q.data, t.q_begin, q.strides[1]), k_rows, v_rows,
                    rows(out.data, t.q_begin, out.strides[1]), rows(dout.data, t.q_begin, dout.strides[1]),
-                   stats_block_.as<float>(), dq_block_.get(), dk_blk, dv_blk, dq_block_f32_.as<float>(), scale, stream);
-  // cuDNN's fp32 dQ (B, H, q_len, D) joins the fp32 dQ sum: no rounding to the dtype between
-  // steps. dK and dV come in the dtype (B, kv_len, H_kv, D).
-  const Strides dq_f32_s = {H * t.q_len * D, t.q_len * D, D};
-  accumulate_rows(dq_acc_.as<float>(), q_len_, t.q_begin, dq_block_f32_.get(), DType::f32, B, H, t.q_len, D, dq_f32_s,
-                  stream);
+                   stats_block_.as<float>(), dq_block_.get(), dk_blk, dv_blk, scale, stream);
+  // The task's gradients come in the dtype, (B, rows, heads, D), and join the fp32 sums.
+  const Strides dq_blk_s = {t.q_len * H * D, D, H * D};
+  accumulate_rows(dq_acc_.as<float>(), q_len_, t.q_begin, dq_block_.get(), dtype_, B, H, t.q_len, D, dq_blk_s, stream);
   await_acc();
   const Strides dkv_blk_s = {t.kv_len * Hkv * D, D, Hkv * D};
   accumulate_rows(dk_acc, step_kv_len, t.kv_begin, dk_blk, dtype_, B, Hkv, t.kv_len, D, dkv_blk_s, stream);

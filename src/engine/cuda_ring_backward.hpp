@@ -5,8 +5,8 @@
 //   delta = rowsum(dO * O), lse2 = LSE log2(e); dq_acc = 0; acc[0] = 0     (compute stream)
 //   for step s = 0 .. P-1 (block b_s, owned by rank r - s):
 //     post K,V send block[cur] -> r+1, recv block[1-cur] <- r-1             (s < P-1)
-//     per task: dQ (native dq kernel, or cuDNN's fused backward into scratch, its fp32 dQ
-//       added to dq_acc); before the first dK/dV: wait for b_s's accumulator from r-1 (s > 0;
+//     per task: dQ (native dq kernel, or cuDNN's fused backward into scratch, added to
+//       dq_acc); before the first dK/dV: wait for b_s's accumulator from r-1 (s > 0;
 //       it left r-1 after its step s-1); dK/dV (native dkv kernel, or cuDNN's added from
 //       scratch) into that accumulator
 //     post accumulator send -> r+1, recv b_{s+1}'s <- r-1 (after the last step the hop
@@ -78,7 +78,6 @@ class CudaRingBackward {
   std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, std::int64_t, std::int64_t>>
       cudnn_tasks_;
   DeviceBuffer dq_block_;       // cuDNN's task results: dQ (B, q_len, H, D) in dtype,
-  DeviceBuffer dq_block_f32_;   // dQ (B, H, q_len, D) fp32,
   DeviceBuffer dkv_block_;      // dK then dV (B, kv_len, H_kv, D) in dtype,
   DeviceBuffer stats_block_;    // and its LSE rows (B, H, q_len) fp32
   std::uint64_t bytes_sent_per_run_ = 0;

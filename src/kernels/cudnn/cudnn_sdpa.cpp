@@ -474,7 +474,7 @@ bool CudnnSdpa::try_prepare_backward(const CudnnSdpaProblem& problem, std::strin
 }
 
 void CudnnSdpa::backward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, const void* o,
-                         const void* dout, const float* lse, void* dq, void* dk, void* dv, float* dq_f32, float scale,
+                         const void* dout, const float* lse, void* dq, void* dk, void* dv, float scale,
                          cudaStream_t stream) {
   Plan& plan = backward_plan_for(problem);
   if (static_cast<std::int64_t>(workspace_.bytes()) < plan.workspace) {
@@ -482,11 +482,8 @@ void CudnnSdpa::backward(const CudnnSdpaProblem& problem, const void* q, const v
   }
   const auto rows = static_cast<std::size_t>(problem.batch * problem.heads * problem.q_len);
   if (delta_.bytes() < rows * sizeof(float)) delta_ = DeviceBuffer(rows * sizeof(float));
-  if (dq_f32 == nullptr) {
-    const std::size_t bytes = rows * static_cast<std::size_t>(problem.head_dim) * sizeof(float);
-    if (dq_accum_.bytes() < bytes) dq_accum_ = DeviceBuffer(bytes);
-    dq_f32 = dq_accum_.as<float>();
-  }
+  const std::size_t accum_bytes = rows * static_cast<std::size_t>(problem.head_dim) * sizeof(float);
+  if (dq_accum_.bytes() < accum_bytes) dq_accum_ = DeviceBuffer(accum_bytes);
   RINGATTN_CUDNN_CHECK(cudnnSetStream(static_cast<cudnnHandle_t>(handle_), stream));
   float scale_value = scale, one = 1.0f;
   float neg_inf = -std::numeric_limits<float>::infinity();
@@ -495,7 +492,7 @@ void CudnnSdpa::backward(const CudnnSdpaProblem& problem, const void* q, const v
   std::vector<void*> ptrs = {const_cast<void*>(q),    const_cast<void*>(k), const_cast<void*>(v),
                              const_cast<void*>(o),    const_cast<void*>(dout), const_cast<float*>(lse),
                              dq,                      dk,                    dv,
-                             delta_.get(),            dq_f32,                &scale_value,
+                             delta_.get(),            dq_accum_.get(),       &scale_value,
                              &one};
   if (plan.causal) {
     uids.push_back(kNegInf);

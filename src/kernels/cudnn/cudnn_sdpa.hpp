@@ -76,11 +76,10 @@ class CudnnSdpa {
 
   // The backward pass of one task: dq (q's shape), dk, dv (k's shape) in the io dtype, written
   // (not added), from q, k, v, o, dout and lse (B, H, q_len) fp32 packed, the forward's
-  // natural-log LSE. dq_f32, when set, receives dQ in fp32 as well ((B, H, q_len, D) packed:
-  // cuDNN's own accumulator); otherwise an internal buffer serves.
+  // natural-log LSE. (The graph's fp32 dQ accumulator is internal: after a run it does not
+  // hold dQ in a documented layout, measured on cuDNN 9.14, so only the dtype dq is offered.)
   void backward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, const void* o,
-                const void* dout, const float* lse, void* dq, void* dk, void* dv, float* dq_f32, float scale,
-                cudaStream_t stream);
+                const void* dout, const float* lse, void* dq, void* dk, void* dv, float scale, cudaStream_t stream);
   bool try_prepare_backward(const CudnnSdpaProblem& problem, std::string* why_not = nullptr);
 
   struct Plan;
@@ -95,7 +94,7 @@ class CudnnSdpa {
   std::map<decltype(CudnnSdpaProblem{}.key()), std::unique_ptr<Plan>> backward_plans_;
   DeviceBuffer workspace_;
   DeviceBuffer delta_;     // the backward graph's rowsum(dO * O), fp32
-  DeviceBuffer dq_accum_;  // its fp32 dQ when the caller gives none
+  DeviceBuffer dq_accum_;  // its fp32 dQ accumulator
 };
 
 }  // namespace ringattn::detail
