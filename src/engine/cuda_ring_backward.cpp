@@ -18,7 +18,7 @@ using Strides = std::int64_t[3];
 // rows from the packed block of the step, dq and dk/dv to the given strides.
 CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, const AttentionShape& shape, DType dtype,
                                const Strides& q, const Strides& o, const Strides& dout, const Strides& dq,
-                               const Strides& dkv) {
+                               const Strides& dkv, bool grad_f32) {
   CudnnSdpaProblem p;
   p.dtype = dtype;
   p.batch = shape.batch;
@@ -37,6 +37,7 @@ CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, con
   p.dkv_batch_stride = dkv[0], p.dkv_row_stride = dkv[1], p.dkv_head_stride = dkv[2];
   p.causal = t.mask == MaskKind::causal;
   p.diag_offset = t.diag_offset;
+  p.grad_f32 = grad_f32;
   return p;
 }
 
@@ -63,6 +64,7 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   delta_ = DeviceBuffer(rows * sizeof(float));
   one_task_ = plan_.world == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
+  grad_f32_ = !one_task_;
 
   const std::string native = "native mma.sync backward kernels";
   kernel_description_ = native;
@@ -81,13 +83,23 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
         ++tasks;
         const Strides dq_dense = {t.q_len * H * D, H * D, D};
         const Strides dkv_dense = {t.kv_len * Hkv * D, Hkv * D, D};
+        // Several tasks add up to a gradient: cuDNN must hand them over in fp32, or every
+        // step's partial gradient would be rounded to the dtype (PyTorch context parallel's
+        // numerics: error growing with the ring). Only --kernel cudnn accepts that.
         const CudnnSdpaProblem p = cudnn_problem(t, step.kv_len, shape, dtype, dense, dense, dense,
-                                                 one_task_ ? dense : dq_dense, dkv_dense);
+                                                 one_task_ ? dense : dq_dense, dkv_dense, grad_f32_);
         std::string reason = cudnn_sdpa_backward_unsupported_reason(p);
         if (reason.empty() && t.mask == MaskKind::causal && t.diag_offset < 0) {
           reason = "causal sub-blocks with a negative diagonal offset run on the native kernels";
         }
-        if (reason.empty()) sdpa->try_prepare_backward(p, &reason);
+        if (reason.empty() && !sdpa->try_prepare_backward(p, &reason) && grad_f32_ && kernel == KernelKind::cudnn) {
+          // cuDNN refuses fp32 gradients: the explicit choice takes the rounded ones.
+          grad_f32_ = false;
+          reason.clear();
+          const CudnnSdpaProblem rounded = cudnn_problem(t, step.kv_len, shape, dtype, dense, dense, dense, dq_dense,
+                                                         dkv_dense, false);
+          sdpa->try_prepare_backward(rounded, &reason);
+        }
         if (!reason.empty()) {
           why_not = reason;
           continue;
@@ -111,11 +123,16 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   const std::int64_t B = shape.batch, H = shape.heads, Hkv = shape.kv_heads, D = shape.head_dim;
   const std::size_t elem = dtype_size(dtype);
   if (!one_task_) {
-    dq_block_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * elem);
-    dkv_block_ = DeviceBuffer(2 * static_cast<std::size_t>(B * max_kv * Hkv * D) * elem);
+    const std::size_t grad_elem = grad_f32_ ? sizeof(float) : elem;
+    dq_block_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * grad_elem);
+    dkv_block_ = DeviceBuffer(2 * static_cast<std::size_t>(B * max_kv * Hkv * D) * grad_elem);
   }
   stats_block_ = DeviceBuffer(static_cast<std::size_t>(B * H * std::max(max_q, q_len)) * sizeof(float));
   kernel_description_ = "cuDNN " + std::to_string(cudnn_version()) + " fused attention backward";
+  if (!one_task_) {
+    kernel_description_ += grad_f32_ ? " (fp32 task gradients)"
+                                     : " (task gradients rounded to " + std::string(to_string(dtype)) + " per step)";
+  }
   if (on_cudnn < tasks) {
     kernel_description_ += " (" + std::to_string(tasks - on_cudnn) + " of " + std::to_string(tasks) +
                            " tasks on the " + native + ": " + why_not + ")";
@@ -259,7 +276,8 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
                         direct ? dq.strides[2] : D};
   const Strides dkv_s = {direct ? dk.strides[0] : t.kv_len * Hkv * D, direct ? dk.strides[1] : Hkv * D,
                          direct ? dk.strides[2] : D};
-  const CudnnSdpaProblem problem = cudnn_problem(t, step_kv_len, shape_, dtype_, qs, os, ds, dq_s, dkv_s);
+  const CudnnSdpaProblem problem =
+      cudnn_problem(t, step_kv_len, shape_, dtype_, qs, os, ds, dq_s, dkv_s, !direct && grad_f32_);
   // Plans for dense tensors were built before the ring; other strides build theirs now, and a
   // refusal falls back to the native kernels on this rank.
   if (!cudnn_->try_prepare_backward(problem)) return false;
@@ -275,18 +293,20 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
     direct_ = true;
     return true;
   }
+  const DType grad_dtype = grad_f32_ ? DType::f32 : dtype_;
   auto* dk_blk = static_cast<unsigned char*>(dkv_block_.get());
-  unsigned char* dv_blk = dk_blk + B * t.kv_len * Hkv * D * elem;
+  unsigned char* dv_blk = dk_blk + B * t.kv_len * Hkv * D * static_cast<std::int64_t>(dtype_size(grad_dtype));
   cudnn_->backward(problem, rows(q.data, t.q_begin, q.strides[1]), k_rows, v_rows,
                    rows(out.data, t.q_begin, out.strides[1]), rows(dout.data, t.q_begin, dout.strides[1]),
                    stats_block_.as<float>(), dq_block_.get(), dk_blk, dv_blk, scale, stream);
-  // The task's gradients come in the dtype, (B, rows, heads, D), and join the fp32 sums.
+  // The task's gradients, (B, rows, heads, D), join the fp32 sums.
   const Strides dq_blk_s = {t.q_len * H * D, D, H * D};
-  accumulate_rows(dq_acc_.as<float>(), q_len_, t.q_begin, dq_block_.get(), dtype_, B, H, t.q_len, D, dq_blk_s, stream);
+  accumulate_rows(dq_acc_.as<float>(), q_len_, t.q_begin, dq_block_.get(), grad_dtype, B, H, t.q_len, D, dq_blk_s,
+                  stream);
   await_acc();
   const Strides dkv_blk_s = {t.kv_len * Hkv * D, D, Hkv * D};
-  accumulate_rows(dk_acc, step_kv_len, t.kv_begin, dk_blk, dtype_, B, Hkv, t.kv_len, D, dkv_blk_s, stream);
-  accumulate_rows(dv_acc, step_kv_len, t.kv_begin, dv_blk, dtype_, B, Hkv, t.kv_len, D, dkv_blk_s, stream);
+  accumulate_rows(dk_acc, step_kv_len, t.kv_begin, dk_blk, grad_dtype, B, Hkv, t.kv_len, D, dkv_blk_s, stream);
+  accumulate_rows(dv_acc, step_kv_len, t.kv_begin, dv_blk, grad_dtype, B, Hkv, t.kv_len, D, dkv_blk_s, stream);
   return true;
 }
 

@@ -72,6 +72,7 @@ class CudaRingBackward {
   DeviceBuffer delta_;      // (B, H, S_local) fp32
   bool one_task_ = false;   // P = 1 and one task covers every row
   bool direct_ = false;     // this run's cuDNN task wrote dq, dk, dv itself
+  bool grad_f32_ = false;   // cuDNN hands task gradients over in fp32 (several tasks)
   CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
   // The tasks whose cuDNN plan was built: (q_begin, q_len, kv_begin, kv_len, mask, diag_offset,
   // step kv_len).

@@ -397,9 +397,10 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
   const Desc& o = g.tensor(kO, io, {B, H, Sq, D}, {p.o_batch_stride, p.o_head_stride, p.o_row_stride, 1}, false);
   const Desc& dout = g.tensor(kDout, io, {B, H, Sq, D}, {p.do_batch_stride, p.do_head_stride, p.do_row_stride, 1}, false);
   const Desc& stats = g.tensor(kStats, f32, {B, H, Sq, 1}, {H * Sq, Sq, 1, 1}, false);
-  const Desc& dq = g.tensor(kDq, io, {B, H, Sq, D}, {p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, 1}, false);
-  const Desc& dk = g.tensor(kDk, io, {B, Hk, Skv, D}, {p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1}, false);
-  const Desc& dv = g.tensor(kDv, io, {B, Hk, Skv, D}, {p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1}, false);
+  const cudnnDataType_t grad = p.grad_f32 ? f32 : io;
+  const Desc& dq = g.tensor(kDq, grad, {B, H, Sq, D}, {p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, 1}, false);
+  const Desc& dk = g.tensor(kDk, grad, {B, Hk, Skv, D}, {p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1}, false);
+  const Desc& dv = g.tensor(kDv, grad, {B, Hk, Skv, D}, {p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1}, false);
   const Desc& scale = g.scalar(kScale, f32);
   const Desc& one = g.scalar(kOne, f32);
 
@@ -427,7 +428,7 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
   if (Hk == H) {
     g.matmul(prob_t, dout, dv);
   } else {
-    const Desc& dv_full = g.virt(io, {B, H, Skv, D});
+    const Desc& dv_full = g.virt(grad, {B, H, Skv, D});
     g.matmul(prob_t, dout, dv_full);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, dv_full, dv);
   }
@@ -446,7 +447,7 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
   if (Hk == H) {
     g.matmul(ds_t, q, dk);
   } else {
-    const Desc& dk_full = g.virt(io, {B, H, Skv, D});
+    const Desc& dk_full = g.virt(grad, {B, H, Skv, D});
     g.matmul(ds_t, q, dk_full);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, dk_full, dk);
   }
