@@ -119,10 +119,14 @@ def run_cp(a):
         for causal in a.causal_list:
             # Its load balancing (a zigzag-like sharding) exists only for causal attention.
             cp_attention._cp_options.enable_load_balance = causal
-            q, k, v = make_qkv(a, seq, "cuda", a.backward)
+            # context_parallel shards the buffers in place, which leaf tensors that require
+            # grad refuse: gradients are switched on for the shards.
+            q, k, v = make_qkv(a, seq, "cuda", False)
             gqa = a.kv_heads != a.heads
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
+                    for t in (q, k, v):
+                        t.requires_grad_(a.backward)
                     ms = time_ms(attention_step(q, k, v, causal, gqa, a.backward), a.warmup, a.iters)
             t = torch.tensor([ms], device="cuda")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)

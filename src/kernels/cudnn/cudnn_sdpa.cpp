@@ -384,7 +384,8 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
   // cudnn-frontend's sdpa_backward builds on cuDNN 9.x): delta = rowsum(dO * O) into a
   // non-virtual fp32 tensor, P = exp(scale S - LSE) [masked], dV = P^T dO, dS = P (dO V^T -
   // delta) scale, dK = dS^T Q, dQ = dS K through a non-virtual fp32 accumulator. Transposes
-  // are RESHAPEs to permuted strides; GQA computes dK, dV per query head and reduces.
+  // are RESHAPEs to permuted strides; GQA computes dK, dV per query head (in the io dtype, as
+  // cuDNN's own frontend does) and reduces.
   auto plan = std::make_unique<Plan>();
   GraphBuilder g(*plan);
   const std::int64_t B = p.batch, H = p.heads, Hk = p.kv_heads, Sq = p.q_len, Skv = p.kv_len, D = p.head_dim;
@@ -428,7 +429,7 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
   if (Hk == H) {
     g.matmul(prob_t, dout, dv);
   } else {
-    const Desc& dv_full = g.virt(grad, {B, H, Skv, D});
+    const Desc& dv_full = g.virt(io, {B, H, Skv, D});
     g.matmul(prob_t, dout, dv_full);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, dv_full, dv);
   }
@@ -447,7 +448,7 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
   if (Hk == H) {
     g.matmul(ds_t, q, dk);
   } else {
-    const Desc& dk_full = g.virt(grad, {B, H, Skv, D});
+    const Desc& dk_full = g.virt(io, {B, H, Skv, D});
     g.matmul(ds_t, q, dk_full);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, dk_full, dk);
   }
