@@ -128,6 +128,9 @@ def run_cp(a):
                     for t in (q, k, v):
                         t.requires_grad_(a.backward)
                     ms = time_ms(attention_step(q, k, v, causal, gqa, a.backward), a.warmup, a.iters)
+                    for t in (q, k, v):  # leaving restores the buffers (a resize)
+                        t.requires_grad_(False)
+                        t.grad = None
             t = torch.tensor([ms], device="cuda")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if rank == 0:

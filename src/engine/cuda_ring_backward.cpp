@@ -18,7 +18,7 @@ using Strides = std::int64_t[3];
 // rows from the packed block of the step, dq and dk/dv to the given strides.
 CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, const AttentionShape& shape, DType dtype,
                                const Strides& q, const Strides& o, const Strides& dout, const Strides& dq,
-                               const Strides& dkv, bool grad_f32) {
+                               const Strides& dkv) {
   CudnnSdpaProblem p;
   p.dtype = dtype;
   p.batch = shape.batch;
@@ -37,7 +37,6 @@ CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, con
   p.dkv_batch_stride = dkv[0], p.dkv_row_stride = dkv[1], p.dkv_head_stride = dkv[2];
   p.causal = t.mask == MaskKind::causal;
   p.diag_offset = t.diag_offset;
-  p.grad_f32 = grad_f32;
   return p;
 }
 
@@ -64,11 +63,19 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   delta_ = DeviceBuffer(rows * sizeof(float));
   one_task_ = plan_.world == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
-  grad_f32_ = !one_task_;
 
   const std::string native = "native mma.sync backward kernels";
   kernel_description_ = native;
   if (kernel == KernelKind::native) return;
+  if (!one_task_ && kernel == KernelKind::automatic) {
+    // Several tasks add up to each gradient, and cuDNN hands a task's gradients over only in
+    // the 16-bit dtype: every step's partial sum would be rounded (PyTorch context parallel's
+    // numerics, error growing with the ring). auto keeps the exact fp32 sums; --kernel cudnn
+    // takes the rounding for speed.
+    kernel_description_ = native + " (cuDNN not used: its task gradients come only in " + to_string(dtype) +
+                          ", which rounds every step's partial sum; --kernel cudnn accepts that)";
+    return;
+  }
   CudnnSdpa* sdpa = resources_.cudnn();
   std::string why_not = sdpa == nullptr ? "this build has no cuDNN" : "";
   std::size_t tasks = 0, on_cudnn = 0;
@@ -83,23 +90,13 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
         ++tasks;
         const Strides dq_dense = {t.q_len * H * D, H * D, D};
         const Strides dkv_dense = {t.kv_len * Hkv * D, Hkv * D, D};
-        // Several tasks add up to a gradient: cuDNN must hand them over in fp32, or every
-        // step's partial gradient would be rounded to the dtype (PyTorch context parallel's
-        // numerics: error growing with the ring). Only --kernel cudnn accepts that.
         const CudnnSdpaProblem p = cudnn_problem(t, step.kv_len, shape, dtype, dense, dense, dense,
-                                                 one_task_ ? dense : dq_dense, dkv_dense, grad_f32_);
+                                                 one_task_ ? dense : dq_dense, dkv_dense);
         std::string reason = cudnn_sdpa_backward_unsupported_reason(p);
         if (reason.empty() && t.mask == MaskKind::causal && t.diag_offset < 0) {
           reason = "causal sub-blocks with a negative diagonal offset run on the native kernels";
         }
-        if (reason.empty() && !sdpa->try_prepare_backward(p, &reason) && grad_f32_ && kernel == KernelKind::cudnn) {
-          // cuDNN refuses fp32 gradients: the explicit choice takes the rounded ones.
-          grad_f32_ = false;
-          reason.clear();
-          const CudnnSdpaProblem rounded = cudnn_problem(t, step.kv_len, shape, dtype, dense, dense, dense, dq_dense,
-                                                         dkv_dense, false);
-          sdpa->try_prepare_backward(rounded, &reason);
-        }
+        if (reason.empty()) sdpa->try_prepare_backward(p, &reason);
         if (!reason.empty()) {
           why_not = reason;
           continue;
@@ -123,16 +120,12 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   const std::int64_t B = shape.batch, H = shape.heads, Hkv = shape.kv_heads, D = shape.head_dim;
   const std::size_t elem = dtype_size(dtype);
   if (!one_task_) {
-    const std::size_t grad_elem = grad_f32_ ? sizeof(float) : elem;
-    dq_block_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * grad_elem);
-    dkv_block_ = DeviceBuffer(2 * static_cast<std::size_t>(B * max_kv * Hkv * D) * grad_elem);
+    dq_block_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * elem);
+    dkv_block_ = DeviceBuffer(2 * static_cast<std::size_t>(B * max_kv * Hkv * D) * elem);
   }
   stats_block_ = DeviceBuffer(static_cast<std::size_t>(B * H * std::max(max_q, q_len)) * sizeof(float));
   kernel_description_ = "cuDNN " + std::to_string(cudnn_version()) + " fused attention backward";
-  if (!one_task_) {
-    kernel_description_ += grad_f32_ ? " (fp32 task gradients)"
-                                     : " (task gradients rounded to " + std::string(to_string(dtype)) + " per step)";
-  }
+  if (!one_task_) kernel_description_ += " (task gradients rounded to " + std::string(to_string(dtype)) + ")";
   if (on_cudnn < tasks) {
     kernel_description_ += " (" + std::to_string(tasks - on_cudnn) + " of " + std::to_string(tasks) +
                            " tasks on the " + native + ": " + why_not + ")";
@@ -276,8 +269,7 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
                         direct ? dq.strides[2] : D};
   const Strides dkv_s = {direct ? dk.strides[0] : t.kv_len * Hkv * D, direct ? dk.strides[1] : Hkv * D,
                          direct ? dk.strides[2] : D};
-  const CudnnSdpaProblem problem =
-      cudnn_problem(t, step_kv_len, shape_, dtype_, qs, os, ds, dq_s, dkv_s, !direct && grad_f32_);
+  const CudnnSdpaProblem problem = cudnn_problem(t, step_kv_len, shape_, dtype_, qs, os, ds, dq_s, dkv_s);
   // Plans for dense tensors were built before the ring; other strides build theirs now, and a
   // refusal falls back to the native kernels on this rank.
   if (!cudnn_->try_prepare_backward(problem)) return false;
@@ -293,7 +285,7 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
     direct_ = true;
     return true;
   }
-  const DType grad_dtype = grad_f32_ ? DType::f32 : dtype_;
+  const DType grad_dtype = dtype_;
   auto* dk_blk = static_cast<unsigned char*>(dkv_block_.get());
   unsigned char* dv_blk = dk_blk + B * t.kv_len * Hkv * D * static_cast<std::int64_t>(dtype_size(grad_dtype));
   cudnn_->backward(problem, rows(q.data, t.q_begin, q.strides[1]), k_rows, v_rows,

@@ -14,9 +14,10 @@
 //     compute stream waits for the K,V transfer; cur = 1 - cur
 //   dq, dk, dv <- dq_acc, acc (in the tensors' dtype and strides)
 // The accumulator hop runs while the next step computes dQ; the K,V hop runs as in the
-// forward pass. One rank with one task (P = 1) lets cuDNN write dq, dk, dv directly. cuDNN
-// runs the tasks it supports (see cudnn_sdpa_backward_unsupported_reason); the rest run on
-// the native kernels. All allocations happen at construction; run() does not sync the host.
+// forward pass. One rank with one task (P = 1) lets cuDNN write dq, dk, dv directly. With
+// several tasks the native kernels run unless --kernel cudnn asks for cuDNN, whose task
+// gradients come in the 16-bit dtype (rounded before joining the fp32 sums); cuDNN runs the
+// tasks it supports (see cudnn_sdpa_backward_unsupported_reason), the native kernels the rest. All allocations happen at construction; run() does not sync the host.
 #pragma once
 
 #include <cstdint>
@@ -72,7 +73,6 @@ class CudaRingBackward {
   DeviceBuffer delta_;      // (B, H, S_local) fp32
   bool one_task_ = false;   // P = 1 and one task covers every row
   bool direct_ = false;     // this run's cuDNN task wrote dq, dk, dv itself
-  bool grad_f32_ = false;   // cuDNN hands task gradients over in fp32 (several tasks)
   CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
   // The tasks whose cuDNN plan was built: (q_begin, q_len, kv_begin, kv_len, mask, diag_offset,
   // step kv_len).

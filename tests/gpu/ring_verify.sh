@@ -4,7 +4,8 @@
 # it), and every layout x causal with --kernel native (bf16, GQA). Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
 # (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases; at np > 1 the gradient error may not
-# exceed 1.5x the error of the same inputs at np 1. Exits 77 (CTest: skipped) where this
+# exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
+# are rounded to the dtype: those meet the absolute tolerance only). Exits 77 (CTest: skipped) where this
 # machine has fewer than $NP GPUs.
 #   ring_verify.sh RINGATTN MPIEXEC NP [mpirun flags...]
 set -u
@@ -44,14 +45,14 @@ done
 grad_err() {  # the relative gradient error that verify printed
   echo "$1" | sed -n 's/.*dQ, dK, dV: max |err| \/ max |ref| \([0-9.e+-]*\).*/\1/p'
 }
-check_bwd() {  # name, then the verify flags
-  local name=$1
-  shift
+check_bwd() {  # name, strict|loose, then the verify flags; strict: the 1.5x rule at np > 1
+  local name=$1 rule=$2
+  shift 2
   local flags=(verify --backward --device cuda --seq 1024 --heads 4 "$@")
   if out=$("$mpiexec" "${mpi_flags[@]}" --bind-to none -np "$np" "$ringattn" "${flags[@]}" 2>&1); then
     local err one=""
     err=$(grad_err "$out")
-    if [ "$np" -gt 1 ]; then
+    if [ "$np" -gt 1 ] && [ "$rule" = strict ]; then
       if ! one_out=$("$mpiexec" "${mpi_flags[@]}" --bind-to none -np 1 "$ringattn" "${flags[@]}" 2>&1); then
         echo "FAIL $name (np=1)"; echo "$one_out"; failed=1; return
       fi
@@ -69,13 +70,16 @@ check_bwd() {  # name, then the verify flags
 for layout in contiguous zigzag striped; do
   for causal in "" --causal; do
     for kv in 4 1; do
-      check_bwd "backward np=$np $layout ${causal:---full} kv-heads=$kv bf16" --kv-heads "$kv" --layout "$layout" \
+      check_bwd "backward np=$np $layout ${causal:---full} kv-heads=$kv bf16" strict --kv-heads "$kv" --layout "$layout" \
         $causal --head-dim 128 --dtype bf16
     done
   done
-  check_bwd "backward np=$np $layout causal kv-heads=2 fp16 d64" --kv-heads 2 --layout "$layout" --causal \
+  check_bwd "backward np=$np $layout causal kv-heads=2 fp16 d64" strict --kv-heads 2 --layout "$layout" --causal \
     --head-dim 64 --dtype fp16
-  check_bwd "backward np=$np $layout causal kv-heads=1 bf16 native" --kv-heads 1 --layout "$layout" --causal \
+  check_bwd "backward np=$np $layout causal kv-heads=1 bf16 native" strict --kv-heads 1 --layout "$layout" --causal \
     --head-dim 128 --dtype bf16 --kernel native
+  # cuDNN in the ring rounds each task's gradients to the dtype: the absolute tolerance only.
+  check_bwd "backward np=$np $layout causal kv-heads=4 bf16 cudnn" loose --kv-heads 4 --layout "$layout" --causal \
+    --head-dim 128 --dtype bf16 --kernel cudnn
 done
 exit $failed

@@ -398,7 +398,7 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
   const Desc& o = g.tensor(kO, io, {B, H, Sq, D}, {p.o_batch_stride, p.o_head_stride, p.o_row_stride, 1}, false);
   const Desc& dout = g.tensor(kDout, io, {B, H, Sq, D}, {p.do_batch_stride, p.do_head_stride, p.do_row_stride, 1}, false);
   const Desc& stats = g.tensor(kStats, f32, {B, H, Sq, 1}, {H * Sq, Sq, 1, 1}, false);
-  const cudnnDataType_t grad = p.grad_f32 ? f32 : io;
+  const cudnnDataType_t grad = io;  // fp32 here builds for MHA but computes wrong values (9.14)
   const Desc& dq = g.tensor(kDq, grad, {B, H, Sq, D}, {p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, 1}, false);
   const Desc& dk = g.tensor(kDk, grad, {B, Hk, Skv, D}, {p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1}, false);
   const Desc& dv = g.tensor(kDv, grad, {B, Hk, Skv, D}, {p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1}, false);

@@ -39,14 +39,13 @@ struct CudnnSdpaProblem {
   std::int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
   std::int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
   std::int64_t dkv_batch_stride = 0, dkv_row_stride = 0, dkv_head_stride = 0;
-  bool grad_f32 = false;  // backward: dq, dk, dv in fp32 rather than the io dtype
 
   auto key() const {
     return std::make_tuple(static_cast<int>(dtype), batch, heads, kv_heads, q_len, kv_len, head_dim, q_batch_stride,
                            q_row_stride, q_head_stride, kv_batch_stride, kv_row_stride, kv_head_stride, o_batch_stride,
                            o_row_stride, o_head_stride, causal, diag_offset,
                            std::make_tuple(do_batch_stride, do_row_stride, do_head_stride, dq_batch_stride, dq_row_stride,
-                                           dq_head_stride, dkv_batch_stride, dkv_row_stride, dkv_head_stride, grad_f32));
+                                           dq_head_stride, dkv_batch_stride, dkv_row_stride, dkv_head_stride));
   }
 };
 
@@ -75,11 +74,11 @@ class CudnnSdpa {
   // Whether a plan for the problem can be built (builds and caches it; no execution).
   bool try_prepare(const CudnnSdpaProblem& problem, std::string* why_not = nullptr);
 
-  // The backward pass of one task: dq (q's shape), dk, dv (k's shape) in the io dtype (fp32
-  // with problem.grad_f32, where cuDNN accepts that graph), written
+  // The backward pass of one task: dq (q's shape), dk, dv (k's shape) in the io dtype, written
   // (not added), from q, k, v, o, dout and lse (B, H, q_len) fp32 packed, the forward's
-  // natural-log LSE. (The graph's fp32 dQ accumulator is internal: after a run it does not
-  // hold dQ in a documented layout, measured on cuDNN 9.14, so only the dtype dq is offered.)
+  // natural-log LSE. Only io-dtype gradients are offered: measured on cuDNN 9.14, the graph's
+  // fp32 dQ accumulator does not hold dQ after a run, a graph with fp32 dq/dk/dv outputs builds
+  // for MHA but computes wrong values, and with GQA it is refused.
   void backward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, const void* o,
                 const void* dout, const float* lse, void* dq, void* dk, void* dv, float scale, cudaStream_t stream);
   bool try_prepare_backward(const CudnnSdpaProblem& problem, std::string* why_not = nullptr);
