@@ -158,7 +158,7 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--q", o.q_path, "Queries .npy, float32/float16, [S, H, D] or [B, S, H, D]");
   cmd.add_option("--k", o.k_path, "Keys .npy, like --q with H_kv heads");
   cmd.add_option("--v", o.v_path, "Values .npy, shaped like --k");
-  cmd.add_flag("--backward", o.backward, "Also compute dQ, dK, dV (CPU)");
+  cmd.add_flag("--backward", o.backward, "Also compute dQ, dK, dV (cpu and cuda)");
   cmd.add_option("--dout", o.dout_path, "dO for --backward: a .npy shaped like --q (default: seeded values)");
 }
 

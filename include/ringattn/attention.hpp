@@ -26,8 +26,11 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
 //   q, out, dout, dq: (B, S_local, H, D)     k, v, dk, dv: (B, S_local, H_kv, D)
 //   lse: (B, H, S_local) fp32, from forward() with the same options (required).
 // Gradients have their input's dtype and are accumulated in fp32; a shared KV head (GQA)
-// receives the sum over its query heads. Bitwise reproducible for a given rank count.
-// Collective, with the same agreement on bad inputs as forward(). CPU tensors only so far.
+// receives the sum over its query heads. CPU or GPU tensors (bf16/fp16, head dim 64 or 128
+// on GPUs; KernelKind as in forward(), see the README for what auto picks). Bitwise
+// reproducible for a given rank count on CPUs and with the native GPU kernels; cuDNN's
+// backward (one task per rank under auto, or --kernel cudnn) sums dQ with atomics and is
+// not promised to be. Collective, with the same agreement on bad inputs as forward().
 void backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
               const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
               const TensorView& dv, const AttentionOptions& options = {});
