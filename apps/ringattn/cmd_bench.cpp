@@ -56,7 +56,7 @@ double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, in
     ms = elapsed / iters;
   }
 #endif
-  if (prepared.cpu) {
+  if (prepared.cpu || prepared.linear) {
     RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
     const double t0 = MPI_Wtime();
     for (int i = 0; i < iters; ++i) run_once();
@@ -148,6 +148,10 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                 "bench: -e " + std::to_string(o.end) + " is below -b " + std::to_string(o.begin), /*on_all_ranks=*/true);
   }
   ProblemOptions base = o.problem;
+  if (base.attention == "linear" && o.check) {
+    throw Error(ErrorCode::invalid_argument, "bench --check compares softmax attention only; use verify --attention linear",
+                /*on_all_ranks=*/true);
+  }
   const DeviceKind device = base.device == "cuda" ? DeviceKind::cuda : DeviceKind::cpu;
   std::vector<bool> masks;
   if (o.causal == "no" || o.causal == "both") masks.push_back(false);
@@ -165,7 +169,8 @@ int bench_command(Context& ctx, const BenchOptions& o) {
   for (int r = 0; r < ctx.size(); ++r) print0(ctx, "#   rank %d: %s\n", r, &lines[line.size() * static_cast<std::size_t>(r)]);
   print0(ctx, "# seq = total tokens; TFLOP/s per GPU/rank with 4*B*S^2*H*D (halved when causal%s); comm = bytes "
               "sent per rank / time; overlap = no-comm time / ring time\n",
-         base.backward ? "; x3.5 for forward+backward" : "");
+         base.attention == "linear" ? "; linear attention: 4*B*S*H*D^2"
+                                    : (base.backward ? "; x3.5 for forward+backward" : ""));
   print0(ctx, "# %9s %5s %5s %4s %4s %6s %10s %6s %10s %10s %9s %7s %7s\n", "seq", "batch", "heads", "kv", "dim", "causal",
          "layout", "dtype", "time_ms", "TFLOP/s", "comm_GB/s", "overlap", "#wrong");
 
@@ -181,6 +186,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       std::vector<unsigned char> out(p.q.size());
       std::vector<float> lse(static_cast<std::size_t>(p.batch * p.heads * p.local_len()));
       ProblemTensors t(ctx, p, out, lse);
+      if (p.attention == AttentionKind::linear) t.lse = TensorView{};  // linear attention has no LSE
       detail::PreparedForward prepared = detail::prepare_forward(ctx, t.q, t.k, t.v, t.out, t.lse, p.attention_options());
 #ifdef RINGATTN_HAVE_CUDA
       // Which kernel runs, and why (rank 0's view; once, or when it changes across the sweep).

@@ -11,7 +11,11 @@ namespace ringattn::cli {
 std::string describe(const Problem& p) {
   return "B=" + std::to_string(p.batch) + " S=" + std::to_string(p.seq) + " H=" + std::to_string(p.heads) +
          " H_kv=" + std::to_string(p.kv_heads) + " D=" + std::to_string(p.head_dim) + " " + to_string(p.dtype) +
-         (p.causal ? " causal " : " non-causal ") + to_string(p.layout);
+         (p.causal ? " causal " : " non-causal ") + to_string(p.layout) +
+         (p.attention == AttentionKind::linear
+              ? std::string(" linear attention (") + to_string(p.feature_map) +
+                    (p.decay.empty() ? "" : ", decay " + std::to_string(p.decay[0])) + ")"
+              : "");
 }
 
 int run_command(Context& ctx, const RunOptions& o) {
@@ -21,10 +25,14 @@ int run_command(Context& ctx, const RunOptions& o) {
   AttentionOptions attention = p.attention_options();
   attention.on_step = progress_logger(ctx, "run");
 
+  const bool linear = p.attention == AttentionKind::linear;
+  if (linear && !o.lse_path.empty()) {
+    throw Error(ErrorCode::invalid_argument, "--lse: linear attention has no LSE", /*on_all_ranks=*/true);
+  }
   ProblemTensors tensors(ctx, p, out, lse);
   RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
   const double start = MPI_Wtime();
-  forward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, tensors.lse, attention);
+  forward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, linear ? TensorView{} : tensors.lse, attention);
   const double mine = MPI_Wtime() - start;
   tensors.download();
   double seconds = 0.0;  // the slowest rank finishes the job

@@ -160,6 +160,14 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--v", o.v_path, "Values .npy, shaped like --k");
   cmd.add_flag("--backward", o.backward, "Also compute dQ, dK, dV (cpu and cuda)");
   cmd.add_option("--dout", o.dout_path, "dO for --backward: a .npy shaped like --q (default: seeded values)");
+  cmd.add_option("--attention", o.attention,
+                 "softmax (the ring), or linear: kernelised linear attention, one prefix scan across ranks (cpu, "
+                 "contiguous layout)")
+      ->check(CLI::IsMember({"softmax", "linear"}));
+  cmd.add_option("--feature-map", o.feature_map,
+                 "Linear attention's phi: elu1 (elu(x)+1, normalised) or identity (unnormalised)")
+      ->check(CLI::IsMember({"elu1", "identity"}));
+  cmd.add_option("--decay", o.decay, "Linear attention, causal: decay in (0, 1] applied per token to the state");
 }
 
 void note_explicit_options(const CLI::App& cmd, ProblemOptions& o) {
@@ -171,6 +179,11 @@ void note_explicit_options(const CLI::App& cmd, ProblemOptions& o) {
 }
 
 double Problem::flops() const {
+  if (attention == AttentionKind::linear) {
+    // Per token and head: the state update (2 D^2) and the read-out (2 D^2).
+    return 4.0 * static_cast<double>(batch) * static_cast<double>(seq) * static_cast<double>(heads) *
+           static_cast<double>(head_dim) * static_cast<double>(head_dim);
+  }
   const double f = 4.0 * static_cast<double>(batch) * static_cast<double>(seq) * static_cast<double>(seq) *
                    static_cast<double>(heads) * static_cast<double>(head_dim);
   return causal ? f / 2.0 : f;
@@ -183,6 +196,9 @@ AttentionOptions Problem::attention_options() const {
   a.layout = layout;
   a.kernel = kernel;
   a.seq_len = seq;
+  a.attention = attention;
+  a.feature_map = feature_map;
+  a.decay = decay;
   return a;
 }
 
@@ -211,7 +227,10 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
                              {"--k", hash_string(o.k_path), show_other},
                              {"--v", hash_string(o.v_path), show_other},
                              {"--backward", o.backward, show_bool},
-                             {"--dout", hash_string(o.dout_path), show_other}},
+                             {"--dout", hash_string(o.dout_path), show_other},
+                             {"--attention", hash_string(o.attention), show_other},
+                             {"--feature-map", hash_string(o.feature_map), show_other},
+                             {"--decay", o.decay ? hash_string(std::to_string(*o.decay)) : 0, show_other}},
                             "command-line options");
 
   Problem p;
@@ -231,6 +250,15 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
       invalid("--kernel " + o.kernel + " needs --device cuda");
     }
     if (!o.dout_path.empty() && !o.backward) invalid("--dout needs --backward");
+    p.attention = parse_attention(o.attention);
+    p.feature_map = parse_feature_map(o.feature_map);
+    if (p.attention != AttentionKind::linear && (o.decay || o.feature_map != "elu1")) {
+      invalid("--decay and --feature-map need --attention linear");
+    }
+    if (o.decay) p.decay = {*o.decay};
+    if (p.attention == AttentionKind::linear && o.backward) {
+      invalid("--backward: linear attention has no backward pass yet");
+    }
     if (!o.dout_path.empty() && !p.from_files) invalid("--dout needs the inputs as files too (--q, --k, --v)");
     if (p.from_files) {
       if (o.q_path.empty() || o.k_path.empty() || o.v_path.empty()) invalid("--q, --k and --v must be given together");

@@ -31,6 +31,9 @@ struct ProblemOptions {
   std::string kernel = "auto";  // GPU block kernel: auto, cudnn or native
   std::string q_path, k_path, v_path;
   bool backward = false;    // also compute gradients (run, verify, bench)
+  std::string attention = "softmax";   // softmax or linear
+  std::string feature_map = "elu1";    // linear attention: elu1 or identity
+  std::optional<double> decay;         // linear attention, causal: every head's decay
   std::string dout_path;    // dO for --backward: a .npy shaped like q, or seeded values
   // Which shape flags the user gave explicitly (they must then agree with the files).
   bool explicit_batch = false, explicit_seq = false, explicit_heads = false, explicit_kv_heads = false,
@@ -60,9 +63,12 @@ struct Problem {
   std::vector<unsigned char> q, k, v;
   std::vector<unsigned char> dout;  // with --backward: (B, S_local, H, D)
   bool backward = false;
+  AttentionKind attention = AttentionKind::softmax;
+  FeatureMap feature_map = FeatureMap::elu1;
+  std::vector<double> decay;  // empty, or one value for every head
 
   std::int64_t local_len() const { return static_cast<std::int64_t>(positions.size()); }
-  double flops() const;  // 4*B*S^2*H*D, halved when causal
+  double flops() const;  // 4*B*S^2*H*D, halved when causal; linear attention: 4*B*S*H*D^2
   AttentionOptions attention_options() const;
   TensorView q_view();
   TensorView k_view();

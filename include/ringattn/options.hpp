@@ -5,6 +5,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "ringattn/layout.hpp"
 
@@ -18,12 +19,34 @@ enum class KernelKind : std::uint8_t { automatic, cudnn, native };
 const char* to_string(KernelKind kind);
 KernelKind parse_kernel(const std::string& name);  // "auto", "cudnn", "native"
 
+// What attention computes. softmax: softmax(scale Q K^T) V, over the ring. linear: kernelised
+// linear attention (Katharopoulos et al.), no ring: each rank folds its keys and values into a
+// D x D state per head, and the ranks combine states with one exclusive prefix scan (causal)
+// or one all-reduce (non-causal).
+enum class AttentionKind : std::uint8_t { softmax, linear };
+const char* to_string(AttentionKind kind);
+AttentionKind parse_attention(const std::string& name);  // "softmax", "linear"
+
+// Linear attention's feature map phi. elu1: phi(x) = elu(x) + 1, outputs normalised,
+//   o_i = phi(q_i)^T S_i / (phi(q_i) . z_i + 1e-6), S_i = sum_j w_ij phi(k_j) v_j^T,
+//   z_i = sum_j w_ij phi(k_j).
+// identity: phi(x) = x, unnormalised (RetNet / gated linear attention style), o_i = q_i^T S_i.
+// Causal: j <= i with weight w_ij = decay_h^(i - j); non-causal: every j, weight 1.
+enum class FeatureMap : std::uint8_t { elu1, identity };
+const char* to_string(FeatureMap map);
+FeatureMap parse_feature_map(const std::string& name);  // "elu1", "identity"
+
 struct AttentionOptions {
   bool causal = false;                 // query at position i attends keys at positions <= i
   std::optional<double> scale;         // softmax scale; default 1/sqrt(head_dim)
   LayoutKind layout = LayoutKind::contiguous;
   KernelKind kernel = KernelKind::automatic;
   std::int64_t seq_len = 0;            // global S; 0 = the sum of the ranks' local lengths
+  AttentionKind attention = AttentionKind::softmax;
+  FeatureMap feature_map = FeatureMap::elu1;  // linear attention only
+  // Linear attention, causal only: per-head decay in (0, 1]; empty = no decay, one value =
+  // every head, else one per query head.
+  std::vector<double> decay;
   // Called on every rank after each ring step with (steps done, steps in all).
   std::function<void(int, int)> on_step;
 };

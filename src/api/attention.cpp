@@ -10,6 +10,7 @@
 #include "api/prepared_forward.hpp"
 #include "comm/agreement.hpp"
 #include "comm/mpi_util.hpp"
+#include "engine/linear_attention.hpp"
 #include "engine/ring_backward.hpp"
 #include "plan/ring_plan.hpp"
 #ifdef RINGATTN_HAVE_CUDA
@@ -138,6 +139,38 @@ std::string show_layout(std::int64_t v) { return to_string(static_cast<LayoutKin
 std::string show_bool(std::int64_t v) { return v ? "true" : "false"; }
 std::string show_device(std::int64_t v) { return to_string(static_cast<DeviceKind>(v)); }
 std::string show_kernel(std::int64_t v) { return to_string(static_cast<KernelKind>(v)); }
+std::string show_attention(std::int64_t v) { return to_string(static_cast<AttentionKind>(v)); }
+std::string show_feature_map(std::int64_t v) { return to_string(static_cast<FeatureMap>(v)); }
+
+// FNV-1a over the decays' bits: ranks with different decays disagree on it.
+std::int64_t decay_hash(const std::vector<double>& decay) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (double d : decay) {
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, &d, sizeof bits);
+    for (int i = 0; i < 8; ++i) h = (h ^ ((bits >> (8 * i)) & 0xffu)) * 1099511628211ull;
+  }
+  return static_cast<std::int64_t>(h);
+}
+
+// Linear attention's own rules (on top of validate()).
+void validate_linear(const TensorView& q, const TensorView& lse, const AttentionOptions& options) {
+  if (q.device != DeviceKind::cpu) invalid("--attention linear runs on the cpu only so far");
+  if (options.layout != LayoutKind::contiguous) {
+    invalid(std::string("--attention linear needs the contiguous layout (its prefix scan follows the ranks' order), "
+                        "not ") + to_string(options.layout));
+  }
+  if (lse.data != nullptr) invalid("lse: linear attention has no LSE (pass none)");
+  const std::size_t H = static_cast<std::size_t>(q.shape[2]);
+  if (!options.decay.empty() && options.decay.size() != 1 && options.decay.size() != H) {
+    invalid("decay: " + std::to_string(options.decay.size()) + " values for " + std::to_string(H) +
+            " heads (give none, one, or one per query head)");
+  }
+  for (double g : options.decay) {
+    if (!(g > 0.0 && g <= 1.0)) invalid("decay: every value must lie in (0, 1], got " + std::to_string(g));
+    if (g != 1.0 && !options.causal) invalid("decay: a decay below 1 needs causal attention");
+  }
+}
 std::string show_double(std::int64_t v) {
   double x = 0.0;
   std::memcpy(&x, &v, sizeof x);
@@ -162,6 +195,9 @@ std::unique_ptr<Layout> agree_on_problem(Context& ctx, const TensorView& q, cons
       {"seq_len", options.seq_len},
       {"device", static_cast<std::int64_t>(q.device), show_device},
       {"kernel", static_cast<std::int64_t>(options.kernel), show_kernel},
+      {"attention", static_cast<std::int64_t>(options.attention), show_attention},
+      {"feature-map", static_cast<std::int64_t>(options.feature_map), show_feature_map},
+      {"decay", decay_hash(options.decay)},
   };
   detail::agree_fingerprint(comm, fields, pass);
 
@@ -218,7 +254,10 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
                                 const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
   // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
-  detail::agree_on(comm, [&] { validate(q, k, v, out, lse, options); });
+  detail::agree_on(comm, [&] {
+    validate(q, k, v, out, lse, options);
+    if (options.attention == AttentionKind::linear) validate_linear(q, lse, options);
+  });
 
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "attention arguments");
@@ -229,6 +268,16 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
   const detail::MaskKind mask = options.causal ? detail::MaskKind::causal : detail::MaskKind::full;
   PreparedForward prepared;
   prepared.scale = static_cast<float>(scale);
+  if (options.attention == AttentionKind::linear) {
+    LinearAttentionProblem lp{shape.batch, shape.heads, shape.kv_heads, shape.head_dim, options.causal,
+                              options.feature_map, {}};
+    lp.decay.assign(static_cast<std::size_t>(shape.heads), 1.0);
+    for (std::size_t h = 0; h < lp.decay.size(); ++h) {
+      if (!options.decay.empty()) lp.decay[h] = options.decay[options.decay.size() == 1 ? 0 : h];
+    }
+    prepared.linear = std::make_unique<PreparedForward::Linear>(PreparedForward::Linear{comm, lp, ctx.cpu_threads()});
+    return prepared;
+  }
   if (q.device == DeviceKind::cuda) {
 #ifdef RINGATTN_HAVE_CUDA
     CudaResources& resources = ctx.cuda();
@@ -253,6 +302,11 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
 
 void PreparedForward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                           const TensorView& lse, const std::function<void(int, int)>& on_step) {
+  if (linear) {
+    linear_attention_cpu(linear->comm, linear->problem, q, k, v, out, linear->threads);
+    if (on_step) on_step(1, 1);  // one scan, no ring
+    return;
+  }
 #ifdef RINGATTN_HAVE_CUDA
   if (cuda) {
     cuda->run(q, k, v, out, lse, scale);
@@ -295,6 +349,7 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
   detail::agree_on(comm, [&] {
     validate(q, k, v, out, lse, options);
     validate_backward(q, k, lse, dout, dq, dk, dv);
+    if (options.attention == AttentionKind::linear) invalid("the backward pass of linear attention is not available yet");
   });
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");

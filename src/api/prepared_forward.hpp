@@ -12,12 +12,20 @@
 #include "engine/cuda_ring_backward.hpp"
 #include "engine/cuda_ring_forward.hpp"
 #endif
+#include "engine/linear_attention.hpp"
 #include "engine/ring_backward.hpp"
 
 namespace ringattn::detail {
 
 struct PreparedForward {
   float scale = 1.0f;
+  // Linear attention (no ring): what linear_attention_cpu needs.
+  struct Linear {
+    MPI_Comm comm;
+    LinearAttentionProblem problem;
+    int threads;
+  };
+  std::unique_ptr<Linear> linear;
   std::unique_ptr<CpuRingForward> cpu;
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingForward> cuda;

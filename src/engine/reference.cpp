@@ -49,6 +49,41 @@ void reference_forward(const ReferenceProblem& p, const std::vector<std::int64_t
   }
 }
 
+void reference_linear(const ReferenceProblem& p, int map, const std::vector<double>& decay,
+                      const std::vector<std::int64_t>& positions, const std::vector<float>& q,
+                      const std::vector<float>& k, const std::vector<float>& v, std::vector<double>& out) {
+  const std::int64_t B = p.batch, S = p.seq_len, H = p.heads, Hkv = p.kv_heads, D = p.head_dim;
+  const auto n = static_cast<std::int64_t>(positions.size());
+  const std::int64_t group = H / Hkv;
+  auto phi = [map](double x) { return map == 1 ? x : (x > 0.0 ? x + 1.0 : std::exp(x)); };
+  out.assign(static_cast<std::size_t>(B * n * H * D), 0.0);
+#pragma omp parallel for collapse(3) schedule(dynamic)
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      for (std::int64_t i = 0; i < n; ++i) {
+        const std::int64_t pos = positions[static_cast<std::size_t>(i)];
+        const std::int64_t keys = p.causal ? pos + 1 : S;
+        const std::int64_t hk = h / group;
+        const float* qi = &q[static_cast<std::size_t>(((b * n + i) * H + h) * D)];
+        double* o = &out[static_cast<std::size_t>(((b * n + i) * H + h) * D)];
+        double denom = 0.0;
+        for (std::int64_t t = 0; t < keys; ++t) {
+          const float* kt = &k[static_cast<std::size_t>(((b * S + t) * Hkv + hk) * D)];
+          const float* vt = &v[static_cast<std::size_t>(((b * S + t) * Hkv + hk) * D)];
+          double a = 0.0;
+          for (std::int64_t d = 0; d < D; ++d) a += phi(qi[d]) * phi(kt[d]);
+          if (p.causal) a *= std::pow(decay[static_cast<std::size_t>(h)], static_cast<double>(pos - t));
+          denom += a;
+          for (std::int64_t d = 0; d < D; ++d) o[d] += a * static_cast<double>(vt[d]);
+        }
+        if (map == 0) {
+          for (std::int64_t d = 0; d < D; ++d) o[d] /= denom + 1e-6;
+        }
+      }
+    }
+  }
+}
+
 void reference_backward(const ReferenceProblem& p, const std::vector<float>& q, const std::vector<float>& k,
                         const std::vector<float>& v, const std::vector<float>& dout, std::vector<double>& dq,
                         std::vector<double>& dk, std::vector<double>& dv) {

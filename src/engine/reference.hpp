@@ -28,6 +28,13 @@ void reference_forward(const ReferenceProblem& problem, const std::vector<std::i
                        const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
                        std::vector<double>& out, std::vector<double>& lse);
 
+// Linear attention (see ringattn/options.hpp, FeatureMap) by its definition: every output as
+// a weighted sum over the keys, O(S^2), no state. map: 0 elu1, 1 identity; decay: one per
+// query head (1 = none); q (B, n, H, D) at `positions`, k, v (B, S, H_kv, D) -> out (B, n, H, D).
+void reference_linear(const ReferenceProblem& problem, int map, const std::vector<double>& decay,
+                      const std::vector<std::int64_t>& positions, const std::vector<float>& q,
+                      const std::vector<float>& k, const std::vector<float>& v, std::vector<double>& out);
+
 // Gradients of sum(O * dout) for the whole sequence in natural order, in fp64:
 // q, dout: (B, S, H, D); k, v: (B, S, H_kv, D) -> dq (B, S, H, D), dk, dv (B, S, H_kv, D).
 // Shared KV heads receive the sum over their query heads.

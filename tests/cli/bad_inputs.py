@@ -130,6 +130,18 @@ def main():
         ("bench: factor 1", 2, ["bench", "-f", "1"], ["--factor"], 2),
         ("--kernel cudnn on the cpu", 2, ["run", "--seq", "64", "--kernel", "cudnn"], ["--kernel cudnn needs --device cuda"]),
         ("unknown --kernel", 2, ["run", "--kernel", "flash"], ["flash"], 2),
+        ("linear attention, zigzag layout", 3, ["run", "--seq", "64", "--attention", "linear", "--layout", "zigzag"],
+         ["needs the contiguous layout"]),
+        ("linear attention, decay above 1", 2, ["run", "--seq", "64", "--attention", "linear", "--causal", "--decay",
+                                                "1.5"], ["(0, 1]"]),
+        ("linear attention, decay without --causal", 4, ["run", "--seq", "64", "--attention", "linear", "--decay",
+                                                         "0.9"], ["needs causal"]),
+        ("--decay without --attention linear", 2, ["run", "--seq", "64", "--decay", "0.9"],
+         ["need --attention linear"]),
+        ("linear attention with --lse", 2, ["run", "--seq", "64", "--attention", "linear", "--lse",
+                                            os.path.join(args.workdir, "lse.npy")], ["no LSE"]),
+        ("linear attention with --backward", 3, ["run", "--seq", "64", "--attention", "linear", "--backward"],
+         ["no backward pass"]),
     ]
     if not has_gpu():
         cases.append(("--device cuda without a GPU", 2, ["run", "--seq", "64", "--device", "cuda"], ["cuda"]))
