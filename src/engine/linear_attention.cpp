@@ -80,16 +80,21 @@ void linear_attention_cpu(MPI_Comm comm, const LinearAttentionProblem& p, const 
       const double g = p.decay[static_cast<std::size_t>(h)];
       double* S = &local[shape.state_offset(b * H + h)];
       double* z = S + D * D;
-      std::vector<double> fk(static_cast<std::size_t>(D));
+      std::vector<double> fk(static_cast<std::size_t>(D)), vi(static_cast<std::size_t>(D));
       for (std::int64_t i = 0; i < n; ++i) {
-        for (std::int64_t d = 0; d < D; ++d) fk[static_cast<std::size_t>(d)] = linear_feature(p.feature_map, load(k, b, i, h / group, d));
+        for (std::int64_t d = 0; d < D; ++d) {
+          fk[static_cast<std::size_t>(d)] = linear_feature(p.feature_map, load(k, b, i, h / group, d));
+          vi[static_cast<std::size_t>(d)] = load(v, b, i, h / group, d);
+        }
         if (g != 1.0) {
           for (std::int64_t e = 0; e < D * D + D; ++e) S[e] *= g;
         }
         for (std::int64_t d = 0; d < D; ++d) {
           const double f = fk[static_cast<std::size_t>(d)];
           z[d] += f;
-          for (std::int64_t e = 0; e < D; ++e) S[d * D + e] += f * load(v, b, i, h / group, e);
+          double* row = S + d * D;
+#pragma omp simd
+          for (std::int64_t e = 0; e < D; ++e) row[e] += f * vi[static_cast<std::size_t>(e)];
         }
       }
     }
@@ -126,26 +131,32 @@ void linear_attention_cpu(MPI_Comm comm, const LinearAttentionProblem& p, const 
       std::vector<double> S(incoming.begin() + static_cast<std::ptrdiff_t>(at),
                             incoming.begin() + static_cast<std::ptrdiff_t>(at + static_cast<std::size_t>(D * D + D)));
       double* z = S.data() + D * D;
-      std::vector<double> fq(static_cast<std::size_t>(D)), fk(static_cast<std::size_t>(D)), o(static_cast<std::size_t>(D));
+      std::vector<double> fk(static_cast<std::size_t>(D)), vi(static_cast<std::size_t>(D)), o(static_cast<std::size_t>(D));
       for (std::int64_t i = 0; i < n; ++i) {
         if (p.causal) {
-          for (std::int64_t d = 0; d < D; ++d) fk[static_cast<std::size_t>(d)] = linear_feature(p.feature_map, load(k, b, i, h / group, d));
+          for (std::int64_t d = 0; d < D; ++d) {
+            fk[static_cast<std::size_t>(d)] = linear_feature(p.feature_map, load(k, b, i, h / group, d));
+            vi[static_cast<std::size_t>(d)] = load(v, b, i, h / group, d);
+          }
           if (g != 1.0) {
             for (double& x : S) x *= g;
           }
           for (std::int64_t d = 0; d < D; ++d) {
             const double f = fk[static_cast<std::size_t>(d)];
             z[d] += f;
-            for (std::int64_t e = 0; e < D; ++e) S[static_cast<std::size_t>(d * D + e)] += f * load(v, b, i, h / group, e);
+            double* row = S.data() + d * D;
+#pragma omp simd
+            for (std::int64_t e = 0; e < D; ++e) row[e] += f * vi[static_cast<std::size_t>(e)];
           }
         }
         double denom = 0.0;
         std::fill(o.begin(), o.end(), 0.0);
         for (std::int64_t d = 0; d < D; ++d) {
           const double f = linear_feature(p.feature_map, load(q, b, i, h, d));
-          fq[static_cast<std::size_t>(d)] = f;
           denom += f * z[d];
-          for (std::int64_t e = 0; e < D; ++e) o[static_cast<std::size_t>(e)] += f * S[static_cast<std::size_t>(d * D + e)];
+          const double* row = S.data() + d * D;
+#pragma omp simd
+          for (std::int64_t e = 0; e < D; ++e) o[static_cast<std::size_t>(e)] += f * row[e];
         }
         const double scale = normalise ? 1.0 / (denom + kLinearAttentionEps) : 1.0;
         for (std::int64_t e = 0; e < D; ++e) {
