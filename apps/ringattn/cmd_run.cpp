@@ -12,6 +12,8 @@ std::string describe(const Problem& p) {
   return "B=" + std::to_string(p.batch) + " S=" + std::to_string(p.seq) + " H=" + std::to_string(p.heads) +
          " H_kv=" + std::to_string(p.kv_heads) + " D=" + std::to_string(p.head_dim) + " " + to_string(p.dtype) +
          (p.causal ? " causal " : " non-causal ") + to_string(p.layout) +
+         (p.window >= 0 ? " window " + std::to_string(p.window) + (p.sinks > 0 ? " sinks " + std::to_string(p.sinks) : "")
+                        : std::string()) +
          (p.attention == AttentionKind::linear
               ? std::string(" linear attention (") + to_string(p.feature_map) +
                     (p.decay.empty() ? "" : ", decay " + std::to_string(p.decay[0])) + ")"

@@ -51,6 +51,8 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   detail::convert_to_f32(p.dtype, p.q.data(), q_rows.data(), q_rows.size());
   detail::ReferenceProblem ref{p.batch, p.seq, p.heads, p.kv_heads, p.head_dim, p.causal,
                                p.scale.value_or(1.0 / std::sqrt(static_cast<double>(p.head_dim)))};
+  ref.window = p.window;
+  ref.sinks = p.sinks;
   std::vector<double> ref_out, ref_lse;
   if (linear) {
     // Linear attention: O only (it has no LSE), from its definition.

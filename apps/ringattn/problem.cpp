@@ -168,6 +168,12 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
                  "Linear attention's phi: elu1 (elu(x)+1, normalised) or identity (unnormalised)")
       ->check(CLI::IsMember({"elu1", "identity"}));
   cmd.add_option("--decay", o.decay, "Linear attention, causal: decay in (0, 1] applied per token to the state");
+  cmd.add_option("--window", o.window,
+                 "Causal sliding window: query i attends keys in [i - W, i] (cpu, contiguous layout); the ring stops "
+                 "once every window is covered")
+      ->check(CLI::Range(std::int64_t{0}, std::numeric_limits<std::int64_t>::max()));
+  cmd.add_option("--sinks", o.sinks, "With --window: the first K tokens are always attended (attention sinks)")
+      ->check(at_least(0));
 }
 
 void note_explicit_options(const CLI::App& cmd, ProblemOptions& o) {
@@ -184,6 +190,15 @@ double Problem::flops() const {
     return 4.0 * static_cast<double>(batch) * static_cast<double>(seq) * static_cast<double>(heads) *
            static_cast<double>(head_dim) * static_cast<double>(head_dim);
   }
+  if (window >= 0) {
+    // The pairs the window and the sinks allow: query p sees min(p, W) + 1 keys of its window
+    // and min(sinks, p - W) sink keys before it.
+    double pairs = 0.0;
+    for (std::int64_t pos = 0; pos < seq; ++pos) {
+      pairs += static_cast<double>(std::min(pos, window) + 1 + std::clamp<std::int64_t>(pos - window, 0, sinks));
+    }
+    return 4.0 * static_cast<double>(batch) * pairs * static_cast<double>(heads) * static_cast<double>(head_dim);
+  }
   const double f = 4.0 * static_cast<double>(batch) * static_cast<double>(seq) * static_cast<double>(seq) *
                    static_cast<double>(heads) * static_cast<double>(head_dim);
   return causal ? f / 2.0 : f;
@@ -199,6 +214,8 @@ AttentionOptions Problem::attention_options() const {
   a.attention = attention;
   a.feature_map = feature_map;
   a.decay = decay;
+  a.window = window;
+  a.sinks = sinks;
   return a;
 }
 
@@ -230,7 +247,9 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
                              {"--dout", hash_string(o.dout_path), show_other},
                              {"--attention", hash_string(o.attention), show_other},
                              {"--feature-map", hash_string(o.feature_map), show_other},
-                             {"--decay", o.decay ? hash_string(std::to_string(*o.decay)) : 0, show_other}},
+                             {"--decay", o.decay ? hash_string(std::to_string(*o.decay)) : 0, show_other},
+                             {"--window", o.window},
+                             {"--sinks", o.sinks}},
                             "command-line options");
 
   Problem p;
@@ -256,6 +275,8 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
       invalid("--decay and --feature-map need --attention linear");
     }
     if (o.decay) p.decay = {*o.decay};
+    p.window = o.window;
+    p.sinks = o.sinks;
     if (p.attention == AttentionKind::linear && o.backward) {
       invalid("--backward: linear attention has no backward pass yet");
     }

@@ -34,6 +34,8 @@ struct ProblemOptions {
   std::string attention = "softmax";   // softmax or linear
   std::string feature_map = "elu1";    // linear attention: elu1 or identity
   std::optional<double> decay;         // linear attention, causal: every head's decay
+  std::int64_t window = -1;            // causal sliding window (-1: none)
+  std::int64_t sinks = 0;              // attention sinks with a window
   std::string dout_path;    // dO for --backward: a .npy shaped like q, or seeded values
   // Which shape flags the user gave explicitly (they must then agree with the files).
   bool explicit_batch = false, explicit_seq = false, explicit_heads = false, explicit_kv_heads = false,
@@ -66,6 +68,7 @@ struct Problem {
   AttentionKind attention = AttentionKind::softmax;
   FeatureMap feature_map = FeatureMap::elu1;
   std::vector<double> decay;  // empty, or one value for every head
+  std::int64_t window = -1, sinks = 0;
 
   std::int64_t local_len() const { return static_cast<std::int64_t>(positions.size()); }
   double flops() const;  // 4*B*S^2*H*D, halved when causal; linear attention: 4*B*S*H*D^2

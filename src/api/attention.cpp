@@ -153,6 +153,26 @@ std::int64_t decay_hash(const std::vector<double>& decay) {
   return static_cast<std::int64_t>(h);
 }
 
+// Sliding-window rules (on top of validate()).
+void validate_window(const TensorView& q, const TensorView& k, const AttentionOptions& options) {
+  if (options.sinks < 0) invalid("sinks must be >= 0, got " + std::to_string(options.sinks));
+  if (options.window < 0) {
+    if (options.window != -1) invalid("window must be >= 0 (or -1: none), got " + std::to_string(options.window));
+    if (options.sinks > 0) invalid("sinks need a sliding window (--window)");
+    return;
+  }
+  if (options.attention != AttentionKind::softmax) invalid("a sliding window applies to softmax attention only");
+  if (!options.causal) invalid("a sliding window needs causal attention (the two-sided window is not available yet)");
+  if (options.layout != LayoutKind::contiguous) {
+    invalid(std::string("a sliding window needs the contiguous layout (windows then reach few ranks), not ") +
+            to_string(options.layout));
+  }
+  if (q.device != DeviceKind::cpu) invalid("a sliding window runs on the cpu only so far");
+  const double sink_bytes =
+      static_cast<double>(options.sinks) * static_cast<double>(k.shape[2] * k.shape[3]) * dtype_size(k.dtype);
+  if (sink_bytes >= 2147483647.0) invalid("sinks: " + std::to_string(options.sinks) + " tokens exceed 2 GiB of K rows");
+}
+
 // Linear attention's own rules (on top of validate()).
 void validate_linear(const TensorView& q, const TensorView& lse, const AttentionOptions& options) {
   if (q.device != DeviceKind::cpu) invalid("--attention linear runs on the cpu only so far");
@@ -198,6 +218,8 @@ std::unique_ptr<Layout> agree_on_problem(Context& ctx, const TensorView& q, cons
       {"attention", static_cast<std::int64_t>(options.attention), show_attention},
       {"feature-map", static_cast<std::int64_t>(options.feature_map), show_feature_map},
       {"decay", decay_hash(options.decay)},
+      {"window", options.window},
+      {"sinks", options.sinks},
   };
   detail::agree_fingerprint(comm, fields, pass);
 
@@ -256,6 +278,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
   // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
   detail::agree_on(comm, [&] {
     validate(q, k, v, out, lse, options);
+    validate_window(q, k, options);
     if (options.attention == AttentionKind::linear) validate_linear(q, lse, options);
   });
 
@@ -292,7 +315,9 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
 #endif
   } else {
     detail::agree_on(comm, [&] {
-      prepared.cpu = std::make_unique<CpuRingForward>(comm, make_ring_plan(*layout, mask, ctx.rank()), shape, q.dtype,
+      RingPlan plan = options.window >= 0 ? make_window_plan(*layout, options.window, options.sinks, ctx.rank())
+                                          : make_ring_plan(*layout, mask, ctx.rank());
+      prepared.cpu = std::make_unique<CpuRingForward>(comm, std::move(plan), shape, q.dtype,
                                                       q.shape[1], layout->max_local_length(), ctx.cpu_threads(),
                                                       ctx.mpi_progress_from_threads());
     });
@@ -350,6 +375,7 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
     validate(q, k, v, out, lse, options);
     validate_backward(q, k, lse, dout, dq, dk, dv);
     if (options.attention == AttentionKind::linear) invalid("the backward pass of linear attention is not available yet");
+    if (options.window >= 0) invalid("the backward pass with a sliding window is not available yet");
   });
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");

@@ -19,6 +19,8 @@ struct ReferenceProblem {
   std::int64_t head_dim = 1;
   bool causal = false;
   double scale = 1.0;
+  std::int64_t window = -1;  // causal sliding window: keys in [pos - window, pos]; -1 none
+  std::int64_t sinks = 0;    // with a window: the first `sinks` keys are always seen
 };
 
 // q: (B, n, H, D) values as stored, for the query rows at global `positions` (n of them);

@@ -1,6 +1,10 @@
 #include "engine/ring_forward.hpp"
 
+#include <algorithm>
+#include <cstring>
 #include <utility>
+
+#include "comm/mpi_util.hpp"
 
 #include "comm/mpi_transport.hpp"
 #include "core/dtype.hpp"
@@ -17,9 +21,10 @@ CpuRingForward::CpuRingForward(MPI_Comm comm, RingPlan plan, const AttentionShap
       dtype_(dtype),
       q_len_(q_len),
       mpi_progress_(mpi_progress_from_kernel),
-      kernel_(shape, q_len, kv_capacity, threads) {
+      kernel_(shape, q_len, std::max(kv_capacity, plan_.sink_len), threads) {
   blocks_[0].resize(block_bytes(kv_capacity));
-  if (plan_.world > 1) blocks_[1].resize(block_bytes(kv_capacity));
+  if (plan_.world > 1 && plan_.steps.size() > 1) blocks_[1].resize(block_bytes(kv_capacity));
+  if (plan_.sink_len > 0) sink_block_.resize(block_bytes(plan_.sink_len));
 }
 
 std::size_t CpuRingForward::block_bytes(std::int64_t kv_len) const {
@@ -36,10 +41,12 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
   MpiTransport transport(comm_);
   std::function<void()> poke;
   if (mpi_progress_ && P > 1) poke = [&transport] { transport.progress(); };
+  const int steps = static_cast<int>(plan_.steps.size());  // P, or fewer for a sliding window
+  const int total = steps + (plan_.sink_len > 0 ? 1 : 0);
   int cur = 0;
-  for (int s = 0; s < P; ++s) {
+  for (int s = 0; s < steps; ++s) {
     const RingStep& step = plan_.steps[static_cast<std::size_t>(s)];
-    if (s + 1 < P) {
+    if (s + 1 < steps) {
       const std::int64_t next_len = plan_.steps[static_cast<std::size_t>(s) + 1].kv_len;
       transport.start(blocks_[cur].data(), block_bytes(step.kv_len), plan_.send_to, blocks_[1 - cur].data(),
                       block_bytes(next_len), plan_.recv_from);
@@ -48,10 +55,56 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
     kernel_.run(step.tasks, poke);
     transport.wait();
     cur = 1 - cur;
-    if (on_step) on_step(s + 1, P);
+    if (on_step) on_step(s + 1, total);
   }
   bytes_sent_ = transport.bytes_sent();
+  if (plan_.sink_len > 0) {
+    bytes_sent_ += gather_sinks(k, v);
+    kernel_.load_kv(dtype_, sink_block_.data(), plan_.sink_len);
+    kernel_.run(plan_.sink_tasks);
+    if (on_step) on_step(total, total);
+  }
   kernel_.store(out, lse);
+}
+
+std::uint64_t CpuRingForward::gather_sinks(const TensorView& k, const TensorView& v) {
+  // Contiguous layout: this rank's first rows are the sink tokens it owns (all ranks know the
+  // lengths, so each computes every rank's share).
+  const int P = plan_.world;
+  std::vector<std::int64_t> lengths(static_cast<std::size_t>(P));
+  const std::int64_t mine = q_len_;
+  RINGATTN_MPI_CHECK(MPI_Allgather(&mine, 1, MPI_INT64_T, lengths.data(), 1, MPI_INT64_T, comm_));
+  const std::int64_t Hkv = shape_.kv_heads, D = shape_.head_dim;
+  const auto row_bytes = static_cast<std::size_t>(Hkv * D) * dtype_size(dtype_);
+  std::vector<int> counts(static_cast<std::size_t>(P)), displs(static_cast<std::size_t>(P));
+  std::int64_t begin = 0;
+  for (int r = 0; r < P; ++r) {
+    const std::int64_t share = std::clamp<std::int64_t>(plan_.sink_len - begin, 0, lengths[static_cast<std::size_t>(r)]);
+    counts[static_cast<std::size_t>(r)] = static_cast<int>(static_cast<std::size_t>(share) * row_bytes);
+    displs[static_cast<std::size_t>(r)] = static_cast<int>(static_cast<std::size_t>(begin) * row_bytes);
+    begin += lengths[static_cast<std::size_t>(r)];
+  }
+  const std::int64_t own = counts[static_cast<std::size_t>(plan_.rank)] / static_cast<std::int64_t>(row_bytes);
+  const std::size_t elem = dtype_size(dtype_);
+  std::vector<unsigned char> rows(static_cast<std::size_t>(own) * row_bytes);
+  std::uint64_t sent = 0;
+  for (int which = 0; which < 2; ++which) {
+    const TensorView& t = which == 0 ? k : v;
+    unsigned char* half = sink_block_.data() + static_cast<std::size_t>(which) * block_bytes(plan_.sink_len) / 2;
+    for (std::int64_t b = 0; b < shape_.batch; ++b) {
+      for (std::int64_t i = 0; i < own; ++i)
+        for (std::int64_t h = 0; h < Hkv; ++h)
+          std::memcpy(rows.data() + static_cast<std::size_t>((i * Hkv + h) * D) * elem,
+                      static_cast<const unsigned char*>(t.data) +
+                          static_cast<std::size_t>(b * t.strides[0] + i * t.strides[1] + h * t.strides[2]) * elem,
+                      static_cast<std::size_t>(D) * elem);
+      RINGATTN_MPI_CHECK(MPI_Allgatherv(rows.data(), counts[static_cast<std::size_t>(plan_.rank)], MPI_BYTE,
+                                        half + static_cast<std::size_t>(b * plan_.sink_len) * row_bytes, counts.data(),
+                                        displs.data(), MPI_BYTE, comm_));
+      sent += static_cast<std::uint64_t>(counts[static_cast<std::size_t>(plan_.rank)]) * static_cast<std::uint64_t>(P - 1);
+    }
+  }
+  return sent;
 }
 
 }  // namespace ringattn::detail

@@ -5,7 +5,10 @@
 //     post send of buf[cur] to r+1 and receive of the next block into buf[1-cur]  (s < P-1)
 //     fold buf[cur] into the running (o, lse) with this step's tasks, poking MPI meanwhile
 //     wait for both transfers; cur = 1 - cur
+//   sliding window with sinks: gather the sink tokens' K,V to every rank, fold them in
 //   write o and lse
+// A sliding-window plan has fewer steps than ranks: the ring stops once every window is
+// covered.
 // Construction allocates everything, so the caller can agree on allocation failures across
 // ranks before the first transfer.
 #pragma once
@@ -36,6 +39,8 @@ class CpuRingForward {
 
  private:
   std::size_t block_bytes(std::int64_t kv_len) const;
+  // The sink block: the first plan_.sink_len tokens' K then V, from their owners (collective).
+  std::uint64_t gather_sinks(const TensorView& k, const TensorView& v);
 
   MPI_Comm comm_;
   RingPlan plan_;
@@ -45,6 +50,7 @@ class CpuRingForward {
   bool mpi_progress_;
   CpuForwardKernel kernel_;
   std::vector<unsigned char> blocks_[2];  // packed K then V, storage dtype, double-buffered
+  std::vector<unsigned char> sink_block_;  // packed K then V of the sink tokens
   std::uint64_t bytes_sent_ = 0;
 };
 

@@ -18,9 +18,12 @@ std::int64_t floor_div(std::int64_t a, std::int64_t b) {
 
 std::int64_t BlockTask::pairs() const {
   if (mask == MaskKind::full) return q_len * kv_len;
-  // Row i sees min(kv_len, i + diag_offset + 1) keys.
+  // Row i sees keys max(0, i + lower_offset) .. min(kv_len - 1, i + diag_offset).
   std::int64_t n = 0;
-  for (std::int64_t i = 0; i < q_len; ++i) n += std::min(kv_len, i + diag_offset + 1);
+  for (std::int64_t i = 0; i < q_len; ++i) {
+    const std::int64_t lo = mask == MaskKind::band ? std::max<std::int64_t>(0, i + lower_offset) : 0;
+    n += std::max<std::int64_t>(0, std::min(kv_len, i + diag_offset + 1) - lo);
+  }
   return n;
 }
 
@@ -63,6 +66,81 @@ RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank) {
       }
     }
     plan.steps.push_back(std::move(step));
+  }
+  return plan;
+}
+
+namespace {
+
+// The sub-block of contiguous query run q against contiguous key run k where
+// q_pos - window <= k_pos <= q_pos (window < 0: no lower bound), or nothing.
+std::optional<BlockTask> band_block(const Segment& q, const Segment& k, std::int64_t window) {
+  if (q.length <= 0 || k.length <= 0) return std::nullopt;
+  const std::int64_t off = q.global_begin - k.global_begin;  // l <= i + off
+  const bool bounded = window >= 0;
+  const std::int64_t lo = off - window;                      // l >= i + lo (when bounded)
+  const std::int64_t first_row = std::max<std::int64_t>(0, -off);
+  const std::int64_t last_row = bounded ? std::min(q.length - 1, k.length - 1 - lo) : q.length - 1;
+  if (first_row > last_row) return std::nullopt;
+  const std::int64_t k_begin = bounded ? std::max<std::int64_t>(0, first_row + lo) : 0;
+  const std::int64_t k_end = std::min(k.length, last_row + off + 1);
+  if (k_begin >= k_end) return std::nullopt;
+  BlockTask t;
+  t.q_begin = q.local_begin + first_row;
+  t.q_len = last_row - first_row + 1;
+  t.kv_begin = k.local_begin + k_begin;
+  t.kv_len = k_end - k_begin;
+  t.diag_offset = off + first_row - k_begin;
+  t.lower_offset = lo + first_row - k_begin;
+  const bool upper_binds = t.diag_offset < t.kv_len - 1;           // some row misses a later key
+  const bool lower_binds = bounded && t.lower_offset + (t.q_len - 1) > 0;  // some row misses key 0
+  t.mask = lower_binds ? MaskKind::band : (upper_binds ? MaskKind::causal : MaskKind::full);
+  if (t.mask == MaskKind::full) t.diag_offset = 0;
+  if (t.mask != MaskKind::band) t.lower_offset = 0;
+  return t;
+}
+
+}  // namespace
+
+RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_t sinks, int rank) {
+  if (layout.kind() != LayoutKind::contiguous) {
+    throw Error(ErrorCode::invalid_argument, "a sliding window needs the contiguous layout");
+  }
+  if (window < 0 || sinks < 0) throw Error(ErrorCode::invalid_argument, "window and sinks must be >= 0");
+  const int P = layout.world();
+  // Hops the ring must make: the farthest any rank's first query reaches back.
+  int hops = 0;
+  for (int r = 0; r < P; ++r) {
+    const std::vector<Segment> seg = layout.segments(r);
+    if (seg.empty()) continue;
+    const std::int64_t earliest = std::max<std::int64_t>(0, seg.front().global_begin - window);
+    hops = std::max(hops, r - layout.owner(earliest));
+  }
+  RingPlan plan;
+  plan.rank = rank;
+  plan.world = P;
+  plan.send_to = (rank + 1) % P;
+  plan.recv_from = (rank + P - 1) % P;
+  const std::vector<Segment> q_segments = layout.segments(rank);
+  for (int s = 0; s <= hops; ++s) {
+    RingStep step;
+    step.kv_source = (rank - s + P) % P;
+    step.kv_len = layout.local_length(step.kv_source);
+    for (const Segment& k : layout.segments(step.kv_source)) {
+      for (const Segment& q : q_segments) {
+        if (auto task = band_block(q, k, window)) step.tasks.push_back(*task);
+      }
+    }
+    plan.steps.push_back(std::move(step));
+  }
+  // Sinks: keys t < sinks that a query p sees outside its window, t <= p - window - 1. As a
+  // causal block against the sink keys shifted window + 1 later.
+  plan.sink_len = std::min(sinks, layout.seq_len());
+  if (plan.sink_len > 0) {
+    const Segment sink{0, window + 1, plan.sink_len, 1};
+    for (const Segment& q : q_segments) {
+      if (auto task = band_block(q, sink, -1)) plan.sink_tasks.push_back(*task);
+    }
   }
   return plan;
 }

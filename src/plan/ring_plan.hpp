@@ -18,12 +18,14 @@
 
 namespace ringattn::detail {
 
-enum class MaskKind : std::uint8_t { full, causal };
+// band: causal with a lower bound as well (sliding-window attention).
+enum class MaskKind : std::uint8_t { full, causal, band };
 
 // Rows q_begin + i (0 <= i < q_len) of the local queries against rows kv_begin + l
 // (0 <= l < kv_len) of the held KV block. For causal tasks, row i sees key l iff
 // l <= i + diag_offset; the planner guarantees diag_offset >= 0 (every row sees a key) and
-// diag_offset < kv_len - 1 (otherwise the task would be full).
+// diag_offset < kv_len - 1 (otherwise the task would be full). Band tasks (CPU kernel only)
+// also need l >= i + lower_offset; every row sees at least one key.
 struct BlockTask {
   std::int64_t q_begin = 0;
   std::int64_t q_len = 0;
@@ -31,8 +33,12 @@ struct BlockTask {
   std::int64_t kv_len = 0;
   MaskKind mask = MaskKind::full;
   std::int64_t diag_offset = 0;
+  std::int64_t lower_offset = 0;  // band only
 
-  bool allows(std::int64_t i, std::int64_t l) const { return mask == MaskKind::full || l <= i + diag_offset; }
+  bool allows(std::int64_t i, std::int64_t l) const {
+    if (mask == MaskKind::full) return true;
+    return l <= i + diag_offset && (mask != MaskKind::band || l >= i + lower_offset);
+  }
   // Number of (query, key) pairs computed.
   std::int64_t pairs() const;
 };
@@ -48,7 +54,11 @@ struct RingPlan {
   int world = 1;
   int send_to = 0;    // next rank in the ring
   int recv_from = 0;  // previous rank in the ring
-  std::vector<RingStep> steps;
+  std::vector<RingStep> steps;  // P steps, fewer for a sliding window
+  // Sliding window with attention sinks: the sink block (the first sink_len tokens, gathered
+  // from their owners to every rank after the ring) and this rank's tasks against it.
+  std::int64_t sink_len = 0;
+  std::vector<BlockTask> sink_tasks;
 };
 
 // The sub-block of query segment q against key segment k that `mask` allows, or nothing.
@@ -56,5 +66,11 @@ struct RingPlan {
 std::optional<BlockTask> classify_block(const Segment& q, const Segment& k, MaskKind mask);
 
 RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank);
+
+// Causal sliding-window attention on the contiguous layout: query p sees keys t with
+// p - window <= t <= p, and the first `sinks` tokens (t < sinks, t <= p) always. The ring
+// runs only as many steps as the farthest window reaches over all ranks (every rank runs the
+// same number); keys of the sinks outside a query's window come from the sink block.
+RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_t sinks, int rank);
 
 }  // namespace ringattn::detail

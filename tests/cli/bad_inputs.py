@@ -140,6 +140,10 @@ def main():
          ["need --attention linear"]),
         ("linear attention with --lse", 2, ["run", "--seq", "64", "--attention", "linear", "--lse",
                                             os.path.join(args.workdir, "lse.npy")], ["no LSE"]),
+        ("sliding window, zigzag layout", 3, ["run", "--seq", "64", "--causal", "--window", "8", "--layout", "zigzag"],
+         ["needs the contiguous layout"]),
+        ("sliding window without --causal", 2, ["run", "--seq", "64", "--window", "8"], ["needs causal"]),
+        ("--sinks without --window", 2, ["run", "--seq", "64", "--causal", "--sinks", "4"], ["need a sliding window"]),
         ("linear attention with --backward", 3, ["run", "--seq", "64", "--attention", "linear", "--backward"],
          ["no backward pass"]),
     ]

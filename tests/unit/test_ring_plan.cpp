@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "plan/ring_plan.hpp"
+#include "ringattn/error.hpp"
 
 using namespace ringattn;
 using namespace ringattn::detail;
@@ -102,4 +103,87 @@ TEST(RingPlan, ClassifyTrimsCausalBlocks) {
   EXPECT_EQ(t->diag_offset, 0);
   EXPECT_FALSE(classify_block({0, 0, 10, 1}, {0, 10, 10, 1}, MaskKind::causal).has_value());
   EXPECT_EQ(classify_block({0, 10, 10, 1}, {0, 0, 10, 1}, MaskKind::causal)->mask, MaskKind::full);
+}
+
+namespace {
+
+// The sliding-window plan: every pair with p - window <= t <= p, or t < sinks and t <= p, is
+// computed exactly once (ring steps plus the sink tasks) and no other pair; the ring makes no
+// more steps than the farthest window needs.
+void check_window_plan(std::int64_t S, int P, std::int64_t window, std::int64_t sinks) {
+  SCOPED_TRACE("S=" + std::to_string(S) + " P=" + std::to_string(P) + " W=" + std::to_string(window) +
+               " sinks=" + std::to_string(sinks));
+  const Layout layout(LayoutKind::contiguous, S, P);
+  std::vector<std::uint8_t> count(static_cast<std::size_t>(S * S), 0);
+  std::size_t steps = 0;
+  for (int r = 0; r < P; ++r) {
+    const RingPlan plan = make_window_plan(layout, window, sinks, r);
+    if (r > 0) ASSERT_EQ(plan.steps.size(), steps) << "every rank runs the same steps";
+    steps = plan.steps.size();
+    const auto q_pos = layout.positions(r);
+    auto visit = [&](const BlockTask& t, const std::vector<std::int64_t>& k_pos, std::int64_t kv_len) {
+      ASSERT_GE(t.q_begin, 0);
+      ASSERT_LE(t.q_begin + t.q_len, static_cast<std::int64_t>(q_pos.size()));
+      ASSERT_GE(t.kv_begin, 0);
+      ASSERT_LE(t.kv_begin + t.kv_len, kv_len);
+      std::int64_t pairs = 0;
+      for (std::int64_t i = 0; i < t.q_len; ++i) {
+        std::int64_t row_pairs = 0;
+        for (std::int64_t l = 0; l < t.kv_len; ++l) {
+          if (!t.allows(i, l)) continue;
+          const std::int64_t qp = q_pos[static_cast<std::size_t>(t.q_begin + i)];
+          const std::int64_t kp = k_pos[static_cast<std::size_t>(t.kv_begin + l)];
+          ++count[static_cast<std::size_t>(qp * S + kp)];
+          ++row_pairs;
+        }
+        ASSERT_GT(row_pairs, 0) << "task rows must each see a key";
+        pairs += row_pairs;
+      }
+      EXPECT_EQ(pairs, t.pairs());
+    };
+    for (const RingStep& step : plan.steps) {
+      const auto k_pos = layout.positions(step.kv_source);
+      for (const BlockTask& t : step.tasks) visit(t, k_pos, step.kv_len);
+    }
+    std::vector<std::int64_t> sink_pos(static_cast<std::size_t>(plan.sink_len));
+    for (std::int64_t t = 0; t < plan.sink_len; ++t) sink_pos[static_cast<std::size_t>(t)] = t;
+    for (const BlockTask& t : plan.sink_tasks) visit(t, sink_pos, plan.sink_len);
+  }
+  // The steps: one more than the hops from the farthest rank's first query back to its
+  // window's first key.
+  int hops = 0;
+  for (int r = 0; r < P; ++r) {
+    const std::int64_t first = layout.positions(r).front();
+    hops = std::max(hops, r - layout.owner(std::max<std::int64_t>(0, first - window)));
+  }
+  EXPECT_EQ(steps, static_cast<std::size_t>(hops + 1));
+  for (std::int64_t qp = 0; qp < S; ++qp) {
+    for (std::int64_t kp = 0; kp < S; ++kp) {
+      const bool allowed = kp <= qp && (kp >= qp - window || kp < sinks);
+      ASSERT_EQ(count[static_cast<std::size_t>(qp * S + kp)], allowed ? 1 : 0) << "pair (" << qp << ", " << kp << ")";
+    }
+  }
+}
+
+}  // namespace
+
+TEST(RingPlan, SlidingWindowExactlyTheBandOnce) {
+  for (int P = 1; P <= 8; ++P) {
+    for (std::int64_t S : {std::int64_t{P}, std::int64_t{5} * P + 3, std::int64_t{61}}) {
+      if (S < P) continue;
+      for (std::int64_t window : {0, 1, 3, 7, 20, 100}) {
+        for (std::int64_t sinks : {0, 1, 4, 30}) {
+          check_window_plan(S, P, window, sinks);
+          if (HasFatalFailure()) return;
+        }
+      }
+    }
+  }
+}
+
+TEST(RingPlan, SlidingWindowNeedsFewSteps) {
+  // S = 262,144 over 8 ranks (32k each) with a 4k window: one hop, not seven.
+  const Layout layout(LayoutKind::contiguous, 262144, 8);
+  EXPECT_EQ(make_window_plan(layout, 4096, 0, 5).steps.size(), 2u);
+  EXPECT_THROW(make_window_plan(Layout(LayoutKind::zigzag, 64, 2), 4, 0, 0), Error);
 }

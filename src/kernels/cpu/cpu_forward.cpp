@@ -126,10 +126,13 @@ void CpuForwardKernel::run_tile(const BlockTask& task, std::int64_t b, std::int6
   const float* q = &q_[static_cast<std::size_t>(((b * H + h) * q_len_ + task.q_begin + row0) * D)];
   const float* kt = &k_t_[static_cast<std::size_t>((b * Hkv + kv_head) * D * cap + task.kv_begin)];
   const float* v = &v_[static_cast<std::size_t>(((b * Hkv + kv_head) * cap + task.kv_begin) * D)];
-  const bool causal = task.mask == MaskKind::causal;
-  // Keys past what the tile's last row may see are never loaded.
+  const bool band = task.mask == MaskKind::band;
+  const bool causal = task.mask == MaskKind::causal || band;
+  // Keys past what the tile's last row may see are never loaded, nor (band) keys before what
+  // its first row may see.
   const std::int64_t key_end =
       causal ? std::min(task.kv_len, row0 + rows - 1 + task.diag_offset + 1) : task.kv_len;
+  const std::int64_t key_start = band ? std::max<std::int64_t>(0, row0 + task.lower_offset) : 0;
 
   alignas(64) float acc[kTileRows][kMaxHeadDim];
   alignas(64) float p[kTileKeys];
@@ -141,12 +144,15 @@ void CpuForwardKernel::run_tile(const BlockTask& task, std::int64_t b, std::int6
     std::fill_n(acc[r], D, 0.0f);
   }
 
-  for (std::int64_t key0 = 0; key0 < key_end; key0 += kTileKeys) {
-    const std::int64_t tile_keys = std::min(kTileKeys, key_end - key0);
+  for (std::int64_t tile0 = key_start; tile0 < key_end; tile0 += kTileKeys) {
+    const std::int64_t tile_keys = std::min(kTileKeys, key_end - tile0);
     for (std::int64_t r = 0; r < rows; ++r) {
-      const std::int64_t valid =
-          causal ? std::clamp<std::int64_t>(row0 + r + task.diag_offset + 1 - key0, 0, tile_keys) : tile_keys;
+      const std::int64_t end =
+          causal ? std::clamp<std::int64_t>(row0 + r + task.diag_offset + 1 - tile0, 0, tile_keys) : tile_keys;
+      const std::int64_t begin = band ? std::clamp<std::int64_t>(row0 + r + task.lower_offset - tile0, 0, tile_keys) : 0;
+      const std::int64_t valid = end - begin;
       if (valid <= 0) continue;
+      const std::int64_t key0 = tile0 + begin;  // this row's keys in the tile: key0 .. key0 + valid
       const float* qr = q + r * D;
 
       // Scores (log2 units): p[l] = q_r . k_l, four head dims at a time to keep p in registers.
