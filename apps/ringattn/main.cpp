@@ -159,11 +159,13 @@ int main(int argc, char** argv) {
     code = run_cli(argc, argv);
   } catch (const Error& e) {
     print_error(e.what());
+    // A timeout (a peer stopped or hung) ends the job with 124, as timeout(1) does.
+    const int failure = e.code() == ErrorCode::timeout ? 124 : 1;
     if (!e.on_all_ranks() && world_size() > 1) {
       // Only this rank failed: the others may be waiting for it in the ring, so end the job.
-      MPI_Abort(MPI_COMM_WORLD, 1);
+      MPI_Abort(MPI_COMM_WORLD, failure);
     }
-    code = 1;
+    code = failure;
   } catch (const std::exception& e) {
     print_error(e.what());
     if (world_size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);

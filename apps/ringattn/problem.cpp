@@ -172,6 +172,10 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
                  "Causal sliding window: query i attends keys in [i - W, i] (cpu, contiguous layout); the ring stops "
                  "once every window is covered")
       ->check(CLI::Range(std::int64_t{0}, std::numeric_limits<std::int64_t>::max()));
+  cmd.add_option("--timeout", o.timeout,
+                 "Seconds a rank waits for a ring transfer (cpu) before it gives up, names the peer and the job exits "
+                 "124; 0 = forever")
+      ->check(CLI::Range(0.0, 1e9));
   cmd.add_option("--sinks", o.sinks, "With --window: the first K tokens are always attended (attention sinks)")
       ->check(at_least(0));
 }
@@ -216,6 +220,7 @@ AttentionOptions Problem::attention_options() const {
   a.decay = decay;
   a.window = window;
   a.sinks = sinks;
+  a.timeout_s = timeout;
   return a;
 }
 
@@ -276,6 +281,7 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
     }
     if (o.decay) p.decay = {*o.decay};
     p.window = o.window;
+    p.timeout = o.timeout;
     p.sinks = o.sinks;
     if (p.attention == AttentionKind::linear && o.backward) {
       invalid("--backward: linear attention has no backward pass yet");

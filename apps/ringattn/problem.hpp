@@ -36,6 +36,7 @@ struct ProblemOptions {
   std::optional<double> decay;         // linear attention, causal: every head's decay
   std::int64_t window = -1;            // causal sliding window (-1: none)
   std::int64_t sinks = 0;              // attention sinks with a window
+  double timeout = 300.0;              // bound on each ring transfer wait (cpu), seconds
   std::string dout_path;    // dO for --backward: a .npy shaped like q, or seeded values
   // Which shape flags the user gave explicitly (they must then agree with the files).
   bool explicit_batch = false, explicit_seq = false, explicit_heads = false, explicit_kv_heads = false,
@@ -69,6 +70,7 @@ struct Problem {
   FeatureMap feature_map = FeatureMap::elu1;
   std::vector<double> decay;  // empty, or one value for every head
   std::int64_t window = -1, sinks = 0;
+  double timeout = 300.0;
 
   std::int64_t local_len() const { return static_cast<std::int64_t>(positions.size()); }
   double flops() const;  // 4*B*S^2*H*D, halved when causal; linear attention: 4*B*S*H*D^2

@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace ringattn {
 
@@ -53,6 +54,9 @@ class Context {
   MPI_Comm comm() const { return comm_; }
   const ContextOptions& options() const { return options_; }
 
+  // For diagnostics: the process id of each rank on this node, -1 for ranks elsewhere.
+  const std::vector<long>& node_peer_pids() const { return node_peer_pids_; }
+
   // GPU resources (device, NCCL communicator, streams), created by the first CUDA forward:
   // collective. Throws where the build has no CUDA backend.
   detail::CudaResources& cuda();
@@ -66,6 +70,7 @@ class Context {
   int cpu_threads_ = 1;
   int thread_level_ = MPI_THREAD_SINGLE;
   std::string hostname_;
+  std::vector<long> node_peer_pids_;
   ContextOptions options_;
   std::unique_ptr<detail::CudaResources> cuda_;
 };

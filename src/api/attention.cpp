@@ -126,6 +126,7 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
     invalid("scale must be a positive finite number, got " + std::to_string(*options.scale));
   }
   if (options.seq_len < 0) invalid("seq_len must be >= 0 (0 = sum of the local lengths)");
+  if (!(options.timeout_s >= 0.0)) invalid("timeout must be >= 0 seconds (0: none)");
 }
 
 std::int64_t double_bits(double x) {
@@ -320,6 +321,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
       prepared.cpu = std::make_unique<CpuRingForward>(comm, std::move(plan), shape, q.dtype,
                                                       q.shape[1], layout->max_local_length(), ctx.cpu_threads(),
                                                       ctx.mpi_progress_from_threads());
+      prepared.cpu->set_timeout(options.timeout_s, ctx.node_peer_pids());
     });
   }
   return prepared;
@@ -399,6 +401,7 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
     detail::agree_on(comm, [&] {
       prepared.cpu = std::make_unique<CpuRingBackward>(comm, make_ring_plan(*layout, mask, ctx.rank()), shape, q.dtype,
                                                        q.shape[1], layout->max_local_length(), ctx.cpu_threads());
+      prepared.cpu->set_timeout(options.timeout_s, ctx.node_peer_pids());
     });
   }
   return prepared;

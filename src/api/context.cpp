@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <thread>
+#include <unistd.h>
+#include <functional>
 #include <utility>
 
 #include "comm/mpi_util.hpp"
@@ -54,6 +56,14 @@ Context::Context(MPI_Comm comm, ContextOptions options) : options_(options) {
     cpu_threads_ = usable < hw ? std::max(1, usable) : std::max(1, hw / local_size_);
   }
   hostname_ = detail::host_name();
+  // Who runs where, for naming a stopped or vanished peer when a wait times out.
+  const long mine[2] = {static_cast<long>(getpid()), static_cast<long>(std::hash<std::string>{}(hostname_))};
+  std::vector<long> all(2 * static_cast<std::size_t>(size_));
+  RINGATTN_MPI_CHECK(MPI_Allgather(mine, 2, MPI_LONG, all.data(), 2, MPI_LONG, comm_));
+  node_peer_pids_.assign(static_cast<std::size_t>(size_), -1);
+  for (int r = 0; r < size_; ++r) {
+    if (all[2 * static_cast<std::size_t>(r) + 1] == mine[1]) node_peer_pids_[static_cast<std::size_t>(r)] = all[2 * static_cast<std::size_t>(r)];
+  }
 }
 
 bool Context::mpi_progress_from_threads() const {
@@ -86,6 +96,7 @@ Context& Context::operator=(Context&& other) noexcept {
     cpu_threads_ = other.cpu_threads_;
     thread_level_ = other.thread_level_;
     hostname_ = std::move(other.hostname_);
+    node_peer_pids_ = std::move(other.node_peer_pids_);
     options_ = other.options_;
     cuda_ = std::move(other.cuda_);
   }

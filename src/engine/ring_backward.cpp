@@ -57,7 +57,7 @@ void CpuRingBackward::run(const TensorView& q, const TensorView& k, const Tensor
   std::memset(own + kv_bytes(q_len_), 0, dkv_floats(q_len_) * sizeof(float));
   kernel_.load_rows(q, out, dout, lse, scale);
 
-  MpiTransport transport(comm_);
+  MpiTransport transport(comm_, timeout_s_, peer_pids_);
   int cur = 0;
   for (int s = 0; s < P; ++s) {
     const std::int64_t len = plan_.steps[static_cast<std::size_t>(s)].kv_len;
@@ -69,6 +69,7 @@ void CpuRingBackward::run(const TensorView& q, const TensorView& k, const Tensor
       const std::int64_t next = s + 1 < P ? plan_.steps[static_cast<std::size_t>(s) + 1].kv_len : q_len_;
       transport.start(block, kv_bytes(len) + dkv_floats(len) * sizeof(float), plan_.send_to, blocks_[1 - cur].data(),
                       kv_bytes(next) + dkv_floats(next) * sizeof(float), plan_.recv_from);
+      transport.set_step(s);
       transport.wait();
       cur = 1 - cur;
     }

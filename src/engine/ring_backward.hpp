@@ -13,6 +13,7 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/cpu_backward.hpp"
@@ -26,6 +27,12 @@ class CpuRingBackward {
   CpuRingBackward(MPI_Comm comm, RingPlan plan, const AttentionShape& shape, DType dtype, std::int64_t q_len,
                   std::int64_t kv_capacity, int threads);
 
+  // Bound on each wait for a transfer (seconds; 0 = none): see MpiTransport.
+  void set_timeout(double seconds, std::vector<long> peer_pids = {}) {
+    timeout_s_ = seconds;
+    peer_pids_ = std::move(peer_pids);
+  }
+
   void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
            const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
            const TensorView& dv, float scale);
@@ -35,6 +42,8 @@ class CpuRingBackward {
   std::size_t dkv_floats(std::int64_t kv_len) const;  // dK then dV, fp32
 
   MPI_Comm comm_;
+  double timeout_s_ = 0.0;  // bound on each transfer wait; 0 = none
+  std::vector<long> peer_pids_;
   RingPlan plan_;
   AttentionShape shape_;
   DType dtype_;

@@ -38,7 +38,7 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
   pack_dense(v, blocks_[0].data() + block_bytes(q_len_) / 2);
   kernel_.load_queries(q, scale);
 
-  MpiTransport transport(comm_);
+  MpiTransport transport(comm_, timeout_s_, peer_pids_);
   std::function<void()> poke;
   if (mpi_progress_ && P > 1) poke = [&transport] { transport.progress(); };
   const int steps = static_cast<int>(plan_.steps.size());  // P, or fewer for a sliding window
@@ -53,6 +53,7 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
     }
     kernel_.load_kv(dtype_, blocks_[cur].data(), step.kv_len);
     kernel_.run(step.tasks, poke);
+    transport.set_step(s);
     transport.wait();
     cur = 1 - cur;
     if (on_step) on_step(s + 1, total);

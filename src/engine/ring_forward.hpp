@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/cpu_forward.hpp"
@@ -32,6 +33,12 @@ class CpuRingForward {
                  std::int64_t kv_capacity, int threads, bool mpi_progress_from_kernel);
 
   // q: (B, S_local, H, D); k, v: (B, S_local, H_kv, D); out like q; lse (B, H, S_local) or no data.
+  // Bound on each wait for a transfer (seconds; 0 = none): see MpiTransport.
+  void set_timeout(double seconds, std::vector<long> peer_pids = {}) {
+    timeout_s_ = seconds;
+    peer_pids_ = std::move(peer_pids);
+  }
+
   void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
            const TensorView& lse, float scale, const std::function<void(int, int)>& on_step);
 
@@ -43,6 +50,8 @@ class CpuRingForward {
   std::uint64_t gather_sinks(const TensorView& k, const TensorView& v);
 
   MPI_Comm comm_;
+  double timeout_s_ = 0.0;  // bound on each transfer wait; 0 = none
+  std::vector<long> peer_pids_;
   RingPlan plan_;
   AttentionShape shape_;
   DType dtype_;
