@@ -154,6 +154,16 @@ std::int64_t decay_hash(const std::vector<double>& decay) {
   return static_cast<std::int64_t>(h);
 }
 
+#ifdef RINGATTN_HAVE_CUDA
+// GPU tensors must sit on the device this rank runs on.
+void check_rank_device(const TensorView& q, const detail::CudaResources& resources) {
+  if (q.device_index != resources.device()) {
+    invalid("q: on cuda:" + std::to_string(q.device_index) + " but this rank runs on cuda:" +
+            std::to_string(resources.device()));
+  }
+}
+#endif
+
 // Sliding-window rules (on top of validate()).
 void validate_window(const TensorView& q, const TensorView& k, const AttentionOptions& options) {
   if (options.sinks < 0) invalid("sinks must be >= 0, got " + std::to_string(options.sinks));
@@ -306,10 +316,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
 #ifdef RINGATTN_HAVE_CUDA
     CudaResources& resources = ctx.cuda();
     detail::agree_on(comm, [&] {
-      if (q.device_index != resources.device()) {
-        invalid("q: on cuda:" + std::to_string(q.device_index) + " but this rank runs on cuda:" +
-                std::to_string(resources.device()));
-      }
+      check_rank_device(q, resources);
       prepared.cuda = std::make_unique<CudaRingForward>(resources, make_ring_plan(*layout, mask, ctx.rank()), shape,
                                                         q.dtype, q.shape[1], layout->max_local_length(), options.kernel);
     });
@@ -389,10 +396,7 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
 #ifdef RINGATTN_HAVE_CUDA
     CudaResources& resources = ctx.cuda();
     detail::agree_on(comm, [&] {
-      if (q.device_index != resources.device()) {
-        invalid("q: on cuda:" + std::to_string(q.device_index) + " but this rank runs on cuda:" +
-                std::to_string(resources.device()));
-      }
+      check_rank_device(q, resources);
       prepared.cuda = std::make_unique<CudaRingBackward>(resources, make_ring_plan(*layout, mask, ctx.rank()), shape,
                                                          q.dtype, q.shape[1], layout->max_local_length(), options.kernel);
     });

@@ -341,14 +341,24 @@ CudnnSdpa::Plan& CudnnSdpa::plan_for(const CudnnSdpaProblem& p) {
   return ref;
 }
 
-bool CudnnSdpa::try_prepare(const CudnnSdpaProblem& problem, std::string* why_not) {
+namespace {
+
+// Runs a plan build; a refusal becomes false and its reason.
+template <class Build>
+bool try_build(Build&& build, std::string* why_not) {
   try {
-    plan_for(problem);
+    build();
     return true;
   } catch (const Error& e) {
     if (why_not != nullptr) *why_not = e.what();
     return false;
   }
+}
+
+}  // namespace
+
+bool CudnnSdpa::try_prepare(const CudnnSdpaProblem& problem, std::string* why_not) {
+  return try_build([&] { plan_for(problem); }, why_not);
 }
 
 void CudnnSdpa::forward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, void* o, float* lse,
@@ -466,13 +476,7 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
 }
 
 bool CudnnSdpa::try_prepare_backward(const CudnnSdpaProblem& problem, std::string* why_not) {
-  try {
-    backward_plan_for(problem);
-    return true;
-  } catch (const Error& e) {
-    if (why_not != nullptr) *why_not = e.what();
-    return false;
-  }
+  return try_build([&] { backward_plan_for(problem); }, why_not);
 }
 
 void CudnnSdpa::backward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, const void* o,
