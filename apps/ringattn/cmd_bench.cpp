@@ -108,7 +108,9 @@ double count_wrong(Context& ctx, const Problem& p, const std::vector<unsigned ch
           double dot = 0.0;
           for (std::size_t d = 0; d < D; ++d) dot += q[d] * kv[static_cast<std::size_t>(t) * D * 2 + d];
           s[static_cast<std::size_t>(t)] = dot * scale;
-          if (p.window >= 0 && t < pos - p.window && t >= p.sinks) s[static_cast<std::size_t>(t)] = -INFINITY;
+          if (p.window >= 0 && (t < pos - p.window || t > pos + p.window) && t >= p.sinks) {
+            s[static_cast<std::size_t>(t)] = -INFINITY;  // outside the window
+          }
           mx = std::max(mx, dot * scale);
         }
         double sum = 0.0;

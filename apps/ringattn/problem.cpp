@@ -169,8 +169,8 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
       ->check(CLI::IsMember({"elu1", "identity"}));
   cmd.add_option("--decay", o.decay, "Linear attention, causal: decay in (0, 1] applied per token to the state");
   cmd.add_option("--window", o.window,
-                 "Causal sliding window: query i attends keys in [i - W, i] (cpu, contiguous layout); the ring stops "
-                 "once every window is covered")
+                 "Sliding window: query i attends keys in [i - W, i] (with --causal) or [i - W, i + W] (cpu, "
+                 "contiguous layout); the ring stops once every window is covered")
       ->check(CLI::Range(std::int64_t{0}, std::numeric_limits<std::int64_t>::max()));
   cmd.add_option("--timeout", o.timeout,
                  "Seconds a rank waits for a ring transfer (cpu) before it gives up, names the peer and the job exits "
@@ -200,6 +200,9 @@ double Problem::flops() const {
     double pairs = 0.0;
     for (std::int64_t pos = 0; pos < seq; ++pos) {
       pairs += static_cast<double>(std::min(pos, window) + 1 + std::clamp<std::int64_t>(pos - window, 0, sinks));
+      if (!causal) {  // the keys after the query, and sink keys beyond the window's right edge
+        pairs += static_cast<double>(std::min(seq - 1 - pos, window) + std::max<std::int64_t>(0, sinks - (pos + window + 1)));
+      }
     }
     return 4.0 * static_cast<double>(batch) * pairs * static_cast<double>(heads) * static_cast<double>(head_dim);
   }

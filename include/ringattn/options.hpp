@@ -42,10 +42,11 @@ struct AttentionOptions {
   LayoutKind layout = LayoutKind::contiguous;
   KernelKind kernel = KernelKind::automatic;
   std::int64_t seq_len = 0;            // global S; 0 = the sum of the ranks' local lengths
-  // Causal sliding-window attention (softmax, contiguous layout, CPU so far): query i attends
-  // keys in [i - window, i], plus the first `sinks` tokens always (StreamingLLM's attention
-  // sinks). window < 0: no window. The ring then moves K and V only as far as the windows
-  // reach, and the sink tokens are gathered to every rank once.
+  // Sliding-window attention (softmax, contiguous layout, CPU so far): query i attends keys
+  // in [i - window, i] (causal) or [i - window, i + window] (non-causal), plus the first
+  // `sinks` tokens always (StreamingLLM's attention sinks; causal: those up to i). window < 0:
+  // no window. The ring then moves K and V only as far as the windows reach (both ways when
+  // two-sided), and the sink tokens are gathered to every rank once.
   std::int64_t window = -1;
   std::int64_t sinks = 0;
   AttentionKind attention = AttentionKind::softmax;

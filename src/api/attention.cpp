@@ -173,7 +173,6 @@ void validate_window(const TensorView& q, const TensorView& k, const AttentionOp
     return;
   }
   if (options.attention != AttentionKind::softmax) invalid("a sliding window applies to softmax attention only");
-  if (!options.causal) invalid("a sliding window needs causal attention (the two-sided window is not available yet)");
   if (options.layout != LayoutKind::contiguous) {
     invalid(std::string("a sliding window needs the contiguous layout (windows then reach few ranks), not ") +
             to_string(options.layout));
@@ -323,7 +322,8 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
 #endif
   } else {
     detail::agree_on(comm, [&] {
-      RingPlan plan = options.window >= 0 ? make_window_plan(*layout, options.window, options.sinks, ctx.rank())
+      RingPlan plan = options.window >= 0
+                          ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
                                           : make_ring_plan(*layout, mask, ctx.rank());
       prepared.cpu = std::make_unique<CpuRingForward>(comm, std::move(plan), shape, q.dtype,
                                                       q.shape[1], layout->max_local_length(), ctx.cpu_threads(),

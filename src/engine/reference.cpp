@@ -29,7 +29,7 @@ void reference_forward(const ReferenceProblem& p, const std::vector<std::int64_t
           double dot = 0.0;
           for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(qi[d]) * static_cast<double>(kt[d]);
           scores[static_cast<std::size_t>(t)] = dot * p.scale;
-          if (p.window >= 0 && t < pos - p.window && t >= p.sinks) {
+          if (p.window >= 0 && (t < pos - p.window || t > pos + p.window) && t >= p.sinks) {
             scores[static_cast<std::size_t>(t)] = -std::numeric_limits<double>::infinity();  // outside the window
           }
           max_score = std::max(max_score, scores[static_cast<std::size_t>(t)]);

@@ -19,7 +19,7 @@ struct ReferenceProblem {
   std::int64_t head_dim = 1;
   bool causal = false;
   double scale = 1.0;
-  std::int64_t window = -1;  // causal sliding window: keys in [pos - window, pos]; -1 none
+  std::int64_t window = -1;  // sliding window: keys within window of pos (causal: before it); -1 none
   std::int64_t sinks = 0;    // with a window: the first `sinks` keys are always seen
 };
 

@@ -23,7 +23,9 @@ CpuRingForward::CpuRingForward(MPI_Comm comm, RingPlan plan, const AttentionShap
       mpi_progress_(mpi_progress_from_kernel),
       kernel_(shape, q_len, std::max(kv_capacity, plan_.sink_len), threads) {
   blocks_[0].resize(block_bytes(kv_capacity));
-  if (plan_.world > 1 && plan_.steps.size() > 1) blocks_[1].resize(block_bytes(kv_capacity));
+  if (plan_.world > 1 && (plan_.steps.size() > 1 || !plan_.reverse_steps.empty())) {
+    blocks_[1].resize(block_bytes(kv_capacity));
+  }
   if (plan_.sink_len > 0) sink_block_.resize(block_bytes(plan_.sink_len));
 }
 
@@ -42,7 +44,8 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
   std::function<void()> poke;
   if (mpi_progress_ && P > 1) poke = [&transport] { transport.progress(); };
   const int steps = static_cast<int>(plan_.steps.size());  // P, or fewer for a sliding window
-  const int total = steps + (plan_.sink_len > 0 ? 1 : 0);
+  const int reverse = static_cast<int>(plan_.reverse_steps.size());
+  const int total = steps + reverse + (plan_.sink_len > 0 ? 1 : 0);
   int cur = 0;
   for (int s = 0; s < steps; ++s) {
     const RingStep& step = plan_.steps[static_cast<std::size_t>(s)];
@@ -57,6 +60,30 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
     transport.wait();
     cur = 1 - cur;
     if (on_step) on_step(s + 1, total);
+  }
+  if (reverse > 0) {
+    // Two-sided window: blocks of later ranks travel the other way, the own block first.
+    pack_dense(k, blocks_[cur].data());
+    pack_dense(v, blocks_[cur].data() + block_bytes(q_len_) / 2);
+    std::int64_t held = q_len_;
+    for (int j = -1; j < reverse; ++j) {
+      // Hop j + 1 brings reverse step j + 1's block while step j computes (j = -1: the first).
+      if (j + 1 < reverse) {
+        const std::int64_t next_len = plan_.reverse_steps[static_cast<std::size_t>(j + 1)].kv_len;
+        transport.start(blocks_[cur].data(), block_bytes(held), plan_.recv_from, blocks_[1 - cur].data(),
+                        block_bytes(next_len), plan_.send_to);
+        held = next_len;
+      }
+      if (j >= 0) {
+        const RingStep& step = plan_.reverse_steps[static_cast<std::size_t>(j)];
+        kernel_.load_kv(dtype_, blocks_[cur].data(), step.kv_len);
+        kernel_.run(step.tasks, poke);
+        if (on_step) on_step(steps + j + 1, total);
+      }
+      transport.set_step(steps + j + 1);
+      transport.wait();
+      if (j + 1 < reverse) cur = 1 - cur;
+    }
   }
   bytes_sent_ = transport.bytes_sent();
   if (plan_.sink_len > 0) {

@@ -73,27 +73,28 @@ RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank) {
 namespace {
 
 // The sub-block of contiguous query run q against contiguous key run k where
-// q_pos - window <= k_pos <= q_pos (window < 0: no lower bound), or nothing.
-std::optional<BlockTask> band_block(const Segment& q, const Segment& k, std::int64_t window) {
+// q_pos - left <= k_pos <= q_pos + right (a negative bound: none on that side), or nothing.
+std::optional<BlockTask> band_block(const Segment& q, const Segment& k, std::int64_t left, std::int64_t right) {
   if (q.length <= 0 || k.length <= 0) return std::nullopt;
-  const std::int64_t off = q.global_begin - k.global_begin;  // l <= i + off
-  const bool bounded = window >= 0;
-  const std::int64_t lo = off - window;                      // l >= i + lo (when bounded)
-  const std::int64_t first_row = std::max<std::int64_t>(0, -off);
-  const std::int64_t last_row = bounded ? std::min(q.length - 1, k.length - 1 - lo) : q.length - 1;
+  const std::int64_t off = q.global_begin - k.global_begin;  // key l, query i: same position iff l == i + off
+  // No bound on a side: a bound no (row, key) pair of the block reaches.
+  const std::int64_t hi = right >= 0 ? off + right : k.length;    // l <= i + hi
+  const std::int64_t lo = left >= 0 ? off - left : -q.length;     // l >= i + lo
+  const std::int64_t first_row = std::max<std::int64_t>(0, -hi);
+  const std::int64_t last_row = std::min(q.length - 1, k.length - 1 - lo);
   if (first_row > last_row) return std::nullopt;
-  const std::int64_t k_begin = bounded ? std::max<std::int64_t>(0, first_row + lo) : 0;
-  const std::int64_t k_end = std::min(k.length, last_row + off + 1);
+  const std::int64_t k_begin = std::max<std::int64_t>(0, first_row + lo);
+  const std::int64_t k_end = std::min(k.length, last_row + hi + 1);
   if (k_begin >= k_end) return std::nullopt;
   BlockTask t;
   t.q_begin = q.local_begin + first_row;
   t.q_len = last_row - first_row + 1;
   t.kv_begin = k.local_begin + k_begin;
   t.kv_len = k_end - k_begin;
-  t.diag_offset = off + first_row - k_begin;
+  t.diag_offset = hi + first_row - k_begin;
   t.lower_offset = lo + first_row - k_begin;
-  const bool upper_binds = t.diag_offset < t.kv_len - 1;           // some row misses a later key
-  const bool lower_binds = bounded && t.lower_offset + (t.q_len - 1) > 0;  // some row misses key 0
+  const bool upper_binds = t.diag_offset < t.kv_len - 1;       // row 0 misses a later key
+  const bool lower_binds = t.lower_offset + (t.q_len - 1) > 0;  // the last row misses key 0
   t.mask = lower_binds ? MaskKind::band : (upper_binds ? MaskKind::causal : MaskKind::full);
   if (t.mask == MaskKind::full) t.diag_offset = 0;
   if (t.mask != MaskKind::band) t.lower_offset = 0;
@@ -102,19 +103,21 @@ std::optional<BlockTask> band_block(const Segment& q, const Segment& k, std::int
 
 }  // namespace
 
-RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_t sinks, int rank) {
+RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_t sinks, int rank, bool causal) {
   if (layout.kind() != LayoutKind::contiguous) {
     throw Error(ErrorCode::invalid_argument, "a sliding window needs the contiguous layout");
   }
   if (window < 0 || sinks < 0) throw Error(ErrorCode::invalid_argument, "window and sinks must be >= 0");
   const int P = layout.world();
-  // Hops the ring must make: the farthest any rank's first query reaches back.
-  int hops = 0;
+  const std::int64_t right = causal ? 0 : window;
+  // Hops the ring must make each way: the farthest any rank's window reaches.
+  int back = 0, ahead = 0;
   for (int r = 0; r < P; ++r) {
     const std::vector<Segment> seg = layout.segments(r);
     if (seg.empty()) continue;
-    const std::int64_t earliest = std::max<std::int64_t>(0, seg.front().global_begin - window);
-    hops = std::max(hops, r - layout.owner(earliest));
+    const std::int64_t first = seg.front().global_begin, last = seg.back().global_begin + seg.back().length - 1;
+    back = std::max(back, r - layout.owner(std::max<std::int64_t>(0, first - window)));
+    ahead = std::max(ahead, layout.owner(std::min(layout.seq_len() - 1, last + right)) - r);
   }
   RingPlan plan;
   plan.rank = rank;
@@ -122,24 +125,37 @@ RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_
   plan.send_to = (rank + 1) % P;
   plan.recv_from = (rank + P - 1) % P;
   const std::vector<Segment> q_segments = layout.segments(rank);
-  for (int s = 0; s <= hops; ++s) {
+  // Blocks that wrapped around the ring lie on the other side of this rank: the other pass
+  // (or, causal, nobody) covers them.
+  auto add_step = [&](std::vector<RingStep>& steps, int source, bool wrapped) {
     RingStep step;
-    step.kv_source = (rank - s + P) % P;
-    step.kv_len = layout.local_length(step.kv_source);
-    for (const Segment& k : layout.segments(step.kv_source)) {
-      for (const Segment& q : q_segments) {
-        if (auto task = band_block(q, k, window)) step.tasks.push_back(*task);
+    step.kv_source = source;
+    step.kv_len = layout.local_length(source);
+    if (!wrapped) {
+      for (const Segment& k : layout.segments(source)) {
+        for (const Segment& q : q_segments) {
+          if (auto task = band_block(q, k, window, right)) step.tasks.push_back(*task);
+        }
       }
     }
-    plan.steps.push_back(std::move(step));
+    steps.push_back(std::move(step));
+  };
+  for (int s = 0; s <= back; ++s) add_step(plan.steps, (rank - s + P) % P, rank - s < 0);
+  if (!causal) {
+    for (int j = 1; j <= ahead; ++j) add_step(plan.reverse_steps, (rank + j) % P, rank + j >= P);
   }
-  // Sinks: keys t < sinks that a query p sees outside its window, t <= p - window - 1. As a
-  // causal block against the sink keys shifted window + 1 later.
+  // Sinks: keys t < sinks outside a query's window. Before it (t <= p - window - 1): a block
+  // whose keys are shifted window + 1 later and seen up to the query; two-sided, after it too
+  // (t >= p + window + 1): keys shifted window + 1 earlier and seen from the query on.
   plan.sink_len = std::min(sinks, layout.seq_len());
   if (plan.sink_len > 0) {
-    const Segment sink{0, window + 1, plan.sink_len, 1};
+    const Segment before{0, window + 1, plan.sink_len, 1};
+    const Segment after{0, -(window + 1), plan.sink_len, 1};
     for (const Segment& q : q_segments) {
-      if (auto task = band_block(q, sink, -1)) plan.sink_tasks.push_back(*task);
+      if (auto task = band_block(q, before, -1, 0)) plan.sink_tasks.push_back(*task);
+      if (!causal) {
+        if (auto task = band_block(q, after, 0, -1)) plan.sink_tasks.push_back(*task);
+      }
     }
   }
   return plan;

@@ -55,6 +55,10 @@ struct RingPlan {
   int send_to = 0;    // next rank in the ring
   int recv_from = 0;  // previous rank in the ring
   std::vector<RingStep> steps;  // P steps, fewer for a sliding window
+  // Two-sided (non-causal) sliding window: after `steps` (blocks of earlier ranks, arriving
+  // from recv_from), blocks of later ranks travel the other way (from send_to): step j holds
+  // the block of rank + j, j = 1, 2, ...
+  std::vector<RingStep> reverse_steps;
   // Sliding window with attention sinks: the sink block (the first sink_len tokens, gathered
   // from their owners to every rank after the ring) and this rank's tasks against it.
   std::int64_t sink_len = 0;
@@ -67,10 +71,13 @@ std::optional<BlockTask> classify_block(const Segment& q, const Segment& k, Mask
 
 RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank);
 
-// Causal sliding-window attention on the contiguous layout: query p sees keys t with
-// p - window <= t <= p, and the first `sinks` tokens (t < sinks, t <= p) always. The ring
-// runs only as many steps as the farthest window reaches over all ranks (every rank runs the
-// same number); keys of the sinks outside a query's window come from the sink block.
-RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_t sinks, int rank);
+// Sliding-window attention on the contiguous layout: query p sees keys t with
+// p - window <= t <= p (causal) or |p - t| <= window (two-sided), and the first `sinks`
+// tokens always (causal: those with t <= p). The ring runs only as many steps as the
+// farthest window reaches over all ranks (every rank runs the same number), in both
+// directions when two-sided; keys of the sinks outside a query's window come from the sink
+// block.
+RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_t sinks, int rank,
+                          bool causal = true);
 
 }  // namespace ringattn::detail

@@ -142,7 +142,6 @@ def main():
                                             os.path.join(args.workdir, "lse.npy")], ["no LSE"]),
         ("sliding window, zigzag layout", 3, ["run", "--seq", "64", "--causal", "--window", "8", "--layout", "zigzag"],
          ["needs the contiguous layout"]),
-        ("sliding window without --causal", 2, ["run", "--seq", "64", "--window", "8"], ["needs causal"]),
         ("sliding window with --backward", 2, ["run", "--seq", "64", "--causal", "--window", "8", "--backward"],
          ["sliding window is not available"]),
         ("--sinks without --window", 2, ["run", "--seq", "64", "--causal", "--sinks", "4"], ["need a sliding window"]),

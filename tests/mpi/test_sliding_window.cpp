@@ -1,4 +1,4 @@
-// Causal sliding-window attention (with and without attention sinks) over MPI against the
+// Sliding-window attention, causal and two-sided, with and without attention sinks, over MPI against the
 // fp64 reference, at whatever np CTest runs it; and the bytes each rank sends: exactly the
 // blocks of the hops the farthest window needs plus its share of the sink tokens, no more.
 #include <gtest/gtest.h>
@@ -23,11 +23,13 @@ namespace {
 struct WindowCase {
   std::int64_t seq, heads, kv_heads, dim, window, sinks;
   DType dtype;
+  bool causal = true;  // false: the two-sided window
 };
 
 void check(const WindowCase& c) {
   SCOPED_TRACE(std::string(to_string(c.dtype)) + " S=" + std::to_string(c.seq) + " W=" + std::to_string(c.window) +
-               " sinks=" + std::to_string(c.sinks) + " H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads));
+               " sinks=" + std::to_string(c.sinks) + " H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) +
+               (c.causal ? " causal" : " two-sided"));
   int rank = 0, world = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -51,7 +53,7 @@ void check(const WindowCase& c) {
 
   Context ctx(MPI_COMM_WORLD);
   AttentionOptions options;
-  options.causal = true;
+  options.causal = c.causal;
   options.window = c.window;
   options.sinks = c.sinks;
   PreparedForward prepared = prepare_forward(ctx, qv, kv, vv, ov, lv, options);
@@ -59,15 +61,19 @@ void check(const WindowCase& c) {
 
   // Bytes: the blocks of the first `hops` steps (the farthest window's reach) and this rank's
   // sink rows to each other rank.
-  int hops = 0;
+  int hops = 0, ahead = 0;
   for (int r = 0; r < world; ++r) {
-    const std::int64_t first = layout.positions(r).front();
+    const std::int64_t first = layout.positions(r).front(), last = layout.positions(r).back();
     hops = std::max(hops, r - layout.owner(std::max<std::int64_t>(0, first - c.window)));
+    if (!c.causal) ahead = std::max(ahead, layout.owner(std::min(c.seq - 1, last + c.window)) - r);
   }
   const auto row_bytes = static_cast<std::uint64_t>(c.kv_heads * c.dim) * elem;
   std::uint64_t expected = 0;
   for (int s = 0; s < hops; ++s) {
     expected += 2 * static_cast<std::uint64_t>(B * layout.local_length((rank - s + world) % world)) * row_bytes;
+  }
+  for (int j = 0; j < ahead; ++j) {  // the other way: the own block first, then each one passed on
+    expected += 2 * static_cast<std::uint64_t>(B * layout.local_length((rank + j) % world)) * row_bytes;
   }
   const std::int64_t own_sinks = std::clamp<std::int64_t>(c.sinks - pos.front(), 0, n);
   expected += 2 * static_cast<std::uint64_t>(B * own_sinks) * row_bytes * static_cast<std::uint64_t>(world - 1);
@@ -83,7 +89,7 @@ void check(const WindowCase& c) {
     convert_to_f32(c.dtype, b.data(), r.data(), r.size());
     return r;
   };
-  ReferenceProblem ref{B, c.seq, c.heads, c.kv_heads, c.dim, true, 1.0 / std::sqrt(double(c.dim))};
+  ReferenceProblem ref{B, c.seq, c.heads, c.kv_heads, c.dim, c.causal, 1.0 / std::sqrt(double(c.dim))};
   ref.window = c.window;
   ref.sinks = c.sinks;
   std::vector<double> ref_out, ref_lse;
@@ -110,6 +116,9 @@ TEST(SlidingWindow, AgainstReferenceAndBytes) {
     check({301, 4, 4, 16, 40, 5, dtype});
     check({301, 2, 1, 64, 7, 120, dtype});   // sinks spanning ranks
     check({301, 2, 2, 16, 500, 3, dtype});   // window wider than the sequence
+    check({301, 4, 2, 32, 23, 0, dtype, false});
+    check({301, 2, 1, 64, 7, 120, dtype, false});
+    check({301, 2, 2, 16, 90, 2, dtype, false});
   }
 }
 
@@ -128,13 +137,10 @@ TEST(SlidingWindow, BadOptionsFailEveryRank) {
   options.layout = LayoutKind::zigzag;
   EXPECT_THROW(forward(ctx, view(x), view(x), view(x), view(out), TensorView{}, options), Error);
   options.layout = LayoutKind::contiguous;
-  options.causal = false;  // the two-sided window is not available
   const Layout contiguous(LayoutKind::contiguous, 64, world);
   const std::int64_t m = contiguous.local_length(rank);
   std::vector<float> y(static_cast<std::size_t>(m * 2 * 8), 0.5f), out2(y.size());
   auto view2 = [&](std::vector<float>& d) { return TensorView::contiguous(d.data(), DType::f32, {1, m, 2, 8}); };
-  EXPECT_THROW(forward(ctx, view2(y), view2(y), view2(y), view2(out2), TensorView{}, options), Error);
-  options.causal = true;
   options.window = -1;
   options.sinks = 4;  // sinks without a window
   EXPECT_THROW(forward(ctx, view2(y), view2(y), view2(y), view2(out2), TensorView{}, options), Error);

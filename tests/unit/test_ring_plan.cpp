@@ -110,16 +110,18 @@ namespace {
 // The sliding-window plan: every pair with p - window <= t <= p, or t < sinks and t <= p, is
 // computed exactly once (ring steps plus the sink tasks) and no other pair; the ring makes no
 // more steps than the farthest window needs.
-void check_window_plan(std::int64_t S, int P, std::int64_t window, std::int64_t sinks) {
+void check_window_plan(std::int64_t S, int P, std::int64_t window, std::int64_t sinks, bool causal = true) {
   SCOPED_TRACE("S=" + std::to_string(S) + " P=" + std::to_string(P) + " W=" + std::to_string(window) +
-               " sinks=" + std::to_string(sinks));
+               " sinks=" + std::to_string(sinks) + (causal ? " causal" : " two-sided"));
   const Layout layout(LayoutKind::contiguous, S, P);
   std::vector<std::uint8_t> count(static_cast<std::size_t>(S * S), 0);
-  std::size_t steps = 0;
+  std::size_t steps = 0, reverse = 0;
   for (int r = 0; r < P; ++r) {
-    const RingPlan plan = make_window_plan(layout, window, sinks, r);
+    const RingPlan plan = make_window_plan(layout, window, sinks, r, causal);
     if (r > 0) ASSERT_EQ(plan.steps.size(), steps) << "every rank runs the same steps";
+    if (r > 0) ASSERT_EQ(plan.reverse_steps.size(), reverse) << "every rank runs the same steps";
     steps = plan.steps.size();
+    reverse = plan.reverse_steps.size();
     const auto q_pos = layout.positions(r);
     auto visit = [&](const BlockTask& t, const std::vector<std::int64_t>& k_pos, std::int64_t kv_len) {
       ASSERT_GE(t.q_begin, 0);
@@ -145,21 +147,30 @@ void check_window_plan(std::int64_t S, int P, std::int64_t window, std::int64_t 
       const auto k_pos = layout.positions(step.kv_source);
       for (const BlockTask& t : step.tasks) visit(t, k_pos, step.kv_len);
     }
+    for (std::size_t j = 0; j < plan.reverse_steps.size(); ++j) {
+      const RingStep& step = plan.reverse_steps[j];
+      ASSERT_EQ(step.kv_source, (r + static_cast<int>(j) + 1) % P);
+      const auto k_pos = layout.positions(step.kv_source);
+      for (const BlockTask& t : step.tasks) visit(t, k_pos, step.kv_len);
+    }
     std::vector<std::int64_t> sink_pos(static_cast<std::size_t>(plan.sink_len));
     for (std::int64_t t = 0; t < plan.sink_len; ++t) sink_pos[static_cast<std::size_t>(t)] = t;
     for (const BlockTask& t : plan.sink_tasks) visit(t, sink_pos, plan.sink_len);
   }
   // The steps: one more than the hops from the farthest rank's first query back to its
   // window's first key.
-  int hops = 0;
+  int hops = 0, ahead = 0;
   for (int r = 0; r < P; ++r) {
-    const std::int64_t first = layout.positions(r).front();
+    const std::int64_t first = layout.positions(r).front(), last = layout.positions(r).back();
     hops = std::max(hops, r - layout.owner(std::max<std::int64_t>(0, first - window)));
+    ahead = std::max(ahead, layout.owner(std::min(S - 1, last + window)) - r);
   }
   EXPECT_EQ(steps, static_cast<std::size_t>(hops + 1));
+  EXPECT_EQ(reverse, causal ? 0u : static_cast<std::size_t>(ahead));
   for (std::int64_t qp = 0; qp < S; ++qp) {
     for (std::int64_t kp = 0; kp < S; ++kp) {
-      const bool allowed = kp <= qp && (kp >= qp - window || kp < sinks);
+      const bool in_window = causal ? (kp <= qp && kp >= qp - window) : (kp >= qp - window && kp <= qp + window);
+      const bool allowed = in_window || (kp < sinks && (!causal || kp <= qp));
       ASSERT_EQ(count[static_cast<std::size_t>(qp * S + kp)], allowed ? 1 : 0) << "pair (" << qp << ", " << kp << ")";
     }
   }
@@ -173,8 +184,10 @@ TEST(RingPlan, SlidingWindowExactlyTheBandOnce) {
       if (S < P) continue;
       for (std::int64_t window : {0, 1, 3, 7, 20, 100}) {
         for (std::int64_t sinks : {0, 1, 4, 30}) {
-          check_window_plan(S, P, window, sinks);
-          if (HasFatalFailure()) return;
+          for (bool causal : {true, false}) {
+            check_window_plan(S, P, window, sinks, causal);
+            if (HasFatalFailure()) return;
+          }
         }
       }
     }
