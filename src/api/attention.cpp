@@ -324,7 +324,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
     detail::agree_on(comm, [&] {
       RingPlan plan = options.window >= 0
                           ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
-                                          : make_ring_plan(*layout, mask, ctx.rank());
+                          : make_ring_plan(*layout, mask, ctx.rank());
       prepared.cpu = std::make_unique<CpuRingForward>(comm, std::move(plan), shape, q.dtype,
                                                       q.shape[1], layout->max_local_length(), ctx.cpu_threads(),
                                                       ctx.mpi_progress_from_threads());

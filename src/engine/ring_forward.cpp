@@ -96,23 +96,19 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
 }
 
 std::uint64_t CpuRingForward::gather_sinks(const TensorView& k, const TensorView& v) {
-  // Contiguous layout: this rank's first rows are the sink tokens it owns (all ranks know the
-  // lengths, so each computes every rank's share).
+  // Contiguous layout: each rank's first plan_.sink_rows[r] rows are the sink tokens it owns.
   const int P = plan_.world;
-  std::vector<std::int64_t> lengths(static_cast<std::size_t>(P));
-  const std::int64_t mine = q_len_;
-  RINGATTN_MPI_CHECK(MPI_Allgather(&mine, 1, MPI_INT64_T, lengths.data(), 1, MPI_INT64_T, comm_));
   const std::int64_t Hkv = shape_.kv_heads, D = shape_.head_dim;
   const auto row_bytes = static_cast<std::size_t>(Hkv * D) * dtype_size(dtype_);
   std::vector<int> counts(static_cast<std::size_t>(P)), displs(static_cast<std::size_t>(P));
   std::int64_t begin = 0;
   for (int r = 0; r < P; ++r) {
-    const std::int64_t share = std::clamp<std::int64_t>(plan_.sink_len - begin, 0, lengths[static_cast<std::size_t>(r)]);
+    const std::int64_t share = plan_.sink_rows[static_cast<std::size_t>(r)];
     counts[static_cast<std::size_t>(r)] = static_cast<int>(static_cast<std::size_t>(share) * row_bytes);
     displs[static_cast<std::size_t>(r)] = static_cast<int>(static_cast<std::size_t>(begin) * row_bytes);
-    begin += lengths[static_cast<std::size_t>(r)];
+    begin += share;
   }
-  const std::int64_t own = counts[static_cast<std::size_t>(plan_.rank)] / static_cast<std::int64_t>(row_bytes);
+  const std::int64_t own = plan_.sink_rows[static_cast<std::size_t>(plan_.rank)];
   const std::size_t elem = dtype_size(dtype_);
   std::vector<unsigned char> rows(static_cast<std::size_t>(own) * row_bytes);
   std::uint64_t sent = 0;

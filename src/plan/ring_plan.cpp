@@ -149,6 +149,11 @@ RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_
   // (t >= p + window + 1): keys shifted window + 1 earlier and seen from the query on.
   plan.sink_len = std::min(sinks, layout.seq_len());
   if (plan.sink_len > 0) {
+    for (int r = 0; r < P; ++r) {
+      const std::vector<Segment> seg = layout.segments(r);
+      const std::int64_t begin = seg.empty() ? plan.sink_len : seg.front().global_begin;
+      plan.sink_rows.push_back(std::clamp<std::int64_t>(plan.sink_len - begin, 0, layout.local_length(r)));
+    }
     const Segment before{0, window + 1, plan.sink_len, 1};
     const Segment after{0, -(window + 1), plan.sink_len, 1};
     for (const Segment& q : q_segments) {

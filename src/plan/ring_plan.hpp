@@ -63,6 +63,7 @@ struct RingPlan {
   // from their owners to every rank after the ring) and this rank's tasks against it.
   std::int64_t sink_len = 0;
   std::vector<BlockTask> sink_tasks;
+  std::vector<std::int64_t> sink_rows;  // per rank: how many of its first rows are sink tokens
 };
 
 // The sub-block of query segment q against key segment k that `mask` allows, or nothing.

@@ -71,6 +71,12 @@ cudnnDataType_t to_cudnn(DType t) {
   return CUDNN_DATA_FLOAT;
 }
 
+// Scratch grows when a plan is built (the engines build theirs before the ring starts), so
+// that running a plan never allocates.
+void grow(DeviceBuffer& buffer, std::size_t bytes) {
+  if (buffer.bytes() < bytes) buffer = DeviceBuffer(bytes);
+}
+
 // Unique ids of the tensors the variant pack binds.
 enum Uid : std::int64_t {
   kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kOffset,
@@ -336,6 +342,7 @@ CudnnSdpa::Plan& CudnnSdpa::plan_for(const CudnnSdpaProblem& p) {
   g.matmul(prob, v, o);
 
   g.finish(static_cast<cudnnHandle_t>(handle_));
+  grow(workspace_, static_cast<std::size_t>(plan->workspace));
   Plan& ref = *plan;
   plans_.emplace(p.key(), std::move(plan));
   return ref;
@@ -363,10 +370,7 @@ bool CudnnSdpa::try_prepare(const CudnnSdpaProblem& problem, std::string* why_no
 
 void CudnnSdpa::forward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, void* o, float* lse,
                         float scale, cudaStream_t stream) {
-  Plan& plan = plan_for(problem);
-  if (static_cast<std::int64_t>(workspace_.bytes()) < plan.workspace) {
-    workspace_ = DeviceBuffer(static_cast<std::size_t>(plan.workspace));
-  }
+  Plan& plan = plan_for(problem);  // built (and its scratch allocated) before the ring
   RINGATTN_CUDNN_CHECK(cudnnSetStream(static_cast<cudnnHandle_t>(handle_), stream));
   float scale_value = scale;
   float neg_inf = -std::numeric_limits<float>::infinity();
@@ -470,6 +474,10 @@ CudnnSdpa::Plan& CudnnSdpa::backward_plan_for(const CudnnSdpaProblem& p) {
   g.pointwise(CUDNN_POINTWISE_IDENTITY, f32, dq_acc, nullptr, dq);
 
   g.finish(static_cast<cudnnHandle_t>(handle_));
+  const auto rows = static_cast<std::size_t>(B * H * Sq);
+  grow(workspace_, static_cast<std::size_t>(plan->workspace));
+  grow(delta_, rows * sizeof(float));
+  grow(dq_accum_, rows * static_cast<std::size_t>(D) * sizeof(float));
   Plan& ref = *plan;
   backward_plans_.emplace(p.key(), std::move(plan));
   return ref;
@@ -482,14 +490,7 @@ bool CudnnSdpa::try_prepare_backward(const CudnnSdpaProblem& problem, std::strin
 void CudnnSdpa::backward(const CudnnSdpaProblem& problem, const void* q, const void* k, const void* v, const void* o,
                          const void* dout, const float* lse, void* dq, void* dk, void* dv, float scale,
                          cudaStream_t stream) {
-  Plan& plan = backward_plan_for(problem);
-  if (static_cast<std::int64_t>(workspace_.bytes()) < plan.workspace) {
-    workspace_ = DeviceBuffer(static_cast<std::size_t>(plan.workspace));
-  }
-  const auto rows = static_cast<std::size_t>(problem.batch * problem.heads * problem.q_len);
-  if (delta_.bytes() < rows * sizeof(float)) delta_ = DeviceBuffer(rows * sizeof(float));
-  const std::size_t accum_bytes = rows * static_cast<std::size_t>(problem.head_dim) * sizeof(float);
-  if (dq_accum_.bytes() < accum_bytes) dq_accum_ = DeviceBuffer(accum_bytes);
+  Plan& plan = backward_plan_for(problem);  // built (and its scratch allocated) before the ring
   RINGATTN_CUDNN_CHECK(cudnnSetStream(static_cast<cudnnHandle_t>(handle_), stream));
   float scale_value = scale, one = 1.0f;
   float neg_inf = -std::numeric_limits<float>::infinity();
