@@ -62,6 +62,24 @@ ringattn_ensure_dependencies() {
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
+# Best effort, for the fuzz test only (test.sh): clang with libFuzzer and the sanitizer
+# runtimes. Without them the fuzz test reports "skipped".
+ringattn_ensure_fuzz_toolchain() {
+  if command -v clang++ >/dev/null 2>&1 &&
+     echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' |
+       clang++ -fsanitize=fuzzer,address -x c++ - -o /dev/null >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "ringattn: installing clang libclang-rt-dev (for the fuzz test)"
+    (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq &&
+       apt-get install -y -qq --no-install-recommends clang libclang-rt-dev >/dev/null) ||
+      echo "ringattn: could not install clang; the fuzz test will be skipped" >&2
+  else
+    echo "ringattn: clang with libFuzzer not found; the fuzz test will be skipped" >&2
+  fi
+}
+
 # Flags mpirun needs here: root (containers, CI) and more ranks than cores.
 ringattn_mpirun_flags() {
   local flags="--oversubscribe"
