@@ -169,7 +169,7 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
       ->check(CLI::IsMember({"elu1", "identity"}));
   cmd.add_option("--decay", o.decay, "Linear attention, causal: decay in (0, 1] applied per token to the state");
   cmd.add_option("--window", o.window,
-                 "Sliding window: query i attends keys in [i - W, i] (with --causal) or [i - W, i + W] (cpu, "
+                 "Sliding window: query i attends keys in [i - W, i] (with --causal) or [i - W, i + W] ("
                  "contiguous layout); the ring stops once every window is covered")
       ->check(CLI::Range(std::int64_t{0}, std::numeric_limits<std::int64_t>::max()));
   cmd.add_option("--timeout", o.timeout,

@@ -165,7 +165,7 @@ void check_rank_device(const TensorView& q, const detail::CudaResources& resourc
 #endif
 
 // Sliding-window rules (on top of validate()).
-void validate_window(const TensorView& q, const TensorView& k, const AttentionOptions& options) {
+void validate_window(const TensorView& k, const AttentionOptions& options) {
   if (options.sinks < 0) invalid("sinks must be >= 0, got " + std::to_string(options.sinks));
   if (options.window < 0) {
     if (options.window != -1) invalid("window must be >= 0 (or -1: none), got " + std::to_string(options.window));
@@ -177,7 +177,6 @@ void validate_window(const TensorView& q, const TensorView& k, const AttentionOp
     invalid(std::string("a sliding window needs the contiguous layout (windows then reach few ranks), not ") +
             to_string(options.layout));
   }
-  if (q.device != DeviceKind::cpu) invalid("a sliding window runs on the cpu only so far");
   const double sink_bytes =
       static_cast<double>(options.sinks) * static_cast<double>(k.shape[2] * k.shape[3]) * dtype_size(k.dtype);
   if (sink_bytes >= 2147483647.0) invalid("sinks: " + std::to_string(options.sinks) + " tokens exceed 2 GiB of K rows");
@@ -288,7 +287,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
   // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
   detail::agree_on(comm, [&] {
     validate(q, k, v, out, lse, options);
-    validate_window(q, k, options);
+    validate_window(k, options);
     if (options.attention == AttentionKind::linear) validate_linear(q, lse, options);
   });
 
@@ -316,8 +315,11 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
     CudaResources& resources = ctx.cuda();
     detail::agree_on(comm, [&] {
       check_rank_device(q, resources);
-      prepared.cuda = std::make_unique<CudaRingForward>(resources, make_ring_plan(*layout, mask, ctx.rank()), shape,
-                                                        q.dtype, q.shape[1], layout->max_local_length(), options.kernel);
+      RingPlan plan = options.window >= 0
+                          ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
+                          : make_ring_plan(*layout, mask, ctx.rank());
+      prepared.cuda = std::make_unique<CudaRingForward>(resources, std::move(plan), shape, q.dtype, q.shape[1],
+                                                        layout->max_local_length(), options.kernel);
     });
 #endif
   } else {

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "comm/nccl_transport.hpp"
+#include "core/cuda_check.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "ringattn/error.hpp"
@@ -34,8 +36,10 @@ CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, con
   p.o_batch_stride = o_strides[0];
   p.o_row_stride = o_strides[1];
   p.o_head_stride = o_strides[2];
-  p.causal = t.mask == MaskKind::causal;
+  p.causal = t.mask != MaskKind::full;
   p.diag_offset = t.diag_offset;
+  p.band = t.mask == MaskKind::band;
+  p.lower_offset = t.lower_offset;
   return p;
 }
 
@@ -46,51 +50,65 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
     : resources_(resources), plan_(std::move(plan)), shape_(shape), dtype_(dtype), q_len_(q_len) {
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
   blocks_[0] = DeviceBuffer(block_bytes(kv_capacity));
-  if (plan_.world > 1) blocks_[1] = DeviceBuffer(block_bytes(kv_capacity));
+  if (plan_.world > 1 && (plan_.steps.size() > 1 || !plan_.reverse_steps.empty())) {
+    blocks_[1] = DeviceBuffer(block_bytes(kv_capacity));
+  }
+  if (plan_.sink_len > 0) {
+    sink_block_ = DeviceBuffer(block_bytes(plan_.sink_len));
+    RINGATTN_CUDA_CHECK(cudaMemset(sink_block_.get(), 0, sink_block_.bytes()));
+  }
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
   o_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
   lse_acc_ = DeviceBuffer(rows * sizeof(float));
-  one_task_ = plan_.world == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
+  one_task_ = plan_.world == 1 && plan_.steps.size() == 1 && plan_.steps[0].tasks.size() == 1 &&
+              plan_.reverse_steps.empty() && plan_.sink_tasks.empty() && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
 
   const std::string native = std::string("native ") + to_string(flash_fwd_resolve(FlashKernel::automatic)) + " kernel";
   kernel_description_ = native;
   if (kernel == KernelKind::native) return;
-  std::string why_not;
+  std::string why_not, band_why_not;
   CudnnSdpa* sdpa = resources_.cudnn();
   if (sdpa == nullptr) {
     why_not = "this build has no cuDNN";
   } else {
     // Build the plan of every task cuDNN may run (dense q and out) before the ring starts.
+    // Band tasks (sliding window) that cuDNN refuses run on the native kernel; any other
+    // refusal keeps cuDNN out of the whole ring.
     const std::int64_t H = shape.heads, D = shape.head_dim;
     const std::int64_t q_dense[3] = {q_len * H * D, H * D, D};
     std::int64_t max_rows = 0;
-    for (const RingStep& step : plan_.steps) {
-      for (const BlockTask& t : step.tasks) {
-        if (t.mask == MaskKind::causal && t.diag_offset < 0) continue;  // stays native
-        const std::int64_t block_dense[3] = {t.q_len * H * D, H * D, D};
-        const CudnnSdpaProblem p = cudnn_problem(t, step.kv_len, shape, dtype, q_dense, one_task_ ? q_dense : block_dense);
-        why_not = cudnn_sdpa_unsupported_reason(p);
-        if (why_not.empty()) sdpa->try_prepare(p, &why_not);
-        if (!why_not.empty()) break;
-        max_rows = std::max(max_rows, t.q_len);
+    bool any_band = false;
+    for_each_task([&](const BlockTask& t, std::int64_t block_len) {
+      if (!why_not.empty() || (t.mask == MaskKind::causal && t.diag_offset < 0)) return;  // the latter stay native
+      const std::int64_t block_dense[3] = {t.q_len * H * D, H * D, D};
+      const CudnnSdpaProblem p = cudnn_problem(t, block_len, shape, dtype, q_dense, one_task_ ? q_dense : block_dense);
+      std::string reason = cudnn_sdpa_unsupported_reason(p);
+      if (reason.empty()) sdpa->try_prepare(p, &reason);
+      if (t.mask == MaskKind::band) {
+        any_band = true;
+        if (!reason.empty() && band_why_not.empty()) band_why_not = reason;
+        if (!reason.empty()) return;
       }
-      if (!why_not.empty()) break;
-    }
+      if (!reason.empty()) {
+        why_not = reason;
+        return;
+      }
+      max_rows = std::max(max_rows, t.q_len);
+    });
+    if (why_not.empty() && any_band && !band_why_not.empty()) cudnn_band_ = false;
     if (why_not.empty()) {
       cudnn_ = sdpa;
       o_block_ = DeviceBuffer(static_cast<std::size_t>(shape.batch * max_rows * H * D) * dtype_size(dtype));
       lse_block_ = DeviceBuffer(static_cast<std::size_t>(shape.batch * H * std::max<std::int64_t>(max_rows, q_len)) *
                                 sizeof(float));
       kernel_description_ = "cuDNN " + std::to_string(cudnn_version()) + " fused attention";
-      for (const RingStep& step : plan_.steps) {
-        for (const BlockTask& t : step.tasks) {
-          if (!task_uses_cudnn(t)) {
-            kernel_description_ += " (causal sub-blocks whose first row sees no key: " + native + ")";
-            return;
-          }
-        }
-      }
+      if (!cudnn_band_) kernel_description_ += " (sliding-window bands: " + native + ", cuDNN: " + band_why_not + ")";
+      bool native_negative = false;
+      for_each_task([&](const BlockTask& t, std::int64_t) {
+        native_negative = native_negative || (t.mask == MaskKind::causal && t.diag_offset < 0);
+      });
+      if (native_negative) kernel_description_ += " (causal sub-blocks whose first row sees no key: " + native + ")";
       return;
     }
   }
@@ -100,12 +118,64 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
   kernel_description_ = native + " (cuDNN not used: " + why_not + ")";
 }
 
+template <class Fn>
+void CudaRingForward::for_each_task(Fn&& fn) const {
+  for (const RingStep& step : plan_.steps)
+    for (const BlockTask& t : step.tasks) fn(t, step.kv_len);
+  for (const RingStep& step : plan_.reverse_steps)
+    for (const BlockTask& t : step.tasks) fn(t, step.kv_len);
+  for (const BlockTask& t : plan_.sink_tasks) fn(t, plan_.sink_len);
+}
+
 bool CudaRingForward::task_uses_cudnn(const BlockTask& t) const {
-  return cudnn_ != nullptr && (t.mask != MaskKind::causal || t.diag_offset >= 0);
+  if (cudnn_ == nullptr) return false;
+  if (t.mask == MaskKind::band) return cudnn_band_;
+  return t.mask != MaskKind::causal || t.diag_offset >= 0;
 }
 
 std::size_t CudaRingForward::block_bytes(std::int64_t kv_len) const {
   return 2 * static_cast<std::size_t>(shape_.batch * kv_len * shape_.kv_heads * shape_.head_dim) * dtype_size(dtype_);
+}
+
+std::uint64_t CudaRingForward::gather_sinks(const void* own_block, bool communicate, cudaStream_t stream) {
+  // Contiguous layout: each rank's first plan_.sink_rows[r] rows are sink tokens. Every rank
+  // copies its own into place in the sink block (B, sink_len, H_kv, D) for K, then V, and
+  // each owner broadcasts its rows in place.
+  const int P = plan_.world;
+  const std::int64_t B = shape_.batch;
+  const auto row_bytes = static_cast<std::size_t>(shape_.kv_heads * shape_.head_dim) * dtype_size(dtype_);
+  std::vector<std::int64_t> begin(static_cast<std::size_t>(P) + 1, 0);
+  for (int r = 0; r < P; ++r) begin[static_cast<std::size_t>(r) + 1] = begin[static_cast<std::size_t>(r)] + plan_.sink_rows[static_cast<std::size_t>(r)];
+  auto* sink = static_cast<unsigned char*>(sink_block_.get());
+  const auto* own = static_cast<const unsigned char*>(own_block);
+  const std::int64_t mine = plan_.sink_rows[static_cast<std::size_t>(plan_.rank)];
+  for (int which = 0; which < 2; ++which) {
+    unsigned char* dst = sink + static_cast<std::size_t>(which) * block_bytes(plan_.sink_len) / 2 +
+                         static_cast<std::size_t>(begin[static_cast<std::size_t>(plan_.rank)]) * row_bytes;
+    const unsigned char* src = own + static_cast<std::size_t>(which) * block_bytes(q_len_) / 2;
+    if (mine > 0) {
+      RINGATTN_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(plan_.sink_len) * row_bytes, src,
+                                            static_cast<std::size_t>(q_len_) * row_bytes,
+                                            static_cast<std::size_t>(mine) * row_bytes, static_cast<std::size_t>(B),
+                                            cudaMemcpyDeviceToDevice, stream));
+    }
+  }
+  if (!communicate || P == 1) return 0;
+  RINGATTN_NCCL_CHECK(ncclGroupStart());
+  for (int r = 0; r < P; ++r) {
+    const std::int64_t rows = plan_.sink_rows[static_cast<std::size_t>(r)];
+    if (rows == 0) continue;
+    for (int which = 0; which < 2; ++which) {
+      for (std::int64_t b = 0; b < B; ++b) {
+        unsigned char* at = sink + static_cast<std::size_t>(which) * block_bytes(plan_.sink_len) / 2 +
+                            static_cast<std::size_t>(b * plan_.sink_len + begin[static_cast<std::size_t>(r)]) * row_bytes;
+        RINGATTN_NCCL_CHECK(ncclBroadcast(at, at, static_cast<std::size_t>(rows) * row_bytes, ncclUint8, r,
+                                          resources_.nccl(), stream));
+      }
+    }
+  }
+  RINGATTN_NCCL_CHECK(ncclGroupEnd());
+  return 2 * static_cast<std::uint64_t>(B * mine) * row_bytes * static_cast<std::uint64_t>(P - 1);
 }
 
 void CudaRingForward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -115,14 +185,18 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   const int P = plan_.world;
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
   const auto elem = static_cast<std::int64_t>(dtype_size(dtype_));
+  auto* own = static_cast<unsigned char*>(blocks_[0].get());
+  auto pack_own = [&](unsigned char* dst) {
+    pack_rows(k, dst, stream);
+    pack_rows(v, dst + block_bytes(q_len_) / 2, stream);
+  };
   // One rank: no block travels, so dense K and V are read where they are (no packing copy,
   // ~10% of a 4k forward).
-  const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous();
-  if (!kv_in_place) {
-    auto* own = static_cast<unsigned char*>(blocks_[0].get());
-    pack_rows(k, own, stream);
-    pack_rows(v, own + block_bytes(q_len_) / 2, stream);
-  }
+  const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous() && plan_.sink_len == 0;
+  if (!kv_in_place) pack_own(own);
+  std::uint64_t sink_bytes = 0;
+  // The sink tokens travel first (a broadcast from their owners), while the own block is packed.
+  if (plan_.sink_len > 0) sink_bytes = gather_sinks(own, communicate, stream);
   // One step with one task covering every row (P = 1): the kernel writes the final output
   // itself, with no fp32 running state to initialise, merge or convert.
   bool single_task = one_task_;
@@ -161,26 +235,21 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
     }
   }
 
-  int cur = 0;
-  for (int s = 0; s < P; ++s) {
-    const RingStep& step = plan_.steps[static_cast<std::size_t>(s)];
-    const bool transfer = communicate && s + 1 < P;
-    if (transfer) {
-      const std::int64_t next_len = plan_.steps[static_cast<std::size_t>(s) + 1].kv_len;
-      transport.start(blocks_[cur].get(), block_bytes(step.kv_len), plan_.send_to, blocks_[1 - cur].get(),
-                      block_bytes(next_len), plan_.recv_from);
-    }
-    const auto* block = static_cast<const unsigned char*>((communicate ? blocks_[cur] : blocks_[0]).get());
-    p.k = kv_in_place ? k.data : block;
-    p.v = kv_in_place ? v.data : block + block_bytes(step.kv_len) / 2;
-    p.kv_batch_stride = step.kv_len * Hkv * D;
-    for (const BlockTask& t : step.tasks) {
+  // The tasks of one held block: K at k_base, V at v_base, (B, block_len, H_kv, D) dense.
+  auto compute = [&](const std::vector<BlockTask>& tasks, const void* k_base, const void* v_base,
+                     std::int64_t block_len) {
+    p.k = k_base;
+    p.v = v_base;
+    p.kv_batch_stride = block_len * Hkv * D;
+    for (const BlockTask& t : tasks) {
       p.q_begin = static_cast<int>(t.q_begin);
       p.q_len = static_cast<int>(t.q_len);
       p.kv_begin = static_cast<int>(t.kv_begin);
       p.kv_len = static_cast<int>(t.kv_len);
-      p.causal = t.mask == MaskKind::causal;
+      p.causal = t.mask != MaskKind::full;
       p.diag_offset = static_cast<int>(t.diag_offset);
+      p.band = t.mask == MaskKind::band;
+      p.lower_offset = static_cast<int>(t.lower_offset);
       const std::int64_t q_strides[3] = {q.strides[0], q.strides[1], q.strides[2]};
       const std::int64_t out_strides[3] = {out.strides[0], out.strides[1], out.strides[2]};
       const std::int64_t block_strides[3] = {t.q_len * H * D, H * D, D};
@@ -188,14 +257,14 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       // and a refusal then falls back to the native kernel on this rank rather than failing
       // it alone mid-ring.
       const CudnnSdpaProblem problem =
-          cudnn_problem(t, step.kv_len, shape_, dtype_, q_strides, single_task ? out_strides : block_strides);
+          cudnn_problem(t, block_len, shape_, dtype_, q_strides, single_task ? out_strides : block_strides);
       if (!task_uses_cudnn(t) || !cudnn_->try_prepare(problem)) {
         flash_fwd(p, dtype_, D, stream);
         continue;
       }
       const auto* q_rows = static_cast<const unsigned char*>(q.data) + t.q_begin * q.strides[1] * elem;
-      const auto* k_rows = static_cast<const unsigned char*>(p.k) + t.kv_begin * Hkv * D * elem;
-      const auto* v_rows = static_cast<const unsigned char*>(p.v) + t.kv_begin * Hkv * D * elem;
+      const auto* k_rows = static_cast<const unsigned char*>(k_base) + t.kv_begin * Hkv * D * elem;
+      const auto* v_rows = static_cast<const unsigned char*>(v_base) + t.kv_begin * Hkv * D * elem;
       // One task writes the final O and LSE; otherwise the block result goes to scratch and
       // is merged into the running state.
       void* o_dst = single_task ? out.data : o_block_.get();
@@ -206,10 +275,62 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
                            o_block_.get(), dtype_, lse_block_.as<float>(), stream);
       }
     }
+  };
+  auto block_of = [&](int index, std::int64_t block_len, bool held) {
+    const auto* block = static_cast<const unsigned char*>((held ? blocks_[index] : blocks_[0]).get());
+    return std::make_pair(static_cast<const void*>(block), static_cast<const void*>(block + block_bytes(block_len) / 2));
+  };
+
+  // Blocks of earlier ranks (all P of them without a window), each passed on to the next rank.
+  const int steps = static_cast<int>(plan_.steps.size());
+  int cur = 0;
+  for (int s = 0; s < steps; ++s) {
+    const RingStep& step = plan_.steps[static_cast<std::size_t>(s)];
+    const bool transfer = communicate && s + 1 < steps;
+    if (transfer) {
+      const std::int64_t next_len = plan_.steps[static_cast<std::size_t>(s) + 1].kv_len;
+      transport.start(blocks_[cur].get(), block_bytes(step.kv_len), plan_.send_to, blocks_[1 - cur].get(),
+                      block_bytes(next_len), plan_.recv_from);
+    }
+    if (kv_in_place) {
+      compute(step.tasks, k.data, v.data, step.kv_len);
+    } else {
+      const auto [kb, vb] = block_of(cur, step.kv_len, communicate);
+      compute(step.tasks, kb, vb, step.kv_len);
+    }
     if (transfer) transport.wait();
-    cur = 1 - cur;
+    if (communicate) cur = 1 - cur;
   }
-  bytes_sent_per_run_ = transport.bytes_sent();
+  // Two-sided window: blocks of later ranks travel the other way, the own block first.
+  const int reverse = static_cast<int>(plan_.reverse_steps.size());
+  if (reverse > 0) {
+    if (communicate) pack_own(static_cast<unsigned char*>(blocks_[cur].get()));
+    std::int64_t held = q_len_;
+    for (int j = -1; j < reverse; ++j) {
+      // Hop j + 1 brings reverse step j + 1's block while step j computes (j = -1: the first).
+      const bool transfer = communicate && j + 1 < reverse;
+      if (transfer) {
+        const std::int64_t next_len = plan_.reverse_steps[static_cast<std::size_t>(j + 1)].kv_len;
+        transport.start(blocks_[cur].get(), block_bytes(held), plan_.recv_from, blocks_[1 - cur].get(),
+                        block_bytes(next_len), plan_.send_to);
+        held = next_len;
+      }
+      if (j >= 0) {
+        const RingStep& step = plan_.reverse_steps[static_cast<std::size_t>(j)];
+        const auto [kb, vb] = block_of(cur, step.kv_len, communicate);
+        compute(step.tasks, kb, vb, step.kv_len);
+      }
+      if (transfer) {
+        transport.wait();
+        cur = 1 - cur;
+      }
+    }
+  }
+  if (plan_.sink_len > 0) {
+    const auto* sink = static_cast<const unsigned char*>(sink_block_.get());
+    compute(plan_.sink_tasks, sink, sink + block_bytes(plan_.sink_len) / 2, plan_.sink_len);
+  }
+  bytes_sent_per_run_ = transport.bytes_sent() + sink_bytes;
   if (!single_task) finalize_output(o_acc_.as<float>(), lse_acc_.as<float>(), out, lse, stream);
 }
 

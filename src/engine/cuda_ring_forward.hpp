@@ -1,11 +1,14 @@
 // engine/cuda_ring_forward.hpp: the ring loop of the forward pass on GPUs.
 //
 //   pack own K,V into block[0]; lse_acc = -inf                          (compute stream)
-//   for step s = 0 .. P-1:
+//   [sliding window with sinks: owners broadcast the sink tokens' K,V]
+//   for step s = 0 .. P-1 (a sliding window: only as many as its reach):
 //     post send block[cur] -> r+1, recv block[1-cur] <- r-1 on the NCCL stream  (s < P-1)
 //     launch this step's tasks on block[cur]: the native flash kernel (merge fused into its
 //       epilogue) or cuDNN's fused attention into a scratch block, then a merge kernel
 //     compute stream waits for the transfer's event; cur = 1 - cur
+//   [two-sided window: the same with blocks of later ranks, travelling the other way]
+//   [sinks: the sink tasks on the sink block]
 //   out, lse <- o_acc, lse_acc
 // Nothing here synchronises the host: run() returns once everything is enqueued on the
 // compute stream. Construction allocates everything, so that allocation failures can be
@@ -48,6 +51,12 @@ class CudaRingForward {
  private:
   std::size_t block_bytes(std::int64_t kv_len) const;
   bool task_uses_cudnn(const BlockTask& t) const;
+  // fn(task, rows of the block it reads) for every task of the plan: ring, reverse, sinks.
+  template <class Fn>
+  void for_each_task(Fn&& fn) const;
+  // Sliding window with sinks: fills sink_block_ (own rows copied, the others broadcast by
+  // their owners when communicating) on `stream`; returns the bytes this rank sent.
+  std::uint64_t gather_sinks(const void* own_block, bool communicate, cudaStream_t stream);
 
   CudaResources& resources_;
   RingPlan plan_;
@@ -58,8 +67,10 @@ class CudaRingForward {
   DeviceBuffer blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
   DeviceBuffer o_acc_;      // (B, H, S_local, D) fp32
   DeviceBuffer lse_acc_;    // (B, H, S_local) fp32
+  DeviceBuffer sink_block_;  // sliding window with sinks: K then V of the sink tokens
   std::uint64_t bytes_sent_per_run_ = 0;
   CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
+  bool cudnn_band_ = true;      // whether it computes band tasks too (else: native kernel)
   DeviceBuffer o_block_;        // cuDNN's block result: (B, q_len, H, D) in dtype
   DeviceBuffer lse_block_;      // (B, H, q_len) fp32
   std::string kernel_description_;

@@ -20,12 +20,22 @@ struct AttentionCase {
   LayoutKind layout;
   int world;
   DType dtype;
+  std::int64_t window = -1;  // sliding window (see ReferenceProblem); -1: none
+  std::int64_t sinks = 0;
+
+  // Whether query position p sees key position t.
+  bool sees(std::int64_t p, std::int64_t t) const {
+    if (causal && t > p) return false;
+    if (window < 0 || t < sinks) return true;
+    return t >= p - window && t <= p + window;
+  }
 };
 
 inline std::string name(const AttentionCase& c) {
   return std::string(to_string(c.dtype)) + " B=" + std::to_string(c.batch) + " S=" + std::to_string(c.seq) +
          " H=" + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + " D=" + std::to_string(c.dim) +
-         (c.causal ? " causal " : " full ") + to_string(c.layout) + " P=" + std::to_string(c.world);
+         (c.causal ? " causal " : " full ") + to_string(c.layout) + " P=" + std::to_string(c.world) +
+         (c.window >= 0 ? " window " + std::to_string(c.window) + " sinks " + std::to_string(c.sinks) : "");
 }
 
 // A problem for the MPI ring tests, which run at whatever rank count mpirun gives them.
@@ -75,6 +85,10 @@ inline std::vector<float> naive_attention(const AttentionCase& c, double scale, 
         std::vector<float> s(at(keys));
         float mx = -INFINITY;
         for (std::int64_t t = 0; t < keys; ++t) {
+          if (!c.sees(pos[at(i)], t)) {
+            s[at(t)] = -INFINITY;
+            continue;
+          }
           float dot = 0.0f;
           for (std::int64_t d = 0; d < c.dim; ++d)
             dot += q[at(((b * n + i) * c.heads + h) * c.dim + d)] * k[at(((b * c.seq + t) * c.kv_heads + hk) * c.dim + d)];

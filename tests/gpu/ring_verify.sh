@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU ring end to end: `ringattn verify --device cuda` at np = $NP for every layout x
 # causal x (MHA, GQA 32/8) x (bf16, fp16) with the default kernel (cuDNN where the build has
-# it), and every layout x causal with --kernel native (bf16, GQA). Then the backward pass
+# it), and every layout x causal with --kernel native (bf16, GQA); sliding windows (causal, with
+# sinks, two-sided) with both kernels. Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
 # (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases; at np > 1 the gradient error may not
 # exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
@@ -39,6 +40,15 @@ for layout in contiguous zigzag striped; do
     check "np=$np $layout ${causal:---full} kv-heads=8 bf16 native" --kv-heads 8 --layout "$layout" $causal \
       --kernel native
   done
+done
+
+# Sliding windows (contiguous layout): within one block, reaching across blocks, with sinks,
+# and two-sided; the default kernel (cuDNN's band mask where it builds) and the native one.
+for kernel in auto native; do
+  check "np=$np window 300 causal kv-heads=8 $kernel" --kv-heads 8 --layout contiguous --causal --window 300 --kernel "$kernel"
+  check "np=$np window 900 sinks 40 causal $kernel" --layout contiguous --causal --window 900 --sinks 40 --kernel "$kernel"
+  check "np=$np window 200 sinks 16 two-sided fp16 $kernel" --layout contiguous --window 200 --sinks 16 --dtype fp16 \
+    --kernel "$kernel"
 done
 
 # Backward: smaller problems, since every rank builds the whole fp64 reference on its CPU.

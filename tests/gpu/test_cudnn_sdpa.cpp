@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "core/cuda_raii.hpp"
@@ -63,6 +64,12 @@ void check(CudnnSdpa& sdpa, const Case& c, std::int64_t q_len) {
   p.kv_head_stride = c.dim;
   p.causal = c.causal;
   p.diag_offset = c.seq - q_len;
+  if (c.window >= 0) {  // query i (position seq - q_len + i) sees keys from position - window on
+    p.band = true;
+    p.lower_offset = p.diag_offset - c.window;
+    std::string why_not;
+    if (!sdpa.try_prepare(p, &why_not)) GTEST_SKIP() << "cuDNN refuses the sliding-window graph: " << why_not;
+  }
   sdpa.forward(p, dq.get(), dk.get(), dv.get(), dout.get(), dlse.as<float>(), static_cast<float>(scale), nullptr);
   RINGATTN_CUDA_CHECK(cudaDeviceSynchronize());
 
@@ -72,7 +79,8 @@ void check(CudnnSdpa& sdpa, const Case& c, std::int64_t q_len) {
   RINGATTN_CUDA_CHECK(cudaMemcpy(lse.data(), dlse.get(), lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
   const auto q32 = to_f32(c.dtype, q), k32 = to_f32(c.dtype, k), v32 = to_f32(c.dtype, v);
   std::vector<double> ref_out, ref_lse;
-  reference_forward({c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale}, pos, q32, k32, v32, ref_out, ref_lse);
+  reference_forward({c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale, c.window, c.sinks}, pos, q32, k32, v32,
+                    ref_out, ref_lse);
   const auto got = to_f32(c.dtype, out);
   const auto naive = ringattn::testing::naive_attention(c, scale, pos, q32, k32, v32, true);
   double err = 0.0, naive_err = 0.0, lse_err = 0.0;
@@ -107,6 +115,15 @@ TEST_F(CudnnSdpaTest, DiagonalOffsetsUnevenLengthsAndGqa) {
   check(sdpa, {1, 517, 8, 2, 128, true, LayoutKind::contiguous, 1, DType::bf16}, 200);
   check(sdpa, {1, 517, 8, 2, 128, false, LayoutKind::contiguous, 1, DType::bf16}, 200);
   check(sdpa, {1, 300, 4, 1, 64, true, LayoutKind::contiguous, 1, DType::f16}, 1);
+}
+
+// Sliding-window bands (lower_offset = diag_offset - window), as the window plans' tasks
+// have them: whole blocks and ring sub-blocks with a diagonal offset.
+TEST_F(CudnnSdpaTest, SlidingWindowBands) {
+  CudnnSdpa sdpa;
+  check(sdpa, {1, 512, 4, 2, 128, true, LayoutKind::contiguous, 1, DType::bf16, 100, 0}, 512);
+  check(sdpa, {1, 517, 8, 2, 128, true, LayoutKind::contiguous, 1, DType::bf16, 400, 0}, 200);
+  check(sdpa, {2, 384, 4, 1, 64, true, LayoutKind::contiguous, 1, DType::f16, 0, 0}, 384);
 }
 
 TEST_F(CudnnSdpaTest, PlansAreCachedPerProblem) {

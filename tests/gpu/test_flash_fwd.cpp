@@ -1,6 +1,6 @@
 // The native CUDA flash forward kernel against the fp64 reference, driven through ring plans
 // on one GPU (each step's KV block uploaded from the host), so that tiling, masking with
-// diagonal offsets, uneven lengths, GQA and the fused merge are all exercised.
+// diagonal offsets, sliding-window bands, uneven lengths, GQA and the fused merge are all exercised.
 //
 // Tolerance (flash-attention's rule): the kernel's max error may be at most twice that of a
 // naive same-precision implementation plus a small atol. The naive one computes scores and
@@ -11,7 +11,9 @@
 
 #include "common/attention_case.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "core/cuda_raii.hpp"
@@ -56,13 +58,24 @@ void check_case(const Case& c, FlashKernel kernel) {
     DeviceBuffer lse_acc(static_cast<std::size_t>(c.batch * c.heads * n) * sizeof(float));
     DeviceBuffer dlse(lse_acc.bytes());
     fill_neg_inf(lse_acc.as<float>(), c.batch * c.heads * n, nullptr);
-    const std::int64_t cap = layout.max_local_length();
+    const std::int64_t cap = std::max(layout.max_local_length(), c.sinks);
     DeviceBuffer dk(static_cast<std::size_t>(c.batch * cap * c.kv_heads * c.dim) * elem), dv(dk.bytes());
-    for (const RingStep& step : make_ring_plan(layout, c.causal ? MaskKind::causal : MaskKind::full, r).steps) {
-      const auto src = layout.positions(step.kv_source);
+    const RingPlan plan = c.window >= 0 ? make_window_plan(layout, c.window, c.sinks, r, c.causal)
+                                        : make_ring_plan(layout, c.causal ? MaskKind::causal : MaskKind::full, r);
+    // Every block the rank computes on: ring steps, the other way (two-sided window), sinks.
+    std::vector<std::pair<std::vector<std::int64_t>, const std::vector<BlockTask>*>> blocks;
+    for (const RingStep& step : plan.steps) blocks.emplace_back(layout.positions(step.kv_source), &step.tasks);
+    for (const RingStep& step : plan.reverse_steps) blocks.emplace_back(layout.positions(step.kv_source), &step.tasks);
+    if (plan.sink_len > 0) {
+      std::vector<std::int64_t> sink_pos(static_cast<std::size_t>(plan.sink_len));
+      for (std::int64_t t = 0; t < plan.sink_len; ++t) sink_pos[static_cast<std::size_t>(t)] = t;
+      blocks.emplace_back(sink_pos, &plan.sink_tasks);
+    }
+    for (const auto& [src, tasks] : blocks) {
+      const auto block_len = static_cast<std::int64_t>(src.size());
       upload(dk, generate(c, SyntheticTensor::k, src, c.kv_heads));
       upload(dv, generate(c, SyntheticTensor::v, src, c.kv_heads));
-      for (const BlockTask& t : step.tasks) {
+      for (const BlockTask& t : *tasks) {
         FlashFwdParams p;
         p.q = dq.get();
         p.q_batch_stride = n * c.heads * c.dim;
@@ -70,7 +83,7 @@ void check_case(const Case& c, FlashKernel kernel) {
         p.q_head_stride = c.dim;
         p.k = dk.get();
         p.v = dv.get();
-        p.kv_batch_stride = step.kv_len * c.kv_heads * c.dim;
+        p.kv_batch_stride = block_len * c.kv_heads * c.dim;
         p.kv_row_stride = c.kv_heads * c.dim;
         p.kv_head_stride = c.dim;
         p.o_acc = o_acc.as<float>();
@@ -83,8 +96,10 @@ void check_case(const Case& c, FlashKernel kernel) {
         p.q_len = static_cast<int>(t.q_len);
         p.kv_begin = static_cast<int>(t.kv_begin);
         p.kv_len = static_cast<int>(t.kv_len);
-        p.causal = t.mask == MaskKind::causal;
+        p.causal = t.mask != MaskKind::full;
         p.diag_offset = static_cast<int>(t.diag_offset);
+        p.band = t.mask == MaskKind::band;
+        p.lower_offset = static_cast<int>(t.lower_offset);
         p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
         flash_fwd(p, c.dtype, c.dim, nullptr, kernel);
       }
@@ -99,8 +114,8 @@ void check_case(const Case& c, FlashKernel kernel) {
 
     const std::vector<float> q32 = to_f32(c.dtype, q);
     std::vector<double> ref_out, ref_lse;
-    reference_forward({c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale}, pos, q32, k_all, v_all, ref_out,
-                      ref_lse);
+    reference_forward({c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale, c.window, c.sinks}, pos, q32, k_all,
+                      v_all, ref_out, ref_lse);
     const std::vector<float> got = to_f32(c.dtype, out);
     const std::vector<float> naive = ringattn::testing::naive_attention(c, scale, pos, q32, k_all, v_all, true);
     for (std::size_t i = 0; i < ref_out.size(); ++i) {
@@ -154,4 +169,17 @@ TEST_F(FlashFwd, LongerBlocksCrossManyTiles) {
   check_case({1, 1500, 2, 2, 64, false, LayoutKind::contiguous, 2, DType::bf16});
   check_case({1, 1100, 2, 2, 128, false, LayoutKind::contiguous, 1, DType::f16});
   check_case({1, 1300, 2, 1, 64, true, LayoutKind::contiguous, 1, DType::bf16});
+}
+
+// Sliding-window plans: band tasks whose lower edge skips whole key tiles and cuts through
+// others, causal and two-sided, with and without sinks, windows smaller and larger than a
+// rank's block.
+TEST_F(FlashFwd, SlidingWindowBands) {
+  for (bool causal : {true, false}) {
+    for (std::int64_t window : {0, 37, 200, 700}) {
+      check_case({1, 1100, 4, 2, 128, causal, LayoutKind::contiguous, 3, DType::bf16, window, 0});
+    }
+    check_case({2, 900, 4, 1, 64, causal, LayoutKind::contiguous, 2, DType::f16, 130, 70});
+    check_case({1, 1300, 2, 2, 128, causal, LayoutKind::contiguous, 1, DType::bf16, 257, 5});
+  }
 }

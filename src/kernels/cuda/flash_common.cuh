@@ -41,12 +41,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 // What one CTA of a flash forward kernel works on: its first task-relative query row m0,
 // the (batch, head) it serves, q at row m0, K and V of the head's KV head (GQA: h / kv_group)
-// at the task's first key, and n_end, the keys its last row may see (causal: later ones are
-// never loaded). Causal CTAs near the end of the sequence have the most keys and start first,
+// at the task's first key, n_end, the keys its last row may see (causal: later ones are
+// never loaded), and n_begin, the first key its first row may see (0 but for a band). Causal CTAs near the end of the sequence have the most keys and start first,
 // so that the short ones fill the tail of the grid.
 template <typename T, int kBlockM, bool kCausal>
 struct CtaTask {
-  int m0, h, b, n_end;
+  int m0, h, b, n_begin, n_end;
   const T* q;
   const T* k;
   const T* v;
@@ -63,7 +63,11 @@ struct CtaTask {
     k = static_cast<const T*>(p.k) + kv_off;
     v = static_cast<const T*>(p.v) + kv_off;
     n_end = p.kv_len;
-    if constexpr (kCausal) n_end = min(n_end, m0 + kBlockM + p.diag_offset);
+    n_begin = 0;
+    if constexpr (kCausal) {
+      n_end = min(n_end, m0 + kBlockM + p.diag_offset);
+      if (p.band) n_begin = max(0, m0 + p.lower_offset);
+    }
   }
 };
 

@@ -152,9 +152,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
   const T* k = task.k;
   const T* v = task.v;
   const int n_tiles = (n_end + BN - 1) / BN;
+  const int j0 = task.n_begin / BN;  // a band's first tile
 
   load_tile<Tr, BM>(sQ, q, p.q_row_stride, p.q_len - m0, tid);
-  load_tile<Tr, BN>(sK, k, p.kv_row_stride, n_end, tid);
+  load_tile<Tr, BN>(sK, k + static_cast<std::int64_t>(j0) * BN * p.kv_row_stride, p.kv_row_stride, n_end - j0 * BN, tid);
   cp_async_commit();
 
   float o[MT][NO][4];
@@ -178,7 +179,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
         ldmatrix_x4(q_frag[mt][ks], smem_u32(sQ + swz<CH>(warp_row + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8)));
   }
 
-  for (int j = 0; j < n_tiles; ++j) {
+  for (int j = j0; j < n_tiles; ++j) {
     const int n0 = j * BN;
     load_tile<Tr, BN>(sV, v + static_cast<std::int64_t>(n0) * p.kv_row_stride, p.kv_row_stride, n_end - n0, tid);
     cp_async_commit();
@@ -215,10 +216,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
       }
     }
 
-    // Mask keys past the block and, on tiles that cross the diagonal, keys after the query.
+    // Mask keys past the block and, on tiles that cross the diagonal, keys after the query;
+    // on tiles that cross a band's lower edge, keys before the query's window.
     const bool past_end = n0 + BN > p.kv_len;
     const bool crosses = kCausal && n0 + BN - 1 > m0 + p.diag_offset;
-    if (past_end || crosses) {
+    const bool crosses_low = kCausal && p.band && n0 < m0 + BM - 1 + p.lower_offset;
+    if (past_end || crosses || crosses_low) {
+      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -227,7 +231,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_kernel
           for (int e = 0; e < 4; ++e) {
             const int row = m0 + warp_row + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
             const int col = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-            if (col >= p.kv_len || (kCausal && col > row + p.diag_offset)) s[mt][nt][e] = -INFINITY;
+            if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) {
+              s[mt][nt][e] = -INFINITY;
+            }
           }
     }
 

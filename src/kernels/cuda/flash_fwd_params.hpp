@@ -35,6 +35,10 @@ struct FlashFwdParams {
   int kv_begin = 0, kv_len = 0;
   int causal = 0;        // row i sees key l iff l <= i + diag_offset (task-relative)
   int diag_offset = 0;
+  // With causal: a sliding-window band, row i also needs l >= i + lower_offset (<= 0). Key
+  // tiles wholly before a CTA's band are never loaded.
+  int band = 0;
+  int lower_offset = 0;
   float scale_log2 = 1.0f;  // softmax scale * log2(e)
 };
 

@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_k
   const T* k = task.k;
   const T* v = task.v;
   const int n_tiles = (n_end + BN - 1) / BN;
+  const int j0 = task.n_begin / BN;  // a band's first tile
 
   auto load_kv = [&](int tile) {
     if (tile < n_tiles) {
@@ -111,8 +112,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_k
     asm volatile("cp.async.commit_group;\n" ::);  // one group per tile, empty past the end
   };
   load_tile_sw128<Tr, BM>(sQ, q, p.q_row_stride, p.q_len - m0, tid);
-  load_kv(0);
-  load_kv(1);
+  load_kv(j0);
+  load_kv(j0 + 1);
 
   float o[NO];
 #pragma unroll
@@ -121,15 +122,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_k
   // First task-relative query row of this thread's two rows (the second is 8 further).
   const int row0 = m0 + wg * 64 + warp_in_wg * 16 + lane / 4;
 
-  for (int j = 0; j < n_tiles; ++j) {
+  for (int j = j0; j < n_tiles; ++j) {
     const int n0 = j * BN;
     const std::uint32_t stage = static_cast<std::uint32_t>(j % Tr::kStages) * Tr::kKVBytes;
     asm volatile("cp.async.wait_group 1;\n" ::);  // Q and tile j have landed (tile j+1 may not)
     fence_proxy_async();
     __syncthreads();
 
-    // A warpgroup whose rows all precede the tile's first key (causal) has nothing to do.
-    if (!kCausal || n0 <= m0 + wg * 64 + 63 + p.diag_offset) {
+    // A warpgroup whose rows all precede the tile's first key (causal), or whose bands all
+    // start after its last key, has nothing to do.
+    const int wg_row = m0 + wg * 64;  // the warpgroup's first row
+    if (!kCausal || (n0 <= wg_row + 63 + p.diag_offset && (!p.band || n0 + BN - 1 >= wg_row + p.lower_offset))) {
       // S = Q K_j^T: D/16 k-slices; Q rows of this warpgroup, all BN keys.
       float s[NS];
       wgmma_fence();
@@ -143,15 +146,18 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_k
       wgmma_wait<0>();
       fence_regs(s);
 
-      // Mask keys past the block and, on tiles that cross the diagonal, keys after the query.
+      // Mask keys past the block and, on tiles that cross the diagonal, keys after the query;
+      // on tiles that cross a band's lower edge, keys before the query's window.
       const bool past_end = n0 + BN > p.kv_len;
-      const bool crosses = kCausal && n0 + BN - 1 > m0 + wg * 64 + p.diag_offset;
-      if (past_end || crosses) {
+      const bool crosses = kCausal && n0 + BN - 1 > wg_row + p.diag_offset;
+      const bool crosses_low = kCausal && p.band && n0 < wg_row + 63 + p.lower_offset;
+      if (past_end || crosses || crosses_low) {
+        const int lower = crosses_low ? p.lower_offset : -(1 << 30);
 #pragma unroll
         for (int i = 0; i < NS; ++i) {
           const int row = row0 + ((i % 4) >= 2 ? 8 : 0);
           const int col = n0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
-          if (col >= p.kv_len || (kCausal && col > row + p.diag_offset)) s[i] = -INFINITY;
+          if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) s[i] = -INFINITY;
         }
       }
 

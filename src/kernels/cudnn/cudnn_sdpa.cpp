@@ -79,7 +79,7 @@ void grow(DeviceBuffer& buffer, std::size_t bytes) {
 
 // Unique ids of the tensors the variant pack binds.
 enum Uid : std::int64_t {
-  kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kOffset,
+  kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kOffset, kWindow, kWindowFill,
   kDout, kDq, kDk, kDv, kSoftmaxSum, kDqAccum, kOne,  // backward
   kVirtualBase = 100
 };
@@ -90,7 +90,7 @@ struct CudnnSdpa::Plan {
   std::deque<Desc> keep;  // every descriptor the plan refers to (a deque: references stay valid)
   std::unique_ptr<Desc> plan;
   std::int64_t workspace = 0;
-  bool causal = false, offset = false;
+  bool causal = false, offset = false, band = false;
 };
 
 std::int64_t cudnn_version() { return static_cast<std::int64_t>(cudnnGetVersion()); }
@@ -103,12 +103,17 @@ std::string cudnn_sdpa_unsupported_reason(const CudnnSdpaProblem& p) {
   // produce NaN (max = -inf). Offsets below 0 mask row 0 entirely, so they stay native.
   if (p.causal && p.diag_offset < 0) return "causal sub-blocks with a negative diagonal offset run on the native kernel";
   if (p.q_len <= 0 || p.kv_len <= 0) return "empty task";
+  if (p.band && !p.causal) return "a band needs the causal (upper) bound as well";
+  if (p.band && p.lower_offset > 0) return "band tasks have lower_offset <= 0";
+  // The sliding-window mask came with cuDNN 9.2 (cudnn-frontend's sliding_window_length).
+  if (p.band && cudnn_version() < 90200) return "cuDNN's sliding-window mask needs cuDNN 9.2 or later";
   return "";
 }
 
 std::string cudnn_sdpa_backward_unsupported_reason(const CudnnSdpaProblem& p) {
   std::string reason = cudnn_sdpa_unsupported_reason(p);
   if (!reason.empty()) return reason;
+  if (p.band) return "the backward pass with a sliding window is not available";
   if (p.q_len == 1 && p.kv_len == 1) return "cuDNN's attention backward needs more than one query and key";
   // cuDNN up to 9.15.0 needs a padding mask in the backward graph unless kv_len is a multiple
   // of 128 (cudnn-frontend adds one there); such tasks run on the native kernels instead.
@@ -299,6 +304,28 @@ const Desc& causal_mask(GraphBuilder& g, CudnnSdpa::Plan& plan, const CudnnSdpaP
   return masked;
 }
 
+// The lower edge of a band, after the causal mask: logits where col + window > row (window =
+// 1 - lower_offset, so col >= row + lower_offset), else a large negative. This is the shape
+// cudnn-frontend gives its sliding_window_length (a float window added to the column index,
+// CMP_GT, BINARY_SELECT), which cuDNN's fused attention engine recognises.
+const Desc& band_mask(GraphBuilder& g, CudnnSdpa::Plan& plan, const CudnnSdpaProblem& p, const Desc& logits) {
+  const std::int64_t B = p.batch, H = p.heads, Sq = p.q_len, Skv = p.kv_len;
+  plan.band = true;
+  const Desc& row = g.virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, CUDNN_DATA_FLOAT, logits, nullptr, row, nullptr, 2);
+  const Desc& col = g.virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, CUDNN_DATA_FLOAT, logits, nullptr, col, nullptr, 3);
+  const Desc& window = g.scalar(kWindow, CUDNN_DATA_FLOAT);
+  const Desc& shifted = g.virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+  g.pointwise(CUDNN_POINTWISE_ADD, CUDNN_DATA_FLOAT, col, &window, shifted, nullptr, 3);
+  const Desc& keep_mask = g.virt(CUDNN_DATA_BOOLEAN, {B, H, Sq, Skv});
+  g.pointwise(CUDNN_POINTWISE_CMP_GT, CUDNN_DATA_BOOLEAN, shifted, &row, keep_mask);
+  const Desc& fill = g.scalar(kWindowFill, CUDNN_DATA_FLOAT);
+  const Desc& masked = g.virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
+  g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, CUDNN_DATA_FLOAT, logits, &fill, masked, &keep_mask);
+  return masked;
+}
+
 }  // namespace
 
 CudnnSdpa::Plan& CudnnSdpa::plan_for(const CudnnSdpaProblem& p) {
@@ -325,6 +352,7 @@ CudnnSdpa::Plan& CudnnSdpa::plan_for(const CudnnSdpaProblem& p) {
   const Desc& s_scaled = g.virt(CUDNN_DATA_FLOAT, {B, H, Sq, Skv});
   g.pointwise(CUDNN_POINTWISE_MUL, CUDNN_DATA_FLOAT, s, &scale, s_scaled);
   const Desc* logits = p.causal ? &causal_mask(g, *plan, p, s_scaled) : &s_scaled;
+  if (p.band) logits = &band_mask(g, *plan, p, *logits);
   // Softmax with statistics: LSE = max + log(sum exp(S - max)).
   const Desc& mx = g.virt(CUDNN_DATA_FLOAT, {B, H, Sq, 1});
   g.reduction(CUDNN_REDUCE_TENSOR_MAX, *logits, mx);
@@ -384,6 +412,14 @@ void CudnnSdpa::forward(const CudnnSdpaProblem& problem, const void* q, const vo
   if (plan.offset) {
     uids.push_back(kOffset);
     ptrs.push_back(&offset);
+  }
+  float window = static_cast<float>(1 - problem.lower_offset);
+  float window_fill = -1024.0f * 1024.0f * 1024.0f;
+  if (plan.band) {
+    uids.push_back(kWindow);
+    ptrs.push_back(&window);
+    uids.push_back(kWindowFill);
+    ptrs.push_back(&window_fill);
   }
   execute(plan, uids, ptrs);
 }

@@ -3,7 +3,7 @@
 //
 // The graph is the one cuDNN's runtime fusion engine recognises as scaled-dot-product
 // attention: S = Q K^T (fp32), S *= scale, [causal: S = (row + diag_offset >= col) ? S : -inf
-// from two GEN_INDEX ops], softmax with statistics (max, exp, sum, log: LSE = max + log(sum),
+// from two GEN_INDEX ops], [band: S = (col + 1 - lower_offset > row) ? S : -2^30], softmax with statistics (max, exp, sum, log: LSE = max + log(sum),
 // fp32), P = exp / sum in the 16-bit dtype, O = P V. Execution plans are built once per
 // problem key (shape, strides, mask, dtype) and cached; the workspace grows once and is
 // reused.
@@ -35,6 +35,8 @@ struct CudnnSdpaProblem {
   std::int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
   bool causal = false;
   std::int64_t diag_offset = 0;  // causal: row i sees key l iff l <= i + diag_offset
+  bool band = false;             // with causal: row i also needs l >= i + lower_offset (<= 0)
+  std::int64_t lower_offset = 0;
   // Backward only: dO (like q), dQ (like q), dK and dV (like k) strides; o is then an input.
   std::int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
   std::int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
@@ -43,7 +45,7 @@ struct CudnnSdpaProblem {
   auto key() const {
     return std::make_tuple(static_cast<int>(dtype), batch, heads, kv_heads, q_len, kv_len, head_dim, q_batch_stride,
                            q_row_stride, q_head_stride, kv_batch_stride, kv_row_stride, kv_head_stride, o_batch_stride,
-                           o_row_stride, o_head_stride, causal, diag_offset,
+                           o_row_stride, o_head_stride, causal, diag_offset, band, lower_offset,
                            std::make_tuple(do_batch_stride, do_row_stride, do_head_stride, dq_batch_stride, dq_row_stride,
                                            dq_head_stride, dkv_batch_stride, dkv_row_stride, dkv_head_stride));
   }
