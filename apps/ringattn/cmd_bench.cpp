@@ -42,8 +42,8 @@ double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, in
   for (int i = 0; i < warmup; ++i) run_once();
   double ms = 0.0;
 #ifdef RINGATTN_HAVE_CUDA
-  if (prepared.cuda) {
-    const cudaStream_t stream = prepared.cuda->stream();
+  if (prepared.cuda_stream() != nullptr) {
+    const cudaStream_t stream = prepared.cuda_stream();
     RINGATTN_CUDA_CHECK(cudaStreamSynchronize(stream));
     RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
     detail::CudaEvent start(true), stop(true);
@@ -236,6 +236,10 @@ int bench_command(Context& ctx, const BenchOptions& o) {
         });
         prepared.run(t.q, t.k, t.v, t.out, t.lse);  // leave the ring's result for --check
         RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda->stream()));
+      }
+      if (prepared.cuda_linear) {
+        bytes = static_cast<double>(prepared.cuda_linear->bytes_sent_per_run());
+        RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda_linear->stream()));
       }
 #endif
       if (prepared.cpu) bytes = static_cast<double>(prepared.cpu->bytes_sent());

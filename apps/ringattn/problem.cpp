@@ -161,7 +161,7 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_flag("--backward", o.backward, "Also compute dQ, dK, dV (cpu and cuda)");
   cmd.add_option("--dout", o.dout_path, "dO for --backward: a .npy shaped like --q (default: seeded values)");
   cmd.add_option("--attention", o.attention,
-                 "softmax (the ring), or linear: kernelised linear attention, one prefix scan across ranks (cpu, "
+                 "softmax (the ring), or linear: kernelised linear attention, one prefix scan across ranks ("
                  "contiguous layout)")
       ->check(CLI::IsMember({"softmax", "linear"}));
   cmd.add_option("--feature-map", o.feature_map,

@@ -184,7 +184,6 @@ void validate_window(const TensorView& k, const AttentionOptions& options) {
 
 // Linear attention's own rules (on top of validate()).
 void validate_linear(const TensorView& q, const TensorView& lse, const AttentionOptions& options) {
-  if (q.device != DeviceKind::cpu) invalid("--attention linear runs on the cpu only so far");
   if (options.layout != LayoutKind::contiguous) {
     invalid(std::string("--attention linear needs the contiguous layout (its prefix scan follows the ranks' order), "
                         "not ") + to_string(options.layout));
@@ -307,6 +306,18 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
     for (std::size_t h = 0; h < lp.decay.size(); ++h) {
       if (!options.decay.empty()) lp.decay[h] = options.decay[options.decay.size() == 1 ? 0 : h];
     }
+    if (q.device == DeviceKind::cuda) {
+#ifdef RINGATTN_HAVE_CUDA
+      CudaResources& resources = ctx.cuda();
+      std::vector<std::int64_t> lengths;
+      for (int r = 0; r < ctx.size(); ++r) lengths.push_back(layout->local_length(r));
+      detail::agree_on(comm, [&] {
+        check_rank_device(q, resources);
+        prepared.cuda_linear = std::make_unique<CudaLinearAttention>(resources, lp, lengths, ctx.rank(), q.dtype);
+      });
+#endif
+      return prepared;
+    }
     prepared.linear = std::make_unique<PreparedForward::Linear>(PreparedForward::Linear{comm, lp, ctx.cpu_threads()});
     return prepared;
   }
@@ -349,6 +360,11 @@ void PreparedForward::run(const TensorView& q, const TensorView& k, const Tensor
     if (on_step) on_step(1, 1);  // the GPU ring is enqueued as a whole
     return;
   }
+  if (cuda_linear) {
+    cuda_linear->run(q, k, v, out);
+    if (on_step) on_step(1, 1);
+    return;
+  }
 #endif
   cpu->run(q, k, v, out, lse, scale, on_step);
 }
@@ -361,17 +377,17 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
 #ifdef RINGATTN_HAVE_CUDA
   // Without a borrowed stream the caller has no stream to order against: start after the
   // legacy default stream's work (what plain cudaMemcpy uses) and return with the result ready.
-  const bool own_stream = prepared.cuda && ctx.options().cuda_stream == nullptr;
+  const bool own_stream = prepared.cuda_stream() != nullptr && ctx.options().cuda_stream == nullptr;
   if (own_stream) {
     detail::CudaEvent inputs_ready;
     RINGATTN_CUDA_CHECK(cudaEventRecord(inputs_ready, cudaStreamLegacy));
-    RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda->stream(), inputs_ready, 0));
+    RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda_stream(), inputs_ready, 0));
   }
 #endif
   // 5. The ring.
   prepared.run(q, k, v, out, lse, options.on_step);
 #ifdef RINGATTN_HAVE_CUDA
-  if (own_stream) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda->stream()));
+  if (own_stream) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda_stream()));
 #endif
 }
 

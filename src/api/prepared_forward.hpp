@@ -9,6 +9,7 @@
 #include "engine/ring_forward.hpp"
 #include "ringattn/attention.hpp"
 #ifdef RINGATTN_HAVE_CUDA
+#include "engine/cuda_linear_attention.hpp"
 #include "engine/cuda_ring_backward.hpp"
 #include "engine/cuda_ring_forward.hpp"
 #endif
@@ -29,6 +30,11 @@ struct PreparedForward {
   std::unique_ptr<CpuRingForward> cpu;
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingForward> cuda;
+  std::unique_ptr<CudaLinearAttention> cuda_linear;
+  // The stream the GPU work is enqueued on; nullptr on CPUs.
+  cudaStream_t cuda_stream() const {
+    return cuda ? cuda->stream() : (cuda_linear ? cuda_linear->stream() : nullptr);
+  }
 #endif
 
   // Collective on the CPU; on GPUs it enqueues on the context's compute stream and returns.

@@ -2,7 +2,7 @@
 # The GPU ring end to end: `ringattn verify --device cuda` at np = $NP for every layout x
 # causal x (MHA, GQA 32/8) x (bf16, fp16) with the default kernel (cuDNN where the build has
 # it), and every layout x causal with --kernel native (bf16, GQA); sliding windows (causal, with
-# sinks, two-sided) with both kernels. Then the backward pass
+# sinks, two-sided) with both kernels; linear attention. Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
 # (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases; at np > 1 the gradient error may not
 # exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
@@ -50,6 +50,13 @@ for kernel in auto native; do
   check "np=$np window 200 sinks 16 two-sided fp16 $kernel" --layout contiguous --window 200 --sinks 16 --dtype fp16 \
     --kernel "$kernel"
 done
+
+# Linear attention (contiguous layout): causal with and without a decay, GQA, non-causal
+# unnormalised (identity feature map) in fp16.
+check "np=$np linear causal elu1" --layout contiguous --causal --attention linear
+check "np=$np linear causal decay 0.998 kv-heads=8" --layout contiguous --causal --attention linear --decay 0.998 --kv-heads 8
+check "np=$np linear full identity fp16" --layout contiguous --attention linear --feature-map identity --dtype fp16
+check "np=$np linear full elu1 kv-heads=8" --layout contiguous --attention linear --kv-heads 8
 
 # Backward: smaller problems, since every rank builds the whole fp64 reference on its CPU.
 grad_err() {  # the relative gradient error that verify printed

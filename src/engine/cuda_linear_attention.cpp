@@ -1,0 +1,105 @@
+#include "engine/cuda_linear_attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/cuda_check.hpp"
+#include "ringattn/error.hpp"
+
+namespace ringattn::detail {
+
+CudaLinearAttention::CudaLinearAttention(CudaResources& resources, const LinearAttentionProblem& problem,
+                                         const std::vector<std::int64_t>& lengths, int rank, DType dtype)
+    : resources_(resources),
+      problem_(problem),
+      rank_(rank),
+      world_(static_cast<int>(lengths.size())),
+      n_(lengths[static_cast<std::size_t>(rank)]),
+      dtype_(dtype) {
+  const std::int64_t B = problem.batch, H = problem.heads, D = problem.head_dim;
+  if (!linear_cuda_supports(D)) {
+    throw Error(ErrorCode::invalid_argument,
+                "--attention linear on GPUs supports head_dim 64 and 128, not " + std::to_string(D));
+  }
+  RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
+  // Enough groups per (batch, head) that the output pass has ~4 CTAs per SM, whole chunks each.
+  int sms = 0;
+  RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, resources_.device()));
+  const std::int64_t chunk = linear_chunk();
+  const std::int64_t chunks = std::max<std::int64_t>(1, (n_ + chunk - 1) / chunk);
+  const std::int64_t ctas_per_group = B * H * (D / 64);
+  const std::int64_t want = std::clamp<std::int64_t>((4 * sms + ctas_per_group - 1) / ctas_per_group, 1, chunks);
+  params_.group_len = ((chunks + want - 1) / want) * chunk;
+  params_.groups = static_cast<int>(std::max<std::int64_t>(1, (n_ + params_.group_len - 1) / params_.group_len));
+  params_.batch = static_cast<int>(B);
+  params_.heads = static_cast<int>(H);
+  params_.kv_group = static_cast<int>(H / problem.kv_heads);
+  params_.n = n_;
+  params_.map = problem.feature_map == FeatureMap::identity ? 1 : 0;
+  params_.causal = problem.causal ? 1 : 0;
+
+  const auto state = static_cast<std::size_t>(D * D + D);
+  state_floats_ = static_cast<std::size_t>(B * H) * state;
+  std::vector<float> l2g(static_cast<std::size_t>(H), 0.0f);
+  for (std::int64_t h = 0; h < H; ++h) {
+    const double g = problem.decay.empty() ? 1.0 : problem.decay[static_cast<std::size_t>(h)];
+    if (problem.causal) l2g[static_cast<std::size_t>(h)] = static_cast<float>(std::log2(g));
+  }
+  log2_decay_ = DeviceBuffer(l2g.size() * sizeof(float));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(log2_decay_.get(), l2g.data(), l2g.size() * sizeof(float), cudaMemcpyHostToDevice));
+  group_state_ = DeviceBuffer(state_floats_ * static_cast<std::size_t>(params_.groups) * sizeof(float));
+  total_ = DeviceBuffer(state_floats_ * sizeof(float));
+  incoming_ = DeviceBuffer(state_floats_ * sizeof(float));
+  if (problem.causal && world_ > 1) {
+    gathered_ = DeviceBuffer(state_floats_ * static_cast<std::size_t>(world_) * sizeof(float));
+  }
+  lengths_ = DeviceBuffer(lengths.size() * sizeof(std::int64_t));
+  RINGATTN_CUDA_CHECK(
+      cudaMemcpy(lengths_.get(), lengths.data(), lengths.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice));
+  params_.log2_decay = log2_decay_.as<float>();
+  params_.group_state = group_state_.as<float>();
+  params_.total = total_.as<float>();
+  params_.incoming = incoming_.as<float>();
+}
+
+void CudaLinearAttention::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out) {
+  RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
+  const cudaStream_t stream = resources_.compute_stream();
+  const std::int64_t D = problem_.head_dim;
+  LinearParams p = params_;
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  for (int i = 0; i < 3; ++i) {
+    p.q_strides[i] = q.strides[i];
+    p.k_strides[i] = k.strides[i];
+    p.v_strides[i] = v.strides[i];
+    p.out_strides[i] = out.strides[i];
+  }
+  if (n_ > 0) {
+    linear_local_states(p, dtype_, D, stream);
+  } else {
+    RINGATTN_CUDA_CHECK(cudaMemsetAsync(total_.get(), 0, state_floats_ * sizeof(float), stream));
+  }
+  bytes_sent_ = 0;
+  if (problem_.causal) {
+    const float* gathered = total_.as<float>();
+    if (world_ > 1) {
+      RINGATTN_NCCL_CHECK(ncclAllGather(total_.get(), gathered_.get(), state_floats_, ncclFloat, resources_.nccl(), stream));
+      gathered = gathered_.as<float>();
+      bytes_sent_ = state_floats_ * sizeof(float) * static_cast<std::uint64_t>(world_ - 1);
+    }
+    linear_incoming(p, D, gathered, static_cast<const std::int64_t*>(lengths_.get()), rank_, stream);
+  } else if (world_ > 1) {
+    RINGATTN_NCCL_CHECK(
+        ncclAllReduce(total_.get(), incoming_.get(), state_floats_, ncclFloat, ncclSum, resources_.nccl(), stream));
+    bytes_sent_ = state_floats_ * sizeof(float) * 2 * static_cast<std::uint64_t>(world_ - 1) / world_;
+  } else {
+    RINGATTN_CUDA_CHECK(
+        cudaMemcpyAsync(incoming_.get(), total_.get(), state_floats_ * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+  }
+  if (n_ > 0) linear_outputs(p, dtype_, D, stream);
+}
+
+}  // namespace ringattn::detail

@@ -1,0 +1,48 @@
+// engine/cuda_linear_attention.hpp: distributed linear attention on GPUs (no ring).
+//
+// The CPU engine's algorithm (engine/linear_attention.hpp) with the GPU kernels of
+// kernels/cuda/linear_attention.hpp, in fp32 state: each rank folds its tokens into one D x D
+// state per (batch, head); then, over NCCL on the compute stream,
+//   causal:     ncclAllGather of the ranks' states, and each rank scans those before it in
+//               rank order (the exclusive scan, with each rank's decay over its tokens);
+//   non-causal: ncclAllReduce (sum);
+// and each rank computes its outputs from the state before its tokens. B*H*(D^2 + D) floats
+// move per rank, independent of the sequence length. run() only enqueues.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/cuda_raii.hpp"
+#include "engine/cuda_resources.hpp"
+#include "engine/linear_attention.hpp"
+#include "kernels/cuda/linear_attention.hpp"
+#include "ringattn/tensor.hpp"
+
+namespace ringattn::detail {
+
+class CudaLinearAttention {
+ public:
+  // lengths: tokens per rank, in rank order (contiguous layout); n = lengths[rank].
+  CudaLinearAttention(CudaResources& resources, const LinearAttentionProblem& problem,
+                      const std::vector<std::int64_t>& lengths, int rank, DType dtype);
+
+  // q (B, n, H, D), k, v (B, n, H_kv, D), out like q, on this rank's GPU.
+  void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out);
+
+  cudaStream_t stream() const { return resources_.compute_stream(); }
+  std::uint64_t bytes_sent_per_run() const { return bytes_sent_; }
+
+ private:
+  CudaResources& resources_;
+  LinearAttentionProblem problem_;
+  int rank_, world_;
+  std::int64_t n_;
+  DType dtype_;
+  LinearParams params_;
+  std::size_t state_floats_ = 0;  // B * H * (D^2 + D)
+  std::uint64_t bytes_sent_ = 0;
+  DeviceBuffer log2_decay_, group_state_, total_, incoming_, gathered_, lengths_;
+};
+
+}  // namespace ringattn::detail
