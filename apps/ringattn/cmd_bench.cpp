@@ -151,6 +151,11 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                 "bench: -e " + std::to_string(o.end) + " is below -b " + std::to_string(o.begin), /*on_all_ranks=*/true);
   }
   ProblemOptions base = o.problem;
+  if (base.gpus > 0) {
+    throw Error(ErrorCode::invalid_argument,
+                "bench --gpus is not available: run the benchmark under mpirun with one rank per GPU",
+                /*on_all_ranks=*/true);
+  }
   if (base.attention == "linear" && o.check) {
     throw Error(ErrorCode::invalid_argument, "bench --check compares softmax attention only; use verify --attention linear",
                 /*on_all_ranks=*/true);

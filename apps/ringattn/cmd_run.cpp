@@ -2,6 +2,8 @@
 // writes O and LSE, and reports time and throughput.
 #include <mpi.h>
 
+#include <memory>
+
 #include "commands.hpp"
 #include "comm/mpi_util.hpp"
 #include "report.hpp"
@@ -31,14 +33,19 @@ int run_command(Context& ctx, const RunOptions& o) {
   if (linear && !o.lse_path.empty()) {
     throw Error(ErrorCode::invalid_argument, "--lse: linear attention has no LSE", /*on_all_ranks=*/true);
   }
-  ProblemTensors tensors(ctx, p, out, lse);
-  RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
-  const double start = MPI_Wtime();
-  forward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, linear ? TensorView{} : tensors.lse, attention);
-  const double mine = MPI_Wtime() - start;
-  tensors.download();
   double seconds = 0.0;  // the slowest rank finishes the job
-  RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+  std::unique_ptr<ProblemTensors> tensors;
+  if (p.gpus > 0) {
+    seconds = forward_on_local_gpus(p, out, lse);
+  } else {
+    tensors = std::make_unique<ProblemTensors>(ctx, p, out, lse);
+    RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+    const double start = MPI_Wtime();
+    forward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse, attention);
+    const double mine = MPI_Wtime() - start;
+    tensors->download();
+    RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+  }
 
   write_outputs(ctx, p, o.out_path, o.lse_path, out, lse);
 
@@ -48,7 +55,7 @@ int run_command(Context& ctx, const RunOptions& o) {
     GradientTensors grads(ctx, p);
     RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
     const double t0 = MPI_Wtime();
-    backward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, tensors.lse, grads.dout_view, grads.dq_view,
+    backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, tensors->lse, grads.dout_view, grads.dq_view,
              grads.dk_view, grads.dv_view, attention);
     const double mine_backward = MPI_Wtime() - t0;
     RINGATTN_MPI_CHECK(MPI_Allreduce(&mine_backward, &backward_seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
@@ -59,11 +66,14 @@ int run_command(Context& ctx, const RunOptions& o) {
   const double tflops = p.flops() / seconds / 1e12;
   if (p.device == DeviceKind::cpu) {
     print0(ctx, "ringattn run: %s, %d ranks x %d threads (cpu)\n", describe(p).c_str(), ctx.size(), ctx.cpu_threads());
+  } else if (p.gpus > 0) {
+    print0(ctx, "ringattn run: %s, 1 process on %d GPUs (cuda, one thread each)\n", describe(p).c_str(), p.gpus);
   } else {
     print0(ctx, "ringattn run: %s, %d ranks (cuda, one GPU each)\n", describe(p).c_str(), ctx.size());
   }
-  print0(ctx, "  time %.4f s   %.3f GFLOP   %.4f TFLOP/s total   %.4f TFLOP/s per rank\n", seconds, p.flops() / 1e9,
-         tflops, tflops / ctx.size());
+  const int workers = p.gpus > 0 ? p.gpus : ctx.size();
+  print0(ctx, "  time %.4f s   %.3f GFLOP   %.4f TFLOP/s total   %.4f TFLOP/s per %s\n", seconds, p.flops() / 1e9,
+         tflops, tflops / workers, p.gpus > 0 ? "GPU" : "rank");
   if (p.backward) {
     // FLOPs of forward + backward: 3.5x the forward's (backward = 2.5x), as PyTorch counts.
     const double both = 3.5 * p.flops() / (seconds + backward_seconds) / 1e12;
@@ -84,6 +94,7 @@ int run_command(Context& ctx, const RunOptions& o) {
          {{"batch", p.batch}, {"seq", p.seq}, {"heads", p.heads}, {"kv_heads", p.kv_heads}, {"head_dim", p.head_dim},
           {"dtype", to_string(p.dtype)}, {"causal", p.causal}, {"layout", to_string(p.layout)}, {"seed", p.seed}}},
         {"ranks", ctx.size()},
+        {"gpus_in_process", p.gpus},
         {"threads_per_rank", ctx.cpu_threads()},
         {"device", to_string(p.device)},
         {"hosts", gather_hostnames(ctx)},
@@ -91,7 +102,7 @@ int run_command(Context& ctx, const RunOptions& o) {
         {"backward_time_s", p.backward ? nlohmann::json(backward_seconds) : nlohmann::json(nullptr)},
         {"flop", p.flops()},
         {"tflops", tflops},
-        {"tflops_per_rank", tflops / ctx.size()},
+        {"tflops_per_rank", tflops / workers},
         {"environment", relevant_environment()},
     };
     write_json(ctx, o.json_path, report);

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include <memory>
+
 #include "commands.hpp"
 #include "comm/mpi_util.hpp"
 #include "core/dtype.hpp"
@@ -41,9 +43,14 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   AttentionOptions attention = p.attention_options();
   attention.on_step = progress_logger(ctx, "verify");
   const bool linear = p.attention == AttentionKind::linear;
-  ProblemTensors tensors(ctx, p, out, lse);
-  forward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, linear ? TensorView{} : tensors.lse, attention);
-  tensors.download();
+  std::unique_ptr<ProblemTensors> tensors;
+  if (p.gpus > 0) {
+    forward_on_local_gpus(p, out, lse);
+  } else {
+    tensors = std::make_unique<ProblemTensors>(ctx, p, out, lse);
+    forward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse, attention);
+    tensors->download();
+  }
 
   std::vector<float> k_all, v_all;
   load_full_kv(ctx, p, o.problem, k_all, v_all);
@@ -97,7 +104,7 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   if (p.backward) {
     const std::int64_t n = p.local_len();
     GradientTensors grads(ctx, p);
-    backward(ctx, tensors.q, tensors.k, tensors.v, tensors.out, tensors.lse, grads.dout_view, grads.dq_view,
+    backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, tensors->lse, grads.dout_view, grads.dq_view,
              grads.dk_view, grads.dv_view, attention);
     grads.download();
     const std::vector<unsigned char>&dq = grads.dq, &dk = grads.dk, &dv = grads.dv;

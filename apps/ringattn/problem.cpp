@@ -150,6 +150,10 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
       ->check(CLI::IsMember({"auto", "fp32", "fp16", "bf16"}));
   cmd.add_option("--scale", o.scale, "Softmax scale (default 1/sqrt(head-dim))");
   cmd.add_option("--seed", o.seed, "Seed of the generated inputs");
+  cmd.add_option("--gpus", o.gpus,
+                 "Run in this one process on N local GPUs, one thread each (no mpirun; implies --device cuda); "
+                 "the same plans and results as mpirun -np N")
+      ->check(at_least(1));
   cmd.add_option("--device", o.device, "Where to compute: cpu, or cuda (one GPU per rank, NCCL ring)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd.add_option("--kernel", o.kernel,
@@ -186,6 +190,7 @@ void note_explicit_options(const CLI::App& cmd, ProblemOptions& o) {
   o.explicit_heads = cmd.count("--heads") > 0;
   o.explicit_kv_heads = cmd.count("--kv-heads") > 0;
   o.explicit_head_dim = cmd.count("--head-dim") > 0;
+  o.explicit_device = cmd.count("--device") > 0;
 }
 
 double Problem::flops() const {
@@ -272,6 +277,16 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
   detail::agree_on(comm, [&] {
     p.layout = parse_layout(o.layout);
     p.device = o.device == "cuda" ? DeviceKind::cuda : DeviceKind::cpu;
+    p.gpus = o.gpus;
+    if (o.gpus > 0) {
+      if (ctx.size() > 1) {
+        invalid("--gpus runs one process on several GPUs; under mpirun use one rank per GPU instead (got " +
+                std::to_string(ctx.size()) + " ranks)");
+      }
+      if (o.device == "cpu" && o.explicit_device) invalid("--gpus computes on GPUs: drop --device cpu");
+      p.device = DeviceKind::cuda;
+      if (o.backward) invalid("--backward with --gpus is not available yet (run under mpirun, one rank per GPU)");
+    }
     p.kernel = parse_kernel(o.kernel);
     if (p.kernel != KernelKind::automatic && p.device != DeviceKind::cuda) {
       invalid("--kernel " + o.kernel + " needs --device cuda");

@@ -37,10 +37,11 @@ struct ProblemOptions {
   std::int64_t window = -1;            // causal sliding window (-1: none)
   std::int64_t sinks = 0;              // attention sinks with a window
   double timeout = 300.0;              // bound on each ring transfer wait (cpu), seconds
+  int gpus = 0;                        // > 0: one process drives this many local GPUs (no mpirun)
   std::string dout_path;    // dO for --backward: a .npy shaped like q, or seeded values
   // Which shape flags the user gave explicitly (they must then agree with the files).
   bool explicit_batch = false, explicit_seq = false, explicit_heads = false, explicit_kv_heads = false,
-       explicit_head_dim = false;
+       explicit_head_dim = false, explicit_device = false;
 };
 
 void add_problem_options(CLI::App& cmd, ProblemOptions& options);
@@ -71,6 +72,7 @@ struct Problem {
   std::vector<double> decay;  // empty, or one value for every head
   std::int64_t window = -1, sinks = 0;
   double timeout = 300.0;
+  int gpus = 0;  // > 0: the whole problem on this process, computed on that many local GPUs
 
   std::int64_t local_len() const { return static_cast<std::int64_t>(positions.size()); }
   double flops() const;  // 4*B*S^2*H*D, halved when causal; linear attention: 4*B*S*H*D^2
@@ -86,6 +88,11 @@ Problem load_problem(Context& ctx, const ProblemOptions& options);
 
 // The tensors forward() sees: the host buffers themselves (cpu), or copies on this rank's GPU
 // (cuda), uploaded at construction; download() brings O and LSE back into the host buffers.
+// --gpus N: the forward pass of the whole problem (loaded by this one process) on N local GPUs,
+// each holding its layout share; out (B, S, H, D) and lse (B, H, S) in the problem's order.
+// Returns the seconds the GPUs took.
+double forward_on_local_gpus(const Problem& problem, std::vector<unsigned char>& out, std::vector<float>& lse);
+
 class ProblemTensors {
  public:
   ProblemTensors(Context& ctx, Problem& problem, std::vector<unsigned char>& out, std::vector<float>& lse);

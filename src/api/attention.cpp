@@ -280,15 +280,18 @@ void validate_backward(const TensorView& q, const TensorView& k, const TensorVie
 
 namespace detail {
 
+void validate_forward_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                             const TensorView& lse, const AttentionOptions& options) {
+  validate(q, k, v, out, lse, options);
+  validate_window(k, options);
+  if (options.attention == AttentionKind::linear) validate_linear(q, lse, options);
+}
+
 PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
   // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
-  detail::agree_on(comm, [&] {
-    validate(q, k, v, out, lse, options);
-    validate_window(k, options);
-    if (options.attention == AttentionKind::linear) validate_linear(q, lse, options);
-  });
+  detail::agree_on(comm, [&] { validate_forward_inputs(q, k, v, out, lse, options); });
 
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "attention arguments");

@@ -42,6 +42,10 @@ struct PreparedForward {
            const TensorView& lse, const std::function<void(int, int)>& on_step = {});
 };
 
+// One rank's (or one device's) checks of forward()'s arguments; throws Error.
+void validate_forward_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                             const TensorView& lse, const AttentionOptions& options);
+
 PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& out, const TensorView& lse, const AttentionOptions& options);
 

@@ -63,6 +63,18 @@ CudaResources::CudaResources(Context& ctx) {
   owns_comm_ = true;
 }
 
+CudaResources::CudaResources(int device, ncclComm_t comm) : device_(device), comm_(comm), owns_comm_(true) {
+  RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
+  cudaDeviceProp prop{};
+  RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+  device_name_ = prop.name;
+  RINGATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking));
+  owns_compute_ = true;
+  int least = 0, greatest = 0;
+  RINGATTN_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  RINGATTN_CUDA_CHECK(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, greatest));
+}
+
 CudnnSdpa* CudaResources::cudnn() {
 #ifdef RINGATTN_HAVE_CUDNN
   if (!cudnn_) {

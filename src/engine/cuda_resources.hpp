@@ -26,6 +26,9 @@ class CudnnSdpa;
 class CudaResources {
  public:
   explicit CudaResources(Context& ctx);  // collective over ctx
+  // One GPU of a single-process group (LocalGroup): the device and its communicator from
+  // ncclCommInitAll, which this object then owns; streams of its own.
+  CudaResources(int device, ncclComm_t comm);
   ~CudaResources();
   CudaResources(const CudaResources&) = delete;
   CudaResources& operator=(const CudaResources&) = delete;

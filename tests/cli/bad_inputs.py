@@ -147,9 +147,15 @@ def main():
         ("--sinks without --window", 2, ["run", "--seq", "64", "--causal", "--sinks", "4"], ["need a sliding window"]),
         ("linear attention with --backward", 3, ["run", "--seq", "64", "--attention", "linear", "--backward"],
          ["no backward pass"]),
+        ("--gpus under mpirun", 2, ["run", "--seq", "64", "--gpus", "2"], ["one rank per GPU instead"]),
+        ("--gpus with --device cpu", 1, ["run", "--seq", "64", "--gpus", "2", "--device", "cpu"],
+         ["drop --device cpu"]),
+        ("--gpus 0", 1, ["run", "--seq", "64", "--gpus", "0"], ["--gpus"], 2),
+        ("bench --gpus", 1, ["bench", "--gpus", "2"], ["bench --gpus is not available"]),
     ]
     if not has_gpu():
         cases.append(("--device cuda without a GPU", 2, ["run", "--seq", "64", "--device", "cuda"], ["cuda"]))
+        cases.append(("--gpus 2 without a GPU", 1, ["run", "--seq", "64", "--gpus", "2"], ["does not exist"]))
     results = [check(args, *c[:4], code=c[4] if len(c) > 4 else 1) for c in cases]
     # Ranks started with different options (an MPMD launch) fail together before any transfer.
     results.append(check(args, "MPMD: different --seq", 0, None, ["rank 1 has --seq=1000 but rank 0 has --seq=512"],

@@ -2,7 +2,8 @@
 # The GPU ring end to end: `ringattn verify --device cuda` at np = $NP for every layout x
 # causal x (MHA, GQA 32/8) x (bf16, fp16) with the default kernel (cuDNN where the build has
 # it), and every layout x causal with --kernel native (bf16, GQA); sliding windows (causal, with
-# sinks, two-sided) with both kernels; linear attention. Then the backward pass
+# sinks, two-sided) with both kernels; linear attention; at np 2, `run --gpus 2` (one process)
+# against `mpirun -np 2 run` byte for byte, and `verify --gpus 2`. Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
 # (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases; at np > 1 the gradient error may not
 # exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
@@ -57,6 +58,36 @@ check "np=$np linear causal elu1" --layout contiguous --causal --attention linea
 check "np=$np linear causal decay 0.998 kv-heads=8" --layout contiguous --causal --attention linear --decay 0.998 --kv-heads 8
 check "np=$np linear full identity fp16" --layout contiguous --attention linear --feature-map identity --dtype fp16
 check "np=$np linear full elu1 kv-heads=8" --layout contiguous --attention linear --kv-heads 8
+
+# One process on two GPUs (--gpus 2, no mpirun): the same bytes as mpirun -np 2 (O and LSE
+# files), and verify's reference check.
+if [ "$np" -eq 2 ]; then
+  tmp=$(mktemp -d)
+  for args in "--causal --layout zigzag" "--layout striped --kv-heads 8" "--causal --window 300 --sinks 8" \
+              "--attention linear --causal --decay 0.999"; do
+    lse=(--lse "$tmp/lse_a.npy")
+    lse_b=(--lse "$tmp/lse_b.npy")
+    case "$args" in *linear*) lse=(); lse_b=() ;; esac
+    rm -f "$tmp"/*.npy
+    if "$mpiexec" "${mpi_flags[@]}" --bind-to none -np 2 "$ringattn" run --device cuda --seq 4096 --heads 32 --head-dim 128 \
+         $args --out "$tmp/out_a.npy" "${lse[@]}" > "$tmp/a.log" 2>&1 &&
+       "$ringattn" run --gpus 2 --seq 4096 --heads 32 --head-dim 128 $args --out "$tmp/out_b.npy" "${lse_b[@]}" \
+         > "$tmp/b.log" 2>&1 &&
+       cmp -s "$tmp/out_a.npy" "$tmp/out_b.npy" && { [ ${#lse[@]} -eq 0 ] || cmp -s "$tmp/lse_a.npy" "$tmp/lse_b.npy"; }; then
+      echo "ok   --gpus 2 == mpirun -np 2: $args"
+    else
+      echo "FAIL --gpus 2 == mpirun -np 2: $args"; cat "$tmp/a.log" "$tmp/b.log"; failed=1
+    fi
+  done
+  rm -rf "$tmp"
+  for args in "--causal --layout zigzag --kv-heads 8" "--window 200 --sinks 16" "--attention linear --kv-heads 8"; do
+    if out=$("$ringattn" verify --gpus 2 --seq 1536 --heads 32 --head-dim 128 $args 2>&1); then
+      echo "ok   verify --gpus 2 $args: $(echo "$out" | grep -m1 'O:')"
+    else
+      echo "FAIL verify --gpus 2 $args"; echo "$out"; failed=1
+    fi
+  done
+fi
 
 # Backward: smaller problems, since every rank builds the whole fp64 reference on its CPU.
 grad_err() {  # the relative gradient error that verify printed
