@@ -317,6 +317,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
       detail::agree_on(comm, [&] {
         check_rank_device(q, resources);
         prepared.cuda_linear = std::make_unique<CudaLinearAttention>(resources, lp, lengths, ctx.rank(), q.dtype);
+        prepared.cuda_linear->set_timeout(options.timeout_s);
       });
 #endif
       return prepared;
@@ -334,6 +335,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
                           : make_ring_plan(*layout, mask, ctx.rank());
       prepared.cuda = std::make_unique<CudaRingForward>(resources, std::move(plan), shape, q.dtype, q.shape[1],
                                                         layout->max_local_length(), options.kernel);
+      prepared.cuda->set_timeout(options.timeout_s, ctx.node_peer_pids());
     });
 #endif
   } else {
@@ -390,7 +392,7 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
   // 5. The ring.
   prepared.run(q, k, v, out, lse, options.on_step);
 #ifdef RINGATTN_HAVE_CUDA
-  if (own_stream) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda_stream()));
+  if (own_stream) prepared.wait_cuda();  // bounded by options.timeout_s (the watchdog)
 #endif
 }
 
@@ -420,6 +422,7 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
       check_rank_device(q, resources);
       prepared.cuda = std::make_unique<CudaRingBackward>(resources, make_ring_plan(*layout, mask, ctx.rank()), shape,
                                                          q.dtype, q.shape[1], layout->max_local_length(), options.kernel);
+      prepared.cuda->set_timeout(options.timeout_s, ctx.node_peer_pids());
     });
 #endif
   } else {
@@ -462,7 +465,7 @@ void backward(Context& ctx, const TensorView& q, const TensorView& k, const Tens
 #endif
   prepared.run(q, k, v, out, lse, dout, dq, dk, dv);
 #ifdef RINGATTN_HAVE_CUDA
-  if (own_stream) RINGATTN_CUDA_CHECK(cudaStreamSynchronize(prepared.cuda->stream()));
+  if (own_stream) prepared.wait_cuda();
 #endif
 }
 

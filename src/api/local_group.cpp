@@ -126,12 +126,14 @@ void forward(LocalGroup& group, const std::vector<TensorView>& q, const std::vec
       std::vector<std::int64_t> lengths;
       for (int r = 0; r < N; ++r) lengths.push_back(layout.local_length(r));
       linears[at] = std::make_unique<CudaLinearAttention>(res, lp, lengths, i, q0.dtype);
+      linears[at]->set_timeout(options.timeout_s);
     } else {
       const MaskKind mask = options.causal ? MaskKind::causal : MaskKind::full;
       RingPlan plan = options.window >= 0 ? make_window_plan(layout, options.window, options.sinks, i, options.causal)
                                           : make_ring_plan(layout, mask, i);
       rings[at] = std::make_unique<CudaRingForward>(res, std::move(plan), shape, q0.dtype, layout.local_length(i),
                                                     layout.max_local_length(), options.kernel);
+      rings[at]->set_timeout(options.timeout_s, {});
     }
   }
 
@@ -150,10 +152,11 @@ void forward(LocalGroup& group, const std::vector<TensorView>& q, const std::vec
         RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(res.compute_stream(), inputs_ready, 0));
         if (linears[at]) {
           linears[at]->run(q[at], k[at], v[at], out[at]);
+          linears[at]->wait();  // bounded by options.timeout_s
         } else {
           rings[at]->run(q[at], k[at], v[at], out[at], lse[at], scale);
+          rings[at]->wait();
         }
-        RINGATTN_CUDA_CHECK(cudaStreamSynchronize(res.compute_stream()));
       } catch (...) {
         errors[at] = std::current_exception();
       }

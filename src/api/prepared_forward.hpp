@@ -35,6 +35,12 @@ struct PreparedForward {
   cudaStream_t cuda_stream() const {
     return cuda ? cuda->stream() : (cuda_linear ? cuda_linear->stream() : nullptr);
   }
+  // Blocks until the GPU work has finished (or, given one, until `event` on the compute stream
+  // has), under the watchdog (options.timeout_s).
+  void wait_cuda(cudaEvent_t event = nullptr) {
+    if (cuda) event != nullptr ? cuda->wait(event) : cuda->wait();
+    if (cuda_linear) event != nullptr ? cuda_linear->wait(event) : cuda_linear->wait();
+  }
 #endif
 
   // Collective on the CPU; on GPUs it enqueues on the context's compute stream and returns.
@@ -55,6 +61,9 @@ struct PreparedBackward {
   std::unique_ptr<CpuRingBackward> cpu;
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingBackward> cuda;
+  void wait_cuda() {
+    if (cuda) cuda->wait();
+  }
 #endif
 
   // Collective on the CPU; on GPUs it enqueues on the context's compute stream and returns.

@@ -2,7 +2,8 @@
 //
 // start(): the communication stream waits for an event recorded on the compute stream (the
 // send buffer is filled and the receive buffer is no longer read), then posts a grouped
-// ncclSend/ncclRecv and records `done`. wait(): the compute stream waits for `done`. The
+// ncclSend/ncclRecv, waits until NCCL has enqueued them (non-blocking communicators) and
+// records `done`. wait(): the compute stream waits for `done`. The
 // host never blocks, so the transfer for step s+1 runs while step s computes.
 #pragma once
 
@@ -14,10 +15,15 @@
 
 namespace ringattn::detail {
 
+// Non-blocking communicators may return from a call before its work is enqueued: waits until
+// ncclCommGetAsyncError reports success (throws on an NCCL error, or Error(timeout) after
+// timeout_s; 0 = no bound). Immediate on blocking communicators.
+void nccl_settle(ncclComm_t comm, double timeout_s);
+
 class NcclTransport final : public Transport {
  public:
-  NcclTransport(ncclComm_t comm, cudaStream_t compute, cudaStream_t comm_stream)
-      : comm_(comm), compute_(compute), comm_stream_(comm_stream) {}
+  NcclTransport(ncclComm_t comm, cudaStream_t compute, cudaStream_t comm_stream, double timeout_s = 0.0)
+      : comm_(comm), compute_(compute), comm_stream_(comm_stream), timeout_s_(timeout_s) {}
 
   void start(const void* send, std::size_t send_bytes, int send_to, void* recv, std::size_t recv_bytes,
              int recv_from) override;
@@ -27,6 +33,7 @@ class NcclTransport final : public Transport {
   ncclComm_t comm_;
   cudaStream_t compute_;
   cudaStream_t comm_stream_;
+  double timeout_s_;
   CudaEvent ready_;
   CudaEvent done_;
   bool pending_ = false;

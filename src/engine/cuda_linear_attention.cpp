@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "core/cuda_check.hpp"
 #include "ringattn/error.hpp"
@@ -64,6 +65,7 @@ CudaLinearAttention::CudaLinearAttention(CudaResources& resources, const LinearA
 
 void CudaLinearAttention::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out) {
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
+  resources_.usable();
   const cudaStream_t stream = resources_.compute_stream();
   const std::int64_t D = problem_.head_dim;
   LinearParams p = params_;
@@ -87,6 +89,7 @@ void CudaLinearAttention::run(const TensorView& q, const TensorView& k, const Te
     const float* gathered = total_.as<float>();
     if (world_ > 1) {
       RINGATTN_NCCL_CHECK(ncclAllGather(total_.get(), gathered_.get(), state_floats_, ncclFloat, resources_.nccl(), stream));
+      resources_.settle(timeout_s_);
       gathered = gathered_.as<float>();
       bytes_sent_ = state_floats_ * sizeof(float) * static_cast<std::uint64_t>(world_ - 1);
     }
@@ -94,12 +97,25 @@ void CudaLinearAttention::run(const TensorView& q, const TensorView& k, const Te
   } else if (world_ > 1) {
     RINGATTN_NCCL_CHECK(
         ncclAllReduce(total_.get(), incoming_.get(), state_floats_, ncclFloat, ncclSum, resources_.nccl(), stream));
+    resources_.settle(timeout_s_);
     bytes_sent_ = state_floats_ * sizeof(float) * 2 * static_cast<std::uint64_t>(world_ - 1) / world_;
   } else {
     RINGATTN_CUDA_CHECK(
         cudaMemcpyAsync(incoming_.get(), total_.get(), state_floats_ * sizeof(float), cudaMemcpyDeviceToDevice, stream));
   }
   if (n_ > 0) linear_outputs(p, dtype_, D, stream);
+}
+
+void CudaLinearAttention::wait() {
+  CudaEvent finished;
+  RINGATTN_CUDA_CHECK(cudaEventRecord(finished, resources_.compute_stream()));
+  wait(finished);
+}
+
+void CudaLinearAttention::wait(cudaEvent_t event) {
+  resources_.wait(event, timeout_s_, [this] {
+    return "rank " + std::to_string(rank_) + ": linear attention (the exchange of the ranks' states over NCCL)";
+  });
 }
 
 }  // namespace ringattn::detail

@@ -31,6 +31,10 @@ class CudaLinearAttention {
   void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out);
 
   cudaStream_t stream() const { return resources_.compute_stream(); }
+  // The watchdog, as CudaRingForward's.
+  void set_timeout(double timeout_s) { timeout_s_ = timeout_s; }
+  void wait();
+  void wait(cudaEvent_t event);  // until `event` (recorded on the compute stream) has completed
   std::uint64_t bytes_sent_per_run() const { return bytes_sent_; }
 
  private:
@@ -42,6 +46,7 @@ class CudaLinearAttention {
   LinearParams params_;
   std::size_t state_floats_ = 0;  // B * H * (D^2 + D)
   std::uint64_t bytes_sent_ = 0;
+  double timeout_s_ = 0.0;
   DeviceBuffer log2_decay_, group_state_, total_, incoming_, gathered_, lengths_;
 };
 

@@ -2,14 +2,24 @@
 
 #include <mpi.h>
 
+#include <chrono>
+#include <string>
+#include <thread>
+
 #include "comm/agreement.hpp"
 #include "comm/mpi_util.hpp"
+#include "comm/nccl_transport.hpp"
 #include "core/cuda_check.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "ringattn/context.hpp"
 #include "ringattn/error.hpp"
 
 namespace ringattn::detail {
+
+namespace {
+// Bound on communicator creation (every rank must arrive).
+constexpr double kInitTimeoutSeconds = 300.0;
+}  // namespace
 
 CudaResources::CudaResources(Context& ctx) {
   const ContextOptions& options = ctx.options();
@@ -59,8 +69,52 @@ CudaResources::CudaResources(Context& ctx) {
   ncclUniqueId id{};
   if (ctx.rank() == 0) RINGATTN_NCCL_CHECK(ncclGetUniqueId(&id));
   RINGATTN_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, ctx.comm()));
-  agree_on(ctx.comm(), [&] { RINGATTN_NCCL_CHECK(ncclCommInitRank(&comm_, ctx.size(), id, ctx.rank())); });
-  owns_comm_ = true;
+  agree_on(ctx.comm(), [&] {
+    // Non-blocking, so that no NCCL call can hang the host and ncclCommAbort can always run.
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    RINGATTN_NCCL_CHECK(ncclCommInitRankConfig(&comm_, ctx.size(), id, ctx.rank(), &config));
+    owns_comm_ = true;
+    settle(kInitTimeoutSeconds);
+  });
+}
+
+void CudaResources::settle(double timeout_s) const { nccl_settle(comm_, timeout_s); }
+
+void CudaResources::usable() const {
+  if (aborted_) {
+    throw Error(ErrorCode::nccl, "cuda:" + std::to_string(device_) +
+                                     ": this context's NCCL communicator was aborted after an earlier failure; create a "
+                                     "new Context");
+  }
+}
+
+void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::function<std::string()>& stalled) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int polls = 0;; ++polls) {
+    const cudaError_t rc = cudaEventQuery(event);
+    if (rc == cudaSuccess) return;
+    if (rc != cudaErrorNotReady) RINGATTN_CUDA_CHECK(rc);
+    ncclResult_t state = ncclSuccess;
+    RINGATTN_NCCL_CHECK(ncclCommGetAsyncError(comm_, &state));
+    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const bool failed = state != ncclSuccess && state != ncclInProgress;
+    if (failed || (timeout_s > 0.0 && waited > timeout_s)) {
+      const std::string pending = stalled ? stalled() : std::string("the GPU work");
+      const std::string nccl_error =
+          failed ? std::string(ncclGetErrorString(state)) + " (" + ncclGetLastError(comm_) + ")" : std::string();
+      if (owns_comm_ && !aborted_) {
+        RINGATTN_NCCL_CHECK_NOTHROW(ncclCommAbort(comm_));
+        aborted_ = true;
+      }
+      const std::string what = owns_comm_ ? "; NCCL communicator aborted" : " (the borrowed communicator is left as it is)";
+      if (failed) throw Error(ErrorCode::nccl, "cuda:" + std::to_string(device_) + ": NCCL failed: " + nccl_error + "; " + pending + what);
+      throw Error(ErrorCode::timeout, "cuda:" + std::to_string(device_) + ": waited " +
+                                          std::to_string(static_cast<int>(timeout_s)) + " s (--timeout) for " + pending + what);
+    }
+    // Spin briefly (short waits stay short), then poll every 100 us.
+    if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
 }
 
 CudaResources::CudaResources(int device, ncclComm_t comm) : device_(device), comm_(comm), owns_comm_(true) {
@@ -89,7 +143,17 @@ CudnnSdpa* CudaResources::cudnn() {
 
 CudaResources::~CudaResources() {
   cudnn_.reset();
-  if (owns_comm_ && comm_ != nullptr) RINGATTN_NCCL_CHECK_NOTHROW(ncclCommDestroy(comm_));
+  // An aborted communicator is already released. Otherwise finalize (bounded), then destroy;
+  // a communicator that cannot finalize is aborted rather than destroyed, which could block.
+  if (owns_comm_ && comm_ != nullptr && !aborted_) {
+    try {
+      RINGATTN_NCCL_CHECK(ncclCommFinalize(comm_));
+      settle(30.0);
+      RINGATTN_NCCL_CHECK_NOTHROW(ncclCommDestroy(comm_));
+    } catch (const std::exception&) {
+      RINGATTN_NCCL_CHECK_NOTHROW(ncclCommAbort(comm_));
+    }
+  }
   if (comm_stream_ != nullptr) RINGATTN_CUDA_CHECK_NOTHROW(cudaStreamDestroy(comm_stream_));
   if (owns_compute_ && compute_ != nullptr) RINGATTN_CUDA_CHECK_NOTHROW(cudaStreamDestroy(compute_));
 }

@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -42,6 +43,18 @@ class CudaResources {
   // builds without cuDNN.
   CudnnSdpa* cudnn();
 
+  // The watchdog. NCCL communicators the library creates are non-blocking: a call may return
+  // while its work is still being enqueued, and settle() waits (bounded) until it has been.
+  // wait() blocks until `event` has completed, polling it and the communicator's asynchronous
+  // error; at timeout_s (0: no bound) or on an NCCL error it aborts the communicator (when
+  // owned; never a blocking destroy) and throws Error(timeout or nccl) whose message ends with
+  // stalled(), the caller's account of what was pending. After an abort every further use
+  // throws (usable()).
+  void settle(double timeout_s) const;
+  void wait(cudaEvent_t event, double timeout_s, const std::function<std::string()>& stalled);
+  void usable() const;
+  bool aborted() const { return aborted_; }
+
  private:
   int device_ = 0;
   std::string device_name_;
@@ -50,6 +63,7 @@ class CudaResources {
   cudaStream_t compute_ = nullptr;
   bool owns_compute_ = false;
   cudaStream_t comm_stream_ = nullptr;
+  bool aborted_ = false;
   std::shared_ptr<CudnnSdpa> cudnn_;  // shared_ptr: no destructor needed where cuDNN is absent
 };
 

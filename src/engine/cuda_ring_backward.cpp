@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "comm/mpi_transport.hpp"
 #include "comm/nccl_transport.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
@@ -186,8 +187,9 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   p.scale = scale;
   p.scale_log2 = scale * 1.4426950408889634f;
 
-  NcclTransport kv_hop(resources_.nccl(), stream, resources_.comm_stream());
-  NcclTransport acc_hop(resources_.nccl(), stream, resources_.comm_stream());
+  resources_.usable();
+  NcclTransport kv_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
+  NcclTransport acc_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
   const bool ring = communicate && P > 1;
   int cur = 0, acc = 0;
   for (int s = 0; s < P; ++s) {
@@ -300,6 +302,17 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
   accumulate_rows(dk_acc, step_kv_len, t.kv_begin, dk_blk, grad_dtype, B, Hkv, t.kv_len, D, dkv_blk_s, stream);
   accumulate_rows(dv_acc, step_kv_len, t.kv_begin, dv_blk, grad_dtype, B, Hkv, t.kv_len, D, dkv_blk_s, stream);
   return true;
+}
+
+void CudaRingBackward::wait() {
+  CudaEvent finished;
+  RINGATTN_CUDA_CHECK(cudaEventRecord(finished, resources_.compute_stream()));
+  resources_.wait(finished, timeout_s_, [this] {
+    const std::string cause = stalled_node_peers(peer_pids_, plan_.rank);
+    return "rank " + std::to_string(plan_.rank) + ": the backward ring (K, V and the dK, dV sums exchanged with ranks " +
+           std::to_string(plan_.recv_from) + " and " + std::to_string(plan_.send_to) + ")" +
+           (cause.empty() ? std::string() : "; " + cause);
+  });
 }
 
 }  // namespace ringattn::detail

@@ -24,6 +24,8 @@
 #include <functional>
 #include <set>
 #include <string>
+#include <utility>
+#include <vector>
 #include <tuple>
 
 #include "core/cuda_raii.hpp"
@@ -47,6 +49,12 @@ class CudaRingBackward {
            const TensorView& dv, float scale, bool communicate = true);
 
   std::uint64_t bytes_sent_per_run() const { return bytes_sent_per_run_; }
+  // The watchdog, as CudaRingForward's.
+  void set_timeout(double timeout_s, std::vector<long> peer_pids) {
+    timeout_s_ = timeout_s;
+    peer_pids_ = std::move(peer_pids);
+  }
+  void wait();
   const std::string& kernel_description() const { return kernel_description_; }
   cudaStream_t stream() const { return resources_.compute_stream(); }
 
@@ -72,6 +80,8 @@ class CudaRingBackward {
   DeviceBuffer lse2_;       // (B, H, S_local) fp32
   DeviceBuffer delta_;      // (B, H, S_local) fp32
   bool one_task_ = false;   // P = 1 and one task covers every row
+  double timeout_s_ = 0.0;
+  std::vector<long> peer_pids_;
   bool direct_ = false;     // this run's cuDNN task wrote dq, dk, dv itself
   CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
   // The tasks whose cuDNN plan was built: (q_begin, q_len, kv_begin, kv_len, mask, diag_offset,

@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "comm/mpi_transport.hpp"
 #include "comm/nccl_transport.hpp"
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
@@ -175,12 +176,16 @@ std::uint64_t CudaRingForward::gather_sinks(const void* own_block, bool communic
     }
   }
   RINGATTN_NCCL_CHECK(ncclGroupEnd());
+  nccl_settle(resources_.nccl(), timeout_s_);
+  record_hop("the broadcast of the sink tokens from their owners", stream);
   return 2 * static_cast<std::uint64_t>(B * mine) * row_bytes * static_cast<std::uint64_t>(P - 1);
 }
 
 void CudaRingForward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                           const TensorView& lse, float scale, bool communicate) {
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
+  resources_.usable();
+  hops_.clear();
   const cudaStream_t stream = resources_.compute_stream();
   const int P = plan_.world;
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
@@ -207,7 +212,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   }
   if (!single_task) fill_neg_inf(lse_acc_.as<float>(), B * H * q_len_, stream);
 
-  NcclTransport transport(resources_.nccl(), stream, resources_.comm_stream());
+  NcclTransport transport(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
   FlashFwdParams p;
   p.q = q.data;
   p.q_batch_stride = q.strides[0];
@@ -291,6 +296,9 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       const std::int64_t next_len = plan_.steps[static_cast<std::size_t>(s) + 1].kv_len;
       transport.start(blocks_[cur].get(), block_bytes(step.kv_len), plan_.send_to, blocks_[1 - cur].get(),
                       block_bytes(next_len), plan_.recv_from);
+      record_hop("ring step " + std::to_string(s + 1) + ": the block of rank " +
+                 std::to_string(plan_.steps[static_cast<std::size_t>(s) + 1].kv_source) + " from rank " +
+                 std::to_string(plan_.recv_from) + " (this rank sends to rank " + std::to_string(plan_.send_to) + ")");
     }
     if (kv_in_place) {
       compute(step.tasks, k.data, v.data, step.kv_len);
@@ -313,6 +321,9 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
         const std::int64_t next_len = plan_.reverse_steps[static_cast<std::size_t>(j + 1)].kv_len;
         transport.start(blocks_[cur].get(), block_bytes(held), plan_.recv_from, blocks_[1 - cur].get(),
                         block_bytes(next_len), plan_.send_to);
+        record_hop("ring step " + std::to_string(steps + j + 1) + " (the other way): the block of rank " +
+                   std::to_string(plan_.reverse_steps[static_cast<std::size_t>(j + 1)].kv_source) + " from rank " +
+                   std::to_string(plan_.send_to) + " (this rank sends to rank " + std::to_string(plan_.recv_from) + ")");
         held = next_len;
       }
       if (j >= 0) {
@@ -332,6 +343,35 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   }
   bytes_sent_per_run_ = transport.bytes_sent() + sink_bytes;
   if (!single_task) finalize_output(o_acc_.as<float>(), lse_acc_.as<float>(), out, lse, stream);
+}
+
+void CudaRingForward::record_hop(std::string what, cudaStream_t stream) {
+  if (hops_.size() >= hop_events_.size()) hop_events_.emplace_back();
+  RINGATTN_CUDA_CHECK(cudaEventRecord(hop_events_[hops_.size()], stream != nullptr ? stream : resources_.comm_stream()));
+  hops_.push_back({std::move(what)});
+}
+
+std::string CudaRingForward::stalled() const {
+  std::string pending = "the ring's kernels (every transfer had completed)";
+  for (std::size_t i = 0; i < hops_.size(); ++i) {
+    if (cudaEventQuery(hop_events_[i]) == cudaErrorNotReady) {
+      pending = hops_[i].what;
+      break;
+    }
+  }
+  const std::string cause = stalled_node_peers(peer_pids_, plan_.rank);
+  return "rank " + std::to_string(plan_.rank) + ": " + pending +
+         (cause.empty() ? std::string() : "; " + cause);
+}
+
+void CudaRingForward::wait() {
+  CudaEvent finished;
+  RINGATTN_CUDA_CHECK(cudaEventRecord(finished, resources_.compute_stream()));
+  wait(finished);
+}
+
+void CudaRingForward::wait(cudaEvent_t event) {
+  resources_.wait(event, timeout_s_, [this] { return stalled(); });
 }
 
 }  // namespace ringattn::detail

@@ -17,6 +17,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
@@ -43,6 +45,16 @@ class CudaRingForward {
            const TensorView& lse, float scale, bool communicate = true);
 
   std::uint64_t bytes_sent_per_run() const { return bytes_sent_per_run_; }
+
+  // The watchdog's bound on every wait (0: none) and the pids of this node's ranks (to name a
+  // stopped one). wait() blocks until everything run() enqueued has finished; on expiry it
+  // names the first ring step whose transfer had not completed (see CudaResources::wait).
+  void set_timeout(double timeout_s, std::vector<long> peer_pids) {
+    timeout_s_ = timeout_s;
+    peer_pids_ = std::move(peer_pids);
+  }
+  void wait();
+  void wait(cudaEvent_t event);  // until `event` (recorded on the compute stream) has completed
   // What computes the blocks, in words ("cuDNN 9.19.0 fused attention", "native wgmma
   // kernel", ...), with the reason where cuDNN was wanted but does not run.
   const std::string& kernel_description() const { return kernel_description_; }
@@ -67,6 +79,17 @@ class CudaRingForward {
   DeviceBuffer blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
   DeviceBuffer o_acc_;      // (B, H, S_local, D) fp32
   DeviceBuffer lse_acc_;    // (B, H, S_local) fp32
+  // What the last run() is waiting on, for the watchdog's message: one event per transfer,
+  // recorded on the communication stream after it, and what it was.
+  struct Hop {
+    std::string what;
+  };
+  std::string stalled() const;
+  void record_hop(std::string what, cudaStream_t stream = nullptr);  // default: the communication stream
+  std::vector<CudaEvent> hop_events_;
+  std::vector<Hop> hops_;
+  double timeout_s_ = 0.0;
+  std::vector<long> peer_pids_;
   DeviceBuffer sink_block_;  // sliding window with sinks: K then V of the sink tokens
   std::uint64_t bytes_sent_per_run_ = 0;
   CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks

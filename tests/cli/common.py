@@ -11,6 +11,7 @@ def parse_args(description):
     p.add_argument("--mpiexec", required=True, help="mpirun")
     p.add_argument("--mpiexec-flags", default="", help="extra mpirun flags, comma-separated")
     p.add_argument("--workdir", required=True, help="scratch directory")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the tested ring runs")
     return p.parse_args()
 
 

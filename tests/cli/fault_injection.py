@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Fault injection on the CPU ring (mpirun, 3 ranks): a rank stopped with SIGSTOP or killed
-with SIGKILL in the middle of the ring. The job must end on its own, with no process left:
+"""Fault injection on the ring: a rank stopped with SIGSTOP or killed with SIGKILL in the middle
+of the ring. The job must end on its own, with no process left:
 
   SIGSTOP: exit code 124, an error line naming the stopped rank, within the time the other
            ranks need to finish their current step plus --timeout plus 5 s;
   SIGKILL: a non-zero exit within the same bound.
+
+--device cpu: `ringattn run` on 3 CPU ranks. --device cuda: `ringattn bench` on 2 GPUs (two
+iterations in flight, every wait under the watchdog); exits 77 (skipped) with fewer GPUs.
 """
 import os
 import signal
@@ -17,7 +20,14 @@ from common import parse_args
 
 TIMEOUT = 4          # --timeout given to ringattn
 STEP_SLACK = 12      # seconds the surviving ranks may still compute before they wait
-PROBLEM = ["run", "--seq", "12288", "--heads", "8", "--head-dim", "64", "--timeout", str(TIMEOUT)]
+RANKS = {"cpu": 3, "cuda": 2}
+PROBLEMS = {
+    "cpu": ["run", "--seq", "12288", "--heads", "8", "--head-dim", "64", "--timeout", str(TIMEOUT)],
+    # ~30 ms per iteration on 2xH200: the ring runs for minutes unless the fault ends it.
+    "cuda": ["bench", "--device", "cuda", "-b", "65536", "-e", "65536", "--mask", "yes", "--heads", "32",
+             "--head-dim", "128", "--layout", "zigzag", "--iters", "20000", "--warmup", "1", "--timeout", str(TIMEOUT)],
+}
+SETTLE = {"cpu": 1.5, "cuda": 20.0}  # seconds from rank 1's start until its ring is running
 
 
 def rank_pid(tag, rank):
@@ -35,14 +45,17 @@ def rank_pid(tag, rank):
     return None
 
 
-def leftovers(tag):
-    return [r for r in range(3) if rank_pid(tag, r) is not None]
+def leftovers(tag, ranks):
+    return [r for r in range(ranks) if rank_pid(tag, r) is not None]
 
 
 def run_case(args, name, sig, expect_code):
     tag = uuid.uuid4().hex
     cmd = [args.mpiexec] + [f for f in args.mpiexec_flags.split(",") if f]
-    cmd += ["-x", "RINGATTN_FAULT_TAG", "-x", "OMP_NUM_THREADS", "-np", "3", args.ringattn] + PROBLEM
+    ranks = RANKS[args.device]
+    cmd += ["-x", "RINGATTN_FAULT_TAG", "-x", "OMP_NUM_THREADS"] + (["--bind-to", "none"] if args.device == "cuda" else [])
+    cmd += ["-np", str(ranks), args.ringattn]
+    cmd += PROBLEMS[args.device]
     env = dict(os.environ, OMP_NUM_THREADS="1", RINGATTN_FAULT_TAG=tag)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     problems = []
@@ -56,7 +69,7 @@ def run_case(args, name, sig, expect_code):
         proc.kill()
         print(f"FAIL {name}: rank 1 never appeared")
         return False
-    time.sleep(1.5)
+    time.sleep(SETTLE[args.device])
     if proc.poll() is not None:
         print(f"FAIL {name}: the job ended before the fault could be injected (make the problem larger)")
         return False
@@ -71,7 +84,7 @@ def run_case(args, name, sig, expect_code):
         return False
     elapsed = time.monotonic() - hit
     time.sleep(0.5)
-    left = leftovers(tag)
+    left = leftovers(tag, ranks)
     if left:
         problems.append(f"ranks {left} still running")
         for r in left:
@@ -92,12 +105,25 @@ def run_case(args, name, sig, expect_code):
         print(f"FAIL {name}: " + "; ".join(problems))
         print(err[-3000:])
         return False
-    print(f"ok   {name}: exit {proc.returncode} {elapsed:.1f} s after the fault, no process left")
+    shown = next((line for line in err.splitlines() if "ring step" in line), "")
+    print(f"ok   {name} ({args.device}): exit {proc.returncode} {elapsed:.1f} s after the fault, no process left"
+          + (f"\n     {shown.strip()}" if shown else ""))
     return True
+
+
+def gpus():
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        return sum(1 for line in out.splitlines() if line.startswith("GPU"))
+    except (OSError, subprocess.SubprocessError):
+        return 0
 
 
 def main():
     args = parse_args(__doc__)
+    if args.device == "cuda" and gpus() < RANKS["cuda"]:
+        print(f"skipped: {RANKS['cuda']} GPUs needed")
+        sys.exit(77)
     results = [
         run_case(args, "SIGSTOP rank 1 mid-ring", signal.SIGSTOP, 124),
         run_case(args, "SIGKILL rank 1 mid-ring", signal.SIGKILL, None),
