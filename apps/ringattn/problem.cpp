@@ -177,8 +177,8 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
                  "contiguous layout); the ring stops once every window is covered")
       ->check(CLI::Range(std::int64_t{0}, std::numeric_limits<std::int64_t>::max()));
   cmd.add_option("--timeout", o.timeout,
-                 "Seconds a rank waits for a ring transfer (cpu) before it gives up, names the peer and the job exits "
-                 "124; 0 = forever")
+                 "Seconds a rank waits for a ring transfer (cpu) or its GPU work (the NCCL communicator is then "
+                 "aborted) before it gives up, names the step and the peer and the job exits 124; 0 = forever")
       ->check(CLI::Range(0.0, 1e9));
   cmd.add_option("--sinks", o.sinks, "With --window: the first K tokens are always attended (attention sinks)")
       ->check(at_least(0));
