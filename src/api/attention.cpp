@@ -407,7 +407,10 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
     validate(q, k, v, out, lse, options);
     validate_backward(q, k, lse, dout, dq, dk, dv);
     if (options.attention == AttentionKind::linear) invalid("the backward pass of linear attention is not available yet");
-    if (options.window >= 0) invalid("the backward pass with a sliding window is not available yet");
+    validate_window(k, options);
+    if (options.window >= 0 && q.device == DeviceKind::cuda) {
+      invalid("the backward pass with a sliding window runs on the cpu only so far");
+    }
   });
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");
@@ -427,8 +430,11 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
 #endif
   } else {
     detail::agree_on(comm, [&] {
-      prepared.cpu = std::make_unique<CpuRingBackward>(comm, make_ring_plan(*layout, mask, ctx.rank()), shape, q.dtype,
-                                                       q.shape[1], layout->max_local_length(), ctx.cpu_threads());
+      RingPlan plan = options.window >= 0
+                          ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
+                          : make_ring_plan(*layout, mask, ctx.rank());
+      prepared.cpu = std::make_unique<CpuRingBackward>(comm, std::move(plan), shape, q.dtype, q.shape[1],
+                                                       layout->max_local_length(), ctx.cpu_threads());
       prepared.cpu->set_timeout(options.timeout_s, ctx.node_peer_pids());
     });
   }

@@ -110,7 +110,10 @@ void reference_backward(const ReferenceProblem& p, const std::vector<float>& q, 
           double dot = 0.0;
           for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(q[qi(b, i, h) + d]) * k[ki(b, j, hk) + d];
           prob[static_cast<std::size_t>(j)] = dot * p.scale;
-          mx = std::max(mx, dot * p.scale);
+          if (p.window >= 0 && (j < i - p.window || j > i + p.window) && j >= p.sinks) {
+            prob[static_cast<std::size_t>(j)] = -std::numeric_limits<double>::infinity();  // outside the window
+          }
+          mx = std::max(mx, prob[static_cast<std::size_t>(j)]);
         }
         double sum = 0.0;
         for (std::int64_t j = 0; j < keys; ++j) sum += (prob[static_cast<std::size_t>(j)] = std::exp(prob[static_cast<std::size_t>(j)] - mx));

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_backward.hpp"
+#include "comm/mpi_transport.hpp"
 #include "plan/ring_plan.hpp"
 #include "ringattn/tensor.hpp"
 
@@ -40,6 +41,10 @@ class CpuRingBackward {
  private:
   std::size_t kv_bytes(std::int64_t kv_len) const;   // packed K then V, storage dtype
   std::size_t dkv_floats(std::int64_t kv_len) const;  // dK then dV, fp32
+  // One pass of the ring (the plan's steps, or its reverse steps), ending with every block's
+  // accumulators back at their owner; returns the buffer holding this rank's.
+  int pass(MpiTransport& transport, const std::vector<RingStep>& steps, bool reverse, int step0, const TensorView& k,
+           const TensorView& v);
 
   MPI_Comm comm_;
   double timeout_s_ = 0.0;  // bound on each transfer wait; 0 = none
@@ -51,6 +56,10 @@ class CpuRingBackward {
   CpuBackwardKernel kernel_;
   // Each holds one travelling block: K, V (storage dtype) then dK, dV (fp32), for kv_len rows.
   std::vector<unsigned char> blocks_[2];
+  // Sliding window: the sink tokens' K, V and their gradient sums; this rank's dK, dV while
+  // the reverse pass and the sinks add to them.
+  std::vector<unsigned char> sink_block_;
+  std::vector<float> home_;
 };
 
 }  // namespace ringattn::detail

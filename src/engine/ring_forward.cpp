@@ -87,7 +87,7 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
   }
   bytes_sent_ = transport.bytes_sent();
   if (plan_.sink_len > 0) {
-    bytes_sent_ += gather_sinks(k, v);
+    bytes_sent_ += gather_sink_rows(comm_, plan_, shape_, dtype_, k, v, sink_block_.data());
     kernel_.load_kv(dtype_, sink_block_.data(), plan_.sink_len);
     kernel_.run(plan_.sink_tasks);
     if (on_step) on_step(total, total);
@@ -95,37 +95,38 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
   kernel_.store(out, lse);
 }
 
-std::uint64_t CpuRingForward::gather_sinks(const TensorView& k, const TensorView& v) {
-  // Contiguous layout: each rank's first plan_.sink_rows[r] rows are the sink tokens it owns.
-  const int P = plan_.world;
-  const std::int64_t Hkv = shape_.kv_heads, D = shape_.head_dim;
-  const auto row_bytes = static_cast<std::size_t>(Hkv * D) * dtype_size(dtype_);
+std::uint64_t gather_sink_rows(MPI_Comm comm, const RingPlan& plan, const AttentionShape& shape, DType dtype,
+                               const TensorView& k, const TensorView& v, unsigned char* sink_block) {
+  // Contiguous layout: each rank's first plan.sink_rows[r] rows are the sink tokens it owns.
+  const int P = plan.world;
+  const std::int64_t Hkv = shape.kv_heads, D = shape.head_dim;
+  const auto row_bytes = static_cast<std::size_t>(Hkv * D) * dtype_size(dtype);
   std::vector<int> counts(static_cast<std::size_t>(P)), displs(static_cast<std::size_t>(P));
   std::int64_t begin = 0;
   for (int r = 0; r < P; ++r) {
-    const std::int64_t share = plan_.sink_rows[static_cast<std::size_t>(r)];
+    const std::int64_t share = plan.sink_rows[static_cast<std::size_t>(r)];
     counts[static_cast<std::size_t>(r)] = static_cast<int>(static_cast<std::size_t>(share) * row_bytes);
     displs[static_cast<std::size_t>(r)] = static_cast<int>(static_cast<std::size_t>(begin) * row_bytes);
     begin += share;
   }
-  const std::int64_t own = plan_.sink_rows[static_cast<std::size_t>(plan_.rank)];
-  const std::size_t elem = dtype_size(dtype_);
+  const std::int64_t own = plan.sink_rows[static_cast<std::size_t>(plan.rank)];
+  const std::size_t elem = dtype_size(dtype);
   std::vector<unsigned char> rows(static_cast<std::size_t>(own) * row_bytes);
   std::uint64_t sent = 0;
   for (int which = 0; which < 2; ++which) {
     const TensorView& t = which == 0 ? k : v;
-    unsigned char* half = sink_block_.data() + static_cast<std::size_t>(which) * block_bytes(plan_.sink_len) / 2;
-    for (std::int64_t b = 0; b < shape_.batch; ++b) {
+    unsigned char* half = sink_block + static_cast<std::size_t>(which) * static_cast<std::size_t>(shape.batch * plan.sink_len) * row_bytes;
+    for (std::int64_t b = 0; b < shape.batch; ++b) {
       for (std::int64_t i = 0; i < own; ++i)
         for (std::int64_t h = 0; h < Hkv; ++h)
           std::memcpy(rows.data() + static_cast<std::size_t>((i * Hkv + h) * D) * elem,
                       static_cast<const unsigned char*>(t.data) +
                           static_cast<std::size_t>(b * t.strides[0] + i * t.strides[1] + h * t.strides[2]) * elem,
                       static_cast<std::size_t>(D) * elem);
-      RINGATTN_MPI_CHECK(MPI_Allgatherv(rows.data(), counts[static_cast<std::size_t>(plan_.rank)], MPI_BYTE,
-                                        half + static_cast<std::size_t>(b * plan_.sink_len) * row_bytes, counts.data(),
-                                        displs.data(), MPI_BYTE, comm_));
-      sent += static_cast<std::uint64_t>(counts[static_cast<std::size_t>(plan_.rank)]) * static_cast<std::uint64_t>(P - 1);
+      RINGATTN_MPI_CHECK(MPI_Allgatherv(rows.data(), counts[static_cast<std::size_t>(plan.rank)], MPI_BYTE,
+                                        half + static_cast<std::size_t>(b * plan.sink_len) * row_bytes, counts.data(),
+                                        displs.data(), MPI_BYTE, comm));
+      sent += static_cast<std::uint64_t>(counts[static_cast<std::size_t>(plan.rank)]) * static_cast<std::uint64_t>(P - 1);
     }
   }
   return sent;

@@ -27,6 +27,13 @@
 
 namespace ringattn::detail {
 
+// Sliding window with sinks: the sink block, the first plan.sink_len tokens' K then V (each
+// (B, sink_len, H_kv, D) in the storage dtype), gathered from their owners (contiguous layout:
+// rank r's first plan.sink_rows[r] rows) into `sink_block` on every rank. Collective; returns
+// the bytes this rank sent.
+std::uint64_t gather_sink_rows(MPI_Comm comm, const RingPlan& plan, const AttentionShape& shape, DType dtype,
+                               const TensorView& k, const TensorView& v, unsigned char* sink_block);
+
 class CpuRingForward {
  public:
   CpuRingForward(MPI_Comm comm, RingPlan plan, const AttentionShape& shape, DType dtype, std::int64_t q_len,
@@ -46,8 +53,6 @@ class CpuRingForward {
 
  private:
   std::size_t block_bytes(std::int64_t kv_len) const;
-  // The sink block: the first plan_.sink_len tokens' K then V, from their owners (collective).
-  std::uint64_t gather_sinks(const TensorView& k, const TensorView& v);
 
   MPI_Comm comm_;
   double timeout_s_ = 0.0;  // bound on each transfer wait; 0 = none

@@ -1,6 +1,6 @@
 // The ring backward pass over MPI against the fp64 reference gradients, at whatever np CTest
-// runs it: every layout x causal x (MHA, GQA, MQA) x dtype, odd S; error growth with the
-// rank count; bitwise reproducibility.
+// runs it: every layout x causal x (MHA, GQA, MQA) x dtype, odd S; sliding windows with sinks;
+// error growth with the rank count; bitwise reproducibility.
 #include <gtest/gtest.h>
 
 #include "common/attention_case.hpp"
@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "common/mpi_world.hpp"
@@ -29,7 +31,7 @@ struct Result {
   double err = 0.0;                       // max |grad - ref| / max |ref| over dq, dk, dv
 };
 
-Result run_backward(MPI_Comm comm, const Case& c) {
+Result run_backward(MPI_Comm comm, const Case& c, std::int64_t window = -1, std::int64_t sinks = 0) {
   int rank = 0, world = 1;
   MPI_Comm_rank(comm, &rank);
   MPI_Comm_size(comm, &world);
@@ -55,6 +57,8 @@ Result run_backward(MPI_Comm comm, const Case& c) {
   AttentionOptions options;
   options.causal = c.causal;
   options.layout = c.layout;
+  options.window = window;
+  options.sinks = sinks;
   auto qv = [&](void* p) { return TensorView::contiguous(p, c.dtype, {c.batch, n, c.heads, c.dim}); };
   auto kvv = [&](void* p) { return TensorView::contiguous(p, c.dtype, {c.batch, n, c.kv_heads, c.dim}); };
   const TensorView lse_view = TensorView::contiguous(lse.data(), DType::f32, {c.batch, c.heads, n});
@@ -73,7 +77,7 @@ Result run_backward(MPI_Comm comm, const Case& c) {
     return f;
   };
   std::vector<double> rdq, rdk, rdv;
-  reference_backward({c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, 1.0 / std::sqrt(double(c.dim))},
+  reference_backward({c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, 1.0 / std::sqrt(double(c.dim)), window, sinks},
                      whole(SyntheticTensor::q, c.heads), whole(SyntheticTensor::k, c.kv_heads),
                      whole(SyntheticTensor::v, c.kv_heads), whole(SyntheticTensor::dout, c.heads), rdq, rdk, rdv);
   double max_err = 0.0, max_ref = 0.0;
@@ -128,6 +132,23 @@ TEST(RingBackward, ErrorDoesNotGrowWithRanks) {
         if (ringattn::testing::world_rank() == 0) one = run_backward(MPI_COMM_SELF, c).err;
         MPI_Bcast(&one, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
         EXPECT_LE(many, 1.5 * one + (dtype == DType::f32 ? 1e-6 : 1e-4)) << "error on 1 rank " << one;
+      }
+    }
+  }
+}
+
+// Sliding windows: fewer steps, every block's dK/dV sums sent straight back to their owner;
+// two-sided windows run a second pass the other way; the sink tokens' sums are reduced over
+// the ranks. Windows within one rank's rows, across several ranks and across all of them.
+TEST(RingBackward, SlidingWindowCausalTwoSidedAndSinks) {
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    for (bool causal : {true, false}) {
+      for (const auto& [window, sinks] : std::vector<std::pair<std::int64_t, std::int64_t>>{
+               {0, 0}, {7, 0}, {23, 5}, {40, 0}, {500, 3}}) {
+        const Case c{2, 97, 4, 2, 16, causal, LayoutKind::contiguous, dtype};
+        SCOPED_TRACE(name(c) + " window " + std::to_string(window) + " sinks " + std::to_string(sinks));
+        const Result r = run_backward(MPI_COMM_WORLD, c, window, sinks);
+        EXPECT_LE(r.err, gradient_tolerance(dtype));
       }
     }
   }

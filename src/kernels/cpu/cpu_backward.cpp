@@ -114,13 +114,14 @@ void CpuBackwardKernel::run(const std::vector<BlockTask>& tasks, float* dkv) {
         const float* vl = &v_[static_cast<std::size_t>(((b * Hkv + hk) * cap + t.kv_begin + l) * D)];
         std::fill_n(sum_k, D, 0.0);
         std::fill_n(sum_v, D, 0.0);
-        // Causal: row i sees key l iff l <= i + diag_offset.
-        const std::int64_t first = t.mask == MaskKind::causal ? std::max<std::int64_t>(0, l - t.diag_offset) : 0;
+        // Causal: row i sees key l iff l <= i + diag_offset; a band also needs l >= i + lower_offset.
+        const std::int64_t first = t.mask != MaskKind::full ? std::max<std::int64_t>(0, l - t.diag_offset) : 0;
+        const std::int64_t rows = t.mask == MaskKind::band ? std::min(t.q_len, l - t.lower_offset + 1) : t.q_len;
         for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          for (std::int64_t i0 = first; i0 < t.q_len; i0 += kChunk) {
+          for (std::int64_t i0 = first; i0 < rows; i0 += kChunk) {
             std::fill_n(part_k, D, 0.0f);
             std::fill_n(part_v, D, 0.0f);
-            for (std::int64_t i = i0; i < std::min(t.q_len, i0 + kChunk); ++i) {
+            for (std::int64_t i = i0; i < std::min(rows, i0 + kChunk); ++i) {
               const std::int64_t row = (b * H + h) * S + t.q_begin + i;
               const float* qi = &q_[static_cast<std::size_t>(row * D)];
               const float* di = &dout_[static_cast<std::size_t>(row * D)];
@@ -155,9 +156,10 @@ void CpuBackwardKernel::run(const std::vector<BlockTask>& tasks, float* dkv) {
         const std::int64_t row = (b * H + h) * S + t.q_begin + i;
         const float* qi = &q_[static_cast<std::size_t>(row * D)];
         const float* di = &dout_[static_cast<std::size_t>(row * D)];
-        const std::int64_t keys = t.mask == MaskKind::causal ? std::min(t.kv_len, i + t.diag_offset + 1) : t.kv_len;
+        const std::int64_t keys = t.mask != MaskKind::full ? std::min(t.kv_len, i + t.diag_offset + 1) : t.kv_len;
+        const std::int64_t key0 = t.mask == MaskKind::band ? std::max<std::int64_t>(0, i + t.lower_offset) : 0;
         std::fill_n(sum, D, 0.0);
-        for (std::int64_t l0 = 0; l0 < keys; l0 += kChunk) {
+        for (std::int64_t l0 = key0; l0 < keys; l0 += kChunk) {
           std::fill_n(part, D, 0.0f);
           for (std::int64_t l = l0; l < std::min(keys, l0 + kChunk); ++l) {
             const float* kl = &k_[static_cast<std::size_t>(((b * Hkv + hk) * cap + t.kv_begin + l) * D)];
