@@ -300,9 +300,6 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
     if (o.decay) p.decay = {*o.decay};
     p.window = o.window;
     p.timeout = o.timeout;
-    if (o.window >= 0 && o.backward && p.device == DeviceKind::cuda) {
-      invalid("--backward: the backward pass with a sliding window runs on the cpu only so far");
-    }
     p.sinks = o.sinks;
     if (p.attention == AttentionKind::linear && o.backward) {
       invalid("--backward: linear attention has no backward pass yet");

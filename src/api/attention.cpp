@@ -408,9 +408,6 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
     validate_backward(q, k, lse, dout, dq, dk, dv);
     if (options.attention == AttentionKind::linear) invalid("the backward pass of linear attention is not available yet");
     validate_window(k, options);
-    if (options.window >= 0 && q.device == DeviceKind::cuda) {
-      invalid("the backward pass with a sliding window runs on the cpu only so far");
-    }
   });
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");
@@ -423,8 +420,11 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
     CudaResources& resources = ctx.cuda();
     detail::agree_on(comm, [&] {
       check_rank_device(q, resources);
-      prepared.cuda = std::make_unique<CudaRingBackward>(resources, make_ring_plan(*layout, mask, ctx.rank()), shape,
-                                                         q.dtype, q.shape[1], layout->max_local_length(), options.kernel);
+      RingPlan plan = options.window >= 0
+                          ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
+                          : make_ring_plan(*layout, mask, ctx.rank());
+      prepared.cuda = std::make_unique<CudaRingBackward>(resources, std::move(plan), shape, q.dtype, q.shape[1],
+                                                         layout->max_local_length(), options.kernel);
       prepared.cuda->set_timeout(options.timeout_s, ctx.node_peer_pids());
     });
 #endif

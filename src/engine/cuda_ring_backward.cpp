@@ -5,6 +5,8 @@
 
 #include "comm/mpi_transport.hpp"
 #include "comm/nccl_transport.hpp"
+#include "core/cuda_check.hpp"
+#include "engine/cuda_ring_forward.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "ringattn/error.hpp"
@@ -36,8 +38,10 @@ CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, con
   p.do_batch_stride = dout[0], p.do_row_stride = dout[1], p.do_head_stride = dout[2];
   p.dq_batch_stride = dq[0], p.dq_row_stride = dq[1], p.dq_head_stride = dq[2];
   p.dkv_batch_stride = dkv[0], p.dkv_row_stride = dkv[1], p.dkv_head_stride = dkv[2];
-  p.causal = t.mask == MaskKind::causal;
+  p.causal = t.mask != MaskKind::full;
   p.diag_offset = t.diag_offset;
+  p.band = t.mask == MaskKind::band;
+  p.lower_offset = t.lower_offset;
   return p;
 }
 
@@ -58,11 +62,18 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
     blocks_[1] = DeviceBuffer(kv_bytes(kv_capacity));
     acc_[1] = DeviceBuffer(acc_bytes(kv_capacity));
   }
+  if (!plan_.reverse_steps.empty() || plan_.sink_len > 0) home_ = DeviceBuffer(acc_bytes(q_len));
+  if (plan_.sink_len > 0) {
+    sink_block_ = DeviceBuffer(kv_bytes(plan_.sink_len));
+    sink_acc_ = DeviceBuffer(acc_bytes(plan_.sink_len));
+    RINGATTN_CUDA_CHECK(cudaMemset(sink_block_.get(), 0, sink_block_.bytes()));
+  }
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
   dq_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
   lse2_ = DeviceBuffer(rows * sizeof(float));
   delta_ = DeviceBuffer(rows * sizeof(float));
-  one_task_ = plan_.world == 1 && plan_.steps[0].tasks.size() == 1 && plan_.steps[0].tasks[0].q_begin == 0 &&
+  one_task_ = plan_.world == 1 && plan_.steps.size() == 1 && plan_.steps[0].tasks.size() == 1 &&
+              plan_.reverse_steps.empty() && plan_.sink_tasks.empty() && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
 
   const std::string native = "native mma.sync backward kernels";
@@ -163,7 +174,6 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   }
   backward_prep(out, dout, lse, lse2_.as<float>(), delta_.as<float>(), stream);
   RINGATTN_CUDA_CHECK(cudaMemsetAsync(dq_acc_.get(), 0, static_cast<std::size_t>(B * H * q_len_ * D) * sizeof(float), stream));
-  RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
 
   FlashBwdParams p;
   p.q = q.data;
@@ -190,64 +200,145 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   resources_.usable();
   NcclTransport kv_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
   NcclTransport acc_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
-  const bool ring = communicate && P > 1;
-  int cur = 0, acc = 0;
-  for (int s = 0; s < P; ++s) {
-    const RingStep& step = plan_.steps[static_cast<std::size_t>(s)];
-    const bool kv_transfer = ring && s + 1 < P;
-    if (kv_transfer) {
-      const std::int64_t next_len = plan_.steps[static_cast<std::size_t>(s) + 1].kv_len;
-      kv_hop.start(blocks_[cur].get(), kv_bytes(step.kv_len), plan_.send_to, blocks_[1 - cur].get(), kv_bytes(next_len),
-                   plan_.recv_from);
+  auto set_task = [&](const BlockTask& t) {
+    p.q_begin = static_cast<int>(t.q_begin);
+    p.q_len = static_cast<int>(t.q_len);
+    p.kv_begin = static_cast<int>(t.kv_begin);
+    p.kv_len = static_cast<int>(t.kv_len);
+    p.causal = t.mask != MaskKind::full;
+    p.diag_offset = static_cast<int>(t.diag_offset);
+    p.band = t.mask == MaskKind::band;
+    p.lower_offset = static_cast<int>(t.lower_offset);
+  };
+
+  // One pass of the ring over `steps` (the plan's, or its reverse steps: blocks of later ranks
+  // travelling the other way, the own block sent first). K/V blocks hop ahead; each block's
+  // fp32 dK/dV sums follow one hop behind, so their transfer overlaps the next step's dQ work;
+  // after the last step the sums go straight back to their owner, `hops` ranks away. Returns
+  // the accumulator buffer that holds this rank's own dK/dV sums.
+  auto pass = [&](const std::vector<RingStep>& steps, bool reverse) {
+    const int to = reverse ? plan_.recv_from : plan_.send_to, from = reverse ? plan_.send_to : plan_.recv_from;
+    const int n = static_cast<int>(steps.size());
+    const int hops = reverse ? n : n - 1;
+    const bool ring = communicate && P > 1 && hops > 0;
+    int cur = 0, acc = 0;
+    if (reverse && communicate) {  // the forward pass left other blocks in the buffers
+      auto* own = static_cast<unsigned char*>(blocks_[0].get());
+      pack_rows(k, own, stream);
+      pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
     }
-    const auto* block = static_cast<const unsigned char*>((communicate ? blocks_[cur] : blocks_[0]).get());
-    p.k = kv_in_place ? k.data : block;
-    p.v = kv_in_place ? v.data : block + kv_bytes(step.kv_len) / 2;
-    p.kv_batch_stride = step.kv_len * Hkv * D;
-    auto set_task = [&](const BlockTask& t) {
-      p.q_begin = static_cast<int>(t.q_begin);
-      p.q_len = static_cast<int>(t.q_len);
-      p.kv_begin = static_cast<int>(t.kv_begin);
-      p.kv_len = static_cast<int>(t.kv_len);
-      p.causal = t.mask == MaskKind::causal;
-      p.diag_offset = static_cast<int>(t.diag_offset);
-    };
-    // Without communication every step adds into the first accumulator (the same work).
-    float* dk_acc = acc_[communicate ? acc : 0].as<float>();
-    float* dv_acc = dk_acc + B * Hkv * step.kv_len * D;
-    p.dk = dk_acc;
-    p.dv = dv_acc;
-    p.acc_len = step.kv_len;
-    bool acc_ready = !(ring && s > 0);
-    auto await_acc = [&] {  // this block's accumulator has arrived
-      if (!acc_ready) acc_hop.wait();
-      acc_ready = true;
-    };
-    for (const BlockTask& t : step.tasks) {
-      set_task(t);
-      if (task_uses_cudnn(t, step.kv_len) && run_cudnn_task(t, step.kv_len, q, p.k, p.v, out, lse, dout, dq, dk, dv,
-                                                            scale, dk_acc, dv_acc, await_acc)) {
-        continue;
+    RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
+    std::int64_t held = q_len_;
+    for (int s = reverse ? -1 : 0; s < n; ++s) {
+      const bool kv_transfer = ring && s + 1 < n;
+      if (kv_transfer) {
+        const std::int64_t next_len = steps[static_cast<std::size_t>(s) + 1].kv_len;
+        kv_hop.start(blocks_[cur].get(), kv_bytes(held), to, blocks_[1 - cur].get(), kv_bytes(next_len), from);
       }
-      flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
-      await_acc();
-      flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
+      if (s >= 0) {
+        const RingStep& step = steps[static_cast<std::size_t>(s)];
+        const auto* block = static_cast<const unsigned char*>((communicate ? blocks_[cur] : blocks_[0]).get());
+        p.k = kv_in_place ? k.data : block;
+        p.v = kv_in_place ? v.data : block + kv_bytes(step.kv_len) / 2;
+        p.kv_batch_stride = step.kv_len * Hkv * D;
+        // Without communication every step adds into the first accumulator (the same work).
+        float* dk_acc = acc_[communicate ? acc : 0].as<float>();
+        float* dv_acc = dk_acc + B * Hkv * step.kv_len * D;
+        p.dk = dk_acc;
+        p.dv = dv_acc;
+        p.acc_len = step.kv_len;
+        bool acc_ready = !(ring && s > (reverse ? -1 : 0));
+        auto await_acc = [&] {  // this block's accumulator has arrived
+          if (!acc_ready) acc_hop.wait();
+          acc_ready = true;
+        };
+        for (const BlockTask& t : step.tasks) {
+          set_task(t);
+          if (task_uses_cudnn(t, step.kv_len) && run_cudnn_task(t, step.kv_len, q, p.k, p.v, out, lse, dout, dq, dk, dv,
+                                                                scale, dk_acc, dv_acc, await_acc)) {
+            continue;
+          }
+          flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
+          await_acc();
+          flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
+        }
+        await_acc();
+      }
+      if (ring) {
+        // Pass this block's sums on; after the last step, send them home and receive ours.
+        const bool last = s + 1 == n;
+        const int owner = reverse ? (plan_.rank + hops) % P : (plan_.rank - hops % P + P) % P;
+        const int mine = reverse ? (plan_.rank - hops % P + P) % P : (plan_.rank + hops) % P;
+        const std::int64_t next_len = last ? q_len_ : steps[static_cast<std::size_t>(s) + 1].kv_len;
+        acc_hop.start(acc_[acc].get(), acc_bytes(held), last ? owner : to, acc_[1 - acc].get(), acc_bytes(next_len),
+                      last ? mine : from);
+        acc = 1 - acc;
+      }
+      if (kv_transfer) {
+        kv_hop.wait();
+        held = steps[static_cast<std::size_t>(s) + 1].kv_len;
+        cur = 1 - cur;
+      }
     }
-    await_acc();
-    if (ring) {
-      // After the last step the hop brings each accumulator to its owner.
-      const std::int64_t next_len = s + 1 < P ? plan_.steps[static_cast<std::size_t>(s) + 1].kv_len : q_len_;
-      acc_hop.start(acc_[acc].get(), acc_bytes(step.kv_len), plan_.send_to, acc_[1 - acc].get(), acc_bytes(next_len),
-                    plan_.recv_from);
-      acc = 1 - acc;
-    }
-    if (kv_transfer) kv_hop.wait();
-    cur = 1 - cur;
+    if (ring) acc_hop.wait();
+    return ring ? acc : 0;
+  };
+
+  const int acc = pass(plan_.steps, false);
+  const float* grads = acc_[acc].as<float>();
+  const bool extra = !plan_.reverse_steps.empty() || plan_.sink_len > 0;
+  if (extra) {
+    // The reverse pass and the sinks reuse the buffers: keep this rank's sums aside.
+    RINGATTN_CUDA_CHECK(cudaMemcpyAsync(home_.get(), grads, acc_bytes(q_len_), cudaMemcpyDeviceToDevice, stream));
+    grads = home_.as<float>();
   }
-  if (ring) acc_hop.wait();
+  const Strides acc_strides = {Hkv * q_len_ * D, q_len_ * D, D};  // (B, H_kv, rows, D) fp32
+  if (!plan_.reverse_steps.empty()) {
+    const int back = pass(plan_.reverse_steps, true);
+    const float* r = acc_[back].as<float>();
+    accumulate_rows(home_.as<float>(), q_len_, 0, r, DType::f32, B, Hkv, q_len_, D, acc_strides, stream);
+    accumulate_rows(home_.as<float>() + B * Hkv * q_len_ * D, q_len_, 0, r + B * Hkv * q_len_ * D, DType::f32, B, Hkv,
+                    q_len_, D, acc_strides, stream);
+  }
+  if (plan_.sink_len > 0) {
+    // The sink tokens' K, V from their owners; every rank's sink tasks add to one set of sums,
+    // summed over the ranks; each owner keeps its rows.
+    const std::int64_t L = plan_.sink_len;
+    auto* own = static_cast<unsigned char*>(blocks_[0].get());
+    pack_rows(k, own, stream);
+    pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
+    gather_sink_block(resources_, plan_, shape_, dtype_, own, q_len_, sink_block_.get(), communicate, timeout_s_, stream);
+    auto* sink = static_cast<unsigned char*>(sink_block_.get());
+    float* sink_acc = sink_acc_.as<float>();
+    RINGATTN_CUDA_CHECK(cudaMemsetAsync(sink_acc, 0, acc_bytes(L), stream));
+    p.k = sink;
+    p.v = sink + kv_bytes(L) / 2;
+    p.kv_batch_stride = L * Hkv * D;
+    p.dk = sink_acc;
+    p.dv = sink_acc + B * Hkv * L * D;
+    p.acc_len = L;
+    for (const BlockTask& t : plan_.sink_tasks) {
+      set_task(t);
+      flash_bwd(p, dtype_, D, stream, FlashBwdPart::both);
+    }
+    if (communicate && P > 1) {
+      RINGATTN_NCCL_CHECK(ncclAllReduce(sink_acc, sink_acc, acc_bytes(L) / sizeof(float), ncclFloat, ncclSum,
+                                        resources_.nccl(), stream));
+      resources_.settle(timeout_s_);
+    }
+    std::int64_t begin = 0;
+    for (int r = 0; r < plan_.rank; ++r) begin += plan_.sink_rows[static_cast<std::size_t>(r)];
+    const std::int64_t mine = plan_.sink_rows[static_cast<std::size_t>(plan_.rank)];
+    if (mine > 0) {
+      const Strides sink_strides = {Hkv * L * D, L * D, D};
+      accumulate_rows(home_.as<float>(), q_len_, 0, sink_acc + begin * D, DType::f32, B, Hkv, mine, D, sink_strides,
+                      stream);
+      accumulate_rows(home_.as<float>() + B * Hkv * q_len_ * D, q_len_, 0, sink_acc + B * Hkv * L * D + begin * D,
+                      DType::f32, B, Hkv, mine, D, sink_strides, stream);
+    }
+  }
   bytes_sent_per_run_ = kv_hop.bytes_sent() + acc_hop.bytes_sent();
   if (direct_) return;  // cuDNN wrote dq, dk, dv
-  const float* grads = acc_[ring ? acc : 0].as<float>();
   finalize_output(dq_acc_.as<float>(), nullptr, dq, TensorView{}, stream);
   finalize_output(grads, nullptr, dk, TensorView{}, stream);
   finalize_output(grads + B * Hkv * q_len_ * D, nullptr, dv, TensorView{}, stream);

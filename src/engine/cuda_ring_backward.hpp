@@ -88,6 +88,9 @@ class CudaRingBackward {
   // step kv_len).
   std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, std::int64_t, std::int64_t>>
       cudnn_tasks_;
+  DeviceBuffer home_;           // sliding window: this rank's dK, dV sums while the reverse pass runs
+  DeviceBuffer sink_block_;     // sliding window with sinks: the sink tokens' K, V
+  DeviceBuffer sink_acc_;       // and their dK, dV sums
   DeviceBuffer dq_block_;       // cuDNN's task results: dQ (B, q_len, H, D) in dtype,
   DeviceBuffer dkv_block_;      // dK then dV (B, kv_len, H_kv, D) in dtype,
   DeviceBuffer stats_block_;    // and its LSE rows (B, H, q_len) fp32

@@ -138,25 +138,31 @@ std::size_t CudaRingForward::block_bytes(std::int64_t kv_len) const {
   return 2 * static_cast<std::size_t>(shape_.batch * kv_len * shape_.kv_heads * shape_.head_dim) * dtype_size(dtype_);
 }
 
-std::uint64_t CudaRingForward::gather_sinks(const void* own_block, bool communicate, cudaStream_t stream) {
-  // Contiguous layout: each rank's first plan_.sink_rows[r] rows are sink tokens. Every rank
+std::uint64_t gather_sink_block(CudaResources& resources, const RingPlan& plan, const AttentionShape& shape, DType dtype,
+                                const void* own_block, std::int64_t own_len, void* sink_block, bool communicate,
+                                double timeout_s, cudaStream_t stream) {
+  // Contiguous layout: each rank's first plan.sink_rows[r] rows are sink tokens. Every rank
   // copies its own into place in the sink block (B, sink_len, H_kv, D) for K, then V, and
   // each owner broadcasts its rows in place.
-  const int P = plan_.world;
-  const std::int64_t B = shape_.batch;
-  const auto row_bytes = static_cast<std::size_t>(shape_.kv_heads * shape_.head_dim) * dtype_size(dtype_);
+  const int P = plan.world;
+  const std::int64_t B = shape.batch;
+  const auto row_bytes = static_cast<std::size_t>(shape.kv_heads * shape.head_dim) * dtype_size(dtype);
+  const std::size_t half_sink = static_cast<std::size_t>(B * plan.sink_len) * row_bytes;
+  const std::size_t half_own = static_cast<std::size_t>(B * own_len) * row_bytes;
   std::vector<std::int64_t> begin(static_cast<std::size_t>(P) + 1, 0);
-  for (int r = 0; r < P; ++r) begin[static_cast<std::size_t>(r) + 1] = begin[static_cast<std::size_t>(r)] + plan_.sink_rows[static_cast<std::size_t>(r)];
-  auto* sink = static_cast<unsigned char*>(sink_block_.get());
+  for (int r = 0; r < P; ++r) {
+    begin[static_cast<std::size_t>(r) + 1] = begin[static_cast<std::size_t>(r)] + plan.sink_rows[static_cast<std::size_t>(r)];
+  }
+  auto* sink = static_cast<unsigned char*>(sink_block);
   const auto* own = static_cast<const unsigned char*>(own_block);
-  const std::int64_t mine = plan_.sink_rows[static_cast<std::size_t>(plan_.rank)];
+  const std::int64_t mine = plan.sink_rows[static_cast<std::size_t>(plan.rank)];
   for (int which = 0; which < 2; ++which) {
-    unsigned char* dst = sink + static_cast<std::size_t>(which) * block_bytes(plan_.sink_len) / 2 +
-                         static_cast<std::size_t>(begin[static_cast<std::size_t>(plan_.rank)]) * row_bytes;
-    const unsigned char* src = own + static_cast<std::size_t>(which) * block_bytes(q_len_) / 2;
+    unsigned char* dst = sink + static_cast<std::size_t>(which) * half_sink +
+                         static_cast<std::size_t>(begin[static_cast<std::size_t>(plan.rank)]) * row_bytes;
+    const unsigned char* src = own + static_cast<std::size_t>(which) * half_own;
     if (mine > 0) {
-      RINGATTN_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(plan_.sink_len) * row_bytes, src,
-                                            static_cast<std::size_t>(q_len_) * row_bytes,
+      RINGATTN_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(plan.sink_len) * row_bytes, src,
+                                            static_cast<std::size_t>(own_len) * row_bytes,
                                             static_cast<std::size_t>(mine) * row_bytes, static_cast<std::size_t>(B),
                                             cudaMemcpyDeviceToDevice, stream));
     }
@@ -164,21 +170,27 @@ std::uint64_t CudaRingForward::gather_sinks(const void* own_block, bool communic
   if (!communicate || P == 1) return 0;
   RINGATTN_NCCL_CHECK(ncclGroupStart());
   for (int r = 0; r < P; ++r) {
-    const std::int64_t rows = plan_.sink_rows[static_cast<std::size_t>(r)];
+    const std::int64_t rows = plan.sink_rows[static_cast<std::size_t>(r)];
     if (rows == 0) continue;
     for (int which = 0; which < 2; ++which) {
       for (std::int64_t b = 0; b < B; ++b) {
-        unsigned char* at = sink + static_cast<std::size_t>(which) * block_bytes(plan_.sink_len) / 2 +
-                            static_cast<std::size_t>(b * plan_.sink_len + begin[static_cast<std::size_t>(r)]) * row_bytes;
+        unsigned char* at = sink + static_cast<std::size_t>(which) * half_sink +
+                            static_cast<std::size_t>(b * plan.sink_len + begin[static_cast<std::size_t>(r)]) * row_bytes;
         RINGATTN_NCCL_CHECK(ncclBroadcast(at, at, static_cast<std::size_t>(rows) * row_bytes, ncclUint8, r,
-                                          resources_.nccl(), stream));
+                                          resources.nccl(), stream));
       }
     }
   }
   RINGATTN_NCCL_CHECK(ncclGroupEnd());
-  nccl_settle(resources_.nccl(), timeout_s_);
-  record_hop("the broadcast of the sink tokens from their owners", stream);
+  nccl_settle(resources.nccl(), timeout_s);
   return 2 * static_cast<std::uint64_t>(B * mine) * row_bytes * static_cast<std::uint64_t>(P - 1);
+}
+
+std::uint64_t CudaRingForward::gather_sinks(const void* own_block, bool communicate, cudaStream_t stream) {
+  const std::uint64_t sent = gather_sink_block(resources_, plan_, shape_, dtype_, own_block, q_len_, sink_block_.get(),
+                                               communicate, timeout_s_, stream);
+  if (communicate && plan_.world > 1) record_hop("the broadcast of the sink tokens from their owners", stream);
+  return sent;
 }
 
 void CudaRingForward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,

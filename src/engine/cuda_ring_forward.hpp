@@ -29,6 +29,14 @@
 
 namespace ringattn::detail {
 
+// Sliding window with sinks: fills `sink_block` (K then V of the first plan.sink_len tokens,
+// (B, sink_len, H_kv, D) each) on `stream`: this rank's rows from `own_block` (its packed K then
+// V, own_len rows), the others broadcast by their owners when communicating (then settled
+// under timeout_s). Returns the bytes this rank sent.
+std::uint64_t gather_sink_block(CudaResources& resources, const RingPlan& plan, const AttentionShape& shape, DType dtype,
+                                const void* own_block, std::int64_t own_len, void* sink_block, bool communicate,
+                                double timeout_s, cudaStream_t stream);
+
 class CudaRingForward {
  public:
   // kernel: which kernel computes the blocks (see KernelKind). cuDNN plans for every task of

@@ -142,8 +142,6 @@ def main():
                                             os.path.join(args.workdir, "lse.npy")], ["no LSE"]),
         ("sliding window, zigzag layout", 3, ["run", "--seq", "64", "--causal", "--window", "8", "--layout", "zigzag"],
          ["needs the contiguous layout"]),
-        ("sliding window with --backward on cuda", 2, ["run", "--seq", "64", "--causal", "--window", "8", "--backward",
-                                                       "--device", "cuda"], ["cpu only so far"]),
         ("--sinks without --window", 2, ["run", "--seq", "64", "--causal", "--sinks", "4"], ["need a sliding window"]),
         ("linear attention with --backward", 3, ["run", "--seq", "64", "--attention", "linear", "--backward"],
          ["no backward pass"]),

@@ -5,7 +5,7 @@
 # sinks, two-sided) with both kernels; linear attention; at np 2, `run --gpus 2` (one process)
 # against `mpirun -np 2 run` byte for byte, and `verify --gpus 2`. Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
-# (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases; at np > 1 the gradient error may not
+# (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases, and sliding windows; at np > 1 the gradient error may not
 # exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
 # are rounded to the dtype: those meet the absolute tolerance only). Exits 77 (CTest: skipped) where this
 # machine has fewer than $NP GPUs.
@@ -130,4 +130,12 @@ for layout in contiguous zigzag striped; do
   check_bwd "backward np=$np $layout causal kv-heads=4 bf16 cudnn" loose --kv-heads 4 --layout "$layout" --causal \
     --head-dim 128 --dtype bf16 --kernel cudnn
 done
+# Sliding-window backward (native kernels with band masks; dK/dV sums sent straight home; the
+# reverse pass for two-sided windows; sink gradients reduced over the ranks).
+check_bwd "backward np=$np window 300 sinks 8 causal kv-heads=2 bf16" strict --layout contiguous --causal --window 300 \
+  --sinks 8 --head-dim 128 --dtype bf16 --kv-heads 2
+check_bwd "backward np=$np window 700 causal kv-heads=4 bf16" strict --layout contiguous --causal --window 700 \
+  --head-dim 128 --dtype bf16 --kv-heads 4
+check_bwd "backward np=$np window 200 sinks 4 two-sided fp16 d64" strict --layout contiguous --window 200 --sinks 4 \
+  --head-dim 64 --dtype fp16 --kv-heads 1
 exit $failed

@@ -120,10 +120,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dq_kernel(const Fla
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // long causal rows first
   const int m0 = m_block * BM, h = blockIdx.y, b = blockIdx.z;
-  int n_end = p.kv_len;
-  if constexpr (kCausal) n_end = min(n_end, m0 + BM + p.diag_offset);
-  if (n_end <= 0) return;  // no row of this CTA sees a key of the task
+  int n_end = p.kv_len, n_begin = 0;
+  if constexpr (kCausal) {
+    n_end = min(n_end, m0 + BM + p.diag_offset);
+    if (p.band) n_begin = max(0, m0 + p.lower_offset);  // key tiles before the band are skipped
+  }
+  if (n_end <= 0 || n_begin >= n_end) return;  // no row of this CTA sees a key of the task
   const int n_tiles = (n_end + BN - 1) / BN;
+  const int j0 = n_begin / BN;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + static_cast<std::int64_t>(p.q_begin + m0) * p.q_row_stride +
                h * p.q_head_stride;
@@ -136,8 +140,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dq_kernel(const Fla
 
   load_tile<Tr, BM>(sQ, q, p.q_row_stride, p.q_len - m0, tid);
   load_tile<Tr, BM>(sdO, dout, p.do_row_stride, p.q_len - m0, tid);
-  load_tile<Tr, BN>(sK, k, p.kv_row_stride, n_end, tid);
-  load_tile<Tr, BN>(sV, v, p.kv_row_stride, n_end, tid);
+  load_tile<Tr, BN>(sK + (j0 & 1) * BN * D, k + static_cast<std::int64_t>(j0) * BN * p.kv_row_stride, p.kv_row_stride,
+                    n_end - j0 * BN, tid);
+  load_tile<Tr, BN>(sV + (j0 & 1) * BN * D, v + static_cast<std::int64_t>(j0) * BN * p.kv_row_stride, p.kv_row_stride,
+                    n_end - j0 * BN, tid);
   cp_async_commit();
 
   const int warp_row = warp * 16;
@@ -153,7 +159,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dq_kernel(const Fla
 #pragma unroll
   for (int nt = 0; nt < Tr::kNTilesD; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.0f;
 
-  for (int j = 0; j < n_tiles; ++j) {
+  for (int j = j0; j < n_tiles; ++j) {
     const int n0 = j * BN, stage = j & 1;
     if (j + 1 < n_tiles) {
       const int nxt = (j + 1) & 1;
@@ -178,7 +184,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dq_kernel(const Fla
     mma_abt<Tr, BN>(s, sQ, warp_row, k_tile, lane);
     mma_abt<Tr, BN>(dp, sdO, warp_row, v_tile, lane);
 
-    const bool masked = n0 + BN > p.kv_len || (kCausal && n0 + BN - 1 > m0 + p.diag_offset);
+    const bool low = kCausal && p.band && n0 < m0 + BM - 1 + p.lower_offset;  // crosses the band's lower edge
+    const bool masked = n0 + BN > p.kv_len || (kCausal && n0 + BN - 1 > m0 + p.diag_offset) || low;
+    const int lower = low ? p.lower_offset : -(1 << 30);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
@@ -187,7 +195,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dq_kernel(const Fla
         if (masked) {
           const int row = m0 + warp_row + lane / 4 + (e >= 2 ? 8 : 0);
           const int col = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-          if (col >= p.kv_len || (kCausal && col > row + p.diag_offset)) pe = 0.0f;
+          if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) pe = 0.0f;
         }
         s[nt][e] = pe * (dp[nt][e] - delta[e >> 1]);  // dS
       }
@@ -217,7 +225,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dkv_kernel(const Fl
   // Causal: row m sees key n iff n <= m + diag_offset, so rows before n0 - diag_offset see
   // none of this CTA's keys.
   const int m_first = kCausal ? max(0, n0 - p.diag_offset) / BQ : 0;
-  const int q_tiles = (p.q_len + BQ - 1) / BQ - m_first;
+  // A band: rows after n0 + BN - 1 - lower_offset see none of them either.
+  const int m_end = kCausal && p.band ? min(p.q_len, n0 + BN - p.lower_offset) : p.q_len;
+  const int q_tiles = (m_end + BQ - 1) / BQ - m_first;
   if (q_tiles <= 0) return;
   const int iters = q_tiles * p.kv_group;
 
@@ -277,7 +287,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dkv_kernel(const Fl
     mma_abt<Tr, BQ>(st, sK, warp_key, q_tile, lane);
     mma_abt<Tr, BQ>(dpt, sV, warp_key, do_tile, lane);
 
-    const bool masked = kCausal && n0 + BN - 1 > m0 + p.diag_offset;
+    const bool low = kCausal && p.band && n0 < m0 + BQ - 1 + p.lower_offset;  // crosses the band's lower edge
+    const bool masked = (kCausal && n0 + BN - 1 > m0 + p.diag_offset) || low;
+    const int lower = low ? p.lower_offset : -(1 << 30);
 #pragma unroll
     for (int nt = 0; nt < BQ / 8; ++nt)
 #pragma unroll
@@ -286,7 +298,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dkv_kernel(const Fl
         float pe = fast_exp2(fmaf(st[nt][e], p.scale_log2, -l_tile[col]));
         if (masked) {
           const int key = n0 + warp_key + lane / 4 + (e >= 2 ? 8 : 0);
-          if (key > m0 + col + p.diag_offset) pe = 0.0f;
+          if (key > m0 + col + p.diag_offset || key < m0 + col + lower) pe = 0.0f;
         }
         st[nt][e] = pe;
         dpt[nt][e] = pe * (dpt[nt][e] - d_tile[col]);  // dS^T

@@ -36,6 +36,8 @@ struct FlashBwdParams {
   int kv_begin = 0, kv_len = 0;
   int causal = 0;  // row i sees key l iff l <= i + diag_offset (task-relative)
   int diag_offset = 0;
+  int band = 0;  // with causal: a sliding-window band, row i also needs l >= i + lower_offset (<= 0)
+  int lower_offset = 0;
   float scale = 1.0f;       // softmax scale
   float scale_log2 = 1.0f;  // scale * log2(e)
 };
