@@ -42,7 +42,7 @@ struct AttentionOptions {
   LayoutKind layout = LayoutKind::contiguous;
   KernelKind kernel = KernelKind::automatic;
   std::int64_t seq_len = 0;            // global S; 0 = the sum of the ranks' local lengths
-  // Sliding-window attention (softmax, contiguous layout, CPU so far): query i attends keys
+  // Sliding-window attention (softmax, contiguous layout; CPU and GPU, forward and backward): query i attends keys
   // in [i - window, i] (causal) or [i - window, i + window] (non-causal), plus the first
   // `sinks` tokens always (StreamingLLM's attention sinks; causal: those up to i). window < 0:
   // no window. The ring then moves K and V only as far as the windows reach (both ways when
@@ -54,8 +54,9 @@ struct AttentionOptions {
   // Linear attention, causal only: per-head decay in (0, 1]; empty = no decay, one value =
   // every head, else one per query head.
   std::vector<double> decay;
-  // Bound, in seconds, on each wait for a ring transfer on the CPU (MPI); 0 waits forever. On
-  // expiry the call throws Error(ErrorCode::timeout) naming the step and the peer.
+  // Bound, in seconds, on each wait for a ring transfer on the CPU (MPI), and on each wait for
+  // the GPU ring's work (NCCL; the library's communicator is then aborted); 0 waits forever.
+  // On expiry the call throws Error(ErrorCode::timeout) naming the step and the peer.
   double timeout_s = 300.0;
   // Called on every rank after each ring step with (steps done, steps in all).
   std::function<void(int, int)> on_step;
