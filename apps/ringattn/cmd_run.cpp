@@ -55,8 +55,8 @@ int run_command(Context& ctx, const RunOptions& o) {
     GradientTensors grads(ctx, p);
     RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
     const double t0 = MPI_Wtime();
-    backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, tensors->lse, grads.dout_view, grads.dq_view,
-             grads.dk_view, grads.dv_view, attention);
+    backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse, grads.dout_view,
+             grads.dq_view, grads.dk_view, grads.dv_view, attention);
     const double mine_backward = MPI_Wtime() - t0;
     RINGATTN_MPI_CHECK(MPI_Allreduce(&mine_backward, &backward_seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
     grads.download();

@@ -104,14 +104,20 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   if (p.backward) {
     const std::int64_t n = p.local_len();
     GradientTensors grads(ctx, p);
-    backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, tensors->lse, grads.dout_view, grads.dq_view,
-             grads.dk_view, grads.dv_view, attention);
+    backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse, grads.dout_view,
+             grads.dq_view, grads.dk_view, grads.dv_view, attention);
     grads.download();
     const std::vector<unsigned char>&dq = grads.dq, &dk = grads.dk, &dv = grads.dv;
     std::vector<double> rdq, rdk, rdv;
-    detail::reference_backward(ref, load_full_rows(ctx, p, detail::SyntheticTensor::q, o.problem.q_path), k_all, v_all,
-                               load_full_rows(ctx, p, detail::SyntheticTensor::dout, o.problem.dout_path), rdq, rdk,
-                               rdv);
+    const std::vector<float> q_all = load_full_rows(ctx, p, detail::SyntheticTensor::q, o.problem.q_path);
+    const std::vector<float> dout_all = load_full_rows(ctx, p, detail::SyntheticTensor::dout, o.problem.dout_path);
+    if (linear) {
+      const std::vector<double> decay(static_cast<std::size_t>(p.heads), p.decay.empty() ? 1.0 : p.decay[0]);
+      detail::reference_linear_backward(ref, p.feature_map == FeatureMap::identity ? 1 : 0, decay, q_all, k_all, v_all,
+                                        dout_all, rdq, rdk, rdv);
+    } else {
+      detail::reference_backward(ref, q_all, k_all, v_all, dout_all, rdq, rdk, rdv);
+    }
     double err = 0.0, biggest = 0.0;
     auto compare = [&](const std::vector<unsigned char>& got, const std::vector<double>& want, std::int64_t heads) {
       const std::int64_t width = heads * p.head_dim;

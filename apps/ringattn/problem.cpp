@@ -301,9 +301,6 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
     p.window = o.window;
     p.timeout = o.timeout;
     p.sinks = o.sinks;
-    if (p.attention == AttentionKind::linear && o.backward) {
-      invalid("--backward: linear attention has no backward pass yet");
-    }
     if (!o.dout_path.empty() && !p.from_files) invalid("--dout needs the inputs as files too (--q, --k, --v)");
     if (p.from_files) {
       if (o.q_path.empty() || o.k_path.empty() || o.v_path.empty()) invalid("--q, --k and --v must be given together");

@@ -256,8 +256,8 @@ std::unique_ptr<Layout> agree_on_problem(Context& ctx, const TensorView& q, cons
 
 // The backward pass's extra arguments: lse is required, gradients mirror their inputs.
 void validate_backward(const TensorView& q, const TensorView& k, const TensorView& lse, const TensorView& dout,
-                       const TensorView& dq, const TensorView& dk, const TensorView& dv) {
-  if (lse.data == nullptr) invalid("lse: the backward pass needs the forward pass's lse");
+                       const TensorView& dq, const TensorView& dk, const TensorView& dv, bool linear) {
+  if (lse.data == nullptr && !linear) invalid("lse: the backward pass needs the forward pass's lse");
   for (const auto& [name, t, like, like_name] :
        {std::tuple{"dout", &dout, &q, "q"}, {"dq", &dq, &q, "q"}, {"dk", &dk, &k, "k"}, {"dv", &dv, &k, "k"}}) {
     check_view(name, *t, 4);
@@ -405,9 +405,13 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
   MPI_Comm comm = ctx.comm();
   detail::agree_on(comm, [&] {
     validate(q, k, v, out, lse, options);
-    validate_backward(q, k, lse, dout, dq, dk, dv);
-    if (options.attention == AttentionKind::linear) invalid("the backward pass of linear attention is not available yet");
+    const bool linear = options.attention == AttentionKind::linear;
+    validate_backward(q, k, lse, dout, dq, dk, dv, linear);
     validate_window(k, options);
+    if (linear) {
+      validate_linear(q, lse, options);
+      if (q.device == DeviceKind::cuda) invalid("the backward pass of linear attention runs on the cpu only so far");
+    }
   });
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");
@@ -415,6 +419,16 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
   const detail::MaskKind mask = options.causal ? detail::MaskKind::causal : detail::MaskKind::full;
   PreparedBackward prepared;
   prepared.scale = static_cast<float>(scale);
+  if (options.attention == AttentionKind::linear) {
+    LinearAttentionProblem lp{shape.batch, shape.heads, shape.kv_heads, shape.head_dim, options.causal,
+                              options.feature_map, {}};
+    lp.decay.assign(static_cast<std::size_t>(shape.heads), 1.0);
+    for (std::size_t h = 0; h < lp.decay.size(); ++h) {
+      if (!options.decay.empty()) lp.decay[h] = options.decay[options.decay.size() == 1 ? 0 : h];
+    }
+    prepared.linear = std::make_unique<PreparedForward::Linear>(PreparedForward::Linear{comm, lp, ctx.cpu_threads()});
+    return prepared;
+  }
   if (q.device == DeviceKind::cuda) {
 #ifdef RINGATTN_HAVE_CUDA
     CudaResources& resources = ctx.cuda();
@@ -444,6 +458,10 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
 void PreparedBackward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                            const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                            const TensorView& dv) {
+  if (linear) {
+    linear_attention_backward_cpu(linear->comm, linear->problem, q, k, v, dout, dq, dk, dv, linear->threads);
+    return;
+  }
 #ifdef RINGATTN_HAVE_CUDA
   if (cuda) {
     cuda->run(q, k, v, out, lse, dout, dq, dk, dv, scale);

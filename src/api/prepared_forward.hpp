@@ -58,6 +58,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
 // The backward pass, prepared: checked, agreed and allocated (collective).
 struct PreparedBackward {
   float scale = 1.0f;
+  std::unique_ptr<PreparedForward::Linear> linear;  // linear attention (CPU)
   std::unique_ptr<CpuRingBackward> cpu;
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingBackward> cuda;

@@ -169,3 +169,227 @@ void linear_attention_cpu(MPI_Comm comm, const LinearAttentionProblem& p, const 
 }
 
 }  // namespace ringattn::detail
+
+namespace ringattn::detail {
+
+namespace {
+
+// The exclusive scan of `local` (records as above) in rank order (reverse = false: the state of
+// the ranks before this one) or in reverse rank order (the ranks after it); rank 0 (or the
+// last rank) gets zeros.
+void state_exscan(MPI_Comm comm, const std::vector<double>& local, std::vector<double>& before, bool reverse) {
+  const RecordShape shape = shape_of(local.data());
+  int rank = 0, world = 1;
+  RINGATTN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+  RINGATTN_MPI_CHECK(MPI_Comm_size(comm, &world));
+  MPI_Comm order = comm;
+  if (reverse) RINGATTN_MPI_CHECK(MPI_Comm_split(comm, 0, world - 1 - rank, &order));
+  MPI_Datatype record;
+  RINGATTN_MPI_CHECK(MPI_Type_contiguous(static_cast<int>(shape.size()), MPI_DOUBLE, &record));
+  RINGATTN_MPI_CHECK(MPI_Type_commit(&record));
+  MPI_Op op;
+  RINGATTN_MPI_CHECK(MPI_Op_create(&combine, /*commute=*/0, &op));
+  before = local;
+  const int status = MPI_Exscan(local.data(), before.data(), 1, record, op, order);
+  MPI_Op_free(&op);
+  MPI_Type_free(&record);
+  if (reverse) MPI_Comm_free(&order);
+  RINGATTN_MPI_CHECK(status);
+  const bool first = reverse ? rank == world - 1 : rank == 0;
+  if (first) std::fill(before.begin() + kHeader + shape.heads, before.end(), 0.0);
+}
+
+double feature_slope(FeatureMap map, double x) { return map == FeatureMap::identity ? 1.0 : (x > 0.0 ? 1.0 : std::exp(x)); }
+
+}  // namespace
+
+void linear_attention_backward_cpu(MPI_Comm comm, const LinearAttentionProblem& p, const TensorView& q,
+                                   const TensorView& k, const TensorView& v, const TensorView& dout,
+                                   const TensorView& dq, const TensorView& dk, const TensorView& dv, int threads) {
+  // O_i = phi(q_i)^T S_i / den_i. With du_i = dO_i / den_i and dden_i = -(dO_i . O_i) / den_i
+  // (elu1; 0 unnormalised): dphi(q_i) = S_i du_i + dden_i z_i. The keys and values see the
+  // dual states T_j = sum_{i >= j} w_ij phi(q_i) du_i^T and t_j = sum_{i >= j} w_ij dden_i phi(q_i):
+  // dphi(k_j) = T_j v_j + t_j, dv_j = T_j^T phi(k_j). The forward states come from the same
+  // scan as the forward pass; the dual states from one in reverse rank order.
+  const std::int64_t B = p.batch, H = p.heads, Hk = p.kv_heads, D = p.head_dim, n = q.shape[1];
+  const std::int64_t group = H / Hk;
+  const RecordShape shape{H, D, B};
+  const std::size_t state = static_cast<std::size_t>(D * D + D);
+  auto header = [&](std::vector<double>& r) {
+    r.assign(shape.size(), 0.0);
+    r[0] = static_cast<double>(n);
+    r[1] = static_cast<double>(H);
+    r[2] = static_cast<double>(D);
+    r[3] = static_cast<double>(B);
+    for (std::int64_t h = 0; h < H; ++h) r[static_cast<std::size_t>(kHeader + h)] = p.decay[static_cast<std::size_t>(h)];
+  };
+  const bool normalise = p.feature_map == FeatureMap::elu1;
+  // Per (b, h, token): du (D) then dden; per (b, h, token, d): dphi(k) and dv before the group sum.
+  std::vector<double> grad_u(static_cast<std::size_t>(B * H * n * (D + 1)));
+  std::vector<double> dfk(static_cast<std::size_t>(B * H * n * D)), dvh(dfk.size());
+
+  // 1. Forward states, as in the forward pass.
+  std::vector<double> local, incoming;
+  header(local);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      const double g = p.decay[static_cast<std::size_t>(h)];
+      double* S = &local[shape.state_offset(b * H + h)];
+      double* z = S + D * D;
+      for (std::int64_t i = 0; i < n; ++i) {
+        if (g != 1.0) {
+          for (std::size_t e = 0; e < state; ++e) S[e] *= g;
+        }
+        for (std::int64_t d = 0; d < D; ++d) {
+          const double f = linear_feature(p.feature_map, load(k, b, i, h / group, d));
+          z[d] += f;
+          for (std::int64_t e = 0; e < D; ++e) S[d * D + e] += f * load(v, b, i, h / group, e);
+        }
+      }
+    }
+  }
+  if (p.causal) {
+    state_exscan(comm, local, incoming, false);
+  } else {
+    incoming.assign(shape.size(), 0.0);
+    RINGATTN_MPI_CHECK(MPI_Allreduce(local.data() + kHeader + H, incoming.data() + kHeader + H,
+                                     static_cast<int>(shape.size() - static_cast<std::size_t>(kHeader + H)), MPI_DOUBLE,
+                                     MPI_SUM, comm));
+  }
+
+  // 2. Walk the tokens forward: dQ, and du, dden for the dual states; the local dual state.
+  std::vector<double> dual;
+  header(dual);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      const double g = p.decay[static_cast<std::size_t>(h)];
+      const std::size_t at = shape.state_offset(b * H + h);
+      std::vector<double> S(incoming.begin() + static_cast<std::ptrdiff_t>(at),
+                            incoming.begin() + static_cast<std::ptrdiff_t>(at + state));
+      double* z = S.data() + D * D;
+      std::vector<double> e(static_cast<std::size_t>(D)), o(static_cast<std::size_t>(D));
+      for (std::int64_t i = 0; i < n; ++i) {
+        if (p.causal) {
+          if (g != 1.0) {
+            for (double& x : S) x *= g;
+          }
+          for (std::int64_t d = 0; d < D; ++d) {
+            const double f = linear_feature(p.feature_map, load(k, b, i, h / group, d));
+            z[d] += f;
+            for (std::int64_t c = 0; c < D; ++c) S[static_cast<std::size_t>(d * D + c)] += f * load(v, b, i, h / group, c);
+          }
+        }
+        double den = 0.0;
+        std::fill(o.begin(), o.end(), 0.0);
+        for (std::int64_t d = 0; d < D; ++d) {
+          e[static_cast<std::size_t>(d)] = linear_feature(p.feature_map, load(q, b, i, h, d));
+          den += e[static_cast<std::size_t>(d)] * z[d];
+          for (std::int64_t c = 0; c < D; ++c) o[static_cast<std::size_t>(c)] += e[static_cast<std::size_t>(d)] * S[static_cast<std::size_t>(d * D + c)];
+        }
+        den = normalise ? den + kLinearAttentionEps : 1.0;
+        double* gu = &grad_u[static_cast<std::size_t>(((b * H + h) * n + i) * (D + 1))];
+        double dden = 0.0;
+        for (std::int64_t c = 0; c < D; ++c) {
+          const double d_o = load(dout, b, i, h, c);
+          gu[c] = d_o / den;
+          dden -= d_o * o[static_cast<std::size_t>(c)] / (den * den);
+        }
+        gu[D] = normalise ? dden : 0.0;
+        for (std::int64_t d = 0; d < D; ++d) {
+          double de = gu[D] * z[d];
+          for (std::int64_t c = 0; c < D; ++c) de += S[static_cast<std::size_t>(d * D + c)] * gu[c];
+          store_f32(dq.dtype, dq.data, b * dq.strides[0] + i * dq.strides[1] + h * dq.strides[2] + d,
+                    static_cast<float>(de * feature_slope(p.feature_map, load(q, b, i, h, d))));
+        }
+      }
+      // The local dual state, decayed to this rank's first token: sum_i g^i phi(q_i) du_i^T.
+      double* T = &dual[at];
+      double* t = T + D * D;
+      for (std::int64_t i = n - 1; i >= 0; --i) {
+        const double* gu = &grad_u[static_cast<std::size_t>(((b * H + h) * n + i) * (D + 1))];
+        if (p.causal && g != 1.0) {
+          for (std::size_t x = 0; x < state; ++x) T[x] *= g;
+        }
+        for (std::int64_t d = 0; d < D; ++d) {
+          const double ed = linear_feature(p.feature_map, load(q, b, i, h, d));
+          t[d] += gu[D] * ed;
+          for (std::int64_t c = 0; c < D; ++c) T[d * D + c] += ed * gu[c];
+        }
+      }
+    }
+  }
+
+  // 3. The dual states of the tokens after this rank (causal) or of all tokens.
+  std::vector<double> after;
+  if (p.causal) {
+    state_exscan(comm, dual, after, true);
+  } else {
+    after.assign(shape.size(), 0.0);
+    RINGATTN_MPI_CHECK(MPI_Allreduce(dual.data() + kHeader + H, after.data() + kHeader + H,
+                                     static_cast<int>(shape.size() - static_cast<std::size_t>(kHeader + H)), MPI_DOUBLE,
+                                     MPI_SUM, comm));
+  }
+
+  // 4. Walk the tokens backward: dphi(k_j), dv_j per head.
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      const double g = p.decay[static_cast<std::size_t>(h)];
+      const std::size_t at = shape.state_offset(b * H + h);
+      std::vector<double> T(after.begin() + static_cast<std::ptrdiff_t>(at),
+                            after.begin() + static_cast<std::ptrdiff_t>(at + state));
+      double* t = T.data() + D * D;
+      std::vector<double> f(static_cast<std::size_t>(D));
+      for (std::int64_t j = n - 1; j >= 0; --j) {
+        if (p.causal) {
+          const double* gu = &grad_u[static_cast<std::size_t>(((b * H + h) * n + j) * (D + 1))];
+          if (g != 1.0) {
+            for (double& x : T) x *= g;
+          }
+          for (std::int64_t d = 0; d < D; ++d) {
+            const double ed = linear_feature(p.feature_map, load(q, b, j, h, d));
+            t[d] += gu[D] * ed;
+            for (std::int64_t c = 0; c < D; ++c) T[static_cast<std::size_t>(d * D + c)] += ed * gu[c];
+          }
+        }
+        for (std::int64_t d = 0; d < D; ++d) f[static_cast<std::size_t>(d)] = linear_feature(p.feature_map, load(k, b, j, h / group, d));
+        double* df = &dfk[static_cast<std::size_t>(((b * H + h) * n + j) * D)];
+        double* dvv = &dvh[static_cast<std::size_t>(((b * H + h) * n + j) * D)];
+        for (std::int64_t d = 0; d < D; ++d) {
+          double acc = t[d];
+          for (std::int64_t c = 0; c < D; ++c) acc += T[static_cast<std::size_t>(d * D + c)] * load(v, b, j, h / group, c);
+          df[d] = acc;
+        }
+        for (std::int64_t c = 0; c < D; ++c) {
+          double acc = 0.0;
+          for (std::int64_t d = 0; d < D; ++d) acc += T[static_cast<std::size_t>(d * D + c)] * f[static_cast<std::size_t>(d)];
+          dvv[c] = acc;
+        }
+      }
+    }
+  }
+  // 5. Sum the query heads of each KV head, apply phi' and store.
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t j = 0; j < n; ++j) {
+      for (std::int64_t hk = 0; hk < Hk; ++hk) {
+        for (std::int64_t d = 0; d < D; ++d) {
+          double sk = 0.0, sv = 0.0;
+          for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            sk += dfk[static_cast<std::size_t>(((b * H + h) * n + j) * D + d)];
+            sv += dvh[static_cast<std::size_t>(((b * H + h) * n + j) * D + d)];
+          }
+          const double slope = feature_slope(p.feature_map, load(k, b, j, hk, d));
+          store_f32(dk.dtype, dk.data, b * dk.strides[0] + j * dk.strides[1] + hk * dk.strides[2] + d,
+                    static_cast<float>(sk * slope));
+          store_f32(dv.dtype, dv.data, b * dv.strides[0] + j * dv.strides[1] + hk * dv.strides[2] + d,
+                    static_cast<float>(sv));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace ringattn::detail

@@ -39,4 +39,11 @@ double linear_feature(FeatureMap map, double x);
 void linear_attention_cpu(MPI_Comm comm, const LinearAttentionProblem& problem, const TensorView& q,
                           const TensorView& k, const TensorView& v, const TensorView& out, int threads);
 
+// The gradients of sum(O * dout) (collective, same layout rules): dq like q, dk and dv like k
+// and v, written in their dtypes. Recomputes the forward states (one scan as forward()), then
+// runs the dual states through one scan in reverse rank order (causal) or an all-reduce.
+void linear_attention_backward_cpu(MPI_Comm comm, const LinearAttentionProblem& problem, const TensorView& q,
+                                   const TensorView& k, const TensorView& v, const TensorView& dout,
+                                   const TensorView& dq, const TensorView& dk, const TensorView& dv, int threads);
+
 }  // namespace ringattn::detail

@@ -87,6 +87,71 @@ void reference_linear(const ReferenceProblem& p, int map, const std::vector<doub
   }
 }
 
+void reference_linear_backward(const ReferenceProblem& p, int map, const std::vector<double>& decay,
+                               const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                               const std::vector<float>& dout, std::vector<double>& dq, std::vector<double>& dk,
+                               std::vector<double>& dv) {
+  // From the definition: a_ij = w_ij phi(q_i).phi(k_j), num_i = sum_j a_ij v_j, den_i =
+  // sum_j a_ij + eps (elu1; 1 for identity), o_i = num_i / den_i. Then dnum_i = do_i / den_i,
+  // dden_i = -(do_i . o_i) / den_i, da_ij = dnum_i . v_j + dden_i; dv_j += a_ij dnum_i;
+  // dphi(q_i) += da_ij w_ij phi(k_j), dphi(k_j) += da_ij w_ij phi(q_i); then phi'.
+  const std::int64_t B = p.batch, S = p.seq_len, H = p.heads, Hkv = p.kv_heads, D = p.head_dim;
+  const std::int64_t group = H / Hkv;
+  auto phi = [map](double x) { return map == 1 ? x : (x > 0.0 ? x + 1.0 : std::exp(x)); };
+  auto dphi = [map](double x) { return map == 1 ? 1.0 : (x > 0.0 ? 1.0 : std::exp(x)); };
+  dq.assign(static_cast<std::size_t>(B * S * H * D), 0.0);
+  dk.assign(static_cast<std::size_t>(B * S * Hkv * D), 0.0);
+  dv.assign(dk.size(), 0.0);
+  auto qi = [&](std::int64_t b, std::int64_t t, std::int64_t h) { return static_cast<std::size_t>(((b * S + t) * H + h) * D); };
+  auto ki = [&](std::int64_t b, std::int64_t t, std::int64_t h) { return static_cast<std::size_t>(((b * S + t) * Hkv + h) * D); };
+#pragma omp parallel for
+  for (std::int64_t b = 0; b < B; ++b) {
+    std::vector<double> a(static_cast<std::size_t>(S)), w(static_cast<std::size_t>(S)), o(static_cast<std::size_t>(D));
+    std::vector<double> de(static_cast<std::size_t>(D));
+    std::vector<double> dfk(static_cast<std::size_t>(S * D));  // dphi(k_j) for this (b, kv head), summed over heads
+    for (std::int64_t hk = 0; hk < Hkv; ++hk) {
+      std::fill(dfk.begin(), dfk.end(), 0.0);
+      for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (std::int64_t i = 0; i < S; ++i) {
+          const std::int64_t keys = p.causal ? i + 1 : S;
+          double den = 0.0;
+          std::fill(o.begin(), o.end(), 0.0);
+          for (std::int64_t j = 0; j < keys; ++j) {
+            w[static_cast<std::size_t>(j)] = p.causal ? std::pow(decay[static_cast<std::size_t>(h)], double(i - j)) : 1.0;
+            double dot = 0.0;
+            for (std::int64_t d = 0; d < D; ++d) dot += phi(q[qi(b, i, h) + d]) * phi(k[ki(b, j, hk) + d]);
+            a[static_cast<std::size_t>(j)] = w[static_cast<std::size_t>(j)] * dot;
+            den += a[static_cast<std::size_t>(j)];
+            for (std::int64_t d = 0; d < D; ++d) o[static_cast<std::size_t>(d)] += a[static_cast<std::size_t>(j)] * v[ki(b, j, hk) + d];
+          }
+          den = map == 0 ? den + 1e-6 : 1.0;
+          double dden = 0.0;
+          for (std::int64_t d = 0; d < D; ++d) {
+            o[static_cast<std::size_t>(d)] /= den;
+            dden -= dout[qi(b, i, h) + d] * o[static_cast<std::size_t>(d)] / den;
+          }
+          if (map != 0) dden = 0.0;
+          std::fill(de.begin(), de.end(), 0.0);
+          for (std::int64_t j = 0; j < keys; ++j) {
+            double da = dden;
+            for (std::int64_t d = 0; d < D; ++d) da += dout[qi(b, i, h) + d] / den * v[ki(b, j, hk) + d];
+            const double wj = w[static_cast<std::size_t>(j)];
+            for (std::int64_t d = 0; d < D; ++d) {
+              dv[ki(b, j, hk) + static_cast<std::size_t>(d)] += a[static_cast<std::size_t>(j)] * dout[qi(b, i, h) + d] / den;
+              de[static_cast<std::size_t>(d)] += da * wj * phi(k[ki(b, j, hk) + d]);
+              dfk[static_cast<std::size_t>(j * D + d)] += da * wj * phi(q[qi(b, i, h) + d]);
+            }
+          }
+          for (std::int64_t d = 0; d < D; ++d) dq[qi(b, i, h) + static_cast<std::size_t>(d)] = de[static_cast<std::size_t>(d)] * dphi(q[qi(b, i, h) + d]);
+        }
+      }
+      for (std::int64_t j = 0; j < S; ++j)
+        for (std::int64_t d = 0; d < D; ++d)
+          dk[ki(b, j, hk) + static_cast<std::size_t>(d)] = dfk[static_cast<std::size_t>(j * D + d)] * dphi(k[ki(b, j, hk) + d]);
+    }
+  }
+}
+
 void reference_backward(const ReferenceProblem& p, const std::vector<float>& q, const std::vector<float>& k,
                         const std::vector<float>& v, const std::vector<float>& dout, std::vector<double>& dq,
                         std::vector<double>& dk, std::vector<double>& dv) {

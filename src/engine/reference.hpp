@@ -37,6 +37,14 @@ void reference_linear(const ReferenceProblem& problem, int map, const std::vecto
                       const std::vector<std::int64_t>& positions, const std::vector<float>& q,
                       const std::vector<float>& k, const std::vector<float>& v, std::vector<double>& out);
 
+// Gradients of sum(O * dout) of linear attention (as reference_linear, whole sequence in
+// natural order), in fp64 from the definition (O(S^2), no state): q, dout (B, S, H, D); k, v
+// (B, S, H_kv, D) -> dq, dk, dv.
+void reference_linear_backward(const ReferenceProblem& problem, int map, const std::vector<double>& decay,
+                               const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                               const std::vector<float>& dout, std::vector<double>& dq, std::vector<double>& dk,
+                               std::vector<double>& dv);
+
 // Gradients of sum(O * dout) for the whole sequence in natural order, in fp64:
 // q, dout: (B, S, H, D); k, v: (B, S, H_kv, D) -> dq (B, S, H, D), dk, dv (B, S, H_kv, D).
 // Shared KV heads receive the sum over their query heads.

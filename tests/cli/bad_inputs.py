@@ -143,8 +143,6 @@ def main():
         ("sliding window, zigzag layout", 3, ["run", "--seq", "64", "--causal", "--window", "8", "--layout", "zigzag"],
          ["needs the contiguous layout"]),
         ("--sinks without --window", 2, ["run", "--seq", "64", "--causal", "--sinks", "4"], ["need a sliding window"]),
-        ("linear attention with --backward", 3, ["run", "--seq", "64", "--attention", "linear", "--backward"],
-         ["no backward pass"]),
         ("--gpus under mpirun", 2, ["run", "--seq", "64", "--gpus", "2"], ["one rank per GPU instead"]),
         ("--gpus with --device cpu", 1, ["run", "--seq", "64", "--gpus", "2", "--device", "cpu"],
          ["drop --device cpu"]),

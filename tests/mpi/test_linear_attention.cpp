@@ -145,3 +145,88 @@ TEST(LinearAttention, BadDecayFailsEveryRank) {
     EXPECT_TRUE(what.find("decay") != std::string::npos) << what;
   }
 }
+
+namespace {
+
+// The gradients at whatever np CTest runs against the fp64 reference_linear_backward (from the
+// definition, no state), relative to the largest reference gradient.
+double backward_error(MPI_Comm comm, const LinearCase& c) {
+  int rank = 0, world = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &world);
+  const Layout layout(LayoutKind::contiguous, c.seq, world);
+  const auto pos = layout.positions(rank);
+  const auto n = static_cast<std::int64_t>(pos.size());
+  const std::size_t elem = dtype_size(c.dtype);
+  auto make = [&](SyntheticTensor t, std::int64_t heads, const std::vector<std::int64_t>& at) {
+    std::vector<unsigned char> x(static_cast<std::size_t>(c.batch) * at.size() * static_cast<std::size_t>(heads * c.dim) * elem);
+    fill_synthetic(5, t, c.dtype, c.batch, at, heads, c.dim, x.data());
+    return x;
+  };
+  std::vector<unsigned char> q = make(SyntheticTensor::q, c.heads, pos), k = make(SyntheticTensor::k, c.kv_heads, pos),
+                             v = make(SyntheticTensor::v, c.kv_heads, pos), dout = make(SyntheticTensor::dout, c.heads, pos);
+  std::vector<unsigned char> out(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
+  Context ctx(comm);
+  AttentionOptions options;
+  options.causal = c.causal;
+  options.attention = AttentionKind::linear;
+  options.feature_map = c.map;
+  options.decay = c.decay;
+  auto qv = [&](void* p) { return TensorView::contiguous(p, c.dtype, {c.batch, n, c.heads, c.dim}); };
+  auto kv = [&](void* p) { return TensorView::contiguous(p, c.dtype, {c.batch, n, c.kv_heads, c.dim}); };
+  forward(ctx, qv(q.data()), kv(k.data()), kv(v.data()), qv(out.data()), TensorView{}, options);
+  backward(ctx, qv(q.data()), kv(k.data()), kv(v.data()), qv(out.data()), TensorView{}, qv(dout.data()), qv(dq.data()),
+           kv(dk.data()), kv(dv.data()), options);
+
+  std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
+  for (std::int64_t t = 0; t < c.seq; ++t) all[static_cast<std::size_t>(t)] = t;
+  auto f32 = [&](const std::vector<unsigned char>& b) {
+    std::vector<float> r(b.size() / elem);
+    convert_to_f32(c.dtype, b.data(), r.data(), r.size());
+    return r;
+  };
+  std::vector<double> decay(static_cast<std::size_t>(c.heads), 1.0);
+  for (std::size_t h = 0; h < decay.size(); ++h) {
+    if (!c.decay.empty()) decay[h] = c.decay[c.decay.size() == 1 ? 0 : h];
+  }
+  std::vector<double> rdq, rdk, rdv;
+  reference_linear_backward({c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, 1.0},
+                            c.map == FeatureMap::identity ? 1 : 0, decay, f32(make(SyntheticTensor::q, c.heads, all)),
+                            f32(make(SyntheticTensor::k, c.kv_heads, all)), f32(make(SyntheticTensor::v, c.kv_heads, all)),
+                            f32(make(SyntheticTensor::dout, c.heads, all)), rdq, rdk, rdv);
+  double err = 0.0, biggest = 0.0;
+  auto compare = [&](const std::vector<unsigned char>& got, const std::vector<double>& ref, std::int64_t heads) {
+    const std::vector<float> g = f32(got);
+    for (std::int64_t b = 0; b < c.batch; ++b)
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t e = 0; e < heads * c.dim; ++e) {
+          const double want = ref[static_cast<std::size_t>((b * c.seq + pos[static_cast<std::size_t>(i)]) * heads * c.dim + e)];
+          const float x = g[static_cast<std::size_t>((b * n + i) * heads * c.dim + e)];
+          err = std::max(err, std::isnan(x) ? INFINITY : std::fabs(x - want));
+          biggest = std::max(biggest, std::fabs(want));
+        }
+  };
+  compare(dq, rdq, c.heads);
+  compare(dk, rdk, c.kv_heads);
+  compare(dv, rdv, c.kv_heads);
+  double local[2] = {err, biggest}, global[2];
+  MPI_Allreduce(local, global, 2, MPI_DOUBLE, MPI_MAX, comm);
+  return global[0] / global[1];
+}
+
+}  // namespace
+
+TEST(LinearAttention, BackwardMatchesReferenceGradients) {
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    for (bool causal : {false, true}) {
+      for (FeatureMap map : {FeatureMap::elu1, FeatureMap::identity}) {
+        const LinearCase c{2, 83, 4, 2, 16, causal, map, {}, dtype};
+        SCOPED_TRACE(name(c));
+        EXPECT_LE(backward_error(MPI_COMM_WORLD, c), gradient_tolerance(dtype));
+      }
+    }
+    const LinearCase c{1, 83, 4, 1, 16, true, FeatureMap::elu1, {0.5, 0.9, 0.99, 1.0}, dtype};
+    SCOPED_TRACE(name(c));
+    EXPECT_LE(backward_error(MPI_COMM_WORLD, c), gradient_tolerance(dtype));
+  }
+}

@@ -2,6 +2,7 @@
 // pass, on tiny problems (every other gradient test trusts reference_backward).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -57,6 +58,77 @@ TEST(Reference, GradientsMatchFiniteDifferences) {
     };
     check(q, dq, "dq");
     check(k, dk, "dk (shared by 2 query heads)");
+    check(v, dv, "dv");
+  }
+}
+
+// The linear-attention gradients (from the definition) against finite differences of
+// reference_linear: both feature maps, causal with per-head decays and non-causal, and a
+// window on the softmax reference's gradients too.
+TEST(Reference, LinearGradientsMatchFiniteDifferences) {
+  for (int map : {0, 1}) {
+    for (bool causal : {false, true}) {
+      const ReferenceProblem p{1, 6, 4, 2, 3, causal, 1.0};
+      const std::vector<double> decay = causal ? std::vector<double>{0.9, 1.0, 0.6, 0.8} : std::vector<double>(4, 1.0);
+      const auto nq = static_cast<std::size_t>(p.batch * p.seq_len * p.heads * p.head_dim);
+      const auto nk = static_cast<std::size_t>(p.batch * p.seq_len * p.kv_heads * p.head_dim);
+      std::vector<float> q = values(nq, 5), k = values(nk, 6), v = values(nk, 7), dout = values(nq, 8);
+      std::vector<double> dq, dk, dv;
+      reference_linear_backward(p, map, decay, q, k, v, dout, dq, dk, dv);
+      std::vector<std::int64_t> all(static_cast<std::size_t>(p.seq_len));
+      for (std::int64_t t = 0; t < p.seq_len; ++t) all[static_cast<std::size_t>(t)] = t;
+      auto linear_loss = [&] {
+        std::vector<double> out;
+        reference_linear(p, map, decay, all, q, k, v, out);
+        double l = 0.0;
+        for (std::size_t i = 0; i < out.size(); ++i) l += out[i] * dout[i];
+        return l;
+      };
+      const float h = 1.0f / 256.0f;
+      auto check = [&](std::vector<float>& x, const std::vector<double>& grad, const char* what) {
+        for (std::size_t i = 0; i < x.size(); ++i) {
+          const float x0 = x[i];
+          x[i] = x0 + h;
+          const double up = linear_loss();
+          x[i] = x0 - h;
+          const double down = linear_loss();
+          x[i] = x0;
+          const double fd = (up - down) / (2.0 * h);
+          EXPECT_NEAR(grad[i], fd, 2e-3 * std::max(1.0, std::fabs(fd))) << what << "[" << i << "] map=" << map
+                                                                          << " causal=" << causal;
+        }
+      };
+      check(q, dq, "dq");
+      check(k, dk, "dk");
+      check(v, dv, "dv");
+    }
+  }
+}
+
+TEST(Reference, WindowGradientsMatchFiniteDifferences) {
+  for (bool causal : {false, true}) {
+    ReferenceProblem p{1, 7, 2, 1, 3, causal, 0.7};
+    p.window = 2;
+    p.sinks = 1;
+    const auto nq = static_cast<std::size_t>(p.batch * p.seq_len * p.heads * p.head_dim);
+    const auto nk = static_cast<std::size_t>(p.batch * p.seq_len * p.kv_heads * p.head_dim);
+    std::vector<float> q = values(nq, 9), k = values(nk, 10), v = values(nk, 11), dout = values(nq, 12);
+    std::vector<double> dq, dk, dv;
+    reference_backward(p, q, k, v, dout, dq, dk, dv);
+    const float h = 1.0f / 256.0f;
+    auto check = [&](std::vector<float>& x, const std::vector<double>& grad, const char* what) {
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        const float x0 = x[i];
+        x[i] = x0 + h;
+        const double up = loss(p, q, k, v, dout);
+        x[i] = x0 - h;
+        const double down = loss(p, q, k, v, dout);
+        x[i] = x0;
+        EXPECT_NEAR(grad[i], (up - down) / (2.0 * h), 1e-4) << what << "[" << i << "] causal=" << causal;
+      }
+    };
+    check(q, dq, "dq");
+    check(k, dk, "dk");
     check(v, dv, "dv");
   }
 }
