@@ -130,19 +130,21 @@ std::string local_access_problem(const std::string& path, bool create) {
 // leaves the handles of ranks that did open unclosed: closing them alone would hang.
 class File {
  public:
-  File(MPI_Comm comm, const std::string& path, int amode, const char* verb) : comm_(comm), path_(path) {
+  // `path` is opened; errors name `shown` (the user's path when writing through a temporary).
+  File(MPI_Comm comm, const std::string& path, int amode, const char* verb, const std::string* shown = nullptr)
+      : comm_(comm), path_(shown != nullptr ? *shown : path) {
     // POSIX checks on every rank first: OMPIO hangs in MPI_File_open when the open fails on only
     // some ranks (a file on node-local storage), and errno describes the problem better.
     const std::string problem = local_access_problem(path, amode & MPI_MODE_CREATE);
     std::exception_ptr outcome;
     if (!problem.empty()) {
-      outcome = std::make_exception_ptr(Error(ErrorCode::io, path + ": cannot " + verb + ": " + problem));
+      outcome = std::make_exception_ptr(Error(ErrorCode::io, path_ + ": cannot " + verb + ": " + problem));
     }
     detail::agree(comm, outcome);
     const int rc = MPI_File_open(comm, path.c_str(), amode, MPI_INFO_NULL, &fh_);
     // Files default to MPI_ERRORS_RETURN, but the application may have changed that default.
     if (rc == MPI_SUCCESS) MPI_File_set_errhandler(fh_, MPI_ERRORS_RETURN);
-    agree_rc(comm, rc, path + ": cannot " + verb);
+    agree_rc(comm, rc, path_ + ": cannot " + verb);
   }
   File(const File&) = delete;
   File& operator=(const File&) = delete;
@@ -247,9 +249,39 @@ void npy_read_records(MPI_Comm comm, const std::string& path, const NpyHeader& h
   file.close();
 }
 
+namespace {
+void write_records_to(MPI_Comm comm, const std::string& file_path, const std::string& path, NpyDType dtype,
+                      const std::vector<std::int64_t>& shape, const std::vector<RecordRun>& runs,
+                      std::size_t record_bytes, const void* src);
+}  // namespace
+
 void npy_write_records(MPI_Comm comm, const std::string& path, NpyDType dtype,
                        const std::vector<std::int64_t>& shape, const std::vector<RecordRun>& runs,
                        std::size_t record_bytes, const void* src) {
+  // The data goes to a temporary file next to `path`, renamed over it once every rank has
+  // written and closed it: `path` is never left half-written (a failure removes the temporary;
+  // a killed job may leave only the temporary behind).
+  const std::string partial = path + ".partial";
+  const bool root = detail::comm_rank(comm) == 0;
+  try {
+    write_records_to(comm, partial, path, dtype, shape, runs, record_bytes, src);
+  } catch (...) {
+    if (root) std::remove(partial.c_str());
+    throw;
+  }
+  std::exception_ptr outcome;
+  if (root && std::rename(partial.c_str(), path.c_str()) != 0) {
+    outcome = std::make_exception_ptr(Error(ErrorCode::io, path + ": cannot move the finished file into place: " +
+                                                               std::strerror(errno)));
+    std::remove(partial.c_str());
+  }
+  detail::agree(comm, outcome);
+}
+
+namespace {
+void write_records_to(MPI_Comm comm, const std::string& file_path, const std::string& path, NpyDType dtype,
+                      const std::vector<std::int64_t>& shape, const std::vector<RecordRun>& runs,
+                      std::size_t record_bytes, const void* src) {
   std::string head;
   NpyHeader header;
   RecordTypes t;
@@ -259,7 +291,7 @@ void npy_write_records(MPI_Comm comm, const std::string& path, NpyDType dtype,
     header = parse_npy_header(head.data(), head.size(), UINT64_MAX, path);
     build_types(path, header, runs, record_bytes, t);
   });
-  File file(comm, path, MPI_MODE_CREATE | MPI_MODE_WRONLY, "create");
+  File file(comm, file_path, MPI_MODE_CREATE | MPI_MODE_WRONLY, "create", &path);
   agree_rc(comm, MPI_File_set_size(file.get(), 0), path + ": cannot truncate");
   detail::agree_on(comm, [&] {
     if (detail::comm_rank(comm) != 0) return;
@@ -280,5 +312,6 @@ void npy_write_records(MPI_Comm comm, const std::string& path, NpyDType dtype,
   });
   file.close();
 }
+}  // namespace
 
 }  // namespace ringattn::io

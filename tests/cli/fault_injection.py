@@ -56,6 +56,10 @@ def run_case(args, name, sig, expect_code):
     cmd += ["-x", "RINGATTN_FAULT_TAG", "-x", "OMP_NUM_THREADS"] + (["--bind-to", "none"] if args.device == "cuda" else [])
     cmd += ["-np", str(ranks), args.ringattn]
     cmd += PROBLEMS[args.device]
+    out_file = os.path.join(args.workdir, f"fault_out_{tag}.npy")
+    if args.device == "cpu":
+        os.makedirs(args.workdir, exist_ok=True)
+        cmd += ["--out", out_file]
     env = dict(os.environ, OMP_NUM_THREADS="1", RINGATTN_FAULT_TAG=tag)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     problems = []
@@ -101,6 +105,9 @@ def run_case(args, name, sig, expect_code):
         problems.append("no error line naming rank 1")
     if sig == signal.SIGSTOP and not any("rank 1" in line for line in err.splitlines() if "ring step" in line):
         problems.append("the timeout message does not name rank 1")
+    # No output file may appear for a job that failed (writes go through a renamed temporary).
+    if os.path.exists(out_file):
+        problems.append(f"{out_file} exists after the failed job")
     if problems:
         print(f"FAIL {name}: " + "; ".join(problems))
         print(err[-3000:])

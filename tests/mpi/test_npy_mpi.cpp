@@ -122,6 +122,9 @@ TEST_F(NpyMpi, LseRecordsRoundTrip) {
   constexpr std::int64_t B = 2, H = 3, S = 37;
   round_trip(path("lse.npy"), {B, H, S}, B * H, S, 1, Scheme::striped,
              {Scheme::block, Scheme::reversed_block});
+  // Written through a temporary that is renamed into place: none is left behind.
+  EXPECT_FALSE(std::filesystem::exists(path("lse.npy.partial")));
+  EXPECT_TRUE(std::filesystem::exists(path("lse.npy")));
 }
 
 struct Caught {
