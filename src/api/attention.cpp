@@ -410,7 +410,6 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
     validate_window(k, options);
     if (linear) {
       validate_linear(q, lse, options);
-      if (q.device == DeviceKind::cuda) invalid("the backward pass of linear attention runs on the cpu only so far");
     }
   });
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
@@ -425,6 +424,20 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
     lp.decay.assign(static_cast<std::size_t>(shape.heads), 1.0);
     for (std::size_t h = 0; h < lp.decay.size(); ++h) {
       if (!options.decay.empty()) lp.decay[h] = options.decay[options.decay.size() == 1 ? 0 : h];
+    }
+    if (q.device == DeviceKind::cuda) {
+#ifdef RINGATTN_HAVE_CUDA
+      CudaResources& resources = ctx.cuda();
+      std::vector<std::int64_t> lengths;
+      for (int r = 0; r < ctx.size(); ++r) lengths.push_back(layout->local_length(r));
+      detail::agree_on(comm, [&] {
+        check_rank_device(q, resources);
+        prepared.cuda_linear = std::make_unique<CudaLinearAttention>(resources, lp, lengths, ctx.rank(), q.dtype);
+        prepared.cuda_linear->set_timeout(options.timeout_s);
+        prepared.cuda_linear->allocate_backward();
+      });
+#endif
+      return prepared;
     }
     prepared.linear = std::make_unique<PreparedForward::Linear>(PreparedForward::Linear{comm, lp, ctx.cpu_threads()});
     return prepared;
@@ -467,6 +480,10 @@ void PreparedBackward::run(const TensorView& q, const TensorView& k, const Tenso
     cuda->run(q, k, v, out, lse, dout, dq, dk, dv, scale);
     return;
   }
+  if (cuda_linear) {
+    cuda_linear->backward(q, k, v, out, dout, dq, dk, dv);
+    return;
+  }
 #endif
   cpu->run(q, k, v, out, lse, dout, dq, dk, dv, scale);
 }
@@ -480,11 +497,11 @@ void backward(Context& ctx, const TensorView& q, const TensorView& k, const Tens
 #ifdef RINGATTN_HAVE_CUDA
   // As forward(): without a borrowed stream, order after the legacy default stream and return
   // with the gradients ready.
-  const bool own_stream = prepared.cuda && ctx.options().cuda_stream == nullptr;
+  const bool own_stream = prepared.cuda_stream() != nullptr && ctx.options().cuda_stream == nullptr;
   if (own_stream) {
     detail::CudaEvent inputs_ready;
     RINGATTN_CUDA_CHECK(cudaEventRecord(inputs_ready, cudaStreamLegacy));
-    RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda->stream(), inputs_ready, 0));
+    RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda_stream(), inputs_ready, 0));
   }
 #endif
   prepared.run(q, k, v, out, lse, dout, dq, dk, dv);

@@ -62,8 +62,13 @@ struct PreparedBackward {
   std::unique_ptr<CpuRingBackward> cpu;
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingBackward> cuda;
+  std::unique_ptr<CudaLinearAttention> cuda_linear;
+  cudaStream_t cuda_stream() const {
+    return cuda ? cuda->stream() : (cuda_linear ? cuda_linear->stream() : nullptr);
+  }
   void wait_cuda() {
     if (cuda) cuda->wait();
+    if (cuda_linear) cuda_linear->wait();
   }
 #endif
 

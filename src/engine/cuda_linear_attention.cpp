@@ -63,22 +63,8 @@ CudaLinearAttention::CudaLinearAttention(CudaResources& resources, const LinearA
   params_.incoming = incoming_.as<float>();
 }
 
-void CudaLinearAttention::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out) {
-  RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
-  resources_.usable();
-  const cudaStream_t stream = resources_.compute_stream();
+void CudaLinearAttention::forward_states(LinearParams& p, cudaStream_t stream) {
   const std::int64_t D = problem_.head_dim;
-  LinearParams p = params_;
-  p.q = q.data;
-  p.k = k.data;
-  p.v = v.data;
-  p.out = out.data;
-  for (int i = 0; i < 3; ++i) {
-    p.q_strides[i] = q.strides[i];
-    p.k_strides[i] = k.strides[i];
-    p.v_strides[i] = v.strides[i];
-    p.out_strides[i] = out.strides[i];
-  }
   if (n_ > 0) {
     linear_local_states(p, dtype_, D, stream);
   } else {
@@ -103,7 +89,106 @@ void CudaLinearAttention::run(const TensorView& q, const TensorView& k, const Te
     RINGATTN_CUDA_CHECK(
         cudaMemcpyAsync(incoming_.get(), total_.get(), state_floats_ * sizeof(float), cudaMemcpyDeviceToDevice, stream));
   }
-  if (n_ > 0) linear_outputs(p, dtype_, D, stream);
+}
+
+namespace {
+
+void bind(LinearParams& p, const TensorView& q, const TensorView& k, const TensorView& v) {
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  for (int i = 0; i < 3; ++i) {
+    p.q_strides[i] = q.strides[i];
+    p.k_strides[i] = k.strides[i];
+    p.v_strides[i] = v.strides[i];
+  }
+}
+
+}  // namespace
+
+void CudaLinearAttention::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out) {
+  RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
+  resources_.usable();
+  const cudaStream_t stream = resources_.compute_stream();
+  LinearParams p = params_;
+  bind(p, q, k, v);
+  p.out = out.data;
+  for (int i = 0; i < 3; ++i) p.out_strides[i] = out.strides[i];
+  forward_states(p, stream);
+  if (n_ > 0) linear_outputs(p, dtype_, problem_.head_dim, stream);
+}
+
+void CudaLinearAttention::allocate_backward() {
+  if (den_.get() != nullptr) return;
+  RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
+  const std::int64_t B = problem_.batch, H = problem_.heads, D = problem_.head_dim;
+  const auto rows = static_cast<std::size_t>(B * H * std::max<std::int64_t>(n_, 1));
+  den_ = DeviceBuffer(rows * sizeof(float));
+  dden_ = DeviceBuffer(rows * sizeof(float));
+  dual_group_ = DeviceBuffer(group_state_.bytes());
+  dual_total_ = DeviceBuffer(total_.bytes());
+  dual_in_ = DeviceBuffer(incoming_.bytes());
+  dq_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(D) * sizeof(float));
+  dk_acc_ = DeviceBuffer(dq_acc_.bytes());
+  dv_acc_ = DeviceBuffer(dq_acc_.bytes());
+}
+
+void CudaLinearAttention::backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                                   const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                                   const TensorView& dv) {
+  RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
+  resources_.usable();
+  allocate_backward();
+  const cudaStream_t stream = resources_.compute_stream();
+  const std::int64_t D = problem_.head_dim;
+  LinearParams p = params_;
+  bind(p, q, k, v);
+  p.dout = dout.data;
+  p.fwd_out = out.data;
+  for (int i = 0; i < 3; ++i) {
+    p.dout_strides[i] = dout.strides[i];
+    p.fwd_out_strides[i] = out.strides[i];
+  }
+  p.den = den_.as<float>();
+  p.dden = dden_.as<float>();
+  p.dual_group = dual_group_.as<float>();
+  p.dual_total = dual_total_.as<float>();
+  p.dual_in = dual_in_.as<float>();
+  p.dq_acc = dq_acc_.as<float>();
+  p.dk_acc = dk_acc_.as<float>();
+  p.dv_acc = dv_acc_.as<float>();
+  // 1. The forward states, as run() computes them.
+  forward_states(p, stream);
+  // 2. Normalisers and dual states; the later ranks' (causal) or everyone's dual state.
+  if (n_ > 0) {
+    linear_bwd_dual_states(p, dtype_, D, stream);
+  } else {
+    RINGATTN_CUDA_CHECK(cudaMemsetAsync(dual_total_.get(), 0, state_floats_ * sizeof(float), stream));
+  }
+  if (problem_.causal) {
+    const float* gathered = dual_total_.as<float>();
+    if (world_ > 1) {
+      RINGATTN_NCCL_CHECK(
+          ncclAllGather(dual_total_.get(), gathered_.get(), state_floats_, ncclFloat, resources_.nccl(), stream));
+      resources_.settle(timeout_s_);
+      gathered = gathered_.as<float>();
+    }
+    linear_bwd_incoming(p, D, gathered, static_cast<const std::int64_t*>(lengths_.get()), rank_, world_, stream);
+  } else if (world_ > 1) {
+    RINGATTN_NCCL_CHECK(ncclAllReduce(dual_total_.get(), dual_in_.get(), state_floats_, ncclFloat, ncclSum,
+                                      resources_.nccl(), stream));
+    resources_.settle(timeout_s_);
+  } else {
+    RINGATTN_CUDA_CHECK(cudaMemcpyAsync(dual_in_.get(), dual_total_.get(), state_floats_ * sizeof(float),
+                                        cudaMemcpyDeviceToDevice, stream));
+  }
+  // 3. The gradients.
+  if (n_ > 0) {
+    const std::int64_t dqs[3] = {dq.strides[0], dq.strides[1], dq.strides[2]};
+    const std::int64_t dks[3] = {dk.strides[0], dk.strides[1], dk.strides[2]};
+    const std::int64_t dvs[3] = {dv.strides[0], dv.strides[1], dv.strides[2]};
+    linear_bwd_gradients(p, dtype_, D, dq.data, dqs, dk.data, dks, dv.data, dvs, stream);
+  }
 }
 
 void CudaLinearAttention::wait() {

@@ -30,6 +30,12 @@ class CudaLinearAttention {
   // q (B, n, H, D), k, v (B, n, H_kv, D), out like q, on this rank's GPU.
   void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out);
 
+  // The gradients of sum(out * dout) (out: the forward's output), dq like q, dk, dv like k;
+  // enqueued like run(). Scratch is allocated by the first call to allocate_backward().
+  void allocate_backward();
+  void backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv);
+
   cudaStream_t stream() const { return resources_.compute_stream(); }
   // The watchdog, as CudaRingForward's.
   void set_timeout(double timeout_s) { timeout_s_ = timeout_s; }
@@ -47,7 +53,10 @@ class CudaLinearAttention {
   std::size_t state_floats_ = 0;  // B * H * (D^2 + D)
   std::uint64_t bytes_sent_ = 0;
   double timeout_s_ = 0.0;
+  // The forward states (incoming, group prefixes) for p's tensors, across ranks.
+  void forward_states(LinearParams& p, cudaStream_t stream);
   DeviceBuffer log2_decay_, group_state_, total_, incoming_, gathered_, lengths_;
+  DeviceBuffer den_, dden_, dual_group_, dual_total_, dual_in_, dq_acc_, dk_acc_, dv_acc_;  // backward
 };
 
 }  // namespace ringattn::detail

@@ -5,7 +5,7 @@
 # sinks, two-sided) with both kernels; linear attention; at np 2, `run --gpus 2` (one process)
 # against `mpirun -np 2 run` byte for byte, and `verify --gpus 2`. Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
-# (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases, and sliding windows; at np > 1 the gradient error may not
+# (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases, sliding windows and linear attention; at np > 1 the gradient error may not
 # exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
 # are rounded to the dtype: those meet the absolute tolerance only). Exits 77 (CTest: skipped) where this
 # machine has fewer than $NP GPUs.
@@ -138,4 +138,12 @@ check_bwd "backward np=$np window 700 causal kv-heads=4 bf16" strict --layout co
   --head-dim 128 --dtype bf16 --kv-heads 4
 check_bwd "backward np=$np window 200 sinks 4 two-sided fp16 d64" strict --layout contiguous --window 200 --sinks 4 \
   --head-dim 64 --dtype fp16 --kv-heads 1
+# Linear attention's backward (forward states walked forward, dual states backward, both
+# scanned across ranks).
+check_bwd "backward np=$np linear causal decay 0.995 kv-heads=2 bf16" strict --layout contiguous --attention linear \
+  --causal --decay 0.995 --head-dim 128 --dtype bf16 --kv-heads 2
+check_bwd "backward np=$np linear full elu1 fp16 d64" strict --layout contiguous --attention linear --head-dim 64 \
+  --dtype fp16
+check_bwd "backward np=$np linear causal identity bf16" strict --layout contiguous --attention linear --causal \
+  --feature-map identity --head-dim 128 --dtype bf16 --kv-heads 1
 exit $failed

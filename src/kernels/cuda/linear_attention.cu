@@ -24,59 +24,12 @@
 
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/linear_attention.hpp"
+#include "kernels/cuda/linear_common.cuh"
 #include "ringattn/error.hpp"
 
 namespace ringattn::detail {
 
 namespace lin {
-
-constexpr int kChunk = 32;    // tokens per chunk
-constexpr int kSlice = 64;    // value columns per output CTA
-constexpr int kThreads = 256;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-
-__device__ __forceinline__ std::int64_t min64(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float phi(float x, int map) { return map == 1 ? x : (x > 0.0f ? x + 1.0f : __expf(x)); }
-
-// g^n for a head with log2(g) = l2g (0: no decay).
-__device__ __forceinline__ float decay_pow(float l2g, float n) { return l2g == 0.0f ? 1.0f : exp2f(l2g * n); }
-
-// Rows [row0, row0 + rows) of a (B, S, heads, D) tensor's head h, batch b, as fp32 in a
-// (kChunk, ld) shared tile (columns col0 .. col0 + cols), phi applied when map >= 0; rows past
-// `rows` are zero.
-template <typename T>
-__device__ __forceinline__ void load_rows(float* dst, int ld, const void* base,
-                                          const std::int64_t (&strides)[3], int b, int h, std::int64_t row0, int rows,
-                                          int col0, int cols, int map) {
-  const T* src = static_cast<const T*>(base) + b * strides[0] + h * strides[2] + col0;
-  for (int idx = threadIdx.x; idx < kChunk * cols; idx += blockDim.x) {
-    const int r = idx / cols, c = idx % cols;
-    float x = 0.0f;
-    if (r < rows) {
-      x = to_float<T>(src[(row0 + r) * strides[1] + c]);
-      if (map >= 0) x = phi(x, map);
-    }
-    dst[r * ld + c] = x;
-  }
-}
 
 // Pass 1. grid (groups, heads, batch); state layout per (b, h, group): S (D x D, row d =
 // feature d) then z (D).
@@ -330,32 +283,9 @@ int linear_chunk() { return lin::kChunk; }
 
 bool linear_cuda_supports(std::int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
-namespace {
-
-template <class Fn>
-void dispatch(DType dtype, std::int64_t head_dim, Fn&& fn) {
-  if (!linear_cuda_supports(head_dim)) {
-    throw Error(ErrorCode::invalid_argument,
-                "linear attention on GPUs supports head_dim 64 and 128, not " + std::to_string(head_dim));
-  }
-  const bool d64 = head_dim == 64;
-  switch (dtype) {
-    case DType::bf16:
-      d64 ? fn(__nv_bfloat16{}, std::integral_constant<int, 64>{}) : fn(__nv_bfloat16{}, std::integral_constant<int, 128>{});
-      break;
-    case DType::f16:
-      d64 ? fn(__half{}, std::integral_constant<int, 64>{}) : fn(__half{}, std::integral_constant<int, 128>{});
-      break;
-    case DType::f32:
-      d64 ? fn(float{}, std::integral_constant<int, 64>{}) : fn(float{}, std::integral_constant<int, 128>{});
-      break;
-  }
-}
-
-}  // namespace
 
 void linear_local_states(const LinearParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream) {
-  dispatch(dtype, head_dim, [&](auto t, auto d) { lin::run_states<decltype(t), decltype(d)::value>(p, stream); });
+  lin::dispatch(dtype, head_dim, [&](auto t, auto d) { lin::run_states<decltype(t), decltype(d)::value>(p, stream); });
   const int state = static_cast<int>(head_dim * head_dim + head_dim);
   lin::linear_group_scan<<<dim3((state + 255) / 256, p.heads, p.batch), 256, 0, stream>>>(p, state);
   RINGATTN_CUDA_CHECK(cudaGetLastError());
@@ -370,7 +300,7 @@ void linear_incoming(const LinearParams& p, std::int64_t head_dim, const float* 
 }
 
 void linear_outputs(const LinearParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream) {
-  dispatch(dtype, head_dim, [&](auto t, auto d) { lin::run_output<decltype(t), decltype(d)::value>(p, stream); });
+  lin::dispatch(dtype, head_dim, [&](auto t, auto d) { lin::run_output<decltype(t), decltype(d)::value>(p, stream); });
 }
 
 }  // namespace ringattn::detail

@@ -30,6 +30,19 @@ struct LinearParams {
   float* group_state = nullptr;  // (B, H, groups, state)
   float* total = nullptr;        // (B, H, state): the rank's own state
   float* incoming = nullptr;     // (B, H, state): causal: the ranks' before it; non-causal: all
+
+  // Backward only. dout and the forward's out like q; scratch, fp32:
+  const void* dout = nullptr;
+  const void* fwd_out = nullptr;
+  std::int64_t dout_strides[3] = {}, fwd_out_strides[3] = {};
+  float* den = nullptr;         // (B, H, n): each row's normaliser
+  float* dden = nullptr;        // (B, H, n): d loss / d normaliser
+  float* dual_group = nullptr;  // (B, H, groups, state): dual states, then their suffixes
+  float* dual_total = nullptr;  // (B, H, state): this rank's, at its first token
+  float* dual_in = nullptr;     // (B, H, state): causal: the later ranks', after its last token; else all
+  float* dq_acc = nullptr;      // (B, n, H, D): dphi(q), summed over value-column slices
+  float* dk_acc = nullptr;      // (B, n, H, D): dphi(k) per query head
+  float* dv_acc = nullptr;      // (B, n, H, D): dv per query head
 };
 
 // Tokens per chunk (groups are whole chunks).
@@ -47,5 +60,17 @@ void linear_incoming(const LinearParams& p, std::int64_t head_dim, const float* 
 
 // The outputs, from incoming and the group prefixes.
 void linear_outputs(const LinearParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream);
+
+// Backward (see linear_attention_bwd.cu), after linear_local_states and the forward exchange
+// (incoming, group prefixes): per-row normalisers and the groups' dual states, their suffixes
+// and this rank's total (dual_total) ...
+void linear_bwd_dual_states(const LinearParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream);
+// ... causal, across ranks: dual_in <- the scan, in reverse rank order, of `gathered` ...
+void linear_bwd_incoming(const LinearParams& p, std::int64_t head_dim, const float* gathered,
+                         const std::int64_t* lengths, int rank, int world, cudaStream_t stream);
+// ... then dq, dk, dv (written in their dtypes, strides as q and k).
+void linear_bwd_gradients(const LinearParams& p, DType dtype, std::int64_t head_dim, void* dq,
+                          const std::int64_t (&dq_strides)[3], void* dk, const std::int64_t (&dk_strides)[3], void* dv,
+                          const std::int64_t (&dv_strides)[3], cudaStream_t stream);
 
 }  // namespace ringattn::detail
