@@ -280,6 +280,28 @@ void validate_backward(const TensorView& q, const TensorView& k, const TensorVie
 
 namespace detail {
 
+LinearAttentionProblem linear_problem(const AttentionShape& shape, const AttentionOptions& options) {
+  LinearAttentionProblem lp{shape.batch, shape.heads, shape.kv_heads, shape.head_dim, options.causal,
+                            options.feature_map, {}};
+  lp.decay.assign(static_cast<std::size_t>(shape.heads), 1.0);
+  for (std::size_t h = 0; h < lp.decay.size(); ++h) {
+    if (!options.decay.empty()) lp.decay[h] = options.decay[options.decay.size() == 1 ? 0 : h];
+  }
+  return lp;
+}
+
+#ifdef RINGATTN_HAVE_CUDA
+std::unique_ptr<CudaLinearAttention> make_cuda_linear(CudaResources& resources, const LinearAttentionProblem& lp,
+                                                      const Layout& layout, int member, DType dtype,
+                                                      const AttentionOptions& options) {
+  std::vector<std::int64_t> lengths;
+  for (int r = 0; r < layout.world(); ++r) lengths.push_back(layout.local_length(r));
+  auto linear = std::make_unique<CudaLinearAttention>(resources, lp, lengths, member, dtype);
+  linear->set_timeout(options.timeout_s);
+  return linear;
+}
+#endif
+
 void validate_forward_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                              const TensorView& lse, const AttentionOptions& options) {
   validate(q, k, v, out, lse, options);
@@ -303,21 +325,13 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
   PreparedForward prepared;
   prepared.scale = static_cast<float>(scale);
   if (options.attention == AttentionKind::linear) {
-    LinearAttentionProblem lp{shape.batch, shape.heads, shape.kv_heads, shape.head_dim, options.causal,
-                              options.feature_map, {}};
-    lp.decay.assign(static_cast<std::size_t>(shape.heads), 1.0);
-    for (std::size_t h = 0; h < lp.decay.size(); ++h) {
-      if (!options.decay.empty()) lp.decay[h] = options.decay[options.decay.size() == 1 ? 0 : h];
-    }
+    const LinearAttentionProblem lp = linear_problem(shape, options);
     if (q.device == DeviceKind::cuda) {
 #ifdef RINGATTN_HAVE_CUDA
       CudaResources& resources = ctx.cuda();
-      std::vector<std::int64_t> lengths;
-      for (int r = 0; r < ctx.size(); ++r) lengths.push_back(layout->local_length(r));
       detail::agree_on(comm, [&] {
         check_rank_device(q, resources);
-        prepared.cuda_linear = std::make_unique<CudaLinearAttention>(resources, lp, lengths, ctx.rank(), q.dtype);
-        prepared.cuda_linear->set_timeout(options.timeout_s);
+        prepared.cuda_linear = make_cuda_linear(resources, lp, *layout, ctx.rank(), q.dtype, options);
       });
 #endif
       return prepared;
@@ -419,21 +433,13 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
   PreparedBackward prepared;
   prepared.scale = static_cast<float>(scale);
   if (options.attention == AttentionKind::linear) {
-    LinearAttentionProblem lp{shape.batch, shape.heads, shape.kv_heads, shape.head_dim, options.causal,
-                              options.feature_map, {}};
-    lp.decay.assign(static_cast<std::size_t>(shape.heads), 1.0);
-    for (std::size_t h = 0; h < lp.decay.size(); ++h) {
-      if (!options.decay.empty()) lp.decay[h] = options.decay[options.decay.size() == 1 ? 0 : h];
-    }
+    const LinearAttentionProblem lp = linear_problem(shape, options);
     if (q.device == DeviceKind::cuda) {
 #ifdef RINGATTN_HAVE_CUDA
       CudaResources& resources = ctx.cuda();
-      std::vector<std::int64_t> lengths;
-      for (int r = 0; r < ctx.size(); ++r) lengths.push_back(layout->local_length(r));
       detail::agree_on(comm, [&] {
         check_rank_device(q, resources);
-        prepared.cuda_linear = std::make_unique<CudaLinearAttention>(resources, lp, lengths, ctx.rank(), q.dtype);
-        prepared.cuda_linear->set_timeout(options.timeout_s);
+        prepared.cuda_linear = make_cuda_linear(resources, lp, *layout, ctx.rank(), q.dtype, options);
         prepared.cuda_linear->allocate_backward();
       });
 #endif

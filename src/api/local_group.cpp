@@ -117,16 +117,7 @@ void forward(LocalGroup& group, const std::vector<TensorView>& q, const std::vec
     CudaResources& res = group.resources(i);
     const auto at = static_cast<std::size_t>(i);
     if (options.attention == AttentionKind::linear) {
-      LinearAttentionProblem lp{shape.batch, shape.heads, shape.kv_heads, shape.head_dim, options.causal,
-                                options.feature_map, {}};
-      lp.decay.assign(static_cast<std::size_t>(shape.heads), 1.0);
-      for (std::size_t h = 0; h < lp.decay.size(); ++h) {
-        if (!options.decay.empty()) lp.decay[h] = options.decay[options.decay.size() == 1 ? 0 : h];
-      }
-      std::vector<std::int64_t> lengths;
-      for (int r = 0; r < N; ++r) lengths.push_back(layout.local_length(r));
-      linears[at] = std::make_unique<CudaLinearAttention>(res, lp, lengths, i, q0.dtype);
-      linears[at]->set_timeout(options.timeout_s);
+      linears[at] = make_cuda_linear(res, linear_problem(shape, options), layout, i, q0.dtype, options);
     } else {
       const MaskKind mask = options.causal ? MaskKind::causal : MaskKind::full;
       RingPlan plan = options.window >= 0 ? make_window_plan(layout, options.window, options.sinks, i, options.causal)

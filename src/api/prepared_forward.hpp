@@ -48,6 +48,15 @@ struct PreparedForward {
            const TensorView& lse, const std::function<void(int, int)>& on_step = {});
 };
 
+// Linear attention's problem from the options (one decay per query head).
+LinearAttentionProblem linear_problem(const AttentionShape& shape, const AttentionOptions& options);
+#ifdef RINGATTN_HAVE_CUDA
+// The GPU linear-attention engine of `member` (rank or device) of the layout's group.
+std::unique_ptr<CudaLinearAttention> make_cuda_linear(CudaResources& resources, const LinearAttentionProblem& lp,
+                                                      const Layout& layout, int member, DType dtype,
+                                                      const AttentionOptions& options);
+#endif
+
 // One rank's (or one device's) checks of forward()'s arguments; throws Error.
 void validate_forward_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                              const TensorView& lse, const AttentionOptions& options);
