@@ -54,9 +54,10 @@ struct AttentionOptions {
   // Linear attention, causal only: per-head decay in (0, 1]; empty = no decay, one value =
   // every head, else one per query head.
   std::vector<double> decay;
-  // Bound, in seconds, on each wait for a ring transfer on the CPU (MPI), and on each wait for
-  // the GPU ring's work (NCCL; the library's communicator is then aborted); 0 waits forever.
-  // On expiry the call throws Error(ErrorCode::timeout) naming the step and the peer.
+  // Bound, in seconds, on each wait for a ring transfer on the CPU (MPI), and on the GPU ring's
+  // progress (no transfer or step completing for this long; the library's NCCL communicator is
+  // then aborted); 0 waits forever. On expiry the call throws Error(ErrorCode::timeout) naming
+  // the step and the peer.
   double timeout_s = 300.0;
   // Called on every rank after each ring step with (steps done, steps in all).
   std::function<void(int, int)> on_step;

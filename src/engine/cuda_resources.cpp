@@ -89,12 +89,21 @@ void CudaResources::usable() const {
   }
 }
 
-void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::function<std::string()>& stalled) {
-  const auto start = std::chrono::steady_clock::now();
+void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::function<std::string()>& stalled,
+                         const std::function<int()>& progress) {
+  auto start = std::chrono::steady_clock::now();
+  int reached = -1;
   for (int polls = 0;; ++polls) {
     const cudaError_t rc = cudaEventQuery(event);
     if (rc == cudaSuccess) return;
     if (rc != cudaErrorNotReady) RINGATTN_CUDA_CHECK(rc);
+    if (progress && polls % 64 == 0) {  // a milestone reached: the clock starts again
+      const int now = progress();
+      if (now > reached) {
+        reached = now;
+        start = std::chrono::steady_clock::now();
+      }
+    }
     ncclResult_t state = ncclSuccess;
     RINGATTN_NCCL_CHECK(ncclCommGetAsyncError(comm_, &state));
     const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -46,12 +46,15 @@ class CudaResources {
   // The watchdog. NCCL communicators the library creates are non-blocking: a call may return
   // while its work is still being enqueued, and settle() waits (bounded) until it has been.
   // wait() blocks until `event` has completed, polling it and the communicator's asynchronous
-  // error; at timeout_s (0: no bound) or on an NCCL error it aborts the communicator (when
-  // owned; never a blocking destroy) and throws Error(timeout or nccl) whose message ends with
-  // stalled(), the caller's account of what was pending. After an abort every further use
-  // throws (usable()).
+  // error; after timeout_s without progress (0: no bound) or on an NCCL error it aborts the
+  // communicator (when owned; never a blocking destroy) and throws Error(timeout or nccl)
+  // whose message ends with stalled(), the caller's account of what was pending. progress(),
+  // when given, counts the milestones reached so far (ring steps computed, transfers done):
+  // each new one restarts the clock, so the bound is on one step, not on the whole ring. After
+  // an abort every further use throws (usable()).
   void settle(double timeout_s) const;
-  void wait(cudaEvent_t event, double timeout_s, const std::function<std::string()>& stalled);
+  void wait(cudaEvent_t event, double timeout_s, const std::function<std::string()>& stalled,
+            const std::function<int()>& progress = {});
   void usable() const;
   bool aborted() const { return aborted_; }
 

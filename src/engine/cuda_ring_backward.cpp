@@ -198,6 +198,7 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   p.scale_log2 = scale * 1.4426950408889634f;
 
   resources_.usable();
+  milestones_ = 0;
   NcclTransport kv_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
   NcclTransport acc_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
   auto set_task = [&](const BlockTask& t) {
@@ -263,6 +264,9 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
           flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
         }
         await_acc();
+        // A milestone for the watchdog: this step's kernels are done.
+        if (milestones_ >= static_cast<int>(step_events_.size())) step_events_.emplace_back();
+        RINGATTN_CUDA_CHECK(cudaEventRecord(step_events_[static_cast<std::size_t>(milestones_++)], stream));
       }
       if (ring) {
         // Pass this block's sums on; after the last step, send them home and receive ours.
@@ -398,12 +402,22 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
 void CudaRingBackward::wait() {
   CudaEvent finished;
   RINGATTN_CUDA_CHECK(cudaEventRecord(finished, resources_.compute_stream()));
-  resources_.wait(finished, timeout_s_, [this] {
-    const std::string cause = stalled_node_peers(peer_pids_, plan_.rank);
-    return "rank " + std::to_string(plan_.rank) + ": the backward ring (K, V and the dK, dV sums exchanged with ranks " +
-           std::to_string(plan_.recv_from) + " and " + std::to_string(plan_.send_to) + ")" +
-           (cause.empty() ? std::string() : "; " + cause);
-  });
+  resources_.wait(
+      finished, timeout_s_,
+      [this] {
+        int done = 0;
+        while (done < milestones_ && cudaEventQuery(step_events_[static_cast<std::size_t>(done)]) == cudaSuccess) ++done;
+        const std::string cause = stalled_node_peers(peer_pids_, plan_.rank);
+        return "rank " + std::to_string(plan_.rank) + ": the backward ring after " + std::to_string(done) + " of " +
+               std::to_string(milestones_) + " steps (K, V and the dK, dV sums exchanged with ranks " +
+               std::to_string(plan_.recv_from) + " and " + std::to_string(plan_.send_to) + ")" +
+               (cause.empty() ? std::string() : "; " + cause);
+      },
+      [this] {
+        int done = 0;
+        for (int i = 0; i < milestones_; ++i) done += cudaEventQuery(step_events_[static_cast<std::size_t>(i)]) == cudaSuccess;
+        return done;
+      });
 }
 
 }  // namespace ringattn::detail

@@ -82,6 +82,8 @@ class CudaRingBackward {
   bool one_task_ = false;   // P = 1 and one task covers every row
   double timeout_s_ = 0.0;
   std::vector<long> peer_pids_;
+  std::vector<CudaEvent> step_events_;  // the watchdog's milestones: one per computed step of the last run()
+  int milestones_ = 0;
   bool direct_ = false;     // this run's cuDNN task wrote dq, dk, dv itself
   CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
   // The tasks whose cuDNN plan was built: (q_begin, q_len, kv_begin, kv_len, mask, diag_offset,

@@ -318,6 +318,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       const auto [kb, vb] = block_of(cur, step.kv_len, communicate);
       compute(step.tasks, kb, vb, step.kv_len);
     }
+    record_hop("ring step " + std::to_string(s) + "'s blocks", stream);
     if (transfer) transport.wait();
     if (communicate) cur = 1 - cur;
   }
@@ -342,6 +343,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
         const RingStep& step = plan_.reverse_steps[static_cast<std::size_t>(j)];
         const auto [kb, vb] = block_of(cur, step.kv_len, communicate);
         compute(step.tasks, kb, vb, step.kv_len);
+        record_hop("ring step " + std::to_string(steps + j + 1) + "'s blocks (the other way)", stream);
       }
       if (transfer) {
         transport.wait();
@@ -361,6 +363,12 @@ void CudaRingForward::record_hop(std::string what, cudaStream_t stream) {
   if (hops_.size() >= hop_events_.size()) hop_events_.emplace_back();
   RINGATTN_CUDA_CHECK(cudaEventRecord(hop_events_[hops_.size()], stream != nullptr ? stream : resources_.comm_stream()));
   hops_.push_back({std::move(what)});
+}
+
+int CudaRingForward::milestones() const {
+  int done = 0;
+  for (std::size_t i = 0; i < hops_.size(); ++i) done += cudaEventQuery(hop_events_[i]) == cudaSuccess ? 1 : 0;
+  return done;
 }
 
 std::string CudaRingForward::stalled() const {
@@ -383,7 +391,7 @@ void CudaRingForward::wait() {
 }
 
 void CudaRingForward::wait(cudaEvent_t event) {
-  resources_.wait(event, timeout_s_, [this] { return stalled(); });
+  resources_.wait(event, timeout_s_, [this] { return stalled(); }, [this] { return milestones(); });
 }
 
 }  // namespace ringattn::detail

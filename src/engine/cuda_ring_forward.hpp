@@ -87,12 +87,14 @@ class CudaRingForward {
   DeviceBuffer blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
   DeviceBuffer o_acc_;      // (B, H, S_local, D) fp32
   DeviceBuffer lse_acc_;    // (B, H, S_local) fp32
-  // What the last run() is waiting on, for the watchdog's message: one event per transfer,
-  // recorded on the communication stream after it, and what it was.
+  // What the last run() is waiting on, for the watchdog: one event per transfer (recorded on
+  // the communication stream after it) and per step's computation (on the compute stream),
+  // in the order they were enqueued, and what each was.
   struct Hop {
     std::string what;
   };
   std::string stalled() const;
+  int milestones() const;  // events of the last run() that have completed
   void record_hop(std::string what, cudaStream_t stream = nullptr);  // default: the communication stream
   std::vector<CudaEvent> hop_events_;
   std::vector<Hop> hops_;
