@@ -212,7 +212,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous() && plan_.sink_len == 0;
   if (!kv_in_place) pack_own(own);
   std::uint64_t sink_bytes = 0;
-  // The sink tokens travel first (a broadcast from their owners), while the own block is packed.
+  // The sink tokens first: each owner broadcasts its rows of the packed block.
   if (plan_.sink_len > 0) sink_bytes = gather_sinks(own, communicate, stream);
   // One step with one task covering every row (P = 1): the kernel writes the final output
   // itself, with no fp32 running state to initialise, merge or convert.
