@@ -280,6 +280,11 @@ void validate_backward(const TensorView& q, const TensorView& k, const TensorVie
 
 namespace detail {
 
+RingPlan plan_for(const Layout& layout, const AttentionOptions& options, int member) {
+  if (options.window >= 0) return make_window_plan(layout, options.window, options.sinks, member, options.causal);
+  return make_ring_plan(layout, options.causal ? MaskKind::causal : MaskKind::full, member);
+}
+
 LinearAttentionProblem linear_problem(const AttentionShape& shape, const AttentionOptions& options) {
   LinearAttentionProblem lp{shape.batch, shape.heads, shape.kv_heads, shape.head_dim, options.causal,
                             options.feature_map, {}};
@@ -321,7 +326,6 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
 
   // 4. Allocate everything before the first transfer and agree on the outcome.
   detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], D};
-  const detail::MaskKind mask = options.causal ? detail::MaskKind::causal : detail::MaskKind::full;
   PreparedForward prepared;
   prepared.scale = static_cast<float>(scale);
   if (options.attention == AttentionKind::linear) {
@@ -344,9 +348,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
     CudaResources& resources = ctx.cuda();
     detail::agree_on(comm, [&] {
       check_rank_device(q, resources);
-      RingPlan plan = options.window >= 0
-                          ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
-                          : make_ring_plan(*layout, mask, ctx.rank());
+      RingPlan plan = plan_for(*layout, options, ctx.rank());
       prepared.cuda = std::make_unique<CudaRingForward>(resources, std::move(plan), shape, q.dtype, q.shape[1],
                                                         layout->max_local_length(), options.kernel);
       prepared.cuda->set_timeout(options.timeout_s, ctx.node_peer_pids());
@@ -354,9 +356,7 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
 #endif
   } else {
     detail::agree_on(comm, [&] {
-      RingPlan plan = options.window >= 0
-                          ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
-                          : make_ring_plan(*layout, mask, ctx.rank());
+      RingPlan plan = plan_for(*layout, options, ctx.rank());
       prepared.cpu = std::make_unique<CpuRingForward>(comm, std::move(plan), shape, q.dtype,
                                                       q.shape[1], layout->max_local_length(), ctx.cpu_threads(),
                                                       ctx.mpi_progress_from_threads());
@@ -429,7 +429,6 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");
   const detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], q.shape[3]};
-  const detail::MaskKind mask = options.causal ? detail::MaskKind::causal : detail::MaskKind::full;
   PreparedBackward prepared;
   prepared.scale = static_cast<float>(scale);
   if (options.attention == AttentionKind::linear) {
@@ -453,9 +452,7 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
     CudaResources& resources = ctx.cuda();
     detail::agree_on(comm, [&] {
       check_rank_device(q, resources);
-      RingPlan plan = options.window >= 0
-                          ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
-                          : make_ring_plan(*layout, mask, ctx.rank());
+      RingPlan plan = plan_for(*layout, options, ctx.rank());
       prepared.cuda = std::make_unique<CudaRingBackward>(resources, std::move(plan), shape, q.dtype, q.shape[1],
                                                          layout->max_local_length(), options.kernel);
       prepared.cuda->set_timeout(options.timeout_s, ctx.node_peer_pids());
@@ -463,9 +460,7 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
 #endif
   } else {
     detail::agree_on(comm, [&] {
-      RingPlan plan = options.window >= 0
-                          ? make_window_plan(*layout, options.window, options.sinks, ctx.rank(), options.causal)
-                          : make_ring_plan(*layout, mask, ctx.rank());
+      RingPlan plan = plan_for(*layout, options, ctx.rank());
       prepared.cpu = std::make_unique<CpuRingBackward>(comm, std::move(plan), shape, q.dtype, q.shape[1],
                                                        layout->max_local_length(), ctx.cpu_threads());
       prepared.cpu->set_timeout(options.timeout_s, ctx.node_peer_pids());

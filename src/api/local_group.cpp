@@ -119,11 +119,8 @@ void forward(LocalGroup& group, const std::vector<TensorView>& q, const std::vec
     if (options.attention == AttentionKind::linear) {
       linears[at] = make_cuda_linear(res, linear_problem(shape, options), layout, i, q0.dtype, options);
     } else {
-      const MaskKind mask = options.causal ? MaskKind::causal : MaskKind::full;
-      RingPlan plan = options.window >= 0 ? make_window_plan(layout, options.window, options.sinks, i, options.causal)
-                                          : make_ring_plan(layout, mask, i);
-      rings[at] = std::make_unique<CudaRingForward>(res, std::move(plan), shape, q0.dtype, layout.local_length(i),
-                                                    layout.max_local_length(), options.kernel);
+      rings[at] = std::make_unique<CudaRingForward>(res, plan_for(layout, options, i), shape, q0.dtype,
+                                                    layout.local_length(i), layout.max_local_length(), options.kernel);
       rings[at]->set_timeout(options.timeout_s, {});
     }
   }

@@ -48,6 +48,9 @@ struct PreparedForward {
            const TensorView& lse, const std::function<void(int, int)>& on_step = {});
 };
 
+// The plan of `member` (rank or device): a sliding window's, or the full ring's.
+RingPlan plan_for(const Layout& layout, const AttentionOptions& options, int member);
+
 // Linear attention's problem from the options (one decay per query head).
 LinearAttentionProblem linear_problem(const AttentionShape& shape, const AttentionOptions& options);
 #ifdef RINGATTN_HAVE_CUDA

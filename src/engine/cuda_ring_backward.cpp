@@ -22,26 +22,10 @@ using Strides = std::int64_t[3];
 CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, const AttentionShape& shape, DType dtype,
                                const Strides& q, const Strides& o, const Strides& dout, const Strides& dq,
                                const Strides& dkv) {
-  CudnnSdpaProblem p;
-  p.dtype = dtype;
-  p.batch = shape.batch;
-  p.heads = shape.heads;
-  p.kv_heads = shape.kv_heads;
-  p.head_dim = shape.head_dim;
-  p.q_len = t.q_len;
-  p.kv_len = t.kv_len;
-  p.q_batch_stride = q[0], p.q_row_stride = q[1], p.q_head_stride = q[2];
-  p.kv_batch_stride = step_kv_len * shape.kv_heads * shape.head_dim;
-  p.kv_row_stride = shape.kv_heads * shape.head_dim;
-  p.kv_head_stride = shape.head_dim;
-  p.o_batch_stride = o[0], p.o_row_stride = o[1], p.o_head_stride = o[2];
+  CudnnSdpaProblem p = cudnn_task_problem(t, step_kv_len, shape, dtype, q, o);
   p.do_batch_stride = dout[0], p.do_row_stride = dout[1], p.do_head_stride = dout[2];
   p.dq_batch_stride = dq[0], p.dq_row_stride = dq[1], p.dq_head_stride = dq[2];
   p.dkv_batch_stride = dkv[0], p.dkv_row_stride = dkv[1], p.dkv_head_stride = dkv[2];
-  p.causal = t.mask != MaskKind::full;
-  p.diag_offset = t.diag_offset;
-  p.band = t.mask == MaskKind::band;
-  p.lower_offset = t.lower_offset;
   return p;
 }
 

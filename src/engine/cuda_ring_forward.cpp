@@ -14,11 +14,7 @@
 
 namespace ringattn::detail {
 
-namespace {
-
-// The cuDNN problem of one task: q rows from a (B, S_local, H, D) tensor with q's strides, K/V
-// rows from the packed block of the step, the result to o's strides.
-CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, const AttentionShape& shape, DType dtype,
+CudnnSdpaProblem cudnn_task_problem(const BlockTask& t, std::int64_t step_kv_len, const AttentionShape& shape, DType dtype,
                                const std::int64_t (&q_strides)[3], const std::int64_t (&o_strides)[3]) {
   CudnnSdpaProblem p;
   p.dtype = dtype;
@@ -43,8 +39,6 @@ CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, con
   p.lower_offset = t.lower_offset;
   return p;
 }
-
-}  // namespace
 
 CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
                                  std::int64_t q_len, std::int64_t kv_capacity, KernelKind kernel)
@@ -83,7 +77,7 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
     for_each_task([&](const BlockTask& t, std::int64_t block_len) {
       if (!why_not.empty() || (t.mask == MaskKind::causal && t.diag_offset < 0)) return;  // the latter stay native
       const std::int64_t block_dense[3] = {t.q_len * H * D, H * D, D};
-      const CudnnSdpaProblem p = cudnn_problem(t, block_len, shape, dtype, q_dense, one_task_ ? q_dense : block_dense);
+      const CudnnSdpaProblem p = cudnn_task_problem(t, block_len, shape, dtype, q_dense, one_task_ ? q_dense : block_dense);
       std::string reason = cudnn_sdpa_unsupported_reason(p);
       if (reason.empty()) sdpa->try_prepare(p, &reason);
       if (t.mask == MaskKind::band) {
@@ -274,7 +268,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       // and a refusal then falls back to the native kernel on this rank rather than failing
       // it alone mid-ring.
       const CudnnSdpaProblem problem =
-          cudnn_problem(t, block_len, shape_, dtype_, q_strides, single_task ? out_strides : block_strides);
+          cudnn_task_problem(t, block_len, shape_, dtype_, q_strides, single_task ? out_strides : block_strides);
       if (!task_uses_cudnn(t) || !cudnn_->try_prepare(problem)) {
         flash_fwd(p, dtype_, D, stream);
         continue;

@@ -22,12 +22,19 @@
 
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
+#include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "kernels/cpu/cpu_forward.hpp"
 #include "plan/ring_plan.hpp"
 #include "ringattn/options.hpp"
 #include "ringattn/tensor.hpp"
 
 namespace ringattn::detail {
+
+// The cuDNN problem of one task: q rows from a (B, S_local, H, D) tensor with q's strides, K/V
+// rows from the packed block of the step (step_kv_len rows), the result to o's strides; the
+// task's mask (causal offset, band).
+CudnnSdpaProblem cudnn_task_problem(const BlockTask& t, std::int64_t step_kv_len, const AttentionShape& shape,
+                                    DType dtype, const std::int64_t (&q_strides)[3], const std::int64_t (&o_strides)[3]);
 
 // Sliding window with sinks: fills `sink_block` (K then V of the first plan.sink_len tokens,
 // (B, sink_len, H_kv, D) each) on `stream`: this rank's rows from `own_block` (its packed K then

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "engine/reference.hpp"
@@ -34,6 +35,24 @@ std::vector<float> values(std::size_t n, unsigned seed) {
   return x;
 }
 
+// Every element of x against the central difference of loss() with step 1/256 (exact in
+// float; the losses are smooth, so the error is O(h^2)): |grad - fd| <= tol(fd).
+template <class Loss, class Tol>
+void expect_matches_finite_differences(std::vector<float>& x, const std::vector<double>& grad, Loss&& loss, Tol&& tol,
+                                       const std::string& what) {
+  const float h = 1.0f / 256.0f;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float x0 = x[i];
+    x[i] = x0 + h;
+    const double up = loss();
+    x[i] = x0 - h;
+    const double down = loss();
+    x[i] = x0;
+    const double fd = (up - down) / (2.0 * h);
+    EXPECT_NEAR(grad[i], fd, tol(fd)) << what << "[" << i << "]";
+  }
+}
+
 }  // namespace
 
 TEST(Reference, GradientsMatchFiniteDifferences) {
@@ -44,17 +63,9 @@ TEST(Reference, GradientsMatchFiniteDifferences) {
     std::vector<float> q = values(nq, 1), k = values(nk, 2), v = values(nk, 3), dout = values(nq, 4);
     std::vector<double> dq, dk, dv;
     reference_backward(p, q, k, v, dout, dq, dk, dv);
-    const float h = 1.0f / 256.0f;  // exact in float; the loss is smooth, so O(h^2) error
-    auto check = [&](std::vector<float>& x, const std::vector<double>& grad, const char* what) {
-      for (std::size_t i = 0; i < x.size(); ++i) {
-        const float x0 = x[i];
-        x[i] = x0 + h;
-        const double up = loss(p, q, k, v, dout);
-        x[i] = x0 - h;
-        const double down = loss(p, q, k, v, dout);
-        x[i] = x0;
-        EXPECT_NEAR(grad[i], (up - down) / (2.0 * h), 1e-4) << what << "[" << i << "] causal=" << causal;
-      }
+    auto check = [&](std::vector<float>& x, const std::vector<double>& grad, const std::string& what) {
+      expect_matches_finite_differences(x, grad, [&] { return loss(p, q, k, v, dout); }, [](double) { return 1e-4; },
+                                        what + " causal=" + std::to_string(causal));
     };
     check(q, dq, "dq");
     check(k, dk, "dk (shared by 2 query heads)");
@@ -84,19 +95,10 @@ TEST(Reference, LinearGradientsMatchFiniteDifferences) {
         for (std::size_t i = 0; i < out.size(); ++i) l += out[i] * dout[i];
         return l;
       };
-      const float h = 1.0f / 256.0f;
-      auto check = [&](std::vector<float>& x, const std::vector<double>& grad, const char* what) {
-        for (std::size_t i = 0; i < x.size(); ++i) {
-          const float x0 = x[i];
-          x[i] = x0 + h;
-          const double up = linear_loss();
-          x[i] = x0 - h;
-          const double down = linear_loss();
-          x[i] = x0;
-          const double fd = (up - down) / (2.0 * h);
-          EXPECT_NEAR(grad[i], fd, 2e-3 * std::max(1.0, std::fabs(fd))) << what << "[" << i << "] map=" << map
-                                                                          << " causal=" << causal;
-        }
+      auto check = [&](std::vector<float>& x, const std::vector<double>& grad, const std::string& what) {
+        expect_matches_finite_differences(x, grad, linear_loss,
+                                          [](double fd) { return 2e-3 * std::max(1.0, std::fabs(fd)); },
+                                          what + " map=" + std::to_string(map) + " causal=" + std::to_string(causal));
       };
       check(q, dq, "dq");
       check(k, dk, "dk");
@@ -115,17 +117,9 @@ TEST(Reference, WindowGradientsMatchFiniteDifferences) {
     std::vector<float> q = values(nq, 9), k = values(nk, 10), v = values(nk, 11), dout = values(nq, 12);
     std::vector<double> dq, dk, dv;
     reference_backward(p, q, k, v, dout, dq, dk, dv);
-    const float h = 1.0f / 256.0f;
-    auto check = [&](std::vector<float>& x, const std::vector<double>& grad, const char* what) {
-      for (std::size_t i = 0; i < x.size(); ++i) {
-        const float x0 = x[i];
-        x[i] = x0 + h;
-        const double up = loss(p, q, k, v, dout);
-        x[i] = x0 - h;
-        const double down = loss(p, q, k, v, dout);
-        x[i] = x0;
-        EXPECT_NEAR(grad[i], (up - down) / (2.0 * h), 1e-4) << what << "[" << i << "] causal=" << causal;
-      }
+    auto check = [&](std::vector<float>& x, const std::vector<double>& grad, const std::string& what) {
+      expect_matches_finite_differences(x, grad, [&] { return loss(p, q, k, v, dout); }, [](double) { return 1e-4; },
+                                        what + " causal=" + std::to_string(causal));
     };
     check(q, dq, "dq");
     check(k, dk, "dk");
