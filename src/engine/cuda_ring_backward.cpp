@@ -156,8 +156,14 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     pack_rows(k, own, stream);
     pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
   }
-  backward_prep(out, dout, lse, lse2_.as<float>(), delta_.as<float>(), stream);
-  RINGATTN_CUDA_CHECK(cudaMemsetAsync(dq_acc_.get(), 0, static_cast<std::size_t>(B * H * q_len_ * D) * sizeof(float), stream));
+  // P = 1 with one task on cuDNN: cuDNN writes dq, dk, dv itself and computes its own row
+  // sums, so neither the preparation kernel nor the fp32 sums (3 zeroed accumulators) are needed.
+  const bool cudnn_direct = one_task_ && will_write_direct(q, out, dout, dq, dk, dv);
+  if (!cudnn_direct) {
+    backward_prep(out, dout, lse, lse2_.as<float>(), delta_.as<float>(), stream);
+    RINGATTN_CUDA_CHECK(
+        cudaMemsetAsync(dq_acc_.get(), 0, static_cast<std::size_t>(B * H * q_len_ * D) * sizeof(float), stream));
+  }
 
   FlashBwdParams p;
   p.q = q.data;
@@ -212,7 +218,7 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
       pack_rows(k, own, stream);
       pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
     }
-    RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
+    if (!cudnn_direct) RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
     std::int64_t held = q_len_;
     for (int s = reverse ? -1 : 0; s < n; ++s) {
       const bool kv_transfer = ring && s + 1 < n;
@@ -326,10 +332,38 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     }
   }
   bytes_sent_per_run_ = kv_hop.bytes_sent() + acc_hop.bytes_sent();
+  if (cudnn_direct && !direct_) {
+    throw Error(ErrorCode::internal, "the cuDNN backward was planned to write the gradients but did not run");
+  }
   if (direct_) return;  // cuDNN wrote dq, dk, dv
   finalize_output(dq_acc_.as<float>(), nullptr, dq, TensorView{}, stream);
   finalize_output(grads, nullptr, dk, TensorView{}, stream);
   finalize_output(grads + B * Hkv * q_len_ * D, nullptr, dv, TensorView{}, stream);
+}
+
+CudnnSdpaProblem CudaRingBackward::task_problem(const BlockTask& t, std::int64_t step_kv_len, const TensorView& q,
+                                                const TensorView& out, const TensorView& dout, const TensorView& dq,
+                                                const TensorView& dk, bool direct) const {
+  // direct: one task covers every row of one rank and cuDNN writes the gradients themselves
+  // (dk and dv share strides: one plan describes both); else it writes dense task blocks.
+  const std::int64_t H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
+  const Strides qs = {q.strides[0], q.strides[1], q.strides[2]};
+  const Strides os = {out.strides[0], out.strides[1], out.strides[2]};
+  const Strides ds = {dout.strides[0], dout.strides[1], dout.strides[2]};
+  const Strides dq_s = {direct ? dq.strides[0] : t.q_len * H * D, direct ? dq.strides[1] : H * D,
+                        direct ? dq.strides[2] : D};
+  const Strides dkv_s = {direct ? dk.strides[0] : t.kv_len * Hkv * D, direct ? dk.strides[1] : Hkv * D,
+                         direct ? dk.strides[2] : D};
+  return cudnn_problem(t, step_kv_len, shape_, dtype_, qs, os, ds, dq_s, dkv_s);
+}
+
+bool CudaRingBackward::will_write_direct(const TensorView& q, const TensorView& out, const TensorView& dout,
+                                         const TensorView& dq, const TensorView& dk, const TensorView& dv) const {
+  if (!one_task_ || dk.strides != dv.strides) return false;
+  const RingStep& step = plan_.steps[0];
+  const BlockTask& t = step.tasks[0];
+  return task_uses_cudnn(t, step.kv_len) &&
+         cudnn_->try_prepare_backward(task_problem(t, step.kv_len, q, out, dout, dq, dk, true));
 }
 
 bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_len, const TensorView& q,
@@ -340,17 +374,8 @@ bool CudaRingBackward::run_cudnn_task(const BlockTask& t, std::int64_t step_kv_l
   const cudaStream_t stream = resources_.compute_stream();
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
   const auto elem = static_cast<std::int64_t>(dtype_size(dtype_));
-  // One task covering every row of one rank: cuDNN writes the gradients themselves (when dk
-  // and dv share strides: one plan describes both).
   const bool direct = one_task_ && dk.strides == dv.strides;
-  const Strides qs = {q.strides[0], q.strides[1], q.strides[2]};
-  const Strides os = {out.strides[0], out.strides[1], out.strides[2]};
-  const Strides ds = {dout.strides[0], dout.strides[1], dout.strides[2]};
-  const Strides dq_s = {direct ? dq.strides[0] : t.q_len * H * D, direct ? dq.strides[1] : H * D,
-                        direct ? dq.strides[2] : D};
-  const Strides dkv_s = {direct ? dk.strides[0] : t.kv_len * Hkv * D, direct ? dk.strides[1] : Hkv * D,
-                         direct ? dk.strides[2] : D};
-  const CudnnSdpaProblem problem = cudnn_problem(t, step_kv_len, shape_, dtype_, qs, os, ds, dq_s, dkv_s);
+  const CudnnSdpaProblem problem = task_problem(t, step_kv_len, q, out, dout, dq, dk, direct);
   // Plans for dense tensors were built before the ring; other strides build theirs now, and a
   // refusal falls back to the native kernels on this rank.
   if (!cudnn_->try_prepare_backward(problem)) return false;

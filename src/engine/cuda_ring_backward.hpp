@@ -37,6 +37,8 @@
 
 namespace ringattn::detail {
 
+struct CudnnSdpaProblem;
+
 class CudaRingBackward {
  public:
   CudaRingBackward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
@@ -62,6 +64,13 @@ class CudaRingBackward {
   std::size_t kv_bytes(std::int64_t kv_len) const;   // K and V of a block, dtype
   std::size_t acc_bytes(std::int64_t kv_len) const;  // dK and dV of a block, fp32
   bool task_uses_cudnn(const BlockTask& t, std::int64_t step_kv_len) const;
+  // The cuDNN problem of one task; direct: cuDNN writes dq, dk, dv (else dense task blocks).
+  CudnnSdpaProblem task_problem(const BlockTask& t, std::int64_t step_kv_len, const TensorView& q,
+                                const TensorView& out, const TensorView& dout, const TensorView& dq,
+                                const TensorView& dk, bool direct) const;
+  // P = 1, one task, on cuDNN with a plan for these strides: cuDNN will write the gradients.
+  bool will_write_direct(const TensorView& q, const TensorView& out, const TensorView& dout, const TensorView& dq,
+                         const TensorView& dk, const TensorView& dv) const;
   // Runs one task on cuDNN and adds its gradients to the accumulators (calling await_acc
   // before touching dK/dV); false when cuDNN refuses the task's strides.
   bool run_cudnn_task(const BlockTask& t, std::int64_t step_kv_len, const TensorView& q, const void* k, const void* v,
