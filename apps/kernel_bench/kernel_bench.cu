@@ -39,8 +39,11 @@ const char* kVariants[] = {"library default", "BN64 MT2 W4", "BN64 MT1 W4", "BN6
                            "BN64 MT2 W4 2/SM", "BN128 MT1 W4 Qregs 2/SM", "default tiles, separate merge kernel",
                            "mma.sync kernel, default tiles", "wgmma BN128 2 warpgroups 1/SM",
                            "wgmma BN64 2 warpgroups 2/SM", "wgmma BN64 3 warpgroups 1/SM",
-                           "cuDNN fused attention (O and LSE written directly, no running state)"};
+                           "cuDNN fused attention (O and LSE written directly, no running state)",
+                           "wgmma warp-specialised (FlashKernel::wgmma_ws): TMA producer warp, 2 consumer "
+                           "warpgroups, BN128, intra-warpgroup overlap"};
 constexpr int kCudnnVariant = 19;
+constexpr int kWsVariant = 20;
 
 // The alternative to the fused epilogue merge: the kernel writes its block result (o_b
 // normalised, lse_b) to scratch, then this merges it into the running state, one warp per row:
@@ -101,6 +104,7 @@ void launch_variant(int variant, const FlashFwdParams& p, DType dtype, std::int6
     case 16: return flash::launch_flash_fwd_sm90_traits<flash::Sm90Traits<bf16, 128, 128, 2, 1>>(p, s);
     case 17: return flash::launch_flash_fwd_sm90_traits<flash::Sm90Traits<bf16, 128, 64, 2, 2>>(p, s);
     case 18: return flash::launch_flash_fwd_sm90_traits<flash::Sm90Traits<bf16, 128, 64, 3, 1>>(p, s);
+    case kWsVariant: return flash_fwd(p, dtype, dim, s, FlashKernel::wgmma_ws);
     default: return flash_fwd(p, dtype, dim, s);
   }
 }
@@ -143,7 +147,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 #endif
-  if (variant >= 16 && variant < kCudnnVariant && !flash_fwd_wgmma_available()) {
+  if (variant >= 16 && variant != kCudnnVariant && !flash_fwd_wgmma_available()) {
     std::fprintf(stderr, "kernel_bench: variant %d needs the wgmma kernel (compute capability 9.0, sm_90a build)\n",
                  variant);
     return 2;

@@ -129,10 +129,14 @@ void check_case(const Case& c, FlashKernel kernel) {
   EXPECT_LE(lse_err, 1e-3);
 }
 
-// Every native kernel this device can run: mma.sync everywhere, wgmma on compute capability 9.0.
+// Every native kernel this device can run: mma.sync everywhere, wgmma and its warp-specialised
+// variant on compute capability 9.0.
 void check_case(const Case& c) {
   check_case(c, FlashKernel::mma_sync);
-  if (flash_fwd_wgmma_available()) check_case(c, FlashKernel::wgmma);
+  if (flash_fwd_wgmma_available()) {
+    check_case(c, FlashKernel::wgmma);
+    check_case(c, FlashKernel::wgmma_ws);
+  }
 }
 
 class FlashFwd : public ::testing::Test {

@@ -14,7 +14,10 @@ namespace ringattn::detail {
 
 // The native flash forward kernels: mma.sync (sm_80 and later) and wgmma (sm_90a: H100,
 // H200). automatic picks wgmma where the current device and the build allow it.
-enum class FlashKernel { automatic, mma_sync, wgmma };
+// wgmma_ws: the warp-specialised wgmma kernel (TMA producer warp, intra-warpgroup overlap;
+// flash_fwd_sm90_ws.cuh) for head_dim 128, else the wgmma kernel. Opt-in until it has passed
+// the GPU tests against the fp64 reference (tests/gpu/test_flash_fwd.cpp runs it).
+enum class FlashKernel { automatic, mma_sync, wgmma, wgmma_ws };
 const char* to_string(FlashKernel kernel);
 
 // Head dims the native kernels are instantiated for.

@@ -3,10 +3,12 @@
 #include <cuda_fp16.h>
 
 #include <array>
+#include <cstdlib>
 #include <string>
 
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
+#include "kernels/cuda/flash_fwd_sm90_ws.cuh"
 #include "ringattn/error.hpp"
 
 namespace ringattn::detail {
@@ -16,6 +18,8 @@ template <typename T, int kHeadDim>
 void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream);
 template <typename T, int kHeadDim>
 void launch_flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream);
+template <typename T, int kHeadDim>
+void launch_flash_fwd_sm90_ws(const FlashFwdParams& p, cudaStream_t stream);
 }  // namespace flash
 
 const char* to_string(FlashKernel kernel) {
@@ -23,6 +27,7 @@ const char* to_string(FlashKernel kernel) {
     case FlashKernel::automatic: return "automatic";
     case FlashKernel::mma_sync: return "mma.sync";
     case FlashKernel::wgmma: return "wgmma";
+    case FlashKernel::wgmma_ws: return "wgmma warp-specialised";
   }
   return "?";
 }
@@ -50,8 +55,35 @@ bool flash_fwd_wgmma_available() {
 #endif
 }
 
+namespace {
+
+// RINGATTN_NATIVE_KERNEL=mma_sync|wgmma|wgmma_ws: what `automatic` means, for A/B runs of the
+// native kernels (and to run the opt-in wgmma_ws kernel in the ring). Read once.
+FlashKernel native_kernel_override() {
+  static const FlashKernel chosen = [] {
+    const char* env = std::getenv("RINGATTN_NATIVE_KERNEL");
+    if (env == nullptr || *env == '\0') return FlashKernel::automatic;
+    const std::string name(env);
+    if (name == "mma_sync") return FlashKernel::mma_sync;
+    if (name == "wgmma") return FlashKernel::wgmma;
+    if (name == "wgmma_ws") return FlashKernel::wgmma_ws;
+    throw Error(ErrorCode::invalid_argument,
+                "RINGATTN_NATIVE_KERNEL=" + name + ": expected mma_sync, wgmma or wgmma_ws (or unset)");
+  }();
+  return chosen;
+}
+
+}  // namespace
+
 FlashKernel flash_fwd_resolve(FlashKernel kernel) {
   if (kernel != FlashKernel::automatic) return kernel;
+  if (const FlashKernel chosen = native_kernel_override(); chosen != FlashKernel::automatic) {
+    if (chosen != FlashKernel::mma_sync && !flash_fwd_wgmma_available()) {
+      throw Error(ErrorCode::invalid_argument, std::string("RINGATTN_NATIVE_KERNEL=") + std::getenv("RINGATTN_NATIVE_KERNEL") +
+                                                   " needs a compute capability 9.0 GPU and a build with sm_90a code");
+    }
+    return chosen;
+  }
   return flash_fwd_wgmma_available() ? FlashKernel::wgmma : FlashKernel::mma_sync;
 }
 
@@ -63,13 +95,16 @@ void flash_fwd(const FlashFwdParams& p, DType dtype, std::int64_t head_dim, cuda
   }
   kernel = flash_fwd_resolve(kernel);
   const bool bf16 = dtype == DType::bf16;
-  if (kernel == FlashKernel::wgmma) {
+  if (kernel == FlashKernel::wgmma || kernel == FlashKernel::wgmma_ws) {
     if (!flash_fwd_wgmma_available()) {
       throw Error(ErrorCode::invalid_argument, "the wgmma flash kernel needs a compute capability 9.0 GPU and a build with "
                                           "CMAKE_CUDA_ARCHITECTURES including 90a");
     }
     if (head_dim == 64) {
       bf16 ? flash::launch_flash_fwd_sm90<__nv_bfloat16, 64>(p, stream) : flash::launch_flash_fwd_sm90<__half, 64>(p, stream);
+    } else if (kernel == FlashKernel::wgmma_ws && flash::sm90_ws_supports(p)) {  // TMA can describe q, k, v
+      bf16 ? flash::launch_flash_fwd_sm90_ws<__nv_bfloat16, 128>(p, stream)
+           : flash::launch_flash_fwd_sm90_ws<__half, 128>(p, stream);
     } else {
       bf16 ? flash::launch_flash_fwd_sm90<__nv_bfloat16, 128>(p, stream)
            : flash::launch_flash_fwd_sm90<__half, 128>(p, stream);

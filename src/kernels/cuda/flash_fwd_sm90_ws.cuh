@@ -1,0 +1,384 @@
+// kernels/cuda/flash_fwd_sm90_ws.cuh: the warp-specialised Hopper (sm_90a) flash forward kernel
+// for head_dim 128 (FlashKernel::wgmma_ws; flash_fwd_sm90.cuh serves head_dim 64 and tensors
+// whose strides or alignment TMA cannot describe). Opt-in: see cuda_kernels.hpp.
+//
+// Same contract as flash_fwd_sm90.cuh (FlashFwdParams: one task; the merge into the running
+// state or the direct write fused into the epilogue). What changes is how the tensor cores
+// are kept busy (the FlashAttention-3 recipe, written here from the paper's description):
+//  - a producer warp (warp 0) loads Q once and the K and V tiles with TMA
+//    (cp.async.bulk.tensor) into 128-byte-swizzled shared memory, two stages deep, each load
+//    signalling a "full" mbarrier with its byte count; the consumers free a stage by arriving
+//    on its "empty" mbarrier (one arrival per consumer warp). No CTA-wide barrier in the loop.
+//  - two consumer warpgroups own 64 query rows each (128 per CTA) over 128-key tiles;
+//  - within a warpgroup, S_j = Q K_j^T is issued before O += P_{j-1} V_{j-1}, and the softmax of
+//    S_j runs while that second MMA is still in flight (intra-warpgroup overlap): the tensor
+//    cores see the next MMA while the exp2s run.
+// 384 threads and one CTA per SM: the producer warpgroup gives up registers (setmaxnreg 40) so that
+// the consumers get 232 each (O, S and P alone take 160). A 4-warp sub-partition of the SM holds
+// 16K registers: one producer warp and two consumer warps, 32 x (40 + 2 x 232) = 16128.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "core/cuda_check.hpp"
+#include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/flash_fwd_params.hpp"
+#include "kernels/cuda/wgmma.cuh"
+#include "ringattn/error.hpp"
+
+namespace ringattn::detail::flash {
+
+template <typename T_, int kHeadDim_>
+struct Sm90WsTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;  // two consumer warpgroups of 64 rows
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 384;  // a producer warpgroup + 2 consumer warpgroups
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kTileBytes = kBlockN * kHeadDim * 2;  // one K or one V tile
+  static constexpr int kBoxBytes = kBlockN * 128;            // one 64-column atom column of a tile
+  // Q, kStages K and V tiles, 1 KiB of alignment slack, the mbarriers.
+  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
+  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kTileBytes + 1024 + kBarrierBytes;
+  static_assert(kHeadDim == 128, "the warp-specialised kernel is written for head_dim 128");
+};
+
+// --- mbarrier and TMA wrappers (PTX ISA: mbarrier, cp.async.bulk.tensor) ---
+__device__ __forceinline__ void mbar_init(std::uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// One box of a 4-d tensor map (columns, rows, heads, batch) into shared memory.
+__device__ __forceinline__ void tma_load_4d(std::uint32_t dst, const CUtensorMap* map, std::uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs_u32(std::uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+}
+
+template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_fwd_sm90_ws_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                             const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NSTAGE = Tr::kStages;
+  constexpr int NS = BN / 2;  // S accumulator registers per thread
+  constexpr int NO = D / 2;   // O accumulator registers per thread
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const std::uint32_t smem_base = (static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const std::uint32_t sQ = smem_base;
+  const std::uint32_t sK = sQ + Tr::kQBytes;
+  const std::uint32_t sV = sK + NSTAGE * Tr::kTileBytes;
+  const std::uint32_t bars = sV + NSTAGE * Tr::kTileBytes;
+  const std::uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8u * (1 + s); };
+  auto v_full = [&](int s) { return bars + 8u * (1 + NSTAGE + s); };
+  auto k_empty = [&](int s) { return bars + 8u * (1 + 2 * NSTAGE + s); };
+  auto v_empty = [&](int s) { return bars + 8u * (1 + 3 * NSTAGE + s); };
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const CtaTask<T, BM, kCausal> task(p);
+  const int m0 = task.m0, h = task.h, b = task.b, n_end = task.n_end;
+  const int j0 = task.n_begin / BN;
+  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN - j0 : 0;  // tiles this CTA computes
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < NSTAGE; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), 8);  // one arrival per consumer warp
+      mbar_init(v_empty(s), 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (n_tiles <= 0) return;  // no key reaches this CTA's rows: nothing to write
+
+  if (warp < 4) {  // the producer warpgroup: one thread issues the loads; registers go to the consumers
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp == 0 && lane == 0) {
+      const int kv_head = h / p.kv_group;
+      mbar_expect_tx(q_full, Tr::kQBytes);
+      tma_load_4d(sQ, &tm_q, q_full, 0, p.q_begin + m0, h, b);
+      tma_load_4d(sQ + BM * 128, &tm_q, q_full, 64, p.q_begin + m0, h, b);
+      for (int it = 0; it < n_tiles; ++it) {
+        const int s = it % NSTAGE;
+        const std::uint32_t phase = static_cast<std::uint32_t>(it / NSTAGE) & 1u;
+        const int row = p.kv_begin + (j0 + it) * BN;
+        mbar_wait(k_empty(s), phase ^ 1u);
+        mbar_expect_tx(k_full(s), Tr::kTileBytes);
+        tma_load_4d(sK + s * Tr::kTileBytes, &tm_k, k_full(s), 0, row, kv_head, b);
+        tma_load_4d(sK + s * Tr::kTileBytes + Tr::kBoxBytes, &tm_k, k_full(s), 64, row, kv_head, b);
+        mbar_wait(v_empty(s), phase ^ 1u);
+        mbar_expect_tx(v_full(s), Tr::kTileBytes);
+        tma_load_4d(sV + s * Tr::kTileBytes, &tm_v, v_full(s), 0, row, kv_head, b);
+        tma_load_4d(sV + s * Tr::kTileBytes + Tr::kBoxBytes, &tm_v, v_full(s), 64, row, kv_head, b);
+      }
+    }
+    return;
+  }
+
+  // The consumers: warpgroup wg owns rows m0 + 64 wg .. + 63.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int wg = warp / 4 - 1, warp_in_wg = warp % 4;
+  const int wg_row = m0 + wg * 64;
+  const int row0 = wg_row + warp_in_wg * 16 + lane / 4;  // this thread's rows: row0, row0 + 8
+
+  float o[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+  float s[NS];
+  std::uint32_t a[BN / 16][4];
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, correction[2] = {1.0f, 1.0f};
+
+  auto issue_s = [&](int st) {  // S = Q K^T for this warpgroup's rows, stage st
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const std::uint32_t a_addr = sQ + (ks / 4) * BM * 128 + wg * 64 * 128 + (ks % 4) * 32;
+      const std::uint32_t b_addr = sK + st * Tr::kTileBytes + (ks / 4) * BN * 128 + (ks % 4) * 32;
+      Wgmma<T, BN>::ss(s, smem_desc_sw128(a_addr, 16, 1024), smem_desc_sw128(b_addr, 16, 1024), ks > 0);
+    }
+  };
+  auto issue_pv = [&](int st) {  // O += P V, stage st
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      Wgmma<T, D>::rs_tn(o, a[kk], smem_desc_sw128(sV + st * Tr::kTileBytes + kk * 16 * 128, BN * 128, 1024));
+    }
+  };
+  auto release = [&](std::uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+  // Masks tile j's scores and turns them into probabilities (log2 units); records the
+  // correction of the output so far in correction[].
+  auto softmax = [&](int j) {
+    const int n0 = j * BN;
+    const bool past_end = n0 + BN > p.kv_len;
+    const bool crosses = kCausal && n0 + BN - 1 > wg_row + p.diag_offset;
+    const bool crosses_low = kCausal && p.band && n0 < wg_row + 63 + p.lower_offset;
+    if (past_end || crosses || crosses_low) {
+      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+#pragma unroll
+      for (int i = 0; i < NS; ++i) {
+        const int row = row0 + ((i % 4) >= 2 ? 8 : 0);
+        const int col = n0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
+        if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) s[i] = -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(s[4 * t + 2 * hr], s[4 * t + 2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float new_max = fmaxf(row_max[hr], mx * p.scale_log2);
+      const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet
+      correction[hr] = fast_exp2(row_max[hr] - base);
+      row_max[hr] = new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int t = 0; t < BN / 8; ++t) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pe = fast_exp2(fmaf(s[4 * t + 2 * hr + e], p.scale_log2, -base));
+          s[4 * t + 2 * hr + e] = pe;
+          sum += pe;
+        }
+      }
+      row_sum[hr] = row_sum[hr] * correction[hr] + sum;
+    }
+  };
+  auto rescale_and_pack = [&] {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+#pragma unroll
+      for (int t = 0; t < D / 8; ++t) {
+        o[4 * t + 2 * hr] *= correction[hr];
+        o[4 * t + 2 * hr + 1] *= correction[hr];
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      a[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      a[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      a[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      a[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+
+  mbar_wait(q_full, 0);
+  // The first tile: S, softmax, P.
+  mbar_wait(k_full(0), 0);
+  wgmma_fence();
+  issue_s(0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(s);
+  release(k_empty(0));
+  softmax(j0);
+  rescale_and_pack();
+  for (int it = 1; it < n_tiles; ++it) {
+    const int st = it % NSTAGE, prev = (it - 1) % NSTAGE;
+    const std::uint32_t phase = static_cast<std::uint32_t>(it / NSTAGE) & 1u;
+    const std::uint32_t prev_phase = static_cast<std::uint32_t>((it - 1) / NSTAGE) & 1u;
+    mbar_wait(k_full(st), phase);
+    wgmma_fence();
+    issue_s(st);  // S_j ...
+    wgmma_commit();
+    mbar_wait(v_full(prev), prev_phase);
+    issue_pv(prev);  // ... then O += P_{j-1} V_{j-1}, both in flight
+    wgmma_commit();
+    wgmma_wait<1>();  // S_j has landed; the softmax overlaps the P V MMAs
+    fence_regs(s);
+    release(k_empty(st));
+    softmax(j0 + it);
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs_u32(a);
+    release(v_empty(prev));
+    rescale_and_pack();
+  }
+  const int last = (n_tiles - 1) % NSTAGE;
+  mbar_wait(v_full(last), static_cast<std::uint32_t>((n_tiles - 1) / NSTAGE) & 1u);
+  wgmma_fence();
+  issue_pv(last);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(o);
+  fence_regs_u32(a);
+  release(v_empty(last));
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float vals[D / 8][2];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) vals[t][0] = o[4 * t + 2 * hr], vals[t][1] = o[4 * t + 2 * hr + 1];
+    finish_row<T, D>(p, b, h, row0 + hr * 8, lane, row_max[hr], row_sum[hr], vals);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+// --- host side: tensor maps over (B, rows, heads, D) tensors, TMA boxes of 64 columns ---
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+inline EncodeTiledFn encode_tiled_fn() {
+  static const EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    RINGATTN_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || ptr == nullptr) {
+      throw Error(ErrorCode::cuda, "the CUDA driver has no cuTensorMapEncodeTiled (TMA)");
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// rows: the extent of the row dimension (later rows read as zeros); strides in elements.
+template <typename T>
+CUtensorMap make_tile_map(const void* base, int dim, std::int64_t rows, int heads, int batch, std::int64_t row_stride,
+                          std::int64_t head_stride, std::int64_t batch_stride, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  // One batch: its stride is never used, but TMA still wants a multiple of 16 bytes.
+  const std::int64_t batch_step = batch > 1 ? batch_stride : (rows * row_stride + 7) / 8 * 8;
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_stride) * sizeof(T),
+                                 static_cast<cuuint64_t>(head_stride) * sizeof(T),
+                                 static_cast<cuuint64_t>(batch_step) * sizeof(T)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type =
+      sizeof(T) == 2 && std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult rc = encode_tiled_fn()(&map, type, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
+                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (rc != CUDA_SUCCESS) {
+    throw Error(ErrorCode::cuda, "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(rc)) +
+                                     "): strides must be multiples of 16 bytes and the base 16-byte aligned");
+  }
+  return map;
+}
+
+// TMA's constraints on the tensors: 16-byte aligned bases and strides (8 16-bit elements).
+inline bool sm90_ws_supports(const FlashFwdParams& p) {
+  auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+  auto stride_ok = [](std::int64_t s) { return s > 0 && s % 8 == 0; };
+  return aligned(p.q) && aligned(p.k) && aligned(p.v) && stride_ok(p.q_row_stride) && stride_ok(p.q_head_stride) &&
+         stride_ok(p.kv_row_stride) && stride_ok(p.kv_head_stride) &&
+         (p.batch <= 1 || (stride_ok(p.q_batch_stride) && stride_ok(p.kv_batch_stride)));
+}
+
+template <class Tr>
+void launch_flash_fwd_sm90_ws_traits(const FlashFwdParams& p, cudaStream_t stream) {
+  using T = typename Tr::T;
+  if (p.q_len <= 0 || p.kv_len <= 0) return;
+  const int kv_heads = p.heads / p.kv_group;
+  const CUtensorMap tq = make_tile_map<T>(p.q, Tr::kHeadDim, p.q_begin + p.q_len, p.heads, p.batch, p.q_row_stride,
+                                          p.q_head_stride, p.q_batch_stride, Tr::kBlockM);
+  const CUtensorMap tk = make_tile_map<T>(p.k, Tr::kHeadDim, p.kv_begin + p.kv_len, kv_heads, p.batch, p.kv_row_stride,
+                                          p.kv_head_stride, p.kv_batch_stride, Tr::kBlockN);
+  const CUtensorMap tv = make_tile_map<T>(p.v, Tr::kHeadDim, p.kv_begin + p.kv_len, kv_heads, p.batch, p.kv_row_stride,
+                                          p.kv_head_stride, p.kv_batch_stride, Tr::kBlockN);
+  const dim3 grid((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
+  static const bool configured = [] {  // over 48 KiB of shared memory: opt in once per instantiation
+    RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_sm90_ws_kernel<Tr, true>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+    RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_sm90_ws_kernel<Tr, false>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+    return true;
+  }();
+  (void)configured;
+  if (p.causal) {
+    flash_fwd_sm90_ws_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv);
+  } else {
+    flash_fwd_sm90_ws_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv);
+  }
+  RINGATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, int kHeadDim>
+void launch_flash_fwd_sm90_ws(const FlashFwdParams& p, cudaStream_t stream) {
+  launch_flash_fwd_sm90_ws_traits<Sm90WsTraits<T, kHeadDim>>(p, stream);
+}
+
+}  // namespace ringattn::detail::flash
