@@ -214,6 +214,9 @@ int bench_command(Context& ctx, const BenchOptions& o) {
 #endif
 
       Timing timing;
+#ifdef RINGATTN_HAVE_CUDA
+      detail::CudaRingForward::Breakdown breakdown;
+#endif
       // With --backward every timed run is a forward and a backward pass.
       std::unique_ptr<GradientTensors> grads;
       detail::PreparedBackward prepared_bwd;
@@ -248,8 +251,13 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                                    grads->dv_view, prepared_bwd.scale, false);
           }
         });
-        prepared.run(t.q, t.k, t.v, t.out, t.lse);  // leave the ring's result for --check
+        // One more ring run, profiled (timing events around kernels, merges and copies), which
+        // also leaves the ring's result for --check.
+        prepared.cuda->set_profiling(true);
+        prepared.run(t.q, t.k, t.v, t.out, t.lse);
         prepared.wait_cuda();
+        prepared.cuda->set_profiling(false);
+        breakdown = prepared.cuda->breakdown();
       }
       if (prepared.cuda_linear) {
         bytes = static_cast<double>(prepared.cuda_linear->bytes_sent_per_run());
@@ -281,6 +289,22 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                       {"head_dim", p.head_dim}, {"causal", causal}, {"layout", to_string(p.layout)},
                       {"dtype", to_string(p.dtype)}, {"time_ms", timing.ring_ms}, {"solo_ms", timing.solo_ms},
                       {"tflops_per_rank", tflops}, {"comm_gbps", gbps}, {"overlap", overlap}, {"wrong", wrong}});
+#ifdef RINGATTN_HAVE_CUDA
+      if (breakdown.steps > 0) {
+        // The forward ring's time outside the block kernels, per step, on rank 0.
+        const double n = breakdown.steps;
+        print0(ctx,
+               "#   forward per step (rank 0, one profiled run of %.3f ms): block kernels %.3f ms, merges %.3f ms, "
+               "copies %.3f ms, waits for transfers and gaps %.3f ms\n",
+               breakdown.total_ms, breakdown.kernel_ms / n, breakdown.merge_ms / n, breakdown.copy_ms / n,
+               breakdown.wait_ms() / n);
+        table.back()["forward_step_ms"] = {{"steps", breakdown.steps},
+                                           {"kernels", breakdown.kernel_ms / n},
+                                           {"merges", breakdown.merge_ms / n},
+                                           {"copies", breakdown.copy_ms / n},
+                                           {"waits", breakdown.wait_ms() / n}};
+      }
+#endif
     }
   }
   const bool ok = total_wrong <= 0.0;

@@ -196,10 +196,26 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   const int P = plan_.world;
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
   const auto elem = static_cast<std::int64_t>(dtype_size(dtype_));
+  // Profiling: timing events around the work `fn` enqueues, filed under `what`.
+  timing_used_ = 0;
+  spans_.clear();
+  profiled_steps_ = 0;
+  if (profiling_) timing_mark(stream);  // event 0: the run's start
+  auto span = [&](Span what, auto&& fn) {
+    if (!profiling_) {
+      fn();
+      return;
+    }
+    const int from = timing_mark(stream);
+    fn();
+    spans_.push_back({what, from, timing_mark(stream)});
+  };
   auto* own = static_cast<unsigned char*>(blocks_[0].get());
   auto pack_own = [&](unsigned char* dst) {
-    pack_rows(k, dst, stream);
-    pack_rows(v, dst + block_bytes(q_len_) / 2, stream);
+    span(Span::copy, [&] {
+      pack_rows(k, dst, stream);
+      pack_rows(v, dst + block_bytes(q_len_) / 2, stream);
+    });
   };
   // One rank: no block travels, so dense K and V are read where they are (no packing copy,
   // ~10% of a 4k forward).
@@ -207,7 +223,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   if (!kv_in_place) pack_own(own);
   std::uint64_t sink_bytes = 0;
   // The sink tokens first: each owner broadcasts its rows of the packed block.
-  if (plan_.sink_len > 0) sink_bytes = gather_sinks(own, communicate, stream);
+  if (plan_.sink_len > 0) span(Span::copy, [&] { sink_bytes = gather_sinks(own, communicate, stream); });
   // One step with one task covering every row (P = 1): the kernel writes the final output
   // itself, with no fp32 running state to initialise, merge or convert.
   bool single_task = one_task_;
@@ -216,7 +232,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       (lse.strides[2] != 1 || lse.strides[1] != q_len_ || lse.strides[0] != H * q_len_)) {
     single_task = false;
   }
-  if (!single_task) fill_neg_inf(lse_acc_.as<float>(), B * H * q_len_, stream);
+  if (!single_task) span(Span::copy, [&] { fill_neg_inf(lse_acc_.as<float>(), B * H * q_len_, stream); });
 
   NcclTransport transport(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
   FlashFwdParams p;
@@ -270,7 +286,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       const CudnnSdpaProblem problem =
           cudnn_task_problem(t, block_len, shape_, dtype_, q_strides, single_task ? out_strides : block_strides);
       if (!task_uses_cudnn(t) || !cudnn_->try_prepare(problem)) {
-        flash_fwd(p, dtype_, D, stream);
+        span(Span::kernel, [&] { flash_fwd(p, dtype_, D, stream); });
         continue;
       }
       const auto* q_rows = static_cast<const unsigned char*>(q.data) + t.q_begin * q.strides[1] * elem;
@@ -280,10 +296,12 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       // is merged into the running state.
       void* o_dst = single_task ? out.data : o_block_.get();
       float* lse_dst = single_task && lse.data != nullptr ? static_cast<float*>(lse.data) : lse_block_.as<float>();
-      cudnn_->forward(problem, q_rows, k_rows, v_rows, o_dst, lse_dst, scale, stream);
+      span(Span::kernel, [&] { cudnn_->forward(problem, q_rows, k_rows, v_rows, o_dst, lse_dst, scale, stream); });
       if (!single_task) {
-        merge_block_result(o_acc_.as<float>(), lse_acc_.as<float>(), q_len_, t.q_begin, t.q_len, B, H, D,
-                           o_block_.get(), dtype_, lse_block_.as<float>(), stream);
+        span(Span::merge, [&] {
+          merge_block_result(o_acc_.as<float>(), lse_acc_.as<float>(), q_len_, t.q_begin, t.q_len, B, H, D,
+                             o_block_.get(), dtype_, lse_block_.as<float>(), stream);
+        });
       }
     }
   };
@@ -350,7 +368,35 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
     compute(plan_.sink_tasks, sink, sink + block_bytes(plan_.sink_len) / 2, plan_.sink_len);
   }
   bytes_sent_per_run_ = transport.bytes_sent() + sink_bytes;
-  if (!single_task) finalize_output(o_acc_.as<float>(), lse_acc_.as<float>(), out, lse, stream);
+  if (!single_task) span(Span::copy, [&] { finalize_output(o_acc_.as<float>(), lse_acc_.as<float>(), out, lse, stream); });
+  if (profiling_) {
+    timing_mark(stream);  // the run's end (its start is event 0)
+    profiled_steps_ = static_cast<int>(plan_.steps.size() + plan_.reverse_steps.size());
+  }
+}
+
+int CudaRingForward::timing_mark(cudaStream_t stream) {
+  if (timing_used_ >= static_cast<int>(timing_events_.size())) timing_events_.emplace_back(true);
+  RINGATTN_CUDA_CHECK(cudaEventRecord(timing_events_[static_cast<std::size_t>(timing_used_)], stream));
+  return timing_used_++;
+}
+
+CudaRingForward::Breakdown CudaRingForward::breakdown() const {
+  Breakdown b;
+  if (timing_used_ < 2) return b;
+  auto elapsed = [&](int from, int to) {
+    float ms = 0.0f;
+    RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, timing_events_[static_cast<std::size_t>(from)],
+                                             timing_events_[static_cast<std::size_t>(to)]));
+    return static_cast<double>(ms);
+  };
+  b.total_ms = elapsed(0, timing_used_ - 1);
+  for (const SpanMark& m : spans_) {
+    const double ms = elapsed(m.from, m.to);
+    (m.what == Span::kernel ? b.kernel_ms : m.what == Span::merge ? b.merge_ms : b.copy_ms) += ms;
+  }
+  b.steps = profiled_steps_;
+  return b;
 }
 
 void CudaRingForward::record_hop(std::string what, cudaStream_t stream) {

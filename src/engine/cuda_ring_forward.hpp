@@ -61,6 +61,20 @@ class CudaRingForward {
 
   std::uint64_t bytes_sent_per_run() const { return bytes_sent_per_run_; }
 
+  // Where the time of a run goes, on this rank's compute stream: the block kernels (cuDNN's
+  // attention or the native kernel, whose merge is fused), separate merge kernels (after
+  // cuDNN), copies (packing K/V, the running state's initialisation and final conversion, the
+  // sink tokens), and the rest of the run's span: waits for transfers and launch gaps. With
+  // profiling on, run() records timing events around each of these (a few per task); the
+  // breakdown of the last such run is read after it has finished (wait()).
+  struct Breakdown {
+    double total_ms = 0.0, kernel_ms = 0.0, merge_ms = 0.0, copy_ms = 0.0;
+    int steps = 0;  // ring steps of the run (both directions)
+    double wait_ms() const { return total_ms - kernel_ms - merge_ms - copy_ms; }
+  };
+  void set_profiling(bool on) { profiling_ = on; }
+  Breakdown breakdown() const;
+
   // The watchdog's bound on every wait (0: none) and the pids of this node's ranks (to name a
   // stopped one). wait() blocks until everything run() enqueued has finished; on expiry it
   // names the first ring step whose transfer had not completed (see CudaResources::wait).
@@ -114,6 +128,19 @@ class CudaRingForward {
   DeviceBuffer o_block_;        // cuDNN's block result: (B, q_len, H, D) in dtype
   DeviceBuffer lse_block_;      // (B, H, q_len) fp32
   std::string kernel_description_;
+  // Profiling (set_profiling): timing events, reused across runs, and the spans of the last
+  // run as (category, event before, event after); event 0 and the last one bound the run.
+  enum class Span { kernel, merge, copy };
+  struct SpanMark {
+    Span what;
+    int from, to;
+  };
+  bool profiling_ = false;
+  std::vector<CudaEvent> timing_events_;
+  int timing_used_ = 0;
+  std::vector<SpanMark> spans_;
+  int profiled_steps_ = 0;
+  int timing_mark(cudaStream_t stream);  // records the next timing event, returns its index
 };
 
 }  // namespace ringattn::detail
