@@ -9,6 +9,9 @@
 # exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
 # are rounded to the dtype: those meet the absolute tolerance only). Exits 77 (CTest: skipped) where this
 # machine has fewer than $NP GPUs.
+# The checks are independent jobs: RINGATTN_VERIFY_JOBS (default 4) of them run at once on the
+# same GPUs (each its own mpirun, NCCL communicator and fp64 reference; the time is mostly
+# start-up), their reports printed in order at the end; 1 runs them one by one.
 #   ring_verify.sh RINGATTN MPIEXEC NP [mpirun flags...]
 set -u
 ringattn=$1 mpiexec=$2 np=$3
@@ -19,6 +22,20 @@ if [ "${gpus:-0}" -lt "$np" ]; then
   exit 77
 fi
 failed=0
+jobs_max=${RINGATTN_VERIFY_JOBS:-4}
+cores=$(nproc 2>/dev/null || echo 1)
+# The fp64 references of concurrent jobs share the cores.
+threads=$(( cores / (jobs_max * np) ))
+[ "$threads" -ge 1 ] || threads=1
+export OMP_NUM_THREADS=$threads
+reports=$(mktemp -d)
+trap 'rm -rf "$reports"' EXIT
+n_jobs=0
+spawn() {  # runs "$@" (a check and its arguments) as a background job, at most jobs_max at once
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+  n_jobs=$((n_jobs + 1))
+  ( "$@" ) > "$reports/$(printf %04d "$n_jobs").log" 2>&1 &
+}
 check() {  # name, then the verify flags
   local name=$1
   shift
@@ -34,11 +51,11 @@ for layout in contiguous zigzag striped; do
   for causal in "" --causal; do
     for kv in 32 8; do
       for dtype in bf16 fp16; do
-        check "np=$np $layout ${causal:---full} kv-heads=$kv $dtype" --kv-heads "$kv" --layout "$layout" $causal \
+        spawn check "np=$np $layout ${causal:---full} kv-heads=$kv $dtype" --kv-heads "$kv" --layout "$layout" $causal \
           --dtype "$dtype"
       done
     done
-    check "np=$np $layout ${causal:---full} kv-heads=8 bf16 native" --kv-heads 8 --layout "$layout" $causal \
+    spawn check "np=$np $layout ${causal:---full} kv-heads=8 bf16 native" --kv-heads 8 --layout "$layout" $causal \
       --kernel native
   done
 done
@@ -46,46 +63,52 @@ done
 # Sliding windows (contiguous layout): within one block, reaching across blocks, with sinks,
 # and two-sided; the default kernel (cuDNN's band mask where it builds) and the native one.
 for kernel in auto native; do
-  check "np=$np window 300 causal kv-heads=8 $kernel" --kv-heads 8 --layout contiguous --causal --window 300 --kernel "$kernel"
-  check "np=$np window 900 sinks 40 causal $kernel" --layout contiguous --causal --window 900 --sinks 40 --kernel "$kernel"
-  check "np=$np window 200 sinks 16 two-sided fp16 $kernel" --layout contiguous --window 200 --sinks 16 --dtype fp16 \
+  spawn check "np=$np window 300 causal kv-heads=8 $kernel" --kv-heads 8 --layout contiguous --causal --window 300 --kernel "$kernel"
+  spawn check "np=$np window 900 sinks 40 causal $kernel" --layout contiguous --causal --window 900 --sinks 40 --kernel "$kernel"
+  spawn check "np=$np window 200 sinks 16 two-sided fp16 $kernel" --layout contiguous --window 200 --sinks 16 --dtype fp16 \
     --kernel "$kernel"
 done
 
 # Linear attention (contiguous layout): causal with and without a decay, GQA, non-causal
 # unnormalised (identity feature map) in fp16.
-check "np=$np linear causal elu1" --layout contiguous --causal --attention linear
-check "np=$np linear causal decay 0.998 kv-heads=8" --layout contiguous --causal --attention linear --decay 0.998 --kv-heads 8
-check "np=$np linear full identity fp16" --layout contiguous --attention linear --feature-map identity --dtype fp16
-check "np=$np linear full elu1 kv-heads=8" --layout contiguous --attention linear --kv-heads 8
+spawn check "np=$np linear causal elu1" --layout contiguous --causal --attention linear
+spawn check "np=$np linear causal decay 0.998 kv-heads=8" --layout contiguous --causal --attention linear --decay 0.998 --kv-heads 8
+spawn check "np=$np linear full identity fp16" --layout contiguous --attention linear --feature-map identity --dtype fp16
+spawn check "np=$np linear full elu1 kv-heads=8" --layout contiguous --attention linear --kv-heads 8
 
 # One process on two GPUs (--gpus 2, no mpirun): the same bytes as mpirun -np 2 (O and LSE
 # files), and verify's reference check.
-if [ "$np" -eq 2 ]; then
+same_bytes() {  # args: `mpirun -np 2 run` and `run --gpus 2` write the same O and LSE bytes
+  local args=$1 tmp
   tmp=$(mktemp -d)
+  local lse=(--lse "$tmp/lse_a.npy") lse_b=(--lse "$tmp/lse_b.npy")
+  case "$args" in *linear*) lse=(); lse_b=() ;; esac
+  if "$mpiexec" "${mpi_flags[@]}" --bind-to none -np 2 "$ringattn" run --device cuda --seq 4096 --heads 32 --head-dim 128 \
+       $args --out "$tmp/out_a.npy" "${lse[@]}" > "$tmp/a.log" 2>&1 &&
+     "$ringattn" run --gpus 2 --seq 4096 --heads 32 --head-dim 128 $args --out "$tmp/out_b.npy" "${lse_b[@]}" \
+       > "$tmp/b.log" 2>&1 &&
+     cmp -s "$tmp/out_a.npy" "$tmp/out_b.npy" && { [ ${#lse[@]} -eq 0 ] || cmp -s "$tmp/lse_a.npy" "$tmp/lse_b.npy"; }; then
+    echo "ok   --gpus 2 == mpirun -np 2: $args"
+  else
+    echo "FAIL --gpus 2 == mpirun -np 2: $args"; cat "$tmp/a.log" "$tmp/b.log"
+  fi
+  rm -rf "$tmp"
+}
+verify_local() {  # args: verify --gpus 2 against the reference
+  local args=$1 out
+  if out=$("$ringattn" verify --gpus 2 --seq 1536 --heads 32 --head-dim 128 $args 2>&1); then
+    echo "ok   verify --gpus 2 $args: $(echo "$out" | grep -m1 'O:')"
+  else
+    echo "FAIL verify --gpus 2 $args"; echo "$out"
+  fi
+}
+if [ "$np" -eq 2 ]; then
   for args in "--causal --layout zigzag" "--layout striped --kv-heads 8" "--causal --window 300 --sinks 8" \
               "--attention linear --causal --decay 0.999"; do
-    lse=(--lse "$tmp/lse_a.npy")
-    lse_b=(--lse "$tmp/lse_b.npy")
-    case "$args" in *linear*) lse=(); lse_b=() ;; esac
-    rm -f "$tmp"/*.npy
-    if "$mpiexec" "${mpi_flags[@]}" --bind-to none -np 2 "$ringattn" run --device cuda --seq 4096 --heads 32 --head-dim 128 \
-         $args --out "$tmp/out_a.npy" "${lse[@]}" > "$tmp/a.log" 2>&1 &&
-       "$ringattn" run --gpus 2 --seq 4096 --heads 32 --head-dim 128 $args --out "$tmp/out_b.npy" "${lse_b[@]}" \
-         > "$tmp/b.log" 2>&1 &&
-       cmp -s "$tmp/out_a.npy" "$tmp/out_b.npy" && { [ ${#lse[@]} -eq 0 ] || cmp -s "$tmp/lse_a.npy" "$tmp/lse_b.npy"; }; then
-      echo "ok   --gpus 2 == mpirun -np 2: $args"
-    else
-      echo "FAIL --gpus 2 == mpirun -np 2: $args"; cat "$tmp/a.log" "$tmp/b.log"; failed=1
-    fi
+    spawn same_bytes "$args"
   done
-  rm -rf "$tmp"
   for args in "--causal --layout zigzag --kv-heads 8" "--window 200 --sinks 16" "--attention linear --kv-heads 8"; do
-    if out=$("$ringattn" verify --gpus 2 --seq 1536 --heads 32 --head-dim 128 $args 2>&1); then
-      echo "ok   verify --gpus 2 $args: $(echo "$out" | grep -m1 'O:')"
-    else
-      echo "FAIL verify --gpus 2 $args"; echo "$out"; failed=1
-    fi
+    spawn verify_local "$args"
   done
 fi
 
@@ -118,32 +141,35 @@ check_bwd() {  # name, strict|loose, then the verify flags; strict: the 1.5x rul
 for layout in contiguous zigzag striped; do
   for causal in "" --causal; do
     for kv in 4 1; do
-      check_bwd "backward np=$np $layout ${causal:---full} kv-heads=$kv bf16" strict --kv-heads "$kv" --layout "$layout" \
+      spawn check_bwd "backward np=$np $layout ${causal:---full} kv-heads=$kv bf16" strict --kv-heads "$kv" --layout "$layout" \
         $causal --head-dim 128 --dtype bf16
     done
   done
-  check_bwd "backward np=$np $layout causal kv-heads=2 fp16 d64" strict --kv-heads 2 --layout "$layout" --causal \
+  spawn check_bwd "backward np=$np $layout causal kv-heads=2 fp16 d64" strict --kv-heads 2 --layout "$layout" --causal \
     --head-dim 64 --dtype fp16
-  check_bwd "backward np=$np $layout causal kv-heads=1 bf16 native" strict --kv-heads 1 --layout "$layout" --causal \
+  spawn check_bwd "backward np=$np $layout causal kv-heads=1 bf16 native" strict --kv-heads 1 --layout "$layout" --causal \
     --head-dim 128 --dtype bf16 --kernel native
   # cuDNN in the ring rounds each task's gradients to the dtype: the absolute tolerance only.
-  check_bwd "backward np=$np $layout causal kv-heads=4 bf16 cudnn" loose --kv-heads 4 --layout "$layout" --causal \
+  spawn check_bwd "backward np=$np $layout causal kv-heads=4 bf16 cudnn" loose --kv-heads 4 --layout "$layout" --causal \
     --head-dim 128 --dtype bf16 --kernel cudnn
 done
 # Sliding-window backward (native kernels with band masks; dK/dV sums sent straight home; the
 # reverse pass for two-sided windows; sink gradients reduced over the ranks).
-check_bwd "backward np=$np window 300 sinks 8 causal kv-heads=2 bf16" strict --layout contiguous --causal --window 300 \
+spawn check_bwd "backward np=$np window 300 sinks 8 causal kv-heads=2 bf16" strict --layout contiguous --causal --window 300 \
   --sinks 8 --head-dim 128 --dtype bf16 --kv-heads 2
-check_bwd "backward np=$np window 700 causal kv-heads=4 bf16" strict --layout contiguous --causal --window 700 \
+spawn check_bwd "backward np=$np window 700 causal kv-heads=4 bf16" strict --layout contiguous --causal --window 700 \
   --head-dim 128 --dtype bf16 --kv-heads 4
-check_bwd "backward np=$np window 200 sinks 4 two-sided fp16 d64" strict --layout contiguous --window 200 --sinks 4 \
+spawn check_bwd "backward np=$np window 200 sinks 4 two-sided fp16 d64" strict --layout contiguous --window 200 --sinks 4 \
   --head-dim 64 --dtype fp16 --kv-heads 1
 # Linear attention's backward (forward states walked forward, dual states backward, both
 # scanned across ranks).
-check_bwd "backward np=$np linear causal decay 0.995 kv-heads=2 bf16" strict --layout contiguous --attention linear \
+spawn check_bwd "backward np=$np linear causal decay 0.995 kv-heads=2 bf16" strict --layout contiguous --attention linear \
   --causal --decay 0.995 --head-dim 128 --dtype bf16 --kv-heads 2
-check_bwd "backward np=$np linear full elu1 fp16 d64" strict --layout contiguous --attention linear --head-dim 64 \
+spawn check_bwd "backward np=$np linear full elu1 fp16 d64" strict --layout contiguous --attention linear --head-dim 64 \
   --dtype fp16
-check_bwd "backward np=$np linear causal identity bf16" strict --layout contiguous --attention linear --causal \
+spawn check_bwd "backward np=$np linear causal identity bf16" strict --layout contiguous --attention linear --causal \
   --feature-map identity --head-dim 128 --dtype bf16 --kv-heads 1
+wait
+cat "$reports"/*.log
+if grep -q '^FAIL' "$reports"/*.log; then failed=1; fi
 exit $failed
