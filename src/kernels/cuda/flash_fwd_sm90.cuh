@@ -77,6 +77,66 @@ __device__ __forceinline__ void load_tile_sw128(std::uint32_t smem, const typena
   }
 }
 
+// Masks a warpgroup's 64 x BN tile of scores (the wgmma accumulator layout; keys n0 ..
+// n0 + BN - 1; this thread's rows row0 and row0 + 8, the warpgroup's first wg_row): keys past
+// the block, and with kCausal keys after the query or, for a band, before its window. Then
+// the online softmax in log2 units: s becomes the probabilities against the updated row
+// maxima, row_sum is rescaled and grows, and rescale(hr, c) is told, per row hr, the factor
+// c = 2^(old max - new max) for the output so far.
+template <int BN, bool kCausal, class Rescale>
+__device__ __forceinline__ void softmax_tile_sm90(float (&s)[BN / 2], const FlashFwdParams& p, int n0, int wg_row,
+                                                  int row0, int lane, float (&row_max)[2], float (&row_sum)[2],
+                                                  Rescale&& rescale) {
+  const bool past_end = n0 + BN > p.kv_len;
+  const bool crosses = kCausal && n0 + BN - 1 > wg_row + p.diag_offset;
+  const bool crosses_low = kCausal && p.band && n0 < wg_row + 63 + p.lower_offset;
+  if (past_end || crosses || crosses_low) {
+    const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+      const int row = row0 + ((i % 4) >= 2 ? 8 : 0);
+      const int col = n0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
+      if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) s[i] = -INFINITY;
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(s[4 * t + 2 * hr], s[4 * t + 2 * hr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float new_max = fmaxf(row_max[hr], mx * p.scale_log2);
+    const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet
+    const float correction = fast_exp2(row_max[hr] - base);
+    row_max[hr] = new_max;
+    float sum = 0.0f;
+#pragma unroll
+    for (int t = 0; t < BN / 8; ++t) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pe = fast_exp2(fmaf(s[4 * t + 2 * hr + e], p.scale_log2, -base));
+        s[4 * t + 2 * hr + e] = pe;
+        sum += pe;
+      }
+    }
+    row_sum[hr] = row_sum[hr] * correction + sum;
+    rescale(hr, correction);
+  }
+}
+
+// P (16-bit) from the probabilities, as the A operand of O += P V: one k16 slice per 16 keys.
+template <typename T, int BN>
+__device__ __forceinline__ void pack_p_sm90(std::uint32_t (&a)[BN / 16][4], const float (&s)[BN / 2]) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    a[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    a[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    a[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    a[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_kernel(const FlashFwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -146,60 +206,18 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_k
       wgmma_wait<0>();
       fence_regs(s);
 
-      // Mask keys past the block and, on tiles that cross the diagonal, keys after the query;
-      // on tiles that cross a band's lower edge, keys before the query's window.
-      const bool past_end = n0 + BN > p.kv_len;
-      const bool crosses = kCausal && n0 + BN - 1 > wg_row + p.diag_offset;
-      const bool crosses_low = kCausal && p.band && n0 < wg_row + 63 + p.lower_offset;
-      if (past_end || crosses || crosses_low) {
-        const int lower = crosses_low ? p.lower_offset : -(1 << 30);
-#pragma unroll
-        for (int i = 0; i < NS; ++i) {
-          const int row = row0 + ((i % 4) >= 2 ? 8 : 0);
-          const int col = n0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
-          if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) s[i] = -INFINITY;
-        }
-      }
-
-      // Online softmax in log2 units; rescale the output so far by 2^(old max - new max).
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(s[4 * t + 2 * hr], s[4 * t + 2 * hr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float new_max = fmaxf(row_max[hr], mx * p.scale_log2);
-        const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet
-        const float correction = fast_exp2(row_max[hr] - base);
-        row_max[hr] = new_max;
-        float sum = 0.0f;
-#pragma unroll
-        for (int t = 0; t < BN / 8; ++t) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pe = fast_exp2(fmaf(s[4 * t + 2 * hr + e], p.scale_log2, -base));
-            s[4 * t + 2 * hr + e] = pe;
-            sum += pe;
-          }
-        }
-        row_sum[hr] = row_sum[hr] * correction + sum;
+      // Masks, online softmax; the output so far is rescaled by 2^(old max - new max).
+      softmax_tile_sm90<BN, kCausal>(s, p, n0, wg_row, row0, lane, row_max, row_sum, [&](int hr, float correction) {
 #pragma unroll
         for (int t = 0; t < D / 8; ++t) {
           o[4 * t + 2 * hr] *= correction;
           o[4 * t + 2 * hr + 1] *= correction;
         }
-      }
+      });
 
       // O += P V_j: P (16-bit) from registers, one k16 slice per 16 keys.
       std::uint32_t a[BN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        a[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-        a[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-        a[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-        a[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-      }
+      pack_p_sm90<T, BN>(a, s);
       fence_regs(o);
       wgmma_fence();
 #pragma unroll

@@ -30,6 +30,7 @@
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_fwd_params.hpp"
+#include "kernels/cuda/flash_fwd_sm90.cuh"
 #include "kernels/cuda/wgmma.cuh"
 #include "ringattn/error.hpp"
 
@@ -183,45 +184,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
-  // Masks tile j's scores and turns them into probabilities (log2 units); records the
-  // correction of the output so far in correction[].
+  // Tile j's masks and online softmax (shared with flash_fwd_sm90.cuh); correction[] then
+  // rescales the output so far once the previous P V has landed.
   auto softmax = [&](int j) {
-    const int n0 = j * BN;
-    const bool past_end = n0 + BN > p.kv_len;
-    const bool crosses = kCausal && n0 + BN - 1 > wg_row + p.diag_offset;
-    const bool crosses_low = kCausal && p.band && n0 < wg_row + 63 + p.lower_offset;
-    if (past_end || crosses || crosses_low) {
-      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
-#pragma unroll
-      for (int i = 0; i < NS; ++i) {
-        const int row = row0 + ((i % 4) >= 2 ? 8 : 0);
-        const int col = n0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
-        if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) s[i] = -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(s[4 * t + 2 * hr], s[4 * t + 2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float new_max = fmaxf(row_max[hr], mx * p.scale_log2);
-      const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet
-      correction[hr] = fast_exp2(row_max[hr] - base);
-      row_max[hr] = new_max;
-      float sum = 0.0f;
-#pragma unroll
-      for (int t = 0; t < BN / 8; ++t) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = fast_exp2(fmaf(s[4 * t + 2 * hr + e], p.scale_log2, -base));
-          s[4 * t + 2 * hr + e] = pe;
-          sum += pe;
-        }
-      }
-      row_sum[hr] = row_sum[hr] * correction[hr] + sum;
-    }
+    softmax_tile_sm90<BN, kCausal>(s, p, j * BN, wg_row, row0, lane, row_max, row_sum,
+                                   [&](int hr, float c) { correction[hr] = c; });
   };
   auto rescale_and_pack = [&] {
 #pragma unroll
@@ -232,13 +199,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         o[4 * t + 2 * hr + 1] *= correction[hr];
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      a[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      a[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      a[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      a[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    pack_p_sm90<T, BN>(a, s);
   };
 
   mbar_wait(q_full, 0);
