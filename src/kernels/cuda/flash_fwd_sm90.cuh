@@ -137,6 +137,21 @@ __device__ __forceinline__ void pack_p_sm90(std::uint32_t (&a)[BN / 16][4], cons
   }
 }
 
+// The epilogue of a thread's two rows (row0, row0 + 8): the fp32 accumulator has the mma.sync
+// layout, so the shared row finisher applies.
+template <typename T, int D>
+__device__ __forceinline__ void finish_rows_sm90(const FlashFwdParams& p, int b, int h, int row0, int lane,
+                                                 const float (&o)[D / 2], const float (&row_max)[2],
+                                                 const float (&row_sum)[2]) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float vals[D / 8][2];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) vals[t][0] = o[4 * t + 2 * hr], vals[t][1] = o[4 * t + 2 * hr + 1];
+    finish_row<T, D>(p, b, h, row0 + hr * 8, lane, row_max[hr], row_sum[hr], vals);
+  }
+}
+
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_kernel(const FlashFwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -234,14 +249,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_k
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
 
-  // Epilogue: the fp32 accumulator has the mma.sync layout, so the shared row finisher applies.
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float vals[D / 8][2];
-#pragma unroll
-    for (int t = 0; t < D / 8; ++t) vals[t][0] = o[4 * t + 2 * hr], vals[t][1] = o[4 * t + 2 * hr + 1];
-    finish_row<T, D>(p, b, h, row0 + hr * 8, lane, row_max[hr], row_sum[hr], vals);
-  }
+  finish_rows_sm90<T, D>(p, b, h, row0, lane, o, row_max, row_sum);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a code: the dispatcher never launches it then
 #endif

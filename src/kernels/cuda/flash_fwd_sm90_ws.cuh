@@ -243,14 +243,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   fence_regs(o);
   fence_regs_u32(a);
   release(v_empty(last));
-
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float vals[D / 8][2];
-#pragma unroll
-    for (int t = 0; t < D / 8; ++t) vals[t][0] = o[4 * t + 2 * hr], vals[t][1] = o[4 * t + 2 * hr + 1];
-    finish_row<T, D>(p, b, h, row0 + hr * 8, lane, row_max[hr], row_sum[hr], vals);
-  }
+  finish_rows_sm90<T, D>(p, b, h, row0, lane, o, row_max, row_sum);
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif
