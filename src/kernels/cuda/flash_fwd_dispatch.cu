@@ -18,8 +18,10 @@ template <typename T, int kHeadDim>
 void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream);
 template <typename T, int kHeadDim>
 void launch_flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream);
-template <typename T, int kHeadDim>
-void launch_flash_fwd_sm90_ws(const FlashFwdParams& p, cudaStream_t stream);
+// Instantiated in flash_fwd_sm90_{bf16,fp16}_d128.cu (this file includes the header for
+// sm90_ws_supports only).
+extern template void launch_flash_fwd_sm90_ws<__nv_bfloat16, 128>(const FlashFwdParams&, cudaStream_t);
+extern template void launch_flash_fwd_sm90_ws<__half, 128>(const FlashFwdParams&, cudaStream_t);
 }  // namespace flash
 
 const char* to_string(FlashKernel kernel) {
