@@ -191,16 +191,7 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   milestones_ = 0;
   NcclTransport kv_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
   NcclTransport acc_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
-  auto set_task = [&](const BlockTask& t) {
-    p.q_begin = static_cast<int>(t.q_begin);
-    p.q_len = static_cast<int>(t.q_len);
-    p.kv_begin = static_cast<int>(t.kv_begin);
-    p.kv_len = static_cast<int>(t.kv_len);
-    p.causal = t.mask != MaskKind::full;
-    p.diag_offset = static_cast<int>(t.diag_offset);
-    p.band = t.mask == MaskKind::band;
-    p.lower_offset = static_cast<int>(t.lower_offset);
-  };
+  auto set_task = [&](const BlockTask& t) { set_task_fields(p, t); };
 
   // One pass of the ring over `steps` (the plan's, or its reverse steps: blocks of later ranks
   // travelling the other way, the own block sent first). K/V blocks hop ahead; each block's

@@ -269,14 +269,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
     p.v = v_base;
     p.kv_batch_stride = block_len * Hkv * D;
     for (const BlockTask& t : tasks) {
-      p.q_begin = static_cast<int>(t.q_begin);
-      p.q_len = static_cast<int>(t.q_len);
-      p.kv_begin = static_cast<int>(t.kv_begin);
-      p.kv_len = static_cast<int>(t.kv_len);
-      p.causal = t.mask != MaskKind::full;
-      p.diag_offset = static_cast<int>(t.diag_offset);
-      p.band = t.mask == MaskKind::band;
-      p.lower_offset = static_cast<int>(t.lower_offset);
+      set_task_fields(p, t);
       const std::int64_t q_strides[3] = {q.strides[0], q.strides[1], q.strides[2]};
       const std::int64_t out_strides[3] = {out.strides[0], out.strides[1], out.strides[2]};
       const std::int64_t block_strides[3] = {t.q_len * H * D, H * D, D};

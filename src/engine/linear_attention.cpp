@@ -199,6 +199,21 @@ void state_exscan(MPI_Comm comm, const std::vector<double>& local, std::vector<d
   if (first) std::fill(before.begin() + kHeader + shape.heads, before.end(), 0.0);
 }
 
+// The states this rank's tokens see from the others: causal, the exclusive scan above (in
+// reverse rank order for the dual states); otherwise the sum over all ranks.
+void states_from_others(MPI_Comm comm, const std::vector<double>& local, std::vector<double>& out, bool causal,
+                        bool reverse) {
+  if (causal) {
+    state_exscan(comm, local, out, reverse);
+    return;
+  }
+  const RecordShape shape = shape_of(local.data());
+  const std::size_t body = static_cast<std::size_t>(kHeader + shape.heads);
+  out.assign(shape.size(), 0.0);
+  RINGATTN_MPI_CHECK(MPI_Allreduce(local.data() + body, out.data() + body, static_cast<int>(shape.size() - body),
+                                   MPI_DOUBLE, MPI_SUM, comm));
+}
+
 double feature_slope(FeatureMap map, double x) { return map == FeatureMap::identity ? 1.0 : (x > 0.0 ? 1.0 : std::exp(x)); }
 
 }  // namespace
@@ -249,14 +264,7 @@ void linear_attention_backward_cpu(MPI_Comm comm, const LinearAttentionProblem& 
       }
     }
   }
-  if (p.causal) {
-    state_exscan(comm, local, incoming, false);
-  } else {
-    incoming.assign(shape.size(), 0.0);
-    RINGATTN_MPI_CHECK(MPI_Allreduce(local.data() + kHeader + H, incoming.data() + kHeader + H,
-                                     static_cast<int>(shape.size() - static_cast<std::size_t>(kHeader + H)), MPI_DOUBLE,
-                                     MPI_SUM, comm));
-  }
+  states_from_others(comm, local, incoming, p.causal, false);
 
   // 2. Walk the tokens forward: dQ, and du, dden for the dual states; the local dual state.
   std::vector<double> dual;
@@ -323,14 +331,7 @@ void linear_attention_backward_cpu(MPI_Comm comm, const LinearAttentionProblem& 
 
   // 3. The dual states of the tokens after this rank (causal) or of all tokens.
   std::vector<double> after;
-  if (p.causal) {
-    state_exscan(comm, dual, after, true);
-  } else {
-    after.assign(shape.size(), 0.0);
-    RINGATTN_MPI_CHECK(MPI_Allreduce(dual.data() + kHeader + H, after.data() + kHeader + H,
-                                     static_cast<int>(shape.size() - static_cast<std::size_t>(kHeader + H)), MPI_DOUBLE,
-                                     MPI_SUM, comm));
-  }
+  states_from_others(comm, dual, after, p.causal, true);
 
   // 4. Walk the tokens backward: dphi(k_j), dv_j per head.
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
