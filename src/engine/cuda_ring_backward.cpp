@@ -60,7 +60,7 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
               plan_.reverse_steps.empty() && plan_.sink_tasks.empty() && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
 
-  const std::string native = "native mma.sync backward kernels";
+  const std::string native = std::string("native ") + to_string(flash_bwd_resolve(FlashKernel::automatic)) + " backward kernels";
   kernel_description_ = native;
   if (kernel == KernelKind::native) return;
   if (!one_task_ && kernel == KernelKind::automatic) {

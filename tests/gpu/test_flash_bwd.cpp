@@ -1,12 +1,13 @@
-// The native CUDA flash backward kernels against the fp64 reference gradients, driven through
-// ring plans on one GPU: every rank's steps run in turn, each step's KV block uploaded from
-// the host and its dK/dV added into that block's own accumulator, as the ring would carry
-// it. Exercises tiling, masks with diagonal offsets, uneven lengths and GQA sums.
+// The native CUDA flash backward kernels (mma.sync; wgmma on H100/H200) against the fp64
+// reference gradients, driven through ring and sliding-window plans on one GPU: every rank's
+// steps run in turn, each step's KV block uploaded from the host and its dK/dV added into that
+// block's own accumulator, as the ring would carry it. Exercises tiling, masks with diagonal
+// offsets and band edges, uneven lengths, sinks and GQA sums.
 //
 // O and LSE come from the fp64 reference forward (O rounded to the dtype, as a forward pass
-// would store it). Tolerance: detail::gradient_tolerance, relative to the largest reference
-// gradient. Each case runs twice and must give bitwise-identical gradients.
-// Skips where no GPU is present.
+// would store it); dQ is compared as stored (the dtype), dK and dV as their fp32 sums.
+// Tolerance: detail::gradient_tolerance, relative to the largest reference gradient. Each case
+// runs twice and must give bitwise-identical gradients. Skips where no GPU is present.
 #include <gtest/gtest.h>
 
 #include "common/attention_case.hpp"
@@ -56,9 +57,10 @@ std::vector<T> rows_at(const std::vector<T>& all, const Case& c, const std::vect
   return out;
 }
 
-// Runs the backward pass of every rank of the plan; returns dq, dk, dv of the whole sequence
-// in natural order as stored (the dtype), concatenated.
-std::vector<unsigned char> run_case(const Case& c, double& rel_err) {
+// Runs the backward pass of every rank of the plan (ring or sliding-window: forward steps,
+// reverse steps, the sink block) with `kernel`; returns dq (rounded to the dtype, as stored)
+// and the fp32 dk, dv sums of every block, concatenated.
+std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& rel_err) {
   const Layout layout(c.layout, c.seq, c.world);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
   std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
@@ -67,31 +69,32 @@ std::vector<unsigned char> run_case(const Case& c, double& rel_err) {
   const std::vector<float> k_all = to_f32(c.dtype, generate(c, SyntheticTensor::k, all, c.kv_heads));
   const std::vector<float> v_all = to_f32(c.dtype, generate(c, SyntheticTensor::v, all, c.kv_heads));
   const std::vector<float> do_all = to_f32(c.dtype, generate(c, SyntheticTensor::dout, all, c.heads));
-  const ReferenceProblem ref{c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale};
+  const ReferenceProblem ref{c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale, c.window, c.sinks};
   std::vector<double> o_ref, lse_ref, rdq, rdk, rdv;
   reference_forward(ref, all, q_all, k_all, v_all, o_ref, lse_ref);
   reference_backward(ref, q_all, k_all, v_all, do_all, rdq, rdk, rdv);
   const std::size_t elem = dtype_size(c.dtype);
   const std::int64_t D = c.dim, H = c.heads, Hkv = c.kv_heads, B = c.batch;
-
-  // One fp32 dK/dV accumulator per block (per owner rank), (B, H_kv, len, D) each.
-  std::vector<DeviceBuffer> acc;
-  for (int r = 0; r < c.world; ++r) {
-    acc.emplace_back(static_cast<std::size_t>(2 * B * Hkv * layout.local_length(r) * D) * sizeof(float));
-    RINGATTN_CUDA_CHECK(cudaMemset(acc.back().get(), 0, acc.back().bytes()));
-  }
-  std::vector<float> dq_all(q_all.size()), dk_all(k_all.size()), dv_all(v_all.size());
-  std::vector<unsigned char> result;
-  auto scatter = [&](std::vector<float>& dst, const std::vector<unsigned char>& got, const std::vector<std::int64_t>& pos,
-                     std::int64_t heads) {
-    const std::vector<float> g = to_f32(c.dtype, got);
-    const std::int64_t w = heads * D, n = static_cast<std::int64_t>(pos.size());
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t i = 0; i < n; ++i)
-        for (std::int64_t e = 0; e < w; ++e)
-          dst[static_cast<std::size_t>((b * c.seq + pos[static_cast<std::size_t>(i)]) * w + e)] =
-              g[static_cast<std::size_t>((b * n + i) * w + e)];
+  auto plan_of = [&](int r) {
+    return c.window >= 0 ? make_window_plan(layout, c.window, c.sinks, r, c.causal)
+                         : make_ring_plan(layout, c.causal ? MaskKind::causal : MaskKind::full, r);
   };
+
+  // One fp32 dK/dV accumulator per block (per owner rank), (B, H_kv, len, D) each, and one
+  // for the sink block, which every rank's sink tasks add to.
+  const std::int64_t sink_len = plan_of(0).sink_len;
+  std::vector<DeviceBuffer> acc;
+  std::vector<std::vector<std::int64_t>> acc_pos;
+  for (int r = 0; r <= c.world; ++r) {
+    std::vector<std::int64_t> pos = r < c.world ? layout.positions(r) : std::vector<std::int64_t>{};
+    if (r == c.world)
+      for (std::int64_t t = 0; t < sink_len; ++t) pos.push_back(t);
+    acc.emplace_back(std::max<std::size_t>(1, 2 * static_cast<std::size_t>(B * Hkv * D) * pos.size()) * sizeof(float));
+    RINGATTN_CUDA_CHECK(cudaMemset(acc.back().get(), 0, acc.back().bytes()));
+    acc_pos.push_back(std::move(pos));
+  }
+  std::vector<float> dq_all(q_all.size()), dk_all(k_all.size(), 0.0f), dv_all(v_all.size(), 0.0f);
+  std::vector<unsigned char> result;
 
   for (int r = 0; r < c.world; ++r) {
     const auto pos = layout.positions(r);
@@ -122,8 +125,15 @@ std::vector<unsigned char> run_case(const Case& c, double& rel_err) {
                   TensorView::contiguous(dlse.get(), DType::f32, {B, H, n}, DeviceKind::cuda), lse2.as<float>(),
                   delta.as<float>(), nullptr);
 
-    for (const RingStep& step : make_ring_plan(layout, c.causal ? MaskKind::causal : MaskKind::full, r).steps) {
-      const auto src = layout.positions(step.kv_source);
+    const RingPlan plan = plan_of(r);
+    // Every block the rank computes on, with the accumulator its gradients go to.
+    std::vector<std::pair<int, const std::vector<BlockTask>*>> blocks;
+    for (const RingStep& step : plan.steps) blocks.emplace_back(step.kv_source, &step.tasks);
+    for (const RingStep& step : plan.reverse_steps) blocks.emplace_back(step.kv_source, &step.tasks);
+    if (plan.sink_len > 0) blocks.emplace_back(c.world, &plan.sink_tasks);
+    for (const auto& [owner, tasks] : blocks) {
+      const std::vector<std::int64_t>& src = acc_pos[static_cast<std::size_t>(owner)];
+      const auto block_len = static_cast<std::int64_t>(src.size());
       const std::vector<unsigned char> k = generate(c, SyntheticTensor::k, src, Hkv);
       const std::vector<unsigned char> v = generate(c, SyntheticTensor::v, src, Hkv);
       DeviceBuffer dk_in = upload(k.data(), k.size()), dv_in = upload(v.data(), v.size());
@@ -138,53 +148,69 @@ std::vector<unsigned char> run_case(const Case& c, double& rel_err) {
       p.do_head_stride = D;
       p.k = dk_in.get();
       p.v = dv_in.get();
-      p.kv_batch_stride = step.kv_len * Hkv * D;
+      p.kv_batch_stride = block_len * Hkv * D;
       p.kv_row_stride = Hkv * D;
       p.kv_head_stride = D;
       p.lse2 = lse2.as<float>();
       p.delta = delta.as<float>();
       p.dq = dq_acc.as<float>();
-      p.dk = acc[static_cast<std::size_t>(step.kv_source)].as<float>();
-      p.dv = p.dk + B * Hkv * step.kv_len * D;
+      p.dk = acc[static_cast<std::size_t>(owner)].as<float>();
+      p.dv = p.dk + B * Hkv * block_len * D;
       p.s_q = n;
-      p.acc_len = step.kv_len;
+      p.acc_len = block_len;
       p.batch = static_cast<int>(B);
       p.heads = static_cast<int>(H);
       p.kv_heads = static_cast<int>(Hkv);
       p.kv_group = static_cast<int>(H / Hkv);
       p.scale = static_cast<float>(scale);
       p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-      for (const BlockTask& t : step.tasks) {
+      for (const BlockTask& t : *tasks) {
         p.q_begin = static_cast<int>(t.q_begin);
         p.q_len = static_cast<int>(t.q_len);
         p.kv_begin = static_cast<int>(t.kv_begin);
         p.kv_len = static_cast<int>(t.kv_len);
-        p.causal = t.mask == MaskKind::causal;
+        p.causal = t.mask != MaskKind::full;
         p.diag_offset = static_cast<int>(t.diag_offset);
-        flash_bwd(p, c.dtype, D, nullptr);
+        p.band = t.mask == MaskKind::band;
+        p.lower_offset = static_cast<int>(t.lower_offset);
+        if (kernel == FlashKernel::wgmma && !flash_bwd_wgmma_supports(p)) {
+          ADD_FAILURE() << "the wgmma kernels cannot take these tensors: flash_bwd would fall back to mma.sync";
+          rel_err = INFINITY;
+          return {};
+        }
+        flash_bwd(p, c.dtype, D, nullptr, FlashBwdPart::both, kernel);
       }
     }
     DeviceBuffer dq_out(q.size());
     finalize_output(dq_acc.as<float>(), nullptr, rows_view(dq_out, H, c.dtype), TensorView{}, nullptr);
     const std::vector<unsigned char> got = download(dq_out);
-    scatter(dq_all, got, pos, H);
+    const std::vector<float> g = to_f32(c.dtype, got);
+    const std::int64_t w = H * D;
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t e = 0; e < w; ++e)
+          dq_all[static_cast<std::size_t>((b * c.seq + pos[static_cast<std::size_t>(i)]) * w + e)] =
+              g[static_cast<std::size_t>((b * n + i) * w + e)];
     result.insert(result.end(), got.begin(), got.end());
   }
-  for (int r = 0; r < c.world; ++r) {
-    const auto pos = layout.positions(r);
+  // dK, dV: every block's fp32 sums (B, H_kv, len, D), added at their positions.
+  for (std::size_t a = 0; a < acc.size(); ++a) {
+    const std::vector<std::int64_t>& pos = acc_pos[a];
     const auto n = static_cast<std::int64_t>(pos.size());
-    const std::size_t bytes = static_cast<std::size_t>(B * n * Hkv * D) * elem;
-    DeviceBuffer dk_out(bytes), dv_out(bytes);
-    const float* a = acc[static_cast<std::size_t>(r)].as<float>();
-    finalize_output(a, nullptr, TensorView::contiguous(dk_out.get(), c.dtype, {B, n, Hkv, D}, DeviceKind::cuda),
-                    TensorView{}, nullptr);
-    finalize_output(a + B * Hkv * n * D, nullptr,
-                    TensorView::contiguous(dv_out.get(), c.dtype, {B, n, Hkv, D}, DeviceKind::cuda), TensorView{}, nullptr);
-    const std::vector<unsigned char> gk = download(dk_out), gv = download(dv_out);
-    scatter(dk_all, gk, pos, Hkv);
-    scatter(dv_all, gv, pos, Hkv);
-    result.insert(result.end(), gk.begin(), gk.end());
-    result.insert(result.end(), gv.begin(), gv.end());
+    if (n == 0) continue;
+    const std::vector<unsigned char> raw = download(acc[a]);
+    result.insert(result.end(), raw.begin(), raw.end());
+    const auto* sums = reinterpret_cast<const float*>(raw.data());
+    for (int which = 0; which < 2; ++which) {
+      std::vector<float>& dst = which == 0 ? dk_all : dv_all;
+      const float* src = sums + which * B * Hkv * n * D;
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t h = 0; h < Hkv; ++h)
+          for (std::int64_t i = 0; i < n; ++i)
+            for (std::int64_t d = 0; d < D; ++d)
+              dst[static_cast<std::size_t>(((b * c.seq + pos[static_cast<std::size_t>(i)]) * Hkv + h) * D + d)] +=
+                  src[((b * Hkv + h) * n + i) * D + d];
+    }
   }
   double err = 0.0, biggest = 0.0;
   for (const auto& [got, want] : {std::pair{&dq_all, &rdq}, {&dk_all, &rdk}, {&dv_all, &rdv}}) {
@@ -198,13 +224,22 @@ std::vector<unsigned char> run_case(const Case& c, double& rel_err) {
   return result;
 }
 
+// Every native backward kernel this device runs: mma.sync, and the wgmma kernels on sm_90a.
+std::vector<FlashKernel> kernels() {
+  std::vector<FlashKernel> out{FlashKernel::mma_sync};
+  if (flash_fwd_wgmma_available()) out.push_back(FlashKernel::wgmma);
+  return out;
+}
+
 void check_case(const Case& c) {
-  SCOPED_TRACE(name(c));
-  double err = 0.0, err_again = 0.0;
-  const std::vector<unsigned char> first = run_case(c, err);
-  EXPECT_LE(err, gradient_tolerance(c.dtype)) << "max |err| / max |reference gradient|";
-  const std::vector<unsigned char> second = run_case(c, err_again);
-  EXPECT_TRUE(first == second) << "two runs gave different gradients";
+  for (FlashKernel kernel : kernels()) {
+    SCOPED_TRACE(name(c) + " kernel " + to_string(kernel));
+    double err = 0.0, err_again = 0.0;
+    const std::vector<unsigned char> first = run_case(c, kernel, err);
+    EXPECT_LE(err, gradient_tolerance(c.dtype)) << "max |err| / max |reference gradient|";
+    const std::vector<unsigned char> second = run_case(c, kernel, err_again);
+    EXPECT_TRUE(first == second) << "two runs gave different gradients";
+  }
 }
 
 class FlashBwd : public ::testing::Test {
@@ -232,5 +267,24 @@ TEST_F(FlashBwd, ThroughRingPlansWithOffsetsAndGqa) {
       check_case({1, 389, 8, 2, 128, causal, layout, 3, DType::bf16});
       check_case({1, 261, 4, 1, 64, causal, layout, 2, DType::f16});
     }
+  }
+}
+
+// Blocks of many tiles: the wgmma kernels' 3-stage pipelines wrap several times (64-key tiles
+// of the dq kernel, 64-row query tiles of every query head of a group in the dkv kernel).
+TEST_F(FlashBwd, LongerBlocksCrossManyTiles) {
+  check_case({1, 2048, 2, 1, 128, true, LayoutKind::zigzag, 2, DType::bf16});
+  check_case({1, 1100, 4, 2, 128, false, LayoutKind::contiguous, 1, DType::f16});
+  check_case({1, 1300, 2, 1, 64, true, LayoutKind::contiguous, 1, DType::bf16});
+}
+
+// Sliding-window plans: band tasks whose lower edge skips whole tiles and cuts through others,
+// causal and two-sided (reverse steps), with and without sinks.
+TEST_F(FlashBwd, SlidingWindowBands) {
+  for (bool causal : {true, false}) {
+    for (std::int64_t window : {0, 37, 300}) {
+      check_case({1, 900, 4, 2, 128, causal, LayoutKind::contiguous, 3, DType::bf16, window, 0});
+    }
+    check_case({2, 700, 4, 1, 64, causal, LayoutKind::contiguous, 2, DType::f16, 130, 70});
   }
 }

@@ -57,9 +57,21 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
 // (part dq), of dK and dV (part dkv), or of all three to the fp32 accumulators. The parts
 // are separate launches so that the ring can compute dQ while dK/dV accumulators travel.
 // dtype: f16 or bf16; head dims as the forward kernels.
+// kernel: mma_sync (flash_bwd_kernel.cuh) or wgmma (flash_bwd_sm90.cuh: warp-specialised, TMA,
+// sm_90a; wgmma_ws means the same; tensors TMA cannot describe fall back to mma_sync).
+// automatic is mma_sync unless RINGATTN_NATIVE_BWD_KERNEL=wgmma|mma_sync says otherwise: the
+// wgmma backward stays opt-in until it has passed the GPU tests against the fp64 reference
+// (tests/gpu/test_flash_bwd.cpp runs both).
 enum class FlashBwdPart { dq, dkv, both };
 void flash_bwd(const FlashBwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream,
-               FlashBwdPart part = FlashBwdPart::both);
+               FlashBwdPart part = FlashBwdPart::both, FlashKernel kernel = FlashKernel::automatic);
+
+// What the backward's `automatic` resolves to on the current device (mma_sync or wgmma).
+FlashKernel flash_bwd_resolve(FlashKernel kernel);
+
+// Whether the wgmma backward can take these tensors (TMA: 16-byte aligned, strides multiples
+// of 8 elements); flash_bwd falls back to mma_sync where not.
+bool flash_bwd_wgmma_supports(const FlashBwdParams& params);
 
 // Before the backward ring: delta = rowsum(dO * O) and lse2 = LSE * log2(e) (+inf where LSE
 // is -inf), both (B, H, S) dense fp32. out, dout: (B, S, H, D) f16 or bf16; lse (B, H, S).

@@ -1,10 +1,12 @@
-// Chooses the (dtype, head dim) instantiation of the native flash backward.
+// Chooses the kernel and the (dtype, head dim) instantiation of the native flash backward.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_kernels.hpp"
+#include "kernels/cuda/flash_bwd_sm90.cuh"
 #include "ringattn/error.hpp"
 
 namespace ringattn::detail {
@@ -12,9 +14,47 @@ namespace ringattn::detail {
 namespace flash {
 template <typename T, int kHeadDim>
 void launch_flash_bwd(const FlashBwdParams& p, cudaStream_t stream, bool dq, bool dkv);
+// Instantiated in flash_bwd_sm90_{bf16,fp16}_d{64,128}.cu (this file includes the header for
+// sm90_bwd_supports only).
+extern template void launch_flash_bwd_sm90<__nv_bfloat16, 64>(const FlashBwdParams&, cudaStream_t, bool, bool);
+extern template void launch_flash_bwd_sm90<__nv_bfloat16, 128>(const FlashBwdParams&, cudaStream_t, bool, bool);
+extern template void launch_flash_bwd_sm90<__half, 64>(const FlashBwdParams&, cudaStream_t, bool, bool);
+extern template void launch_flash_bwd_sm90<__half, 128>(const FlashBwdParams&, cudaStream_t, bool, bool);
 }  // namespace flash
 
-void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashBwdPart part) {
+namespace {
+
+// RINGATTN_NATIVE_BWD_KERNEL=mma_sync|wgmma: what `automatic` means for the backward. Read once.
+FlashKernel native_bwd_kernel_override() {
+  static const FlashKernel chosen = [] {
+    const char* env = std::getenv("RINGATTN_NATIVE_BWD_KERNEL");
+    if (env == nullptr || *env == '\0') return FlashKernel::automatic;
+    const std::string name(env);
+    if (name == "mma_sync") return FlashKernel::mma_sync;
+    if (name == "wgmma") return FlashKernel::wgmma;
+    throw Error(ErrorCode::invalid_argument,
+                "RINGATTN_NATIVE_BWD_KERNEL=" + name + ": expected mma_sync or wgmma (or unset)");
+  }();
+  return chosen;
+}
+
+}  // namespace
+
+FlashKernel flash_bwd_resolve(FlashKernel kernel) {
+  if (kernel == FlashKernel::wgmma_ws) kernel = FlashKernel::wgmma;  // the wgmma backward is warp-specialised
+  if (kernel == FlashKernel::automatic) kernel = native_bwd_kernel_override();
+  if (kernel == FlashKernel::automatic) return FlashKernel::mma_sync;  // until the wgmma backward has passed on a GPU
+  if (kernel == FlashKernel::wgmma && !flash_fwd_wgmma_available()) {
+    throw Error(ErrorCode::invalid_argument, "the wgmma backward kernels need a compute capability 9.0 GPU and a build "
+                                             "with CMAKE_CUDA_ARCHITECTURES including 90a");
+  }
+  return kernel;
+}
+
+bool flash_bwd_wgmma_supports(const FlashBwdParams& p) { return flash::sm90_bwd_supports(p); }
+
+void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashBwdPart part,
+               FlashKernel kernel) {
   if (!flash_fwd_supports(dtype, head_dim)) {
     throw Error(ErrorCode::invalid_argument, std::string("the native CUDA backward kernel supports bf16 and fp16 with "
                                                          "head_dim 64 or 128, not ") +
@@ -22,6 +62,16 @@ void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cuda
   }
   const bool bf16 = dtype == DType::bf16;
   const bool dq = part != FlashBwdPart::dkv, dkv = part != FlashBwdPart::dq;
+  if (flash_bwd_resolve(kernel) == FlashKernel::wgmma && flash::sm90_bwd_supports(p)) {  // TMA can describe the tensors
+    if (head_dim == 64) {
+      bf16 ? flash::launch_flash_bwd_sm90<__nv_bfloat16, 64>(p, stream, dq, dkv)
+           : flash::launch_flash_bwd_sm90<__half, 64>(p, stream, dq, dkv);
+    } else {
+      bf16 ? flash::launch_flash_bwd_sm90<__nv_bfloat16, 128>(p, stream, dq, dkv)
+           : flash::launch_flash_bwd_sm90<__half, 128>(p, stream, dq, dkv);
+    }
+    return;
+  }
   if (head_dim == 64) {
     bf16 ? flash::launch_flash_bwd<__nv_bfloat16, 64>(p, stream, dq, dkv) : flash::launch_flash_bwd<__half, 64>(p, stream, dq, dkv);
   } else {

@@ -18,19 +18,16 @@
 // 16K registers: one producer warp and two consumer warps, 32 x (40 + 2 x 232) = 16128.
 #pragma once
 
-#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <string>
-#include <type_traits>
 
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/flash_common.cuh"
 #include "kernels/cuda/flash_fwd_params.hpp"
 #include "kernels/cuda/flash_fwd_sm90.cuh"
+#include "kernels/cuda/tma.cuh"
 #include "kernels/cuda/wgmma.cuh"
 #include "ringattn/error.hpp"
 
@@ -46,48 +43,11 @@ struct Sm90WsTraits {
   static constexpr int kThreads = 384;  // a producer warpgroup + 2 consumer warpgroups
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileBytes = kBlockN * kHeadDim * 2;  // one K or one V tile
-  static constexpr int kBoxBytes = kBlockN * 128;            // one 64-column atom column of a tile
   // Q, kStages K and V tiles, 1 KiB of alignment slack, the mbarriers.
   static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kTileBytes + 1024 + kBarrierBytes;
   static_assert(kHeadDim == 128, "the warp-specialised kernel is written for head_dim 128");
 };
-
-// --- mbarrier and TMA wrappers (PTX ISA: mbarrier, cp.async.bulk.tensor) ---
-__device__ __forceinline__ void mbar_init(std::uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// One box of a 4-d tensor map (columns, rows, heads, batch) into shared memory.
-__device__ __forceinline__ void tma_load_4d(std::uint32_t dst, const CUtensorMap* map, std::uint32_t bar, int c0, int c1,
-                                            int c2, int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-      "[%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
-template <int N>
-__device__ __forceinline__ void fence_regs_u32(std::uint32_t (&a)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
-}
 
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
@@ -134,20 +94,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (warp == 0 && lane == 0) {
       const int kv_head = h / p.kv_group;
       mbar_expect_tx(q_full, Tr::kQBytes);
-      tma_load_4d(sQ, &tm_q, q_full, 0, p.q_begin + m0, h, b);
-      tma_load_4d(sQ + BM * 128, &tm_q, q_full, 64, p.q_begin + m0, h, b);
+      tma_load_tile<BM, D / 64>(sQ, &tm_q, q_full, p.q_begin + m0, h, b);
       for (int it = 0; it < n_tiles; ++it) {
         const int s = it % NSTAGE;
         const std::uint32_t phase = static_cast<std::uint32_t>(it / NSTAGE) & 1u;
         const int row = p.kv_begin + (j0 + it) * BN;
         mbar_wait(k_empty(s), phase ^ 1u);
         mbar_expect_tx(k_full(s), Tr::kTileBytes);
-        tma_load_4d(sK + s * Tr::kTileBytes, &tm_k, k_full(s), 0, row, kv_head, b);
-        tma_load_4d(sK + s * Tr::kTileBytes + Tr::kBoxBytes, &tm_k, k_full(s), 64, row, kv_head, b);
+        tma_load_tile<BN, D / 64>(sK + s * Tr::kTileBytes, &tm_k, k_full(s), row, kv_head, b);
         mbar_wait(v_empty(s), phase ^ 1u);
         mbar_expect_tx(v_full(s), Tr::kTileBytes);
-        tma_load_4d(sV + s * Tr::kTileBytes, &tm_v, v_full(s), 0, row, kv_head, b);
-        tma_load_4d(sV + s * Tr::kTileBytes + Tr::kBoxBytes, &tm_v, v_full(s), 64, row, kv_head, b);
+        tma_load_tile<BN, D / 64>(sV + s * Tr::kTileBytes, &tm_v, v_full(s), row, kv_head, b);
       }
     }
     return;
@@ -249,57 +206,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #endif
 }
 
-// --- host side: tensor maps over (B, rows, heads, D) tensors, TMA boxes of 64 columns ---
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-inline EncodeTiledFn encode_tiled_fn() {
-  static const EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    RINGATTN_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found));
-    if (found != cudaDriverEntryPointSuccess || ptr == nullptr) {
-      throw Error(ErrorCode::cuda, "the CUDA driver has no cuTensorMapEncodeTiled (TMA)");
-    }
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
-// rows: the extent of the row dimension (later rows read as zeros); strides in elements.
-template <typename T>
-CUtensorMap make_tile_map(const void* base, int dim, std::int64_t rows, int heads, int batch, std::int64_t row_stride,
-                          std::int64_t head_stride, std::int64_t batch_stride, int box_rows) {
-  CUtensorMap map;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(rows),
-                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
-  // One batch: its stride is never used, but TMA still wants a multiple of 16 bytes.
-  const std::int64_t batch_step = batch > 1 ? batch_stride : (rows * row_stride + 7) / 8 * 8;
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_stride) * sizeof(T),
-                                 static_cast<cuuint64_t>(head_stride) * sizeof(T),
-                                 static_cast<cuuint64_t>(batch_step) * sizeof(T)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType type =
-      sizeof(T) == 2 && std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUresult rc = encode_tiled_fn()(&map, type, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
-                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (rc != CUDA_SUCCESS) {
-    throw Error(ErrorCode::cuda, "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(rc)) +
-                                     "): strides must be multiples of 16 bytes and the base 16-byte aligned");
-  }
-  return map;
-}
-
 // TMA's constraints on the tensors: 16-byte aligned bases and strides (8 16-bit elements).
 inline bool sm90_ws_supports(const FlashFwdParams& p) {
-  auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
-  auto stride_ok = [](std::int64_t s) { return s > 0 && s % 8 == 0; };
-  return aligned(p.q) && aligned(p.k) && aligned(p.v) && stride_ok(p.q_row_stride) && stride_ok(p.q_head_stride) &&
-         stride_ok(p.kv_row_stride) && stride_ok(p.kv_head_stride) &&
-         (p.batch <= 1 || (stride_ok(p.q_batch_stride) && stride_ok(p.kv_batch_stride)));
+  return tma_aligned(p.q) && tma_aligned(p.k) && tma_aligned(p.v) && tma_stride_ok(p.q_row_stride) &&
+         tma_stride_ok(p.q_head_stride) && tma_stride_ok(p.kv_row_stride) && tma_stride_ok(p.kv_head_stride) &&
+         (p.batch <= 1 || (tma_stride_ok(p.q_batch_stride) && tma_stride_ok(p.kv_batch_stride)));
 }
 
 template <class Tr>

@@ -51,6 +51,15 @@ __device__ __forceinline__ void fence_regs(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// The same for 16-bit A fragments held in registers (packed pairs).
+template <int N>
+__device__ __forceinline__ void fence_regs_u32(std::uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+}
+
 template <typename T, int N>
 struct Wgmma;
 

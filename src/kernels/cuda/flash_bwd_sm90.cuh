@@ -1,0 +1,508 @@
+// kernels/cuda/flash_bwd_sm90.cuh: the Hopper (sm_90a) flash backward for one plan task
+// (FlashKernel::wgmma in flash_bwd; same contract as flash_bwd_kernel.cuh: FlashBwdParams,
+// fp32 accumulators added to, one writer per accumulator row, no atomics, bitwise
+// reproducible). Opt-in until it has passed the GPU tests: see cuda_kernels.hpp.
+//
+// The math is the mma.sync kernels' (P recomputed from lse2, delta = rowsum(dO * O)):
+//   dV += P^T dO        dS = P * (dO V^T - delta)        dQ += scale dS K        dK += scale dS^T Q
+// and so is the split into two kernels (7 of the 5 necessary matmuls, in exchange for
+// determinism without atomics). What changes is how the tensor cores are fed, as in the
+// warp-specialised forward (flash_fwd_sm90_ws.cuh):
+//  - 384 threads: a producer warp loads tiles with TMA into 128-byte-swizzled shared memory,
+//    kStages deep, signalling "full" mbarriers; two consumer warpgroups free a stage by
+//    arriving on its "empty" mbarrier (one arrival per consumer warp). setmaxnreg moves
+//    registers from the producer warpgroup (40) to the consumers (232).
+//  - every product is a warpgroup MMA with operands the hardware reads from shared memory,
+//    or, for the probabilities and dS, from registers (the accumulator repacked to 16 bits):
+//      dq kernel (a warpgroup = 64 query rows, 64-key tiles):
+//        S = Q K^T, dP = dO V^T          ss: Q, dO as A (K-major), K, V as B (K-major)
+//        dQ += dS K                      rs: dS from registers, K as B (MN-major)
+//      dkv kernel (a warpgroup = 64 keys of one KV head, 64-row query tiles of every query
+//      head of the group, so GQA sums stay in registers):
+//        S^T = K Q^T, dP^T = V dO^T      ss: K, V as A, Q, dO as B (K-major)
+//        dV += P^T dO, dK += dS^T Q      rs: P^T, dS^T from registers, dO, Q as B (MN-major)
+//  - the dq kernel overlaps within a warpgroup: the MMAs of S_j and dP_j are issued before
+//    dQ += dS_{j-1} K_{j-1}, and dS_j is computed while the latter runs. The dkv kernel holds
+//    dK and dV (128 fp32 registers per thread) and relies on its two warpgroups overlapping
+//    each other.
+// The per-row statistics of the dkv kernel's query tiles (lse2, delta) are staged in shared
+// memory by the producer warp's 32 lanes, each arriving on the stage's full barrier after its
+// stores (the barrier's release/acquire makes them visible to the consumers); lane 0 raises
+// the barrier's transaction count and issues the tiles' TMA loads before those loads. pack_p_sm90
+// (flash_fwd_sm90.cuh) turns any 64 x N accumulator into A fragments: P, P^T, dS, dS^T.
+//
+// Test: tests/gpu/test_flash_bwd.cpp (against the fp64 reference; ctest -L gpu).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "core/cuda_check.hpp"
+#include "kernels/cuda/flash_bwd_params.hpp"
+#include "kernels/cuda/flash_common.cuh"
+#include "kernels/cuda/flash_fwd_sm90.cuh"
+#include "kernels/cuda/tma.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace ringattn::detail::flash {
+
+template <typename T_, int kHeadDim_>
+struct Sm90BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kAtoms = kHeadDim / 64;  // 64-column atom columns of a row
+  static constexpr int kThreads = 384;           // a producer warpgroup + 2 consumer warpgroups
+  static constexpr int kStages = 3;
+  static constexpr int kRowBytes = kHeadDim * 2;
+  // dq kernel: 128 query rows per CTA, 64-key tiles.
+  static constexpr int kDqRows = 128;
+  static constexpr int kDqBlockN = 64;
+  // dkv kernel: 128 keys per CTA, 64-row query tiles.
+  static constexpr int kDkvKeys = 128;
+  static constexpr int kDkvBlockQ = 64;
+  // Resident tiles (Q and dO, or K and V), kStages streamed pairs, 1 KiB of alignment slack,
+  // the mbarriers (one for the resident pair, full and empty per stage), and for the dkv kernel
+  // the staged statistics.
+  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
+  static constexpr int kDqSmem = 2 * kDqRows * kRowBytes + kStages * 2 * kDqBlockN * kRowBytes + 1024 + kBarrierBytes;
+  static constexpr int kDkvSmem = 2 * kDkvKeys * kRowBytes + kStages * 2 * kDkvBlockQ * kRowBytes + 1024 +
+                                  kBarrierBytes + kStages * 2 * kDkvBlockQ * static_cast<int>(sizeof(float));
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma wrappers exist for N = 64 and 128");
+  static_assert(kDqBlockN == 64 && kDkvBlockQ == 64, "the S tiles are m64n64 MMAs");
+  static_assert(kDqSmem <= 227 * 1024 && kDkvSmem <= 227 * 1024, "an H100/H200 CTA has at most 227 KiB");
+};
+
+// acc rows row0 and row0 + 8 (this thread's two accumulator rows) += factor * frag, for rows
+// below `valid`; row_ptr(r) is row r's first fp32 element.
+template <int D, class RowPtr>
+__device__ __forceinline__ void add_acc_rows_sm90(const float (&frag)[D / 2], int row0, int valid, float factor, int lane,
+                                                  RowPtr row_ptr) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = row0 + hr * 8;
+    if (r >= valid) continue;
+    float* dst = row_ptr(r);
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+      float2* d2 = reinterpret_cast<float2*>(dst + t * 8 + (lane % 4) * 2);
+      float2 cur = *d2;
+      cur.x = fmaf(frag[4 * t + 2 * hr], factor, cur.x);
+      cur.y = fmaf(frag[4 * t + 2 * hr + 1], factor, cur.y);
+      *d2 = cur;
+    }
+  }
+}
+
+// S = A B^T for a 64-row slice of A (a tile of kRowsA rows, starting at row a_row) and all
+// BN rows of B (a tile of BN rows), both K-major over D, 128-byte swizzled.
+template <typename T, int D, int kRowsA, int BN>
+__device__ __forceinline__ void issue_abt_sm90(float (&s)[BN / 2], std::uint32_t sA, int a_row, std::uint32_t sB) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const std::uint32_t a_addr = sA + (ks / 4) * kRowsA * 128 + a_row * 128 + (ks % 4) * 32;
+    const std::uint32_t b_addr = sB + (ks / 4) * BN * 128 + (ks % 4) * 32;
+    Wgmma<T, BN>::ss(s, smem_desc_sw128(a_addr, 16, 1024), smem_desc_sw128(b_addr, 16, 1024), ks > 0);
+  }
+}
+
+// acc (64 x D) += X B: X (64 x kInner) as A fragments, B a tile of kInner rows x D, read
+// MN-major (transposed) by the hardware.
+template <typename T, int D, int kInner>
+__device__ __forceinline__ void issue_xb_sm90(float (&acc)[D / 2], const std::uint32_t (&x)[kInner / 16][4],
+                                              std::uint32_t sB) {
+#pragma unroll
+  for (int kk = 0; kk < kInner / 16; ++kk) {
+    Wgmma<T, D>::rs_tn(acc, x[kk], smem_desc_sw128(sB + kk * 16 * 128, kInner * 128, 1024));
+  }
+}
+
+template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_bwd_dq_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                             const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
+                             const __grid_constant__ CUtensorMap tm_v) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kDqRows, BN = Tr::kDqBlockN, NST = Tr::kStages;
+  constexpr int NS = BN / 2, NO = D / 2;
+  constexpr int kRowsBytes = BM * Tr::kRowBytes, kTile = BN * Tr::kRowBytes;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const std::uint32_t sQ = (static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const std::uint32_t sdO = sQ + kRowsBytes;
+  const std::uint32_t sK = sdO + kRowsBytes;  // NST stages of K, then NST of V
+  const std::uint32_t sV = sK + NST * kTile;
+  const std::uint32_t bars = sV + NST * kTile;
+  const std::uint32_t q_full = bars;
+  auto kv_full = [&](int s) { return bars + 8u * (1 + s); };
+  auto kv_empty = [&](int s) { return bars + 8u * (1 + NST + s); };
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;  // long causal rows first
+  const int m0 = m_block * BM, h = blockIdx.y, b = blockIdx.z;
+  int n_begin = 0, n_end = p.kv_len;
+  if constexpr (kCausal) {
+    n_end = min(n_end, m0 + BM + p.diag_offset);
+    if (p.band) n_begin = max(0, m0 + p.lower_offset);  // key tiles before the band are skipped
+  }
+  const int j0 = n_begin / BN;
+  const int n_tiles = n_end > n_begin ? (n_end + BN - 1) / BN - j0 : 0;
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < NST; ++s) {
+      mbar_init(kv_full(s), 1);
+      mbar_init(kv_empty(s), 8);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (n_tiles <= 0) return;  // no row of this CTA sees a key of the task
+
+  if (warp < 4) {  // the producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp == 0 && lane == 0) {
+      const int kv_head = h / p.kv_group;
+      mbar_expect_tx(q_full, 2 * kRowsBytes);
+      tma_load_tile<BM, Tr::kAtoms>(sQ, &tm_q, q_full, p.q_begin + m0, h, b);
+      tma_load_tile<BM, Tr::kAtoms>(sdO, &tm_do, q_full, p.q_begin + m0, h, b);
+      for (int it = 0; it < n_tiles; ++it) {
+        const int s = it % NST;
+        const std::uint32_t phase = static_cast<std::uint32_t>(it / NST) & 1u;
+        const int row = p.kv_begin + (j0 + it) * BN;
+        mbar_wait(kv_empty(s), phase ^ 1u);
+        mbar_expect_tx(kv_full(s), 2 * kTile);
+        tma_load_tile<BN, Tr::kAtoms>(sK + s * kTile, &tm_k, kv_full(s), row, kv_head, b);
+        tma_load_tile<BN, Tr::kAtoms>(sV + s * kTile, &tm_v, kv_full(s), row, kv_head, b);
+      }
+    }
+    return;
+  }
+
+  // The consumers: warpgroup wg owns query rows m0 + 64 wg .. + 63.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int wg = warp / 4 - 1, warp_in_wg = warp % 4;
+  const int wg_row = m0 + wg * 64;
+  const int row0 = wg_row + warp_in_wg * 16 + lane / 4;  // this thread's rows: row0, row0 + 8
+  const std::int64_t stat_base = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin;
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = row0 + hr * 8;
+    lse2[hr] = r < p.q_len ? p.lse2[stat_base + r] : INFINITY;  // +inf: P = 0
+    delta[hr] = r < p.q_len ? p.delta[stat_base + r] : 0.0f;
+  }
+
+  float dq[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) dq[i] = 0.0f;
+  float s[NS], dp[NS];
+  std::uint32_t a[BN / 16][4];
+
+  auto issue_s_dp = [&](int st) {
+    issue_abt_sm90<T, D, BM, BN>(s, sQ, wg * 64, sK + st * kTile);
+    issue_abt_sm90<T, D, BM, BN>(dp, sdO, wg * 64, sV + st * kTile);
+  };
+  // dS of tile j into s: P from the scores (masked: keys past the block, and with kCausal keys
+  // after the row or before its band), times dP - delta.
+  auto compute_ds = [&](int j) {
+    const int n0 = j * BN;
+    const bool crosses_low = kCausal && p.band && n0 < wg_row + 63 + p.lower_offset;
+    const bool masked = n0 + BN > p.kv_len || (kCausal && n0 + BN - 1 > wg_row + p.diag_offset) || crosses_low;
+    const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const int hr = (i % 4) >= 2 ? 1 : 0;
+      float pe = fast_exp2(fmaf(s[i], p.scale_log2, -lse2[hr]));
+      if (masked) {
+        const int row = row0 + hr * 8;
+        const int col = n0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
+        if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) pe = 0.0f;
+      }
+      s[i] = pe * (dp[i] - delta[hr]);
+    }
+  };
+  auto release = [&](std::uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+
+  mbar_wait(q_full, 0);
+  mbar_wait(kv_full(0), 0);
+  wgmma_fence();
+  issue_s_dp(0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(s);
+  fence_regs(dp);
+  compute_ds(j0);
+  pack_p_sm90<T, BN>(a, s);
+  for (int it = 1; it < n_tiles; ++it) {
+    const int st = it % NST, prev = (it - 1) % NST;
+    mbar_wait(kv_full(st), static_cast<std::uint32_t>(it / NST) & 1u);
+    wgmma_fence();
+    issue_s_dp(st);  // S_j and dP_j ...
+    wgmma_commit();
+    issue_xb_sm90<T, D, BN>(dq, a, sK + prev * kTile);  // ... then dQ += dS_{j-1} K_{j-1}
+    wgmma_commit();
+    wgmma_wait<1>();  // S_j and dP_j have landed; dS_j overlaps the dQ MMAs
+    fence_regs(s);
+    fence_regs(dp);
+    compute_ds(j0 + it);
+    wgmma_wait<0>();
+    fence_regs(dq);
+    fence_regs_u32(a);
+    release(kv_empty(prev));
+    pack_p_sm90<T, BN>(a, s);
+  }
+  const int last = (n_tiles - 1) % NST;
+  wgmma_fence();
+  issue_xb_sm90<T, D, BN>(dq, a, sK + last * kTile);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(dq);
+  fence_regs_u32(a);
+  release(kv_empty(last));
+
+  float* dq_base = p.dq + stat_base * D;
+  add_acc_rows_sm90<D>(dq, row0, p.q_len, p.scale, lane,
+                       [&](int r) { return dq_base + static_cast<std::int64_t>(r) * D; });
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a code: the dispatcher never launches it then
+#endif
+}
+
+template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_bwd_dkv_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                              const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
+                              const __grid_constant__ CUtensorMap tm_v) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BN = Tr::kDkvKeys, BQ = Tr::kDkvBlockQ, NST = Tr::kStages;
+  constexpr int NS = BQ / 2, NO = D / 2;
+  constexpr int kKeysBytes = BN * Tr::kRowBytes, kTile = BQ * Tr::kRowBytes;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const std::uint32_t smem_u32_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const std::uint32_t pad = ((smem_u32_base + 1023u) & ~1023u) - smem_u32_base;
+  const std::uint32_t sK = smem_u32_base + pad;
+  const std::uint32_t sV = sK + kKeysBytes;
+  const std::uint32_t sQ = sV + kKeysBytes;  // NST stages of Q, then NST of dO
+  const std::uint32_t sdO = sQ + NST * kTile;
+  const std::uint32_t bars = sdO + NST * kTile;
+  const std::uint32_t kv_full = bars;
+  auto qdo_full = [&](int s) { return bars + 8u * (1 + s); };
+  auto qdo_empty = [&](int s) { return bars + 8u * (1 + NST + s); };
+  // NST stages of lse2, then NST of delta, BQ floats each (generic addressing).
+  float* s_lse2 = reinterpret_cast<float*>(smem_raw + pad + (bars + Tr::kBarrierBytes - sK));
+  float* s_delta = s_lse2 + NST * BQ;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int n0 = blockIdx.x * BN, kvh = blockIdx.y, b = blockIdx.z;
+  // Causal: row m sees key n iff n <= m + diag_offset, so rows before n0 - diag_offset see none
+  // of this CTA's keys; with a band, rows after n0 + BN - 1 - lower_offset see none either.
+  const int m_first = kCausal ? max(0, n0 - p.diag_offset) / BQ : 0;
+  const int m_end = kCausal && p.band ? min(p.q_len, n0 + BN - p.lower_offset) : p.q_len;
+  const int q_tiles = (m_end + BQ - 1) / BQ - m_first;
+  const int iters = q_tiles > 0 ? q_tiles * p.kv_group : 0;
+
+  if (tid == 0) {
+    mbar_init(kv_full, 1);
+    for (int s = 0; s < NST; ++s) {
+      mbar_init(qdo_full(s), 32);  // the producer warp's lanes, after the TMA bytes are expected
+      mbar_init(qdo_empty(s), 8);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (iters <= 0) return;  // no row of the task sees a key of this CTA
+
+  if (warp < 4) {  // the producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp != 0) return;
+    if (lane == 0) {
+      mbar_expect_tx(kv_full, 2 * kKeysBytes);
+      tma_load_tile<BN, Tr::kAtoms>(sK, &tm_k, kv_full, p.kv_begin + n0, kvh, b);
+      tma_load_tile<BN, Tr::kAtoms>(sV, &tm_v, kv_full, p.kv_begin + n0, kvh, b);
+    }
+    // Iteration it: query head kvh * group + it / q_tiles, rows from (m_first + it % q_tiles) * BQ.
+    for (int it = 0; it < iters; ++it) {
+      const int s = it % NST;
+      const std::uint32_t phase = static_cast<std::uint32_t>(it / NST) & 1u;
+      const int hq = kvh * p.kv_group + it / q_tiles;
+      const int m0 = (m_first + it % q_tiles) * BQ;
+      mbar_wait(qdo_empty(s), phase ^ 1u);
+      if (lane == 0) {  // the tiles first (their bytes are expected before any arrival), ...
+        mbar_expect_tx_only(qdo_full(s), 2 * kTile);
+        tma_load_tile<BQ, Tr::kAtoms>(sQ + s * kTile, &tm_q, qdo_full(s), p.q_begin + m0, hq, b);
+        tma_load_tile<BQ, Tr::kAtoms>(sdO + s * kTile, &tm_do, qdo_full(s), p.q_begin + m0, hq, b);
+      }
+      // ... then the statistics, each lane arriving after its own stores.
+      const std::int64_t stat = (static_cast<std::int64_t>(b) * p.heads + hq) * p.s_q + p.q_begin + m0;
+      for (int i = lane; i < BQ; i += 32) {
+        const bool valid = m0 + i < p.q_len;
+        s_lse2[s * BQ + i] = valid ? p.lse2[stat + i] : INFINITY;  // +inf: P = 0
+        s_delta[s * BQ + i] = valid ? p.delta[stat + i] : 0.0f;
+      }
+      mbar_arrive(qdo_full(s));
+    }
+    return;
+  }
+
+  // The consumers: warpgroup wg owns keys n0 + 64 wg .. + 63 (task-relative).
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int wg = warp / 4 - 1, warp_in_wg = warp % 4;
+  const int key_wg = n0 + wg * 64;
+  const int key0 = key_wg + warp_in_wg * 16 + lane / 4;  // this thread's keys: key0, key0 + 8
+
+  float dk[NO], dv[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) dk[i] = dv[i] = 0.0f;
+
+  mbar_wait(kv_full, 0);
+  for (int it = 0; it < iters; ++it) {
+    const int st = it % NST;
+    const int m0 = (m_first + it % q_tiles) * BQ;
+    mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u);
+    // A warpgroup whose keys all follow the tile's last row's (causal), or precede its first
+    // row's band, has nothing to add.
+    const bool visible = !kCausal || (key_wg <= m0 + BQ - 1 + p.diag_offset &&
+                                      (!p.band || key_wg + 63 >= m0 + p.lower_offset));
+    if (visible) {
+      const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
+      float s[NS], dp[NS];
+      wgmma_fence();
+      issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
+      wgmma_commit();
+      issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
+      wgmma_commit();
+      wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
+      fence_regs(s);
+      const float* l_tile = s_lse2 + st * BQ;
+      const float* d_tile = s_delta + st * BQ;
+      const bool crosses = kCausal && key_wg + 63 > m0 + p.diag_offset;
+      const bool crosses_low = kCausal && p.band && key_wg < m0 + BQ - 1 + p.lower_offset;
+      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+#pragma unroll
+      for (int t = 0; t < BQ / 8; ++t) {
+        const int col = t * 8 + (lane % 4) * 2;  // query rows col, col + 1 of the tile
+        const float2 l2 = *reinterpret_cast<const float2*>(l_tile + col);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float pe = fast_exp2(fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+          if (crosses || crosses_low) {
+            const int key = key0 + (e >= 2 ? 8 : 0);
+            const int row = m0 + col + (e & 1);
+            if (key > row + p.diag_offset || key < row + lower) pe = 0.0f;
+          }
+          s[4 * t + e] = pe;
+        }
+      }
+      wgmma_wait<0>();
+      fence_regs(dp);
+#pragma unroll
+      for (int t = 0; t < BQ / 8; ++t) {
+        const float2 d2 = *reinterpret_cast<const float2*>(d_tile + t * 8 + (lane % 4) * 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - ((e & 1) ? d2.y : d2.x));  // dS^T
+      }
+      std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];
+      pack_p_sm90<T, BQ>(ap, s);
+      pack_p_sm90<T, BQ>(ads, dp);
+      fence_regs(dv);
+      fence_regs(dk);
+      wgmma_fence();
+      issue_xb_sm90<T, D, BQ>(dv, ap, do_tile);  // dV += P^T dO
+      issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(dv);
+      fence_regs(dk);
+      fence_regs_u32(ap);
+      fence_regs_u32(ads);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(qdo_empty(st));
+  }
+
+  const std::int64_t acc_base = ((static_cast<std::int64_t>(b) * p.kv_heads + kvh) * p.acc_len + p.kv_begin) * D;
+  add_acc_rows_sm90<D>(dk, key0, p.kv_len, p.scale, lane,
+                       [&](int r) { return p.dk + acc_base + static_cast<std::int64_t>(r) * D; });
+  add_acc_rows_sm90<D>(dv, key0, p.kv_len, 1.0f, lane,
+                       [&](int r) { return p.dv + acc_base + static_cast<std::int64_t>(r) * D; });
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+// --- host side ---
+
+// TMA's constraints (16-byte aligned bases, strides multiples of 8 elements) for q, dout, k, v.
+inline bool sm90_bwd_supports(const FlashBwdParams& p) {
+  return tma_aligned(p.q) && tma_aligned(p.dout) && tma_aligned(p.k) && tma_aligned(p.v) &&
+         tma_stride_ok(p.q_row_stride) && tma_stride_ok(p.q_head_stride) && tma_stride_ok(p.do_row_stride) &&
+         tma_stride_ok(p.do_head_stride) && tma_stride_ok(p.kv_row_stride) && tma_stride_ok(p.kv_head_stride) &&
+         (p.batch <= 1 || (tma_stride_ok(p.q_batch_stride) && tma_stride_ok(p.do_batch_stride) &&
+                           tma_stride_ok(p.kv_batch_stride)));
+}
+
+template <class Tr>
+void launch_flash_bwd_sm90_traits(const FlashBwdParams& p, cudaStream_t stream, bool dq, bool dkv) {
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim;
+  if (p.q_len <= 0 || p.kv_len <= 0) return;
+  static const bool configured = [] {  // over 48 KiB of shared memory: opt in once per instantiation
+    RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_dq_sm90_kernel<Tr, true>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kDqSmem));
+    RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_dq_sm90_kernel<Tr, false>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kDqSmem));
+    RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_dkv_sm90_kernel<Tr, true>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kDkvSmem));
+    RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_dkv_sm90_kernel<Tr, false>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kDkvSmem));
+    return true;
+  }();
+  (void)configured;
+  const std::int64_t q_rows = p.q_begin + p.q_len, kv_rows = p.kv_begin + p.kv_len;
+  // The tensor maps of one kernel: its resident and streamed tiles differ in rows per box.
+  auto maps = [&](int q_box, int kv_box) {
+    struct {
+      CUtensorMap q, dout, k, v;
+    } m{make_tile_map<T>(p.q, D, q_rows, p.heads, p.batch, p.q_row_stride, p.q_head_stride, p.q_batch_stride, q_box),
+        make_tile_map<T>(p.dout, D, q_rows, p.heads, p.batch, p.do_row_stride, p.do_head_stride, p.do_batch_stride,
+                         q_box),
+        make_tile_map<T>(p.k, D, kv_rows, p.kv_heads, p.batch, p.kv_row_stride, p.kv_head_stride, p.kv_batch_stride,
+                         kv_box),
+        make_tile_map<T>(p.v, D, kv_rows, p.kv_heads, p.batch, p.kv_row_stride, p.kv_head_stride, p.kv_batch_stride,
+                         kv_box)};
+    return m;
+  };
+  if (dq) {
+    const auto m = maps(Tr::kDqRows, Tr::kDqBlockN);
+    const dim3 grid((p.q_len + Tr::kDqRows - 1) / Tr::kDqRows, p.heads, p.batch);
+    if (p.causal) {
+      flash_bwd_dq_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kDqSmem, stream>>>(p, m.q, m.dout, m.k, m.v);
+    } else {
+      flash_bwd_dq_sm90_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kDqSmem, stream>>>(p, m.q, m.dout, m.k, m.v);
+    }
+    RINGATTN_CUDA_CHECK(cudaGetLastError());
+  }
+  if (dkv) {
+    const auto m = maps(Tr::kDkvBlockQ, Tr::kDkvKeys);
+    const dim3 grid((p.kv_len + Tr::kDkvKeys - 1) / Tr::kDkvKeys, p.kv_heads, p.batch);
+    if (p.causal) {
+      flash_bwd_dkv_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kDkvSmem, stream>>>(p, m.q, m.dout, m.k, m.v);
+    } else {
+      flash_bwd_dkv_sm90_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kDkvSmem, stream>>>(p, m.q, m.dout, m.k, m.v);
+    }
+    RINGATTN_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+template <typename T, int kHeadDim>
+void launch_flash_bwd_sm90(const FlashBwdParams& p, cudaStream_t stream, bool dq, bool dkv) {
+  launch_flash_bwd_sm90_traits<Sm90BwdTraits<T, kHeadDim>>(p, stream, dq, dkv);
+}
+
+}  // namespace ringattn::detail::flash
