@@ -7,9 +7,11 @@
       PyTorch context parallel (ring attention over NCCL, SDPA inside), per-GPU TFLOP/s.
 
 FLOPs: 4*B*S^2*H*D forward (halved when causal), forward+backward 3.5x forward. Times are
-CUDA-event averages over --iters after --warmup iterations.
+CUDA-event averages over --iters after --warmup iterations. --json FILE also writes the rows
+(rank 0), for scripts/scaling.py.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -52,8 +54,14 @@ def header(title, a, world):
           f"{'time_ms':>10} {'TFLOP/s/GPU':>12}")
 
 
+ROWS = []
+
+
 def row(seq, a, causal, impl, ms, world):
     tf = flops(a.batch, seq, a.heads, a.head_dim, causal, a.backward) / (ms * 1e-3) / 1e12 / world
+    ROWS.append({"seq": seq, "batch": a.batch, "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
+                 "causal": causal, "backward": a.backward, "impl": impl, "time_ms": ms, "tflops_per_gpu": tf,
+                 "world": world})
     print(f"  {seq:>9} {a.batch:>5} {a.heads:>5} {a.kv_heads:>4} {a.head_dim:>4} {'yes' if causal else 'no':>6} "
           f"{impl:>14} {ms:>10.3f} {tf:>12.1f}", flush=True)
 
@@ -155,12 +163,16 @@ def main():
     p.add_argument("--backward", action="store_true", help="time forward+backward")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON (rank 0)")
     a = p.parse_args()
     a.kv_heads = a.kv_heads or a.heads
     a.causal_list = {"no": [False], "yes": [True], "both": [False, True]}[a.causal]
     if not torch.cuda.is_available():
         sys.exit("compare_pytorch.py: no CUDA device")
     run_sdpa(a) if a.mode == "sdpa" else run_cp(a)
+    if a.json and int(os.environ.get("RANK", 0)) == 0:
+        with open(a.json, "w") as f:
+            json.dump({"tool": "pytorch", "mode": a.mode, "dtype": a.dtype, "rows": ROWS}, f, indent=1)
 
 
 if __name__ == "__main__":
