@@ -21,26 +21,31 @@ MpiTransport::~MpiTransport() {
   }
 }
 
-void MpiTransport::start(const void* send, std::size_t send_bytes, int send_to, void* recv, std::size_t recv_bytes,
-                         int recv_from) {
+void MpiTransport::start_pieces(const void* send, const Pieces& send_pieces, int send_to, void* recv,
+                                const Pieces& recv_pieces, int recv_from) {
   if (!requests_.empty()) throw Error(ErrorCode::internal, "mpi transport: start() before the last wait()");
-  // Messages over 1 GiB travel in pieces: MPI counts are ints.
   send_to_ = send_to;
   recv_from_ = recv_from;
-  const auto* s = static_cast<const char*>(send);
-  auto* r = static_cast<char*>(recv);
-  for (std::size_t off = 0; off < recv_bytes; off += kMaxMpiMessageBytes) {
-    const int n = static_cast<int>(std::min(kMaxMpiMessageBytes, recv_bytes - off));
-    requests_.emplace_back();
-    RINGATTN_MPI_CHECK(MPI_Irecv(r + off, n, MPI_BYTE, recv_from, kTag, comm_, &requests_.back()));
-  }
+  // One message per piece (non-overtaking: the i-th receive matches the i-th send), pieces
+  // over 1 GiB in parts: MPI counts are ints.
+  auto post = [&](const Pieces& pieces, char* base, bool is_send) {
+    for (std::size_t i = 0; i < pieces.count; ++i) {
+      char* piece = base + pieces.offset + i * pieces.stride;
+      for (std::size_t off = 0; off < pieces.bytes; off += kMaxMpiMessageBytes) {
+        const int n = static_cast<int>(std::min(kMaxMpiMessageBytes, pieces.bytes - off));
+        requests_.emplace_back();
+        if (is_send) {
+          RINGATTN_MPI_CHECK(MPI_Isend(piece + off, n, MPI_BYTE, send_to, kTag, comm_, &requests_.back()));
+        } else {
+          RINGATTN_MPI_CHECK(MPI_Irecv(piece + off, n, MPI_BYTE, recv_from, kTag, comm_, &requests_.back()));
+        }
+      }
+    }
+  };
+  post(recv_pieces, static_cast<char*>(recv), false);
   recv_requests_ = requests_.size();
-  for (std::size_t off = 0; off < send_bytes; off += kMaxMpiMessageBytes) {
-    const int n = static_cast<int>(std::min(kMaxMpiMessageBytes, send_bytes - off));
-    requests_.emplace_back();
-    RINGATTN_MPI_CHECK(MPI_Isend(s + off, n, MPI_BYTE, send_to, kTag, comm_, &requests_.back()));
-  }
-  bytes_sent_ += send_bytes;
+  post(send_pieces, const_cast<char*>(static_cast<const char*>(send)), true);
+  bytes_sent_ += send_pieces.total();
 }
 
 void MpiTransport::progress() {

@@ -26,8 +26,8 @@ class MpiTransport final : public Transport {
   MpiTransport(const MpiTransport&) = delete;
   MpiTransport& operator=(const MpiTransport&) = delete;
 
-  void start(const void* send, std::size_t send_bytes, int send_to, void* recv, std::size_t recv_bytes,
-             int recv_from) override;
+  void start_pieces(const void* send, const Pieces& send_pieces, int send_to, void* recv, const Pieces& recv_pieces,
+                    int recv_from) override;
   void progress() override;
   void wait() override;
   // Counted by the caller: which ring step the next wait() belongs to (for the message).

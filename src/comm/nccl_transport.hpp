@@ -25,8 +25,8 @@ class NcclTransport final : public Transport {
   NcclTransport(ncclComm_t comm, cudaStream_t compute, cudaStream_t comm_stream, double timeout_s = 0.0)
       : comm_(comm), compute_(compute), comm_stream_(comm_stream), timeout_s_(timeout_s) {}
 
-  void start(const void* send, std::size_t send_bytes, int send_to, void* recv, std::size_t recv_bytes,
-             int recv_from) override;
+  void start_pieces(const void* send, const Pieces& send_pieces, int send_to, void* recv, const Pieces& recv_pieces,
+                    int recv_from) override;
   void wait() override;
 
  private:

@@ -132,6 +132,11 @@ std::size_t CudaRingForward::block_bytes(std::int64_t kv_len) const {
   return 2 * static_cast<std::size_t>(shape_.batch * kv_len * shape_.kv_heads * shape_.head_dim) * dtype_size(dtype_);
 }
 
+Pieces CudaRingForward::rows_of(const RowRange& rows, std::int64_t kv_len) const {
+  return slab_rows(rows.begin, rows.end, kv_len, block_bytes(1) / 2 / static_cast<std::size_t>(shape_.batch),
+                   2 * static_cast<std::size_t>(shape_.batch));
+}
+
 std::uint64_t gather_sink_block(CudaResources& resources, const RingPlan& plan, const AttentionShape& shape, DType dtype,
                                 const void* own_block, std::int64_t own_len, void* sink_block, bool communicate,
                                 double timeout_s, cudaStream_t stream) {
@@ -310,9 +315,10 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
     const RingStep& step = plan_.steps[static_cast<std::size_t>(s)];
     const bool transfer = communicate && s + 1 < steps;
     if (transfer) {
-      const std::int64_t next_len = plan_.steps[static_cast<std::size_t>(s) + 1].kv_len;
-      transport.start(blocks_[cur].get(), block_bytes(step.kv_len), plan_.send_to, blocks_[1 - cur].get(),
-                      block_bytes(next_len), plan_.recv_from);
+      // Only the rows the next ranks' windows reach travel (all of them for the full ring).
+      const RingStep& next = plan_.steps[static_cast<std::size_t>(s) + 1];
+      transport.start_pieces(blocks_[cur].get(), rows_of(step.send, step.kv_len), plan_.send_to, blocks_[1 - cur].get(),
+                             rows_of(next.held, next.kv_len), plan_.recv_from);
       record_hop("ring step " + std::to_string(s + 1) + ": the block of rank " +
                  std::to_string(plan_.steps[static_cast<std::size_t>(s) + 1].kv_source) + " from rank " +
                  std::to_string(plan_.recv_from) + " (this rank sends to rank " + std::to_string(plan_.send_to) + ")");

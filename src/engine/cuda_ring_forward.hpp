@@ -24,6 +24,7 @@
 #include "engine/cuda_resources.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "kernels/cpu/cpu_forward.hpp"
+#include "comm/transport.hpp"
 #include "plan/ring_plan.hpp"
 #include "ringattn/options.hpp"
 #include "ringattn/tensor.hpp"
@@ -105,6 +106,8 @@ class CudaRingForward {
 
  private:
   std::size_t block_bytes(std::int64_t kv_len) const;
+  // The rows of a packed block of kv_len rows that travel (see RingStep::held, send).
+  Pieces rows_of(const RowRange& rows, std::int64_t kv_len) const;
   bool task_uses_cudnn(const BlockTask& t) const;
   // fn(task, rows of the block it reads) for every task of the plan: ring, reverse, sinks.
   template <class Fn>

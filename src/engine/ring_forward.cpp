@@ -33,6 +33,11 @@ std::size_t CpuRingForward::block_bytes(std::int64_t kv_len) const {
   return 2 * static_cast<std::size_t>(shape_.batch * kv_len * shape_.kv_heads * shape_.head_dim) * dtype_size(dtype_);
 }
 
+Pieces CpuRingForward::rows_of(const RowRange& rows, std::int64_t kv_len) const {
+  return slab_rows(rows.begin, rows.end, kv_len, block_bytes(1) / 2 / static_cast<std::size_t>(shape_.batch),
+                   2 * static_cast<std::size_t>(shape_.batch));
+}
+
 void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                          const TensorView& lse, float scale, const std::function<void(int, int)>& on_step) {
   const int P = plan_.world;
@@ -50,9 +55,10 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
   for (int s = 0; s < steps; ++s) {
     const RingStep& step = plan_.steps[static_cast<std::size_t>(s)];
     if (s + 1 < steps) {
-      const std::int64_t next_len = plan_.steps[static_cast<std::size_t>(s) + 1].kv_len;
-      transport.start(blocks_[cur].data(), block_bytes(step.kv_len), plan_.send_to, blocks_[1 - cur].data(),
-                      block_bytes(next_len), plan_.recv_from);
+      // Only the rows the next ranks' windows reach travel (all of them for the full ring).
+      const RingStep& next = plan_.steps[static_cast<std::size_t>(s) + 1];
+      transport.start_pieces(blocks_[cur].data(), rows_of(step.send, step.kv_len), plan_.send_to,
+                             blocks_[1 - cur].data(), rows_of(next.held, next.kv_len), plan_.recv_from);
     }
     kernel_.load_kv(dtype_, blocks_[cur].data(), step.kv_len);
     kernel_.run(step.tasks, poke);

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_forward.hpp"
+#include "comm/transport.hpp"
 #include "plan/ring_plan.hpp"
 #include "ringattn/tensor.hpp"
 
@@ -53,6 +54,8 @@ class CpuRingForward {
 
  private:
   std::size_t block_bytes(std::int64_t kv_len) const;
+  // The rows of a packed block of kv_len rows that travel (see RingStep::held, send).
+  Pieces rows_of(const RowRange& rows, std::int64_t kv_len) const;
 
   MPI_Comm comm_;
   double timeout_s_ = 0.0;  // bound on each transfer wait; 0 = none

@@ -60,6 +60,7 @@ RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank) {
     RingStep step;
     step.kv_source = (rank - s + P) % P;
     step.kv_len = layout.local_length(step.kv_source);
+    step.held = step.send = {0, step.kv_len};  // the whole block travels on
     for (const Segment& k : layout.segments(step.kv_source)) {
       for (const Segment& q : q_segments) {
         if (auto task = classify_block(q, k, mask)) step.tasks.push_back(*task);
@@ -67,6 +68,7 @@ RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank) {
     }
     plan.steps.push_back(std::move(step));
   }
+  plan.steps.back().send = {0, 0};  // the last step passes nothing on
   return plan;
 }
 
@@ -125,22 +127,49 @@ RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_
   plan.send_to = (rank + 1) % P;
   plan.recv_from = (rank + P - 1) % P;
   const std::vector<Segment> q_segments = layout.segments(rank);
-  // Blocks that wrapped around the ring lie on the other side of this rank: the other pass
-  // (or, causal, nobody) covers them.
+  // The band tasks of rank r against the block of `source` (none for a block that wrapped
+  // around the ring: it lies on the other side of r, which the other pass or nobody covers).
+  auto tasks_of = [&](int r, int source, bool wrapped) {
+    std::vector<BlockTask> tasks;
+    if (wrapped) return tasks;
+    for (const Segment& k : layout.segments(source)) {
+      for (const Segment& q : layout.segments(r)) {
+        if (auto task = band_block(q, k, window, right)) tasks.push_back(*task);
+      }
+    }
+    return tasks;
+  };
   auto add_step = [&](std::vector<RingStep>& steps, int source, bool wrapped) {
     RingStep step;
     step.kv_source = source;
     step.kv_len = layout.local_length(source);
-    if (!wrapped) {
-      for (const Segment& k : layout.segments(source)) {
-        for (const Segment& q : q_segments) {
-          if (auto task = band_block(q, k, window, right)) step.tasks.push_back(*task);
-        }
-      }
-    }
+    step.tasks = tasks_of(rank, source, wrapped);
+    step.held = step.send = {0, step.kv_len};
     steps.push_back(std::move(step));
   };
   for (int s = 0; s <= back; ++s) add_step(plan.steps, (rank - s + P) % P, rank - s < 0);
+  // Forward steps carry only the rows some window reaches: at step s the block of r - s is
+  // needed by r and by the ranks it travels on to (r + k at step s + k, for the remaining
+  // steps), so it holds the span of their tasks' keys. Windows reach back from a rank's first
+  // row, so the ranks further on need a suffix of what this one needs: the spans nest.
+  auto held_at = [&](int r, int s) {
+    const int source = ((r - s) % P + P) % P;
+    RowRange span{0, 0};
+    bool any = false;
+    for (int k = 0; s + k <= back; ++k) {
+      const int rk = r + k;
+      if (rk >= P) break;  // past the last rank the block has wrapped: nobody else needs it
+      for (const BlockTask& t : tasks_of(rk, source, rk - (s + k) < 0)) {
+        span = any ? RowRange{std::min(span.begin, t.kv_begin), std::max(span.end, t.kv_begin + t.kv_len)}
+                   : RowRange{t.kv_begin, t.kv_begin + t.kv_len};
+        any = true;
+      }
+    }
+    return span;
+  };
+  for (int s = 1; s <= back; ++s) plan.steps[static_cast<std::size_t>(s)].held = held_at(rank, s);
+  for (int s = 0; s < back; ++s) plan.steps[static_cast<std::size_t>(s)].send = held_at(rank + 1, s + 1);
+  if (!plan.steps.empty()) plan.steps.back().send = {0, 0};
   if (!causal) {
     for (int j = 1; j <= ahead; ++j) add_step(plan.reverse_steps, (rank + j) % P, rank + j >= P);
   }

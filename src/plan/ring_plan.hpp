@@ -43,10 +43,27 @@ struct BlockTask {
   std::int64_t pairs() const;
 };
 
+// A range of rows of a KV block, [begin, end).
+struct RowRange {
+  std::int64_t begin = 0;
+  std::int64_t end = 0;
+  std::int64_t length() const { return end - begin; }
+  bool contains(const RowRange& other) const {
+    return other.length() <= 0 || (begin <= other.begin && other.end <= end);
+  }
+};
+
 struct RingStep {
   int kv_source = 0;       // whose KV block is held during this step
   std::int64_t kv_len = 0; // rows in that block
   std::vector<BlockTask> tasks;
+  // Rows of the block this rank receives for this step (its tasks and every later rank's that
+  // the block reaches through it): all of them but for forward steps of a sliding window, where
+  // only the rows some window reaches travel. Task rows stay relative to the whole block; a
+  // receiver keeps the block's full-size layout and leaves other rows unset.
+  RowRange held;
+  // Rows passed on to send_to after this step: the next rank's `held` at the next step.
+  RowRange send;
 };
 
 struct RingPlan {
@@ -77,7 +94,8 @@ RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank);
 // tokens always (causal: those with t <= p). The ring runs only as many steps as the
 // farthest window reaches over all ranks (every rank runs the same number), in both
 // directions when two-sided; keys of the sinks outside a query's window come from the sink
-// block.
+// block. Forward steps carry only the rows of each block that the windows of this and the
+// following ranks reach (RingStep::held / send); reverse steps carry whole blocks.
 RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_t sinks, int rank,
                           bool causal = true);
 

@@ -1,6 +1,7 @@
 // Sliding-window attention, causal and two-sided, with and without attention sinks, over MPI against the
-// fp64 reference, at whatever np CTest runs it; and the bytes each rank sends: exactly the
-// blocks of the hops the farthest window needs plus its share of the sink tokens, no more.
+// fp64 reference, at whatever np CTest runs it; and the bytes each rank sends: for the hops the
+// farthest window needs, exactly the rows of each block that the windows ahead reach (whole
+// blocks the other way), plus its share of the sink tokens, no more.
 #include <gtest/gtest.h>
 
 #include "common/attention_case.hpp"
@@ -59,8 +60,8 @@ void check(const WindowCase& c) {
   PreparedForward prepared = prepare_forward(ctx, qv, kv, vv, ov, lv, options);
   prepared.run(qv, kv, vv, ov, lv);
 
-  // Bytes: the blocks of the first `hops` steps (the farthest window's reach) and this rank's
-  // sink rows to each other rank.
+  // Bytes: the rows the windows reach of the first `hops` steps' blocks (the farthest window's
+  // reach), whole blocks the other way, and this rank's sink rows to each other rank.
   int hops = 0, ahead = 0;
   for (int r = 0; r < world; ++r) {
     const std::int64_t first = layout.positions(r).front(), last = layout.positions(r).back();
@@ -70,7 +71,15 @@ void check(const WindowCase& c) {
   const auto row_bytes = static_cast<std::uint64_t>(c.kv_heads * c.dim) * elem;
   std::uint64_t expected = 0;
   for (int s = 0; s < hops; ++s) {
-    expected += 2 * static_cast<std::uint64_t>(B * layout.local_length((rank - s + world) % world)) * row_bytes;
+    // Hop s passes the block of rank - s to rank + 1, whose windows (and those of the ranks
+    // after it, which reach less far back) need its keys from rank + 1's first query - W on.
+    // A block that wrapped around the ring (rank - s < 0), or one passed on to rank 0, is
+    // needed by nobody.
+    const int source = rank - s, next = rank + 1;
+    if (source < 0 || next >= world) continue;
+    const std::int64_t begin = layout.positions(source).front(), end = begin + layout.local_length(source);
+    const std::int64_t from = std::max(begin, layout.positions(next).front() - c.window);
+    expected += 2 * static_cast<std::uint64_t>(B * std::max<std::int64_t>(0, end - from)) * row_bytes;
   }
   for (int j = 0; j < ahead; ++j) {  // the other way: the own block first, then each one passed on
     expected += 2 * static_cast<std::uint64_t>(B * layout.local_length((rank + j) % world)) * row_bytes;

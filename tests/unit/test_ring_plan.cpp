@@ -143,9 +143,27 @@ void check_window_plan(std::int64_t S, int P, std::int64_t window, std::int64_t 
       }
       EXPECT_EQ(pairs, t.pairs());
     };
-    for (const RingStep& step : plan.steps) {
+    for (std::size_t s = 0; s < plan.steps.size(); ++s) {
+      const RingStep& step = plan.steps[s];
       const auto k_pos = layout.positions(step.kv_source);
-      for (const BlockTask& t : step.tasks) visit(t, k_pos, step.kv_len);
+      for (const BlockTask& t : step.tasks) {
+        visit(t, k_pos, step.kv_len);
+        ASSERT_TRUE(step.held.contains({t.kv_begin, t.kv_begin + t.kv_len})) << "step " << s << ": task keys not held";
+      }
+      // What travels: the own block whole at step 0; later, rows within the block; what this
+      // rank sends is exactly what the next one holds at the next step, and a part of its own.
+      ASSERT_TRUE(RowRange({0, step.kv_len}).contains(step.held));
+      if (s == 0) {
+        ASSERT_EQ(step.held.begin, 0);
+        ASSERT_EQ(step.held.end, step.kv_len);
+      }
+      if (s + 1 < plan.steps.size()) {
+        const RingStep& next = make_window_plan(layout, window, sinks, (r + 1) % P, causal).steps[s + 1];
+        ASSERT_EQ(next.kv_source, step.kv_source);
+        ASSERT_EQ(step.send.begin, next.held.begin) << "step " << s;
+        ASSERT_EQ(step.send.end, next.held.end) << "step " << s;
+        ASSERT_TRUE(step.held.contains(step.send)) << "step " << s << ": sends rows it does not hold";
+      }
     }
     for (std::size_t j = 0; j < plan.reverse_steps.size(); ++j) {
       const RingStep& step = plan.reverse_steps[j];
@@ -197,6 +215,17 @@ TEST(RingPlan, SlidingWindowExactlyTheBandOnce) {
 TEST(RingPlan, SlidingWindowNeedsFewSteps) {
   // S = 262,144 over 8 ranks (32k each) with a 4k window: one hop, not seven.
   const Layout layout(LayoutKind::contiguous, 262144, 8);
-  EXPECT_EQ(make_window_plan(layout, 4096, 0, 5).steps.size(), 2u);
+  const RingPlan plan = make_window_plan(layout, 4096, 0, 5);
+  EXPECT_EQ(plan.steps.size(), 2u);
+  // The hop carries the 4,096 rows the window reaches, not the whole 32k block.
+  EXPECT_EQ(plan.steps[0].send.begin, 32768 - 4096);
+  EXPECT_EQ(plan.steps[0].send.end, 32768);
+  EXPECT_EQ(plan.steps[1].held.length(), 4096);
+  // The full ring moves whole blocks.
+  const RingPlan ring = make_ring_plan(Layout(LayoutKind::zigzag, 1000, 4), MaskKind::causal, 1);
+  for (std::size_t s = 0; s + 1 < ring.steps.size(); ++s) {
+    EXPECT_EQ(ring.steps[s].send.length(), ring.steps[s].kv_len);
+    EXPECT_EQ(ring.steps[s + 1].held.length(), ring.steps[s + 1].kv_len);
+  }
   EXPECT_THROW(make_window_plan(Layout(LayoutKind::zigzag, 64, 2), 4, 0, 0), Error);
 }
