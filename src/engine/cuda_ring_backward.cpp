@@ -214,8 +214,15 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     for (int s = reverse ? -1 : 0; s < n; ++s) {
       const bool kv_transfer = ring && s + 1 < n;
       if (kv_transfer) {
-        const std::int64_t next_len = steps[static_cast<std::size_t>(s) + 1].kv_len;
-        kv_hop.start(blocks_[cur].get(), kv_bytes(held), to, blocks_[1 - cur].get(), kv_bytes(next_len), from);
+        // K and V: only the rows the next ranks' windows reach (all of them for the full ring
+        // and the reverse pass; the own block, s = -1, whole). The sums travel whole.
+        const RingStep& next = steps[static_cast<std::size_t>(s) + 1];
+        const RowRange send = s >= 0 ? steps[static_cast<std::size_t>(s)].send : RowRange{0, held};
+        const std::size_t row_bytes = kv_bytes(1) / 2 / static_cast<std::size_t>(B);
+        const std::size_t slabs = 2 * static_cast<std::size_t>(B);
+        kv_hop.start_pieces(blocks_[cur].get(), slab_rows(send.begin, send.end, held, row_bytes, slabs), to,
+                            blocks_[1 - cur].get(), slab_rows(next.held.begin, next.held.end, next.kv_len, row_bytes, slabs),
+                            from);
       }
       if (s >= 0) {
         const RingStep& step = steps[static_cast<std::size_t>(s)];
