@@ -214,10 +214,10 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     for (int s = reverse ? -1 : 0; s < n; ++s) {
       const bool kv_transfer = ring && s + 1 < n;
       if (kv_transfer) {
-        // K and V: only the rows the next ranks' windows reach (all of them for the full ring
-        // and the reverse pass; the own block, s = -1, whole). The sums travel whole.
+        // K and V: only the rows the next ranks' windows reach (all of them for the full ring;
+        // the reverse pass starts with the own block, s = -1). The sums travel whole.
         const RingStep& next = steps[static_cast<std::size_t>(s) + 1];
-        const RowRange send = s >= 0 ? steps[static_cast<std::size_t>(s)].send : RowRange{0, held};
+        const RowRange send = s >= 0 ? steps[static_cast<std::size_t>(s)].send : plan_.reverse_own_send;
         const std::size_t row_bytes = kv_bytes(1) / 2 / static_cast<std::size_t>(B);
         const std::size_t slabs = 2 * static_cast<std::size_t>(B);
         kv_hop.start_pieces(blocks_[cur].get(), slab_rows(send.begin, send.end, held, row_bytes, slabs), to,

@@ -342,9 +342,12 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       // Hop j + 1 brings reverse step j + 1's block while step j computes (j = -1: the first).
       const bool transfer = communicate && j + 1 < reverse;
       if (transfer) {
-        const std::int64_t next_len = plan_.reverse_steps[static_cast<std::size_t>(j + 1)].kv_len;
-        transport.start(blocks_[cur].get(), block_bytes(held), plan_.recv_from, blocks_[1 - cur].get(),
-                        block_bytes(next_len), plan_.send_to);
+        // The rows the windows behind reach (the own block first: j = -1).
+        const RingStep& next = plan_.reverse_steps[static_cast<std::size_t>(j + 1)];
+        const RowRange& send = j < 0 ? plan_.reverse_own_send : plan_.reverse_steps[static_cast<std::size_t>(j)].send;
+        const std::int64_t next_len = next.kv_len;
+        transport.start_pieces(blocks_[cur].get(), rows_of(send, held), plan_.recv_from, blocks_[1 - cur].get(),
+                               rows_of(next.held, next_len), plan_.send_to);
         record_hop("ring step " + std::to_string(steps + j + 1) + " (the other way): the block of rank " +
                    std::to_string(plan_.reverse_steps[static_cast<std::size_t>(j + 1)].kv_source) + " from rank " +
                    std::to_string(plan_.send_to) + " (this rank sends to rank " + std::to_string(plan_.recv_from) + ")");

@@ -75,10 +75,12 @@ void CpuRingForward::run(const TensorView& q, const TensorView& k, const TensorV
     for (int j = -1; j < reverse; ++j) {
       // Hop j + 1 brings reverse step j + 1's block while step j computes (j = -1: the first).
       if (j + 1 < reverse) {
-        const std::int64_t next_len = plan_.reverse_steps[static_cast<std::size_t>(j + 1)].kv_len;
-        transport.start(blocks_[cur].data(), block_bytes(held), plan_.recv_from, blocks_[1 - cur].data(),
-                        block_bytes(next_len), plan_.send_to);
-        held = next_len;
+        // The rows the windows behind reach (the own block first: j = -1).
+        const RingStep& next = plan_.reverse_steps[static_cast<std::size_t>(j + 1)];
+        const RowRange& send = j < 0 ? plan_.reverse_own_send : plan_.reverse_steps[static_cast<std::size_t>(j)].send;
+        transport.start_pieces(blocks_[cur].data(), rows_of(send, held), plan_.recv_from, blocks_[1 - cur].data(),
+                               rows_of(next.held, next.kv_len), plan_.send_to);
+        held = next.kv_len;
       }
       if (j >= 0) {
         const RingStep& step = plan_.reverse_steps[static_cast<std::size_t>(j)];

@@ -74,6 +74,12 @@ RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank) {
 
 namespace {
 
+// The smallest row range covering `span` (empty: length 0) and the keys of task t.
+RowRange join(const RowRange& span, const BlockTask& t) {
+  if (span.length() <= 0) return {t.kv_begin, t.kv_begin + t.kv_len};
+  return {std::min(span.begin, t.kv_begin), std::max(span.end, t.kv_begin + t.kv_len)};
+}
+
 // The sub-block of contiguous query run q against contiguous key run k where
 // q_pos - left <= k_pos <= q_pos + right (a negative bound: none on that side), or nothing.
 std::optional<BlockTask> band_block(const Segment& q, const Segment& k, std::int64_t left, std::int64_t right) {
@@ -155,15 +161,10 @@ RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_
   auto held_at = [&](int r, int s) {
     const int source = ((r - s) % P + P) % P;
     RowRange span{0, 0};
-    bool any = false;
     for (int k = 0; s + k <= back; ++k) {
       const int rk = r + k;
       if (rk >= P) break;  // past the last rank the block has wrapped: nobody else needs it
-      for (const BlockTask& t : tasks_of(rk, source, rk - (s + k) < 0)) {
-        span = any ? RowRange{std::min(span.begin, t.kv_begin), std::max(span.end, t.kv_begin + t.kv_len)}
-                   : RowRange{t.kv_begin, t.kv_begin + t.kv_len};
-        any = true;
-      }
+      for (const BlockTask& t : tasks_of(rk, source, rk - (s + k) < 0)) span = join(span, t);
     }
     return span;
   };
@@ -172,6 +173,25 @@ RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_
   if (!plan.steps.empty()) plan.steps.back().send = {0, 0};
   if (!causal) {
     for (int j = 1; j <= ahead; ++j) add_step(plan.reverse_steps, (rank + j) % P, rank + j >= P);
+    // The same the other way: reverse step j of rank r holds the block of r + j + 1, which
+    // travels on to r - 1, r - 2, ...; windows reach ahead from a rank's last row, so those
+    // ranks need a prefix of what this one needs.
+    auto held_back = [&](int r, int j) {
+      RowRange span{0, 0};
+      const int source = ((r + j + 1) % P + P) % P;
+      for (int k = 0; j + k < ahead; ++k) {
+        const int rk = r - k;
+        if (rk < 0) break;  // before rank 0 the block has wrapped: nobody else needs it
+        for (const BlockTask& t : tasks_of(rk, source, r + j + 1 >= P)) span = join(span, t);
+      }
+      return span;
+    };
+    for (int j = 0; j < ahead; ++j) plan.reverse_steps[static_cast<std::size_t>(j)].held = held_back(rank, j);
+    for (int j = 0; j + 1 < ahead; ++j) plan.reverse_steps[static_cast<std::size_t>(j)].send = held_back(rank - 1, j + 1);
+    if (ahead > 0) {
+      plan.reverse_steps.back().send = {0, 0};
+      plan.reverse_own_send = held_back(rank - 1, 0);
+    }
   }
   // Sinks: keys t < sinks outside a query's window. Before it (t <= p - window - 1): a block
   // whose keys are shifted window + 1 later and seen up to the query; two-sided, after it too

@@ -76,6 +76,9 @@ struct RingPlan {
   // from recv_from), blocks of later ranks travel the other way (from send_to): step j holds
   // the block of rank + j, j = 1, 2, ...
   std::vector<RingStep> reverse_steps;
+  // The rows of this rank's own block that start the reverse pass (sent to recv_from, which
+  // holds them at its first reverse step).
+  RowRange reverse_own_send;
   // Sliding window with attention sinks: the sink block (the first sink_len tokens, gathered
   // from their owners to every rank after the ring) and this rank's tasks against it.
   std::int64_t sink_len = 0;
@@ -94,8 +97,8 @@ RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank);
 // tokens always (causal: those with t <= p). The ring runs only as many steps as the
 // farthest window reaches over all ranks (every rank runs the same number), in both
 // directions when two-sided; keys of the sinks outside a query's window come from the sink
-// block. Forward steps carry only the rows of each block that the windows of this and the
-// following ranks reach (RingStep::held / send); reverse steps carry whole blocks.
+// block. Each hop carries only the rows of its block that the windows of the ranks it travels
+// to reach (RingStep::held / send): a suffix going forward, a prefix going back.
 RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_t sinks, int rank,
                           bool causal = true);
 

@@ -1,7 +1,7 @@
 // Sliding-window attention, causal and two-sided, with and without attention sinks, over MPI against the
 // fp64 reference, at whatever np CTest runs it; and the bytes each rank sends: for the hops the
-// farthest window needs, exactly the rows of each block that the windows ahead reach (whole
-// blocks the other way), plus its share of the sink tokens, no more.
+// farthest window needs (each way), exactly the rows of each block that the windows of the
+// ranks it travels to reach, plus its share of the sink tokens, no more.
 #include <gtest/gtest.h>
 
 #include "common/attention_case.hpp"
@@ -60,8 +60,9 @@ void check(const WindowCase& c) {
   PreparedForward prepared = prepare_forward(ctx, qv, kv, vv, ov, lv, options);
   prepared.run(qv, kv, vv, ov, lv);
 
-  // Bytes: the rows the windows reach of the first `hops` steps' blocks (the farthest window's
-  // reach), whole blocks the other way, and this rank's sink rows to each other rank.
+  // Bytes: the rows the windows reach of the blocks of the first `hops` steps (the farthest
+  // window's reach) and, two-sided, of the `ahead` hops the other way, and this rank's sink
+  // rows to each other rank.
   int hops = 0, ahead = 0;
   for (int r = 0; r < world; ++r) {
     const std::int64_t first = layout.positions(r).front(), last = layout.positions(r).back();
@@ -81,8 +82,14 @@ void check(const WindowCase& c) {
     const std::int64_t from = std::max(begin, layout.positions(next).front() - c.window);
     expected += 2 * static_cast<std::uint64_t>(B * std::max<std::int64_t>(0, end - from)) * row_bytes;
   }
-  for (int j = 0; j < ahead; ++j) {  // the other way: the own block first, then each one passed on
-    expected += 2 * static_cast<std::uint64_t>(B * layout.local_length((rank + j) % world)) * row_bytes;
+  for (int j = 0; j < ahead; ++j) {
+    // The other way: hop j passes the block of rank + j (the own block first) to rank - 1,
+    // whose windows (and those before it) need its keys up to rank - 1's last query + W.
+    const int source = rank + j, next = rank - 1;
+    if (source >= world || next < 0) continue;
+    const std::int64_t begin = layout.positions(source).front(), end = begin + layout.local_length(source);
+    const std::int64_t to = std::min(end, layout.positions(next).back() + c.window + 1);
+    expected += 2 * static_cast<std::uint64_t>(B * std::max<std::int64_t>(0, to - begin)) * row_bytes;
   }
   const std::int64_t own_sinks = std::clamp<std::int64_t>(c.sinks - pos.front(), 0, n);
   expected += 2 * static_cast<std::uint64_t>(B * own_sinks) * row_bytes * static_cast<std::uint64_t>(world - 1);

@@ -165,11 +165,27 @@ void check_window_plan(std::int64_t S, int P, std::int64_t window, std::int64_t 
         ASSERT_TRUE(step.held.contains(step.send)) << "step " << s << ": sends rows it does not hold";
       }
     }
+    const RingPlan before = make_window_plan(layout, window, sinks, (r - 1 + P) % P, causal);
+    if (!plan.reverse_steps.empty()) {  // the own block starts the reverse pass
+      ASSERT_EQ(plan.reverse_own_send.begin, before.reverse_steps[0].held.begin);
+      ASSERT_EQ(plan.reverse_own_send.end, before.reverse_steps[0].held.end);
+    }
     for (std::size_t j = 0; j < plan.reverse_steps.size(); ++j) {
       const RingStep& step = plan.reverse_steps[j];
       ASSERT_EQ(step.kv_source, (r + static_cast<int>(j) + 1) % P);
       const auto k_pos = layout.positions(step.kv_source);
-      for (const BlockTask& t : step.tasks) visit(t, k_pos, step.kv_len);
+      for (const BlockTask& t : step.tasks) {
+        visit(t, k_pos, step.kv_len);
+        ASSERT_TRUE(step.held.contains({t.kv_begin, t.kv_begin + t.kv_len})) << "reverse " << j << ": keys not held";
+      }
+      ASSERT_TRUE(RowRange({0, step.kv_len}).contains(step.held));
+      if (j + 1 < plan.reverse_steps.size()) {  // passed on to the previous rank
+        const RingStep& next = before.reverse_steps[j + 1];
+        ASSERT_EQ(next.kv_source, step.kv_source);
+        ASSERT_EQ(step.send.begin, next.held.begin) << "reverse " << j;
+        ASSERT_EQ(step.send.end, next.held.end) << "reverse " << j;
+        ASSERT_TRUE(step.held.contains(step.send)) << "reverse " << j << ": sends rows it does not hold";
+      }
     }
     std::vector<std::int64_t> sink_pos(static_cast<std::size_t>(plan.sink_len));
     for (std::int64_t t = 0; t < plan.sink_len; ++t) sink_pos[static_cast<std::size_t>(t)] = t;
