@@ -3,7 +3,7 @@
 // with CUDA events; prints TFLOP/s with 4*B*S^2*H*D (halved when causal).
 //   kernel_bench [--heads 32] [--head-dim 128] [--dtype bf16] [--iters 10] [--variant N] [--steps N] S...
 // --variant picks a kernel and tile shape (bf16, head dim 128 only) for tuning; 0 is the
-// library's choice for the device (wgmma on H100/H200, mma.sync elsewhere).
+// library's choice for the device (warp-specialised wgmma on H100/H200, mma.sync elsewhere).
 // --steps N runs the kernel N times per forward over the same rows, as N ring steps would,
 // so that each step after the first merges into the running result.
 #include <cuda_runtime_api.h>

@@ -70,11 +70,12 @@ std::string cuda_description() {
   const std::int64_t cudnn = detail::cudnn_version();
   const std::string kernels = "cuDNN " + std::to_string(cudnn / 10000) + "." + std::to_string((cudnn / 100) % 100) + "." +
                               std::to_string(cudnn % 100) +
-                              " fused attention (--kernel auto picks it), native flash kernel (wgmma on "
-                              "H100/H200, mma.sync elsewhere; bf16/fp16, head dim 64/128)";
+                              " fused attention (--kernel auto picks it), native flash kernels (warp-specialised "
+                              "wgmma on H100/H200, mma.sync elsewhere; bf16/fp16, head dim 64/128)";
 #else
   const std::string kernels =
-      "native flash kernel (wgmma on H100/H200, mma.sync elsewhere; bf16/fp16, head dim 64/128); no cuDNN in this build";
+      "native flash kernels (warp-specialised wgmma on H100/H200, mma.sync elsewhere; bf16/fp16, head dim 64/128); "
+      "no cuDNN in this build";
 #endif
   return kernels + " + NCCL ring; CUDA runtime " + cuda_version(runtime) +
          ", driver " + (driver ? cuda_version(driver) : std::string("none")) + ", NCCL " + std::to_string(nccl / 10000) +

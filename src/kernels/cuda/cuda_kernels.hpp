@@ -13,10 +13,10 @@
 namespace ringattn::detail {
 
 // The native flash forward kernels: mma.sync (sm_80 and later) and wgmma (sm_90a: H100,
-// H200). automatic picks wgmma where the current device and the build allow it.
-// wgmma_ws: the warp-specialised wgmma kernel (TMA producer warp, intra-warpgroup overlap;
-// flash_fwd_sm90_ws.cuh) for head_dim 128, else the wgmma kernel. Opt-in until it has passed
-// the GPU tests against the fp64 reference (tests/gpu/test_flash_fwd.cpp runs it).
+// H200). wgmma_ws: the warp-specialised wgmma kernel (TMA producer warp, intra-warpgroup
+// overlap; flash_fwd_sm90_ws.cuh) for head_dim 128, else the wgmma kernel. automatic picks
+// wgmma_ws where the current device and the build allow it, else mma.sync
+// (RINGATTN_NATIVE_KERNEL overrides it for A/B runs).
 enum class FlashKernel { automatic, mma_sync, wgmma, wgmma_ws };
 const char* to_string(FlashKernel kernel);
 
@@ -59,9 +59,8 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
 // dtype: f16 or bf16; head dims as the forward kernels.
 // kernel: mma_sync (flash_bwd_kernel.cuh) or wgmma (flash_bwd_sm90.cuh: warp-specialised, TMA,
 // sm_90a; wgmma_ws means the same; tensors TMA cannot describe fall back to mma_sync).
-// automatic is mma_sync unless RINGATTN_NATIVE_BWD_KERNEL=wgmma|mma_sync says otherwise: the
-// wgmma backward stays opt-in until it has passed the GPU tests against the fp64 reference
-// (tests/gpu/test_flash_bwd.cpp runs both).
+// automatic is wgmma where the device and the build allow it, else mma_sync
+// (RINGATTN_NATIVE_BWD_KERNEL=wgmma|mma_sync overrides it for A/B runs).
 enum class FlashBwdPart { dq, dkv, both };
 void flash_bwd(const FlashBwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream,
                FlashBwdPart part = FlashBwdPart::both, FlashKernel kernel = FlashKernel::automatic);

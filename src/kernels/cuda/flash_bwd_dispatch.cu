@@ -43,7 +43,7 @@ FlashKernel native_bwd_kernel_override() {
 FlashKernel flash_bwd_resolve(FlashKernel kernel) {
   if (kernel == FlashKernel::wgmma_ws) kernel = FlashKernel::wgmma;  // the wgmma backward is warp-specialised
   if (kernel == FlashKernel::automatic) kernel = native_bwd_kernel_override();
-  if (kernel == FlashKernel::automatic) return FlashKernel::mma_sync;  // until the wgmma backward has passed on a GPU
+  if (kernel == FlashKernel::automatic) return flash_fwd_wgmma_available() ? FlashKernel::wgmma : FlashKernel::mma_sync;
   if (kernel == FlashKernel::wgmma && !flash_fwd_wgmma_available()) {
     throw Error(ErrorCode::invalid_argument, "the wgmma backward kernels need a compute capability 9.0 GPU and a build "
                                              "with CMAKE_CUDA_ARCHITECTURES including 90a");

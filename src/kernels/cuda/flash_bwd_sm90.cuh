@@ -1,7 +1,7 @@
 // kernels/cuda/flash_bwd_sm90.cuh: the Hopper (sm_90a) flash backward for one plan task
 // (FlashKernel::wgmma in flash_bwd; same contract as flash_bwd_kernel.cuh: FlashBwdParams,
 // fp32 accumulators added to, one writer per accumulator row, no atomics, bitwise
-// reproducible). Opt-in until it has passed the GPU tests: see cuda_kernels.hpp.
+// reproducible). The default native backward on sm_90a: see cuda_kernels.hpp.
 //
 // The math is the mma.sync kernels' (P recomputed from lse2, delta = rowsum(dO * O)):
 //   dV += P^T dO        dS = P * (dO V^T - delta)        dQ += scale dS K        dK += scale dS^T Q

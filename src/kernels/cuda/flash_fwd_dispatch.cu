@@ -60,7 +60,7 @@ bool flash_fwd_wgmma_available() {
 namespace {
 
 // RINGATTN_NATIVE_KERNEL=mma_sync|wgmma|wgmma_ws: what `automatic` means, for A/B runs of the
-// native kernels (and to run the opt-in wgmma_ws kernel in the ring). Read once.
+// native kernels. Read once.
 FlashKernel native_kernel_override() {
   static const FlashKernel chosen = [] {
     const char* env = std::getenv("RINGATTN_NATIVE_KERNEL");
@@ -86,7 +86,9 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel) {
     }
     return chosen;
   }
-  return flash_fwd_wgmma_available() ? FlashKernel::wgmma : FlashKernel::mma_sync;
+  // The warp-specialised kernel serves head dim 128 (flash_fwd falls back to the wgmma kernel
+  // for 64 and for tensors TMA cannot describe).
+  return flash_fwd_wgmma_available() ? FlashKernel::wgmma_ws : FlashKernel::mma_sync;
 }
 
 void flash_fwd(const FlashFwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashKernel kernel) {

@@ -1,6 +1,6 @@
 // kernels/cuda/flash_fwd_sm90_ws.cuh: the warp-specialised Hopper (sm_90a) flash forward kernel
 // for head_dim 128 (FlashKernel::wgmma_ws; flash_fwd_sm90.cuh serves head_dim 64 and tensors
-// whose strides or alignment TMA cannot describe). Opt-in: see cuda_kernels.hpp.
+// whose strides or alignment TMA cannot describe). The default at head_dim 128: see cuda_kernels.hpp.
 //
 // Same contract as flash_fwd_sm90.cuh (FlashFwdParams: one task; the merge into the running
 // state or the direct write fused into the epilogue). What changes is how the tensor cores
