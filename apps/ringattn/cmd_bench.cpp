@@ -185,7 +185,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
          device == DeviceKind::cuda ? ("--kernel " + base.kernel).c_str() : "cpu", o.warmup, o.iters);
   for (int r = 0; r < ctx.size(); ++r) print0(ctx, "#   rank %d: %s\n", r, &lines[line.size() * static_cast<std::size_t>(r)]);
   print0(ctx, "# seq = total tokens; TFLOP/s per GPU/rank with 4*B*S^2*H*D (halved when causal%s); comm = bytes "
-              "sent per rank / time; overlap = no-comm time / ring time\n",
+              "sent by the busiest rank / time; overlap = no-comm time / ring time\n",
          base.attention == "linear" ? "; linear attention: 4*B*S*H*D^2"
                                     : (base.backward ? "; x3.5 for forward+backward" : ""));
   print0(ctx, "# %9s %5s %5s %4s %4s %6s %10s %6s %10s %10s %9s %7s %7s\n", "seq", "batch", "heads", "kv", "dim", "causal",
@@ -265,6 +265,8 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       }
 #endif
       if (prepared.cpu) bytes = static_cast<double>(prepared.cpu->bytes_sent());
+      // The busiest rank's bytes: ranks send different amounts (sliding windows trim hops).
+      RINGATTN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &bytes, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
       double wrong = -1.0;
       if (o.check) {
         t.download();

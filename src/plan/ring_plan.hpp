@@ -58,9 +58,10 @@ struct RingStep {
   std::int64_t kv_len = 0; // rows in that block
   std::vector<BlockTask> tasks;
   // Rows of the block this rank receives for this step (its tasks and every later rank's that
-  // the block reaches through it): all of them but for forward steps of a sliding window, where
-  // only the rows some window reaches travel. Task rows stay relative to the whole block; a
-  // receiver keeps the block's full-size layout and leaves other rows unset.
+  // the block reaches through it): all of them but for sliding windows, where only the rows
+  // some window reaches travel. Task rows stay relative to the whole block; a receiver keeps
+  // the block's full-size layout and leaves other rows unset. The CPU backward ignores these
+  // and moves whole blocks (K, V and the dK/dV sums share its buffer).
   RowRange held;
   // Rows passed on to send_to after this step: the next rank's `held` at the next step.
   RowRange send;
