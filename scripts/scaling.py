@@ -111,8 +111,7 @@ def cmd_run(a):
             failures += run_logged(mpiexec + ["-np", str(n)] + bench + lengths + ["--json", out], log) != 0
             if a.pytorch:
                 peer = os.path.join(a.out, f"pytorch-{mode}-np{n}.json")
-                total = lambda s: s * n if mode == "weak" else s  # noqa: E731 (tokens per rank -> total)
-                b, e = (total(a.weak), total(a.weak)) if mode == "weak" else strong
+                b, e = (a.weak * n, a.weak * n) if mode == "weak" else strong  # total tokens
                 cmd = [a.torchrun, "--nproc-per-node", str(n),
                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_pytorch.py"), "cp",
                        "-b", str(b), "-e", str(e), "-f", "2", "--causal", a.mask, "--iters", str(a.iters),

@@ -20,11 +20,11 @@
 #include <utility>
 #include <vector>
 
+#include "comm/transport.hpp"
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "kernels/cpu/cpu_forward.hpp"
-#include "comm/transport.hpp"
 #include "plan/ring_plan.hpp"
 #include "ringattn/options.hpp"
 #include "ringattn/tensor.hpp"
@@ -44,20 +44,6 @@ CudnnSdpaProblem cudnn_task_problem(const BlockTask& t, std::int64_t step_kv_len
 std::uint64_t gather_sink_block(CudaResources& resources, const RingPlan& plan, const AttentionShape& shape, DType dtype,
                                 const void* own_block, std::int64_t own_len, void* sink_block, bool communicate,
                                 double timeout_s, cudaStream_t stream);
-
-// A plan task's rows, offsets and mask into a native kernel's arguments (FlashFwdParams or
-// FlashBwdParams, whose task fields share their names).
-template <class Params>
-void set_task_fields(Params& p, const BlockTask& t) {
-  p.q_begin = static_cast<int>(t.q_begin);
-  p.q_len = static_cast<int>(t.q_len);
-  p.kv_begin = static_cast<int>(t.kv_begin);
-  p.kv_len = static_cast<int>(t.kv_len);
-  p.causal = t.mask != MaskKind::full;
-  p.diag_offset = static_cast<int>(t.diag_offset);
-  p.band = t.mask == MaskKind::band;
-  p.lower_offset = static_cast<int>(t.lower_offset);
-}
 
 class CudaRingForward {
  public:

@@ -165,14 +165,7 @@ std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& r
       p.scale = static_cast<float>(scale);
       p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
       for (const BlockTask& t : *tasks) {
-        p.q_begin = static_cast<int>(t.q_begin);
-        p.q_len = static_cast<int>(t.q_len);
-        p.kv_begin = static_cast<int>(t.kv_begin);
-        p.kv_len = static_cast<int>(t.kv_len);
-        p.causal = t.mask != MaskKind::full;
-        p.diag_offset = static_cast<int>(t.diag_offset);
-        p.band = t.mask == MaskKind::band;
-        p.lower_offset = static_cast<int>(t.lower_offset);
+        set_task_fields(p, t);
         if (kernel == FlashKernel::wgmma && !flash_bwd_wgmma_supports(p)) {
           ADD_FAILURE() << "the wgmma kernels cannot take these tensors: flash_bwd would fall back to mma.sync";
           rel_err = INFINITY;

@@ -92,14 +92,7 @@ void check_case(const Case& c, FlashKernel kernel) {
         p.batch = static_cast<int>(c.batch);
         p.heads = static_cast<int>(c.heads);
         p.kv_group = static_cast<int>(c.heads / c.kv_heads);
-        p.q_begin = static_cast<int>(t.q_begin);
-        p.q_len = static_cast<int>(t.q_len);
-        p.kv_begin = static_cast<int>(t.kv_begin);
-        p.kv_len = static_cast<int>(t.kv_len);
-        p.causal = t.mask != MaskKind::full;
-        p.diag_offset = static_cast<int>(t.diag_offset);
-        p.band = t.mask == MaskKind::band;
-        p.lower_offset = static_cast<int>(t.lower_offset);
+        set_task_fields(p, t);
         p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
         flash_fwd(p, c.dtype, c.dim, nullptr, kernel);
       }

@@ -8,9 +8,24 @@
 
 #include "kernels/cuda/flash_bwd_params.hpp"
 #include "kernels/cuda/flash_fwd_params.hpp"
+#include "plan/ring_plan.hpp"
 #include "ringattn/tensor.hpp"
 
 namespace ringattn::detail {
+
+// A plan task's rows, offsets and mask into a native kernel's arguments (FlashFwdParams or
+// FlashBwdParams, whose task fields share their names).
+template <class Params>
+void set_task_fields(Params& p, const BlockTask& t) {
+  p.q_begin = static_cast<int>(t.q_begin);
+  p.q_len = static_cast<int>(t.q_len);
+  p.kv_begin = static_cast<int>(t.kv_begin);
+  p.kv_len = static_cast<int>(t.kv_len);
+  p.causal = t.mask != MaskKind::full;
+  p.diag_offset = static_cast<int>(t.diag_offset);
+  p.band = t.mask == MaskKind::band;
+  p.lower_offset = static_cast<int>(t.lower_offset);
+}
 
 // The native flash forward kernels: mma.sync (sm_80 and later) and wgmma (sm_90a: H100,
 // H200). wgmma_ws: the warp-specialised wgmma kernel (TMA producer warp, intra-warpgroup
