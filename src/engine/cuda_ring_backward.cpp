@@ -60,7 +60,19 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
               plan_.reverse_steps.empty() && plan_.sink_tasks.empty() && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
 
-  const std::string native = std::string("native ") + to_string(flash_bwd_resolve(FlashKernel::automatic)) + " backward kernels";
+  const FlashKernel native_kernel = flash_bwd_resolve(FlashKernel::automatic);
+  fused_ = native_kernel == FlashKernel::wgmma_fused && shape.head_dim == 128;
+  if (fused_) {
+    FlashBwdParams sizing;
+    sizing.batch = static_cast<int>(shape.batch);
+    sizing.heads = static_cast<int>(shape.heads);
+    sizing.q_len = static_cast<int>(q_len);
+    dq_sem_ = DeviceBuffer(static_cast<std::size_t>(flash_bwd_semaphores(sizing)) * sizeof(unsigned int));
+    if (plan_.world > 1) step_acc_ = DeviceBuffer(acc_bytes(kv_capacity));
+  }
+  // Head dim 64 runs the pair (the single-pass kernel serves 128).
+  const FlashKernel described = native_kernel == FlashKernel::wgmma_fused && !fused_ ? FlashKernel::wgmma : native_kernel;
+  const std::string native = std::string("native ") + to_string(described) + (fused_ ? " backward kernel" : " backward kernels");
   kernel_description_ = native;
   if (kernel == KernelKind::native) return;
   if (!one_task_ && kernel == KernelKind::automatic) {
@@ -179,6 +191,8 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   p.lse2 = lse2_.as<float>();
   p.delta = delta_.as<float>();
   p.dq = dq_acc_.as<float>();
+  p.dq_sem = dq_sem_.as<unsigned int>();
+  p.dq_sem_len = static_cast<std::int64_t>(dq_sem_.bytes() / sizeof(unsigned int));
   p.s_q = q_len_;
   p.batch = static_cast<int>(B);
   p.heads = static_cast<int>(H);
@@ -241,17 +255,37 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
           if (!acc_ready) acc_hop.wait();
           acc_ready = true;
         };
+        bool step_sums = false;  // the single-pass kernel added into step_acc_, not yet into the accumulator
         for (const BlockTask& t : step.tasks) {
           set_task(t);
           if (task_uses_cudnn(t, step.kv_len) && run_cudnn_task(t, step.kv_len, q, p.k, p.v, out, lse, dout, dq, dk, dv,
                                                                 scale, dk_acc, dv_acc, await_acc)) {
             continue;
           }
-          flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
-          await_acc();
-          flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
+          if (!fused_) {
+            flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
+            await_acc();
+            flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
+            continue;
+          }
+          // One kernel for all three gradients: into the accumulator once it is here, else into
+          // this step's own sums, so that the kernel need not wait for the accumulator's hop.
+          if (acc_ready) {
+            p.dk = dk_acc;
+            p.dv = dv_acc;
+          } else {
+            if (!step_sums) RINGATTN_CUDA_CHECK(cudaMemsetAsync(step_acc_.get(), 0, acc_bytes(step.kv_len), stream));
+            step_sums = true;
+            p.dk = step_acc_.as<float>();
+            p.dv = p.dk + B * Hkv * step.kv_len * D;
+          }
+          flash_bwd(p, dtype_, D, stream, FlashBwdPart::both);
         }
         await_acc();
+        if (step_sums) {  // dK then dV: (2B, H_kv, kv_len, D) in both buffers
+          const Strides sums = {Hkv * step.kv_len * D, step.kv_len * D, D};
+          accumulate_rows(dk_acc, step.kv_len, 0, step_acc_.get(), DType::f32, 2 * B, Hkv, step.kv_len, D, sums, stream);
+        }
         // A milestone for the watchdog: this step's kernels are done.
         if (milestones_ >= static_cast<int>(step_events_.size())) step_events_.emplace_back();
         RINGATTN_CUDA_CHECK(cudaEventRecord(step_events_[static_cast<std::size_t>(milestones_++)], stream));

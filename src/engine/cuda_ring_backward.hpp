@@ -88,6 +88,12 @@ class CudaRingBackward {
   DeviceBuffer dq_acc_;     // (B, H, S_local, D) fp32
   DeviceBuffer lse2_;       // (B, H, S_local) fp32
   DeviceBuffer delta_;      // (B, H, S_local) fp32
+  // The single-pass native backward (FlashKernel::wgmma_fused): its dQ semaphores, and, in a
+  // ring, the step's dK/dV sums (B, H_kv, S_kv, D) fp32 each, computed before the travelling
+  // accumulator has arrived and added to it after (the pair instead runs its dq kernel first).
+  bool fused_ = false;
+  DeviceBuffer dq_sem_;
+  DeviceBuffer step_acc_;
   bool one_task_ = false;   // P = 1 and one task covers every row
   double timeout_s_ = 0.0;
   std::vector<long> peer_pids_;

@@ -1,7 +1,8 @@
-// The native CUDA flash backward kernels (mma.sync; wgmma on H100/H200) against the fp64
-// reference gradients, driven through ring and sliding-window plans on one GPU: every rank's
-// steps run in turn, each step's KV block uploaded from the host and its dK/dV added into that
-// block's own accumulator, as the ring would carry it. Exercises tiling, masks with diagonal
+// The native CUDA flash backward kernels (mma.sync; the wgmma pair and the single-pass wgmma
+// kernel on H100/H200) against the fp64 reference gradients, driven through ring and
+// sliding-window plans on one GPU: every rank's steps run in turn, each step's KV block
+// uploaded from the host and its dK/dV added into that block's own accumulator, as the ring
+// would carry it. Exercises tiling, masks with diagonal
 // offsets and band edges, uneven lengths, sinks and GQA sums.
 //
 // O and LSE come from the fp64 reference forward (O rounded to the dtype, as a forward pass
@@ -117,6 +118,12 @@ std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& r
                  dO = upload(o.data(), o.size()), dlse = upload(lse.data(), lse.size() * sizeof(float));
     DeviceBuffer lse2(lse.size() * sizeof(float)), delta(lse.size() * sizeof(float));
     DeviceBuffer dq_acc(static_cast<std::size_t>(B * H * n * D) * sizeof(float));
+    FlashBwdParams sizing;  // the single-pass kernel's dQ semaphores, for the largest task (all n rows)
+    sizing.batch = static_cast<int>(B);
+    sizing.heads = static_cast<int>(H);
+    sizing.q_len = static_cast<int>(n);
+    DeviceBuffer dq_sem(static_cast<std::size_t>(std::max<std::int64_t>(1, flash_bwd_semaphores(sizing))) *
+                        sizeof(unsigned int));
     RINGATTN_CUDA_CHECK(cudaMemset(dq_acc.get(), 0, dq_acc.bytes()));
     auto rows_view = [&](const DeviceBuffer& d, std::int64_t heads, DType dt) {
       return TensorView::contiguous(d.get(), dt, {B, n, heads, D}, DeviceKind::cuda);
@@ -154,6 +161,8 @@ std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& r
       p.lse2 = lse2.as<float>();
       p.delta = delta.as<float>();
       p.dq = dq_acc.as<float>();
+      p.dq_sem = dq_sem.as<unsigned int>();
+      p.dq_sem_len = static_cast<std::int64_t>(dq_sem.bytes() / sizeof(unsigned int));
       p.dk = acc[static_cast<std::size_t>(owner)].as<float>();
       p.dv = p.dk + B * Hkv * block_len * D;
       p.s_q = n;
@@ -166,7 +175,7 @@ std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& r
       p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
       for (const BlockTask& t : *tasks) {
         set_task_fields(p, t);
-        if (kernel == FlashKernel::wgmma && !flash_bwd_wgmma_supports(p)) {
+        if (kernel != FlashKernel::mma_sync && !flash_bwd_wgmma_supports(p)) {
           ADD_FAILURE() << "the wgmma kernels cannot take these tensors: flash_bwd would fall back to mma.sync";
           rel_err = INFINITY;
           return {};
@@ -217,10 +226,14 @@ std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& r
   return result;
 }
 
-// Every native backward kernel this device runs: mma.sync, and the wgmma kernels on sm_90a.
+// Every native backward kernel this device runs: mma.sync, and on sm_90a the wgmma pair and
+// the single-pass kernel (head dim 128; its launches at 64 run the pair).
 std::vector<FlashKernel> kernels() {
   std::vector<FlashKernel> out{FlashKernel::mma_sync};
-  if (flash_fwd_wgmma_available()) out.push_back(FlashKernel::wgmma);
+  if (flash_fwd_wgmma_available()) {
+    out.push_back(FlashKernel::wgmma);
+    out.push_back(FlashKernel::wgmma_fused);
+  }
   return out;
 }
 

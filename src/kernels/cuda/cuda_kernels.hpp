@@ -29,10 +29,11 @@ void set_task_fields(Params& p, const BlockTask& t) {
 
 // The native flash forward kernels: mma.sync (sm_80 and later) and wgmma (sm_90a: H100,
 // H200). wgmma_ws: the warp-specialised wgmma kernel (TMA producer warp, intra-warpgroup
-// overlap; flash_fwd_sm90_ws.cuh) for head_dim 128, else the wgmma kernel. automatic picks
+// overlap; flash_fwd_sm90_ws.cuh) for head_dim 128, else the wgmma kernel (wgmma_fused, a
+// backward kernel, means wgmma_ws for the forward). automatic picks
 // wgmma_ws where the current device and the build allow it, else mma.sync
 // (RINGATTN_NATIVE_KERNEL overrides it for A/B runs).
-enum class FlashKernel { automatic, mma_sync, wgmma, wgmma_ws };
+enum class FlashKernel { automatic, mma_sync, wgmma, wgmma_ws, wgmma_fused };
 const char* to_string(FlashKernel kernel);
 
 // Head dims the native kernels are instantiated for.
@@ -71,21 +72,31 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
 // The native flash backward of one task (see FlashBwdParams): adds the task's share of dQ
 // (part dq), of dK and dV (part dkv), or of all three to the fp32 accumulators. The parts
 // are separate launches so that the ring can compute dQ while dK/dV accumulators travel.
-// dtype: f16 or bf16; head dims as the forward kernels.
-// kernel: mma_sync (flash_bwd_kernel.cuh) or wgmma (flash_bwd_sm90.cuh: warp-specialised, TMA,
-// sm_90a; wgmma_ws means the same; tensors TMA cannot describe fall back to mma_sync).
-// automatic is wgmma where the device and the build allow it, else mma_sync
-// (RINGATTN_NATIVE_BWD_KERNEL=wgmma|mma_sync overrides it for A/B runs).
+// dtype: f16 or bf16; head dims as the forward kernels. kernel:
+//  - mma_sync (flash_bwd_kernel.cuh), any sm_80+ GPU;
+//  - wgmma (flash_bwd_sm90.cuh): the warp-specialised TMA pair (a dq and a dkv kernel, 7
+//    matmuls), sm_90a; wgmma_ws means the same;
+//  - wgmma_fused (flash_bwd_fused_sm90.cuh): one kernel of 5 matmuls adding dQ through ordered
+//    TMA reduce-adds, sm_90a, part both and head_dim 128 with params.dq_sem set; other
+//    launches run the wgmma pair.
+// Tensors TMA cannot describe fall back to mma_sync. automatic is wgmma_fused where the device
+// and the build allow it, else mma_sync (RINGATTN_NATIVE_BWD_KERNEL=mma_sync|wgmma|wgmma_fused
+// overrides it for A/B runs). Every kernel is deterministic (bitwise-repeatable gradients).
 enum class FlashBwdPart { dq, dkv, both };
 void flash_bwd(const FlashBwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream,
                FlashBwdPart part = FlashBwdPart::both, FlashKernel kernel = FlashKernel::automatic);
 
-// What the backward's `automatic` resolves to on the current device (mma_sync or wgmma).
+// What the backward's `automatic` resolves to on the current device (mma_sync, wgmma or
+// wgmma_fused).
 FlashKernel flash_bwd_resolve(FlashKernel kernel);
 
 // Whether the wgmma backward can take these tensors (TMA: 16-byte aligned, strides multiples
 // of 8 elements); flash_bwd falls back to mma_sync where not.
 bool flash_bwd_wgmma_supports(const FlashBwdParams& params);
+
+// The dQ semaphores (FlashBwdParams::dq_sem) the single-pass kernel needs for a launch with
+// these batch, heads and q_len: allocate at least this many for the largest task.
+std::int64_t flash_bwd_semaphores(const FlashBwdParams& params);
 
 // Before the backward ring: delta = rowsum(dO * O) and lse2 = LSE * log2(e) (+inf where LSE
 // is -inf), both (B, H, S) dense fp32. out, dout: (B, S, H, D) f16 or bf16; lse (B, H, S).

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "kernels/cuda/cuda_kernels.hpp"
-#include "kernels/cuda/flash_bwd_sm90.cuh"
+#include "kernels/cuda/flash_bwd_fused_sm90.cuh"
 #include "ringattn/error.hpp"
 
 namespace ringattn::detail {
@@ -20,11 +20,15 @@ extern template void launch_flash_bwd_sm90<__nv_bfloat16, 64>(const FlashBwdPara
 extern template void launch_flash_bwd_sm90<__nv_bfloat16, 128>(const FlashBwdParams&, cudaStream_t, bool, bool);
 extern template void launch_flash_bwd_sm90<__half, 64>(const FlashBwdParams&, cudaStream_t, bool, bool);
 extern template void launch_flash_bwd_sm90<__half, 128>(const FlashBwdParams&, cudaStream_t, bool, bool);
+// flash_bwd_fused_sm90_{bf16,fp16}_d128.cu.
+extern template void launch_flash_bwd_fused_sm90<__nv_bfloat16, 128>(const FlashBwdParams&, cudaStream_t);
+extern template void launch_flash_bwd_fused_sm90<__half, 128>(const FlashBwdParams&, cudaStream_t);
 }  // namespace flash
 
 namespace {
 
-// RINGATTN_NATIVE_BWD_KERNEL=mma_sync|wgmma: what `automatic` means for the backward. Read once.
+// RINGATTN_NATIVE_BWD_KERNEL=mma_sync|wgmma|wgmma_fused: what `automatic` means for the
+// backward. Read once.
 FlashKernel native_bwd_kernel_override() {
   static const FlashKernel chosen = [] {
     const char* env = std::getenv("RINGATTN_NATIVE_BWD_KERNEL");
@@ -32,8 +36,9 @@ FlashKernel native_bwd_kernel_override() {
     const std::string name(env);
     if (name == "mma_sync") return FlashKernel::mma_sync;
     if (name == "wgmma") return FlashKernel::wgmma;
+    if (name == "wgmma_fused") return FlashKernel::wgmma_fused;
     throw Error(ErrorCode::invalid_argument,
-                "RINGATTN_NATIVE_BWD_KERNEL=" + name + ": expected mma_sync or wgmma (or unset)");
+                "RINGATTN_NATIVE_BWD_KERNEL=" + name + ": expected mma_sync, wgmma or wgmma_fused (or unset)");
   }();
   return chosen;
 }
@@ -43,8 +48,10 @@ FlashKernel native_bwd_kernel_override() {
 FlashKernel flash_bwd_resolve(FlashKernel kernel) {
   if (kernel == FlashKernel::wgmma_ws) kernel = FlashKernel::wgmma;  // the wgmma backward is warp-specialised
   if (kernel == FlashKernel::automatic) kernel = native_bwd_kernel_override();
-  if (kernel == FlashKernel::automatic) return flash_fwd_wgmma_available() ? FlashKernel::wgmma : FlashKernel::mma_sync;
-  if (kernel == FlashKernel::wgmma && !flash_fwd_wgmma_available()) {
+  if (kernel == FlashKernel::automatic) {
+    return flash_fwd_wgmma_available() ? FlashKernel::wgmma_fused : FlashKernel::mma_sync;
+  }
+  if ((kernel == FlashKernel::wgmma || kernel == FlashKernel::wgmma_fused) && !flash_fwd_wgmma_available()) {
     throw Error(ErrorCode::invalid_argument, "the wgmma backward kernels need a compute capability 9.0 GPU and a build "
                                              "with CMAKE_CUDA_ARCHITECTURES including 90a");
   }
@@ -52,6 +59,8 @@ FlashKernel flash_bwd_resolve(FlashKernel kernel) {
 }
 
 bool flash_bwd_wgmma_supports(const FlashBwdParams& p) { return flash::sm90_bwd_supports(p); }
+
+std::int64_t flash_bwd_semaphores(const FlashBwdParams& p) { return flash::fused_bwd_semaphores(p); }
 
 void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashBwdPart part,
                FlashKernel kernel) {
@@ -62,7 +71,15 @@ void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cuda
   }
   const bool bf16 = dtype == DType::bf16;
   const bool dq = part != FlashBwdPart::dkv, dkv = part != FlashBwdPart::dq;
-  if (flash_bwd_resolve(kernel) == FlashKernel::wgmma && flash::sm90_bwd_supports(p)) {  // TMA can describe the tensors
+  kernel = flash_bwd_resolve(kernel);
+  if (kernel == FlashKernel::wgmma_fused && part == FlashBwdPart::both && head_dim == 128 &&
+      flash::sm90_fused_bwd_supports(p)) {
+    bf16 ? flash::launch_flash_bwd_fused_sm90<__nv_bfloat16, 128>(p, stream)
+         : flash::launch_flash_bwd_fused_sm90<__half, 128>(p, stream);
+    return;
+  }
+  if (kernel == FlashKernel::wgmma_fused) kernel = FlashKernel::wgmma;  // the other launches run the pair
+  if (kernel == FlashKernel::wgmma && flash::sm90_bwd_supports(p)) {  // TMA can describe the tensors
     if (head_dim == 64) {
       bf16 ? flash::launch_flash_bwd_sm90<__nv_bfloat16, 64>(p, stream, dq, dkv)
            : flash::launch_flash_bwd_sm90<__half, 64>(p, stream, dq, dkv);

@@ -30,6 +30,7 @@ const char* to_string(FlashKernel kernel) {
     case FlashKernel::mma_sync: return "mma.sync";
     case FlashKernel::wgmma: return "wgmma";
     case FlashKernel::wgmma_ws: return "wgmma warp-specialised";
+    case FlashKernel::wgmma_fused: return "wgmma single-pass";
   }
   return "?";
 }
@@ -98,6 +99,7 @@ void flash_fwd(const FlashFwdParams& p, DType dtype, std::int64_t head_dim, cuda
                                                  std::to_string(head_dim));
   }
   kernel = flash_fwd_resolve(kernel);
+  if (kernel == FlashKernel::wgmma_fused) kernel = FlashKernel::wgmma_ws;  // a backward name
   const bool bf16 = dtype == DType::bf16;
   if (kernel == FlashKernel::wgmma || kernel == FlashKernel::wgmma_ws) {
     if (!flash_fwd_wgmma_available()) {

@@ -1,0 +1,418 @@
+// kernels/cuda/flash_bwd_fused_sm90.cuh: the single-pass Hopper (sm_90a) flash backward for one
+// plan task (FlashKernel::wgmma_fused in flash_bwd, part both, head dim 128): the 5 matmuls the
+// backward needs, where the two-kernel pair (flash_bwd_sm90.cuh) executes 7.
+//
+// A CTA owns 128 keys of one KV head (64 per consumer warpgroup) and walks the 64-row query
+// tiles of every query head of the group, as the pair's dkv kernel does:
+//   S^T = K Q^T, dP^T = V dO^T (ss), P^T and dS^T in registers,
+//   dV += P^T dO, dK += dS^T Q (rs; dK and dV stay in registers for the whole walk),
+// and adds each tile's dQ = scale dS K to the fp32 dQ accumulator itself:
+//   - each warpgroup stores its dS^T half (64 keys x 64 rows, 16-bit, 128-byte swizzle) in
+//     shared memory, double-buffered; after a named barrier of the two warpgroups, warpgroup w
+//     computes dQ's columns 64w .. 64w + 63 over all 128 keys (ss wgmma, A = dS read MN-major
+//     from the stored dS^T, B = K read MN-major);
+//   - the fp32 tile goes to shared memory (4 TMA boxes of 32 columns x 64 rows, 128-byte
+//     swizzle); a dQ-writer warp of the producer warpgroup adds it to global memory with TMA
+//     reduce-adds (cp.reduce.async.bulk.tensor .add, performed in L2). Two writer warps take
+//     alternate tiles, so one waits for its adds to complete (and polls the next semaphore)
+//     while the other serves the next tile.
+// Determinism without free atomics: the adds to a query tile happen in a fixed order, the key
+// blocks' descending order, through a per-(batch, head, tile) semaphore in global memory
+// (FlashBwdParams::dq_sem, zeroed by the launch): the writer of key block j waits (acquire)
+// until the blocks after j that visit the tile have added, issues its reduce-adds, waits for
+// them to complete and releases the count. Every fp32 sum is then formed in one order, run
+// after run. The grid runs later key blocks first (block index 0 is the last key block), so a
+// CTA only ever waits for CTAs launched before it: resident or finished, never a deadlock. Every
+// CTA walks its query tiles last to first, so the CTAs of a wave meet on the same tile one
+// add after another. A wait that exceeds 60 s traps (a launch error, never a hang).
+//
+// Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
+// statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
+// barriers: 1 (the two consumer warpgroups: dS stored), 2 + parity (consumers -> that tile's
+// writer: the dQ tile is in shared memory), 4 + parity (writer -> consumers: the dQ buffer
+// has been read).
+//
+// Test: tests/gpu/test_flash_bwd.cpp (against the fp64 reference, bitwise repeat; ctest -L gpu).
+#pragma once
+
+#include "kernels/cuda/flash_bwd_sm90.cuh"
+
+namespace ringattn::detail::flash {
+
+template <typename T_, int kHeadDim_>
+struct Sm90FusedBwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kAtoms = kHeadDim / 64;
+  static constexpr int kThreads = 384;  // a producer warpgroup (loads, dQ writer) + 2 consumer warpgroups
+  static constexpr int kStages = 3;
+  static constexpr int kRowBytes = kHeadDim * 2;
+  static constexpr int kKeys = 128;   // keys per CTA, 64 per consumer warpgroup
+  static constexpr int kBlockQ = 64;  // query rows per tile
+  static constexpr int kDqBoxCols = 32;                                   // fp32 columns per TMA box (128 bytes)
+  static constexpr int kDqBoxBytes = kBlockQ * kDqBoxCols * 4;            // 8 KiB
+  static constexpr int kDsBytes = kKeys * kBlockQ * 2;                    // one dS^T buffer, 16 KiB
+  static constexpr int kDqBytes = kBlockQ * kHeadDim * 4;                 // the fp32 dQ tile, 32 KiB
+  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
+  // K, V resident; kStages (Q, dO) pairs; 2 dS^T buffers; the dQ tile; alignment slack;
+  // mbarriers; the staged statistics (lse2, delta per stage).
+  static constexpr int kSmem = 2 * kKeys * kRowBytes + kStages * 2 * kBlockQ * kRowBytes + 2 * kDsBytes + kDqBytes +
+                               1024 + kBarrierBytes + kStages * 2 * kBlockQ * static_cast<int>(sizeof(float));
+  static_assert(kHeadDim == 128, "each consumer warpgroup computes 64 of dQ's columns (m64n64 wgmma)");
+  static_assert(kSmem <= 227 * 1024, "an H100/H200 CTA has at most 227 KiB");
+};
+
+// Named barrier ids and sizes (threads).
+// dQ buffer barriers come in pairs, one per writer warp (tile parity): ids 2 + parity (full)
+// and 4 + parity (empty).
+constexpr int kFusedBarDs = 1, kFusedBarDqFull = 2, kFusedBarDqEmpty = 4;
+constexpr int kFusedConsumers = 256, kFusedConsumersAndWriter = 288;
+
+__device__ __forceinline__ std::uint64_t global_timer_ns() {
+  std::uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+// Waits until *sem == want (acquire, GPU scope); traps after 60 s.
+__device__ __forceinline__ void sem_wait_eq(const unsigned int* sem, unsigned int want) {
+  const std::uint64_t start = global_timer_ns();
+  for (;;) {
+    unsigned int v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(sem) : "memory");
+    if (v == want) return;
+    if (global_timer_ns() - start > 60ull * 1000 * 1000 * 1000) __trap();
+    __nanosleep(64);
+  }
+}
+__device__ __forceinline__ void sem_release_add(unsigned int* sem) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(sem) : "memory");
+}
+
+template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_bwd_fused_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                                const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
+                                const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_dq) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BN = Tr::kKeys, BQ = Tr::kBlockQ, NST = Tr::kStages;
+  constexpr int NS = BQ / 2, NO = D / 2, NQ = 32;  // NQ: a warpgroup's 64 x 64 dQ accumulator
+  constexpr int kKeysBytes = BN * Tr::kRowBytes, kTile = BQ * Tr::kRowBytes;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const std::uint32_t smem_u32_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const std::uint32_t pad = ((smem_u32_base + 1023u) & ~1023u) - smem_u32_base;
+  const std::uint32_t sK = smem_u32_base + pad;
+  const std::uint32_t sV = sK + kKeysBytes;
+  const std::uint32_t sQ = sV + kKeysBytes;  // NST stages of Q, then NST of dO
+  const std::uint32_t sdO = sQ + NST * kTile;
+  const std::uint32_t sdS = sdO + NST * kTile;  // 2 buffers
+  const std::uint32_t sdQ = sdS + 2 * Tr::kDsBytes;
+  const std::uint32_t bars = sdQ + Tr::kDqBytes;
+  const std::uint32_t kv_full = bars;
+  auto qdo_full = [&](int s) { return bars + 8u * (1 + s); };
+  auto qdo_empty = [&](int s) { return bars + 8u * (1 + NST + s); };
+  float* s_lse2 = reinterpret_cast<float*>(smem_raw + pad + (bars + Tr::kBarrierBytes - sK));
+  float* s_delta = s_lse2 + NST * BQ;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int n_blocks = (p.kv_len + BN - 1) / BN;
+  // Later key blocks first (see the header); blocks fastest, so that the CTAs running at once
+  // share their query tiles. (Heads fastest, tried for causal tasks: 0.67x at 64k on an H100,
+  // the tiles no longer shared in L2.)
+  const int j = n_blocks - 1 - static_cast<int>(blockIdx.x);
+  const int n0 = j * BN, kvh = blockIdx.y, b = blockIdx.z;
+  // The query tiles this CTA visits, as the pair's dkv kernel: [m_first, m_first + q_tiles).
+  auto first_tile = [&](int block) { return kCausal ? max(0, block * BN - p.diag_offset) / BQ : 0; };
+  const int m_first = first_tile(j);
+  const int m_end = kCausal && p.band ? min(p.q_len, n0 + BN - p.lower_offset) : p.q_len;
+  const int q_tiles = (m_end + BQ - 1) / BQ - m_first;
+  const int iters = q_tiles > 0 ? q_tiles * p.kv_group : 0;
+  // Iteration it: query head kvh * group + it / q_tiles, tile m_last - it % q_tiles. Every CTA
+  // walks the tiles last to first, so the CTAs running at once (consecutive key blocks) read
+  // the same Q/dO tiles and add to the same dQ tile close together in time: L2 hits. (First to
+  // last, causal CTAs would each be on a different tile, and the dQ and Q/dO traffic of a
+  // 64k causal backward would exceed HBM bandwidth.)
+  const int m_last = m_first + q_tiles - 1;
+
+  if (tid == 0) {
+    mbar_init(kv_full, 1);
+    for (int s = 0; s < NST; ++s) {
+      mbar_init(qdo_full(s), 32);
+      mbar_init(qdo_empty(s), 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (iters <= 0) return;  // no row of the task sees a key of this CTA
+
+  if (warp < 4) {  // the producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp == 0) {  // loads: K and V once, then Q, dO and the statistics per tile
+      if (lane == 0) {
+        mbar_expect_tx(kv_full, 2 * kKeysBytes);
+        tma_load_tile<BN, Tr::kAtoms>(sK, &tm_k, kv_full, p.kv_begin + n0, kvh, b);
+        tma_load_tile<BN, Tr::kAtoms>(sV, &tm_v, kv_full, p.kv_begin + n0, kvh, b);
+      }
+      for (int it = 0; it < iters; ++it) {
+        const int s = it % NST;
+        const std::uint32_t phase = static_cast<std::uint32_t>(it / NST) & 1u;
+        const int hq = kvh * p.kv_group + it / q_tiles;
+        const int m0 = (m_last - it % q_tiles) * BQ;
+        mbar_wait(qdo_empty(s), phase ^ 1u);
+        if (lane == 0) {
+          mbar_expect_tx_only(qdo_full(s), 2 * kTile);
+          tma_load_tile<BQ, Tr::kAtoms>(sQ + s * kTile, &tm_q, qdo_full(s), p.q_begin + m0, hq, b);
+          tma_load_tile<BQ, Tr::kAtoms>(sdO + s * kTile, &tm_do, qdo_full(s), p.q_begin + m0, hq, b);
+        }
+        const std::int64_t stat = (static_cast<std::int64_t>(b) * p.heads + hq) * p.s_q + p.q_begin + m0;
+        for (int i = lane; i < BQ; i += 32) {
+          const bool valid = m0 + i < p.q_len;
+          s_lse2[s * BQ + i] = valid ? p.lse2[stat + i] : INFINITY;  // +inf: P = 0
+          s_delta[s * BQ + i] = valid ? p.delta[stat + i] : 0.0f;
+        }
+        mbar_arrive(qdo_full(s));
+      }
+    } else if (warp <= 2) {  // the dQ writers: warp 1 takes the even iterations, warp 2 the odd ones
+      const int parity = warp - 1;
+      const int sem_tiles = (p.q_len + BQ - 1) / BQ;
+      for (int it = parity; it < iters; it += 2) {
+        const int hq = kvh * p.kv_group + it / q_tiles;
+        const int tile = m_last - it % q_tiles;
+        unsigned int* sem = p.dq_sem + (static_cast<std::int64_t>(b) * p.heads + hq) * sem_tiles + tile;
+        if (lane == 0) {
+          // The blocks after j that visit this tile add first: all of them (full), or, causal,
+          // those whose first visited tile is at most `tile` (first_tile grows with the block).
+          // Polled before the tile is ready, while the consumers compute it.
+          int last = n_blocks - 1;
+          if constexpr (kCausal) {
+            int lo = j;
+            while (lo < last) {
+              const int mid = (lo + last + 1) / 2;
+              if (first_tile(mid) <= tile) {
+                lo = mid;
+              } else {
+                last = mid - 1;
+              }
+            }
+            last = lo;
+          }
+          sem_wait_eq(sem, static_cast<unsigned int>(last - j));
+          fence_proxy_async_global();
+        }
+        __syncwarp();
+        named_bar_sync(kFusedBarDqFull + parity, kFusedConsumersAndWriter);  // the tile is in shared memory
+        if (lane == 0) {
+#pragma unroll
+          for (int c = 0; c < D / Tr::kDqBoxCols; ++c) {
+            tma_reduce_add_4d(&tm_dq, sdQ + c * Tr::kDqBoxBytes, c * Tr::kDqBoxCols, p.q_begin + tile * BQ, hq, b);
+          }
+          bulk_commit();
+          bulk_wait_read();
+        }
+        __syncwarp();
+        if (it + 1 < iters) named_bar_arrive(kFusedBarDqEmpty + parity, kFusedConsumersAndWriter);  // buffer free
+        if (lane == 0) {
+          bulk_wait_done();  // the adds are performed ...
+          fence_proxy_async_global();
+          sem_release_add(sem);  // ... before the next block may add; meanwhile the other warp serves the next tile
+        }
+        __syncwarp();
+      }
+    }
+    return;
+  }
+
+  // The consumers: warpgroup wg owns keys n0 + 64 wg .. + 63 (task-relative).
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int wg = warp / 4 - 1, warp_in_wg = warp % 4;
+  const int key_wg = n0 + wg * 64;
+  const int key0 = key_wg + warp_in_wg * 16 + lane / 4;  // this thread's keys: key0, key0 + 8
+  const int key_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // its row of the stored dS^T (and + 8)
+
+  float dk[NO], dv[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) dk[i] = dv[i] = 0.0f;
+
+  mbar_wait(kv_full, 0);
+  for (int it = 0; it < iters; ++it) {
+    const int st = it % NST;
+    const int m0 = (m_last - it % q_tiles) * BQ;
+    const std::uint32_t ds_buf = sdS + (it & 1) * Tr::kDsBytes;
+    mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u);
+    const bool visible = !kCausal || (key_wg <= m0 + BQ - 1 + p.diag_offset &&
+                                      (!p.band || key_wg + 63 >= m0 + p.lower_offset));
+    const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
+    std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];  // live until the dK/dV MMAs complete
+    if (visible) {
+      float s[NS], dp[NS];
+      wgmma_fence();
+      issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
+      wgmma_commit();
+      issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_regs(s);
+      const float* l_tile = s_lse2 + st * BQ;
+      const float* d_tile = s_delta + st * BQ;
+      const bool crosses = kCausal && key_wg + 63 > m0 + p.diag_offset;
+      const bool crosses_low = kCausal && p.band && key_wg < m0 + BQ - 1 + p.lower_offset;
+      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+#pragma unroll
+      for (int t = 0; t < BQ / 8; ++t) {
+        const int col = t * 8 + (lane % 4) * 2;
+        const float2 l2 = *reinterpret_cast<const float2*>(l_tile + col);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float pe = fast_exp2(fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+          if (crosses || crosses_low) {
+            const int key = key0 + (e >= 2 ? 8 : 0);
+            const int row = m0 + col + (e & 1);
+            if (key > row + p.diag_offset || key < row + lower) pe = 0.0f;
+          }
+          s[4 * t + e] = pe;
+        }
+      }
+      wgmma_wait<0>();
+      fence_regs(dp);
+#pragma unroll
+      for (int t = 0; t < BQ / 8; ++t) {
+        const float2 d2 = *reinterpret_cast<const float2*>(d_tile + t * 8 + (lane % 4) * 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - ((e & 1) ? d2.y : d2.x));
+      }
+      pack_p_sm90<T, BQ>(ap, s);
+      pack_p_sm90<T, BQ>(ads, dp);
+      fence_regs(dv);
+      fence_regs(dk);
+      wgmma_fence();
+      issue_xb_sm90<T, D, BQ>(dv, ap, do_tile);  // dV += P^T dO
+      issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
+      wgmma_commit();
+      // dS^T to shared memory: row key_local (+ 8) holds the tile's 64 rows, 16-byte chunk t
+      // (rows 8t .. 8t + 7) at chunk t ^ (key_local % 8).
+#pragma unroll
+      for (int t = 0; t < BQ / 8; ++t) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int r = key_local + hr * 8;
+          const std::uint32_t addr = ds_buf + r * 128 + ((t ^ (r & 7)) << 4) + (lane % 4) * 4;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ads[t / 2][(t % 2) * 2 + hr]) : "memory");
+        }
+      }
+    } else {  // no key of this warpgroup is visible to the tile: its dS^T rows are zero
+#pragma unroll
+      for (int t = 0; t < BQ / 8; ++t) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int r = key_local + hr * 8;
+          const std::uint32_t addr = ds_buf + r * 128 + ((t ^ (r & 7)) << 4) + (lane % 4) * 4;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(0u) : "memory");
+        }
+      }
+    }
+    fence_proxy_async();  // the stores, visible to wgmma's reads
+    named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored
+    float dq[NQ];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {  // dQ[:, 64 wg ..] = dS K[:, 64 wg ..], over the 128 keys
+      Wgmma<T, 64>::ss_tt(dq, smem_desc_sw128(ds_buf + kk * 16 * 128, BN * 128, 1024),
+                          smem_desc_sw128(sK + wg * BN * 128 + kk * 16 * 128, BN * 128, 1024), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dq);
+    fence_regs(dv);
+    fence_regs(dk);
+    fence_regs_u32(ap);
+    fence_regs_u32(ads);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(qdo_empty(st));  // Q and dO of this stage are no longer read
+
+    // The fp32 tile, scaled, into the TMA boxes: column 64 wg + 8 t + 2 (lane % 4) + e of row r
+    // is box 2 wg + t / 4, 16-byte chunk 2 (t % 4) + (lane % 4) / 2, swizzled with r % 8.
+    if (it > 0) named_bar_sync(kFusedBarDqEmpty + (it - 1) % 2, kFusedConsumersAndWriter);  // the last one was read
+    const int row_base = warp_in_wg * 16 + lane / 4;
+#pragma unroll
+    for (int t = 0; t < NQ / 4; ++t) {
+      const std::uint32_t box = sdQ + (2 * wg + t / 4) * Tr::kDqBoxBytes;
+      const int chunk = 2 * (t % 4) + (lane % 4) / 2;
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = row_base + hr * 8;
+        const std::uint32_t addr = box + r * 128 + ((chunk ^ (r & 7)) << 4) + (lane & 1) * 8;
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[4 * t + 2 * hr] * p.scale),
+                     "f"(dq[4 * t + 2 * hr + 1] * p.scale)
+                     : "memory");
+      }
+    }
+    fence_proxy_async();  // visible to the TMA reduce-adds
+    named_bar_arrive(kFusedBarDqFull + it % 2, kFusedConsumersAndWriter);
+  }
+
+  const std::int64_t acc_base = ((static_cast<std::int64_t>(b) * p.kv_heads + kvh) * p.acc_len + p.kv_begin) * D;
+  add_acc_rows_sm90<D>(dk, key0, p.kv_len, p.scale, lane,
+                       [&](int r) { return p.dk + acc_base + static_cast<std::int64_t>(r) * D; });
+  add_acc_rows_sm90<D>(dv, key0, p.kv_len, 1.0f, lane,
+                       [&](int r) { return p.dv + acc_base + static_cast<std::int64_t>(r) * D; });
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a code: the dispatcher never launches it then
+#endif
+}
+
+// --- host side ---
+
+// The semaphores a launch needs in FlashBwdParams::dq_sem: one per (batch, head, 64-row tile).
+inline std::int64_t fused_bwd_semaphores(const FlashBwdParams& p) {
+  return static_cast<std::int64_t>(p.batch) * p.heads * ((p.q_len + 63) / 64);
+}
+
+// The tensors TMA must describe (sm90_bwd_supports), the dQ accumulator 16-byte aligned, and
+// room for the semaphores.
+inline bool sm90_fused_bwd_supports(const FlashBwdParams& p) {
+  return sm90_bwd_supports(p) && tma_aligned(p.dq) && p.dq_sem != nullptr && p.dq_sem_len >= fused_bwd_semaphores(p);
+}
+
+template <class Tr>
+void launch_flash_bwd_fused_sm90_traits(const FlashBwdParams& p, cudaStream_t stream) {
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim;
+  if (p.q_len <= 0 || p.kv_len <= 0) return;
+  static const bool configured = [] {
+    RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_fused_sm90_kernel<Tr, true>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmem));
+    RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_fused_sm90_kernel<Tr, false>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmem));
+    return true;
+  }();
+  (void)configured;
+  RINGATTN_CUDA_CHECK(cudaMemsetAsync(p.dq_sem, 0, static_cast<std::size_t>(fused_bwd_semaphores(p)) * sizeof(unsigned int),
+                                      stream));
+  const std::int64_t q_rows = p.q_begin + p.q_len, kv_rows = p.kv_begin + p.kv_len;
+  const CUtensorMap tq = make_tile_map<T>(p.q, D, q_rows, p.heads, p.batch, p.q_row_stride, p.q_head_stride,
+                                          p.q_batch_stride, Tr::kBlockQ);
+  const CUtensorMap tdo = make_tile_map<T>(p.dout, D, q_rows, p.heads, p.batch, p.do_row_stride, p.do_head_stride,
+                                           p.do_batch_stride, Tr::kBlockQ);
+  const CUtensorMap tk = make_tile_map<T>(p.k, D, kv_rows, p.kv_heads, p.batch, p.kv_row_stride, p.kv_head_stride,
+                                          p.kv_batch_stride, Tr::kKeys);
+  const CUtensorMap tv = make_tile_map<T>(p.v, D, kv_rows, p.kv_heads, p.batch, p.kv_row_stride, p.kv_head_stride,
+                                          p.kv_batch_stride, Tr::kKeys);
+  // dQ (B, H, s_q, D) fp32; rows past the task's are outside the map, so never written.
+  const CUtensorMap tdq = make_f32_tile_map(p.dq, D, q_rows, p.heads, p.batch, p.s_q * D,
+                                            static_cast<std::int64_t>(p.heads) * p.s_q * D, Tr::kBlockQ);
+  const dim3 grid((p.kv_len + Tr::kKeys - 1) / Tr::kKeys, p.kv_heads, p.batch);
+  if (p.causal) {
+    flash_bwd_fused_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq);
+  } else {
+    flash_bwd_fused_sm90_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq);
+  }
+  RINGATTN_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, int kHeadDim>
+void launch_flash_bwd_fused_sm90(const FlashBwdParams& p, cudaStream_t stream) {
+  launch_flash_bwd_fused_sm90_traits<Sm90FusedBwdTraits<T, kHeadDim>>(p, stream);
+}
+
+}  // namespace ringattn::detail::flash
