@@ -149,30 +149,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (warp < 4) {  // the producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (warp == 0) {  // loads: K and V once, then Q, dO and the statistics per tile
-      if (lane == 0) {
-        mbar_expect_tx(kv_full, 2 * kKeysBytes);
-        tma_load_tile<BN, Tr::kAtoms>(sK, &tm_k, kv_full, p.kv_begin + n0, kvh, b);
-        tma_load_tile<BN, Tr::kAtoms>(sV, &tm_v, kv_full, p.kv_begin + n0, kvh, b);
-      }
-      for (int it = 0; it < iters; ++it) {
-        const int s = it % NST;
-        const std::uint32_t phase = static_cast<std::uint32_t>(it / NST) & 1u;
-        const int hq = kvh * p.kv_group + it / q_tiles;
-        const int m0 = (m_last - it % q_tiles) * BQ;
-        mbar_wait(qdo_empty(s), phase ^ 1u);
-        if (lane == 0) {
-          mbar_expect_tx_only(qdo_full(s), 2 * kTile);
-          tma_load_tile<BQ, Tr::kAtoms>(sQ + s * kTile, &tm_q, qdo_full(s), p.q_begin + m0, hq, b);
-          tma_load_tile<BQ, Tr::kAtoms>(sdO + s * kTile, &tm_do, qdo_full(s), p.q_begin + m0, hq, b);
-        }
-        const std::int64_t stat = (static_cast<std::int64_t>(b) * p.heads + hq) * p.s_q + p.q_begin + m0;
-        for (int i = lane; i < BQ; i += 32) {
-          const bool valid = m0 + i < p.q_len;
-          s_lse2[s * BQ + i] = valid ? p.lse2[stat + i] : INFINITY;  // +inf: P = 0
-          s_delta[s * BQ + i] = valid ? p.delta[stat + i] : 0.0f;
-        }
-        mbar_arrive(qdo_full(s));
-      }
+      load_dkv_tiles_sm90<Tr, BN, BQ>(p, &tm_q, &tm_do, &tm_k, &tm_v, sK, sV, sQ, sdO, bars, s_lse2, s_delta, n0, kvh,
+                                      b, iters, q_tiles, lane, [&](int it) { return (m_last - it % q_tiles) * BQ; });
     } else if (warp <= 2) {  // the dQ writers: warp 1 takes the even iterations, warp 2 the odd ones
       const int parity = warp - 1;
       const int sem_tiles = (p.q_len + BQ - 1) / BQ;
@@ -246,41 +224,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];  // live until the dK/dV MMAs complete
     if (visible) {
       float s[NS], dp[NS];
-      wgmma_fence();
-      issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
-      wgmma_commit();
-      issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
-      wgmma_commit();
-      wgmma_wait<1>();
-      fence_regs(s);
-      const float* l_tile = s_lse2 + st * BQ;
-      const float* d_tile = s_delta + st * BQ;
-      const bool crosses = kCausal && key_wg + 63 > m0 + p.diag_offset;
-      const bool crosses_low = kCausal && p.band && key_wg < m0 + BQ - 1 + p.lower_offset;
-      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
-#pragma unroll
-      for (int t = 0; t < BQ / 8; ++t) {
-        const int col = t * 8 + (lane % 4) * 2;
-        const float2 l2 = *reinterpret_cast<const float2*>(l_tile + col);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float pe = fast_exp2(fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
-          if (crosses || crosses_low) {
-            const int key = key0 + (e >= 2 ? 8 : 0);
-            const int row = m0 + col + (e & 1);
-            if (key > row + p.diag_offset || key < row + lower) pe = 0.0f;
-          }
-          s[4 * t + e] = pe;
-        }
-      }
-      wgmma_wait<0>();
-      fence_regs(dp);
-#pragma unroll
-      for (int t = 0; t < BQ / 8; ++t) {
-        const float2 d2 = *reinterpret_cast<const float2*>(d_tile + t * 8 + (lane % 4) * 2);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - ((e & 1) ? d2.y : d2.x));
-      }
+      dkv_scores_sm90<T, D, BN, BQ, kCausal>(s, dp, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ, s_delta + st * BQ, wg,
+                                             key_wg, key0, m0, lane);
       pack_p_sm90<T, BQ>(ap, s);
       pack_p_sm90<T, BQ>(ads, dp);
       fence_regs(dv);
@@ -289,26 +234,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       issue_xb_sm90<T, D, BQ>(dv, ap, do_tile);  // dV += P^T dO
       issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
       wgmma_commit();
-      // dS^T to shared memory: row key_local (+ 8) holds the tile's 64 rows, 16-byte chunk t
-      // (rows 8t .. 8t + 7) at chunk t ^ (key_local % 8).
+    }
+    // dS^T to shared memory (zeros for a warpgroup that saw no key): row key_local (+ 8) holds
+    // the tile's 64 rows, 16-byte chunk t (rows 8t .. 8t + 7) at chunk t ^ (key_local % 8).
 #pragma unroll
-      for (int t = 0; t < BQ / 8; ++t) {
+    for (int t = 0; t < BQ / 8; ++t) {
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int r = key_local + hr * 8;
-          const std::uint32_t addr = ds_buf + r * 128 + ((t ^ (r & 7)) << 4) + (lane % 4) * 4;
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ads[t / 2][(t % 2) * 2 + hr]) : "memory");
-        }
-      }
-    } else {  // no key of this warpgroup is visible to the tile: its dS^T rows are zero
-#pragma unroll
-      for (int t = 0; t < BQ / 8; ++t) {
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int r = key_local + hr * 8;
-          const std::uint32_t addr = ds_buf + r * 128 + ((t ^ (r & 7)) << 4) + (lane % 4) * 4;
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(0u) : "memory");
-        }
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = key_local + hr * 8;
+        const std::uint32_t addr = ds_buf + r * 128 + ((t ^ (r & 7)) << 4) + (lane % 4) * 4;
+        const std::uint32_t v = visible ? ads[t / 2][(t % 2) * 2 + hr] : 0u;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
       }
     }
     fence_proxy_async();  // the stores, visible to wgmma's reads

@@ -1,7 +1,8 @@
 // kernels/cuda/flash_bwd_sm90.cuh: the Hopper (sm_90a) flash backward for one plan task
 // (FlashKernel::wgmma in flash_bwd; same contract as flash_bwd_kernel.cuh: FlashBwdParams,
 // fp32 accumulators added to, one writer per accumulator row, no atomics, bitwise
-// reproducible). The default native backward on sm_90a: see cuda_kernels.hpp.
+// reproducible). The native backward on sm_90a at head dim 64 (at 128 the single-pass kernel,
+// flash_bwd_fused_sm90.cuh, is the default): see cuda_kernels.hpp.
 //
 // The math is the mma.sync kernels' (P recomputed from lse2, delta = rowsum(dO * O)):
 //   dV += P^T dO        dS = P * (dO V^T - delta)        dQ += scale dS K        dK += scale dS^T Q
@@ -273,6 +274,92 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #endif
 }
 
+// The dkv walk's loads, by one producer warp: K and V of the CTA's BN keys once (kv_full,
+// the mbarrier at `bars`), then for each iteration `it` the Q and dO tiles of query head
+// kvh * group + it / q_tiles, rows from tile_row(it), into stage it % NST (full barrier
+// bars + 8 (1 + stage), empty bars + 8 (1 + NST + stage)), with their per-row statistics in
+// s_lse2 / s_delta. Lane 0 raises the stage's transaction count and issues the loads before
+// any arrival; each lane then arrives after its own statistics stores.
+template <class Tr, int BN, int BQ, class TileRow>
+__device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, const CUtensorMap* tm_q,
+                                                    const CUtensorMap* tm_do, const CUtensorMap* tm_k,
+                                                    const CUtensorMap* tm_v, std::uint32_t sK, std::uint32_t sV,
+                                                    std::uint32_t sQ, std::uint32_t sdO, std::uint32_t bars,
+                                                    float* s_lse2, float* s_delta, int n0, int kvh, int b, int iters,
+                                                    int q_tiles, int lane, TileRow tile_row) {
+  constexpr int NST = Tr::kStages, kKeysBytes = BN * Tr::kRowBytes, kTile = BQ * Tr::kRowBytes;
+  const std::uint32_t kv_full = bars;
+  if (lane == 0) {
+    mbar_expect_tx(kv_full, 2 * kKeysBytes);
+    tma_load_tile<BN, Tr::kAtoms>(sK, tm_k, kv_full, p.kv_begin + n0, kvh, b);
+    tma_load_tile<BN, Tr::kAtoms>(sV, tm_v, kv_full, p.kv_begin + n0, kvh, b);
+  }
+  for (int it = 0; it < iters; ++it) {
+    const int s = it % NST;
+    const std::uint32_t phase = static_cast<std::uint32_t>(it / NST) & 1u;
+    const std::uint32_t full = bars + 8u * (1 + s), empty = bars + 8u * (1 + NST + s);
+    const int hq = kvh * p.kv_group + it / q_tiles;
+    const int m0 = tile_row(it);
+    mbar_wait(empty, phase ^ 1u);
+    if (lane == 0) {
+      mbar_expect_tx_only(full, 2 * kTile);
+      tma_load_tile<BQ, Tr::kAtoms>(sQ + s * kTile, tm_q, full, p.q_begin + m0, hq, b);
+      tma_load_tile<BQ, Tr::kAtoms>(sdO + s * kTile, tm_do, full, p.q_begin + m0, hq, b);
+    }
+    const std::int64_t stat = (static_cast<std::int64_t>(b) * p.heads + hq) * p.s_q + p.q_begin + m0;
+    for (int i = lane; i < BQ; i += 32) {
+      const bool valid = m0 + i < p.q_len;
+      s_lse2[s * BQ + i] = valid ? p.lse2[stat + i] : INFINITY;  // +inf: P = 0
+      s_delta[s * BQ + i] = valid ? p.delta[stat + i] : 0.0f;
+    }
+    mbar_arrive(full);
+  }
+}
+
+// For warpgroup wg (keys key_wg .. key_wg + 63 of a CTA of BN keys; this thread's key0 and
+// key0 + 8) and the BQ-row query tile at m0: S^T = K Q^T and dP^T = V dO^T, then P^T (masked
+// by the task) into s and dS^T = P^T * (dP^T - delta) into dp; l_tile, d_tile: the tile's
+// lse2 and delta.
+template <typename T, int D, int BN, int BQ, bool kCausal>
+__device__ __forceinline__ void dkv_scores_sm90(float (&s)[BQ / 2], float (&dp)[BQ / 2], const FlashBwdParams& p,
+                                                std::uint32_t sK, std::uint32_t sV, std::uint32_t q_tile,
+                                                std::uint32_t do_tile, const float* l_tile, const float* d_tile, int wg,
+                                                int key_wg, int key0, int m0, int lane) {
+  wgmma_fence();
+  issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
+  wgmma_commit();
+  issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
+  wgmma_commit();
+  wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
+  fence_regs(s);
+  const bool crosses = kCausal && key_wg + 63 > m0 + p.diag_offset;
+  const bool crosses_low = kCausal && p.band && key_wg < m0 + BQ - 1 + p.lower_offset;
+  const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+#pragma unroll
+  for (int t = 0; t < BQ / 8; ++t) {
+    const int col = t * 8 + (lane % 4) * 2;  // query rows col, col + 1 of the tile
+    const float2 l2 = *reinterpret_cast<const float2*>(l_tile + col);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float pe = fast_exp2(fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+      if (crosses || crosses_low) {
+        const int key = key0 + (e >= 2 ? 8 : 0);
+        const int row = m0 + col + (e & 1);
+        if (key > row + p.diag_offset || key < row + lower) pe = 0.0f;
+      }
+      s[4 * t + e] = pe;
+    }
+  }
+  wgmma_wait<0>();
+  fence_regs(dp);
+#pragma unroll
+  for (int t = 0; t < BQ / 8; ++t) {
+    const float2 d2 = *reinterpret_cast<const float2*>(d_tile + t * 8 + (lane % 4) * 2);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - ((e & 1) ? d2.y : d2.x));  // dS^T
+  }
+}
+
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_dkv_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap tm_q,
@@ -321,32 +408,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (warp < 4) {  // the producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (warp != 0) return;
-    if (lane == 0) {
-      mbar_expect_tx(kv_full, 2 * kKeysBytes);
-      tma_load_tile<BN, Tr::kAtoms>(sK, &tm_k, kv_full, p.kv_begin + n0, kvh, b);
-      tma_load_tile<BN, Tr::kAtoms>(sV, &tm_v, kv_full, p.kv_begin + n0, kvh, b);
-    }
-    // Iteration it: query head kvh * group + it / q_tiles, rows from (m_first + it % q_tiles) * BQ.
-    for (int it = 0; it < iters; ++it) {
-      const int s = it % NST;
-      const std::uint32_t phase = static_cast<std::uint32_t>(it / NST) & 1u;
-      const int hq = kvh * p.kv_group + it / q_tiles;
-      const int m0 = (m_first + it % q_tiles) * BQ;
-      mbar_wait(qdo_empty(s), phase ^ 1u);
-      if (lane == 0) {  // the tiles first (their bytes are expected before any arrival), ...
-        mbar_expect_tx_only(qdo_full(s), 2 * kTile);
-        tma_load_tile<BQ, Tr::kAtoms>(sQ + s * kTile, &tm_q, qdo_full(s), p.q_begin + m0, hq, b);
-        tma_load_tile<BQ, Tr::kAtoms>(sdO + s * kTile, &tm_do, qdo_full(s), p.q_begin + m0, hq, b);
-      }
-      // ... then the statistics, each lane arriving after its own stores.
-      const std::int64_t stat = (static_cast<std::int64_t>(b) * p.heads + hq) * p.s_q + p.q_begin + m0;
-      for (int i = lane; i < BQ; i += 32) {
-        const bool valid = m0 + i < p.q_len;
-        s_lse2[s * BQ + i] = valid ? p.lse2[stat + i] : INFINITY;  // +inf: P = 0
-        s_delta[s * BQ + i] = valid ? p.delta[stat + i] : 0.0f;
-      }
-      mbar_arrive(qdo_full(s));
-    }
+    load_dkv_tiles_sm90<Tr, BN, BQ>(p, &tm_q, &tm_do, &tm_k, &tm_v, sK, sV, sQ, sdO, bars, s_lse2, s_delta, n0, kvh, b,
+                                    iters, q_tiles, lane, [&](int it) { return (m_first + it % q_tiles) * BQ; });
     return;
   }
 
@@ -372,41 +435,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (visible) {
       const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
       float s[NS], dp[NS];
-      wgmma_fence();
-      issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
-      wgmma_commit();
-      issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
-      wgmma_commit();
-      wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
-      fence_regs(s);
-      const float* l_tile = s_lse2 + st * BQ;
-      const float* d_tile = s_delta + st * BQ;
-      const bool crosses = kCausal && key_wg + 63 > m0 + p.diag_offset;
-      const bool crosses_low = kCausal && p.band && key_wg < m0 + BQ - 1 + p.lower_offset;
-      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
-#pragma unroll
-      for (int t = 0; t < BQ / 8; ++t) {
-        const int col = t * 8 + (lane % 4) * 2;  // query rows col, col + 1 of the tile
-        const float2 l2 = *reinterpret_cast<const float2*>(l_tile + col);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float pe = fast_exp2(fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
-          if (crosses || crosses_low) {
-            const int key = key0 + (e >= 2 ? 8 : 0);
-            const int row = m0 + col + (e & 1);
-            if (key > row + p.diag_offset || key < row + lower) pe = 0.0f;
-          }
-          s[4 * t + e] = pe;
-        }
-      }
-      wgmma_wait<0>();
-      fence_regs(dp);
-#pragma unroll
-      for (int t = 0; t < BQ / 8; ++t) {
-        const float2 d2 = *reinterpret_cast<const float2*>(d_tile + t * 8 + (lane % 4) * 2);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - ((e & 1) ? d2.y : d2.x));  // dS^T
-      }
+      dkv_scores_sm90<T, D, BN, BQ, kCausal>(s, dp, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ, s_delta + st * BQ, wg,
+                                             key_wg, key0, m0, lane);
       std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];
       pack_p_sm90<T, BQ>(ap, s);
       pack_p_sm90<T, BQ>(ads, dp);
