@@ -22,9 +22,11 @@
 // until the blocks after j that visit the tile have added, issues its reduce-adds, waits for
 // them to complete and releases the count. Every fp32 sum is then formed in one order, run
 // after run. The grid runs later key blocks first (block index 0 is the last key block), so a
-// CTA only ever waits for CTAs launched before it: resident or finished, never a deadlock. Every
+// CTA only ever waits for CTAs of lower block index: with blocks dispatched in index order (what
+// the hardware does in practice; CUDA does not promise it), resident or finished. Every
 // CTA walks its query tiles last to first, so the CTAs of a wave meet on the same tile one
-// add after another. A wait that exceeds 60 s traps (a launch error, never a hang).
+// add after another. A wait that exceeds 60 s traps (a launch error, never a hang), should the
+// dispatch order ever differ.
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
 // statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
