@@ -125,10 +125,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int j = n_blocks - 1 - static_cast<int>(blockIdx.x);
   const int n0 = j * BN, kvh = blockIdx.y, b = blockIdx.z;
   // The query tiles this CTA visits, as the pair's dkv kernel: [m_first, m_first + q_tiles).
-  auto first_tile = [&](int block) { return kCausal ? max(0, block * BN - p.diag_offset) / BQ : 0; };
-  const int m_first = first_tile(j);
-  const int m_end = kCausal && p.band ? min(p.q_len, n0 + BN - p.lower_offset) : p.q_len;
-  const int q_tiles = (m_end + BQ - 1) / BQ - m_first;
+  const int m_first = dkv_first_tile<kCausal, BQ>(p, n0);
+  const int q_tiles = dkv_tile_count<kCausal, BN, BQ>(p, n0);
   const int iters = q_tiles > 0 ? q_tiles * p.kv_group : 0;
   // Iteration it: query head kvh * group + it / q_tiles, tile m_last - it % q_tiles. Every CTA
   // walks the tiles last to first, so the CTAs running at once (consecutive key blocks) read
@@ -137,14 +135,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // 64k causal backward would exceed HBM bandwidth.)
   const int m_last = m_first + q_tiles - 1;
 
-  if (tid == 0) {
-    mbar_init(kv_full, 1);
-    for (int s = 0; s < NST; ++s) {
-      mbar_init(qdo_full(s), 32);
-      mbar_init(qdo_empty(s), 8);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) init_dkv_barriers_sm90<NST>(bars);
   __syncthreads();
   if (iters <= 0) return;  // no row of the task sees a key of this CTA
 
@@ -162,14 +153,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         unsigned int* sem = p.dq_sem + (static_cast<std::int64_t>(b) * p.heads + hq) * sem_tiles + tile;
         if (lane == 0) {
           // The blocks after j that visit this tile add first: all of them (full), or, causal,
-          // those whose first visited tile is at most `tile` (first_tile grows with the block).
+          // those whose first visited tile is at most `tile` (it grows with the block).
           // Polled before the tile is ready, while the consumers compute it.
           int last = n_blocks - 1;
           if constexpr (kCausal) {
             int lo = j;
             while (lo < last) {
               const int mid = (lo + last + 1) / 2;
-              if (first_tile(mid) <= tile) {
+              if (dkv_first_tile<kCausal, BQ>(p, mid * BN) <= tile) {
                 lo = mid;
               } else {
                 last = mid - 1;
@@ -289,11 +280,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     named_bar_arrive(kFusedBarDqFull + it % 2, kFusedConsumersAndWriter);
   }
 
-  const std::int64_t acc_base = ((static_cast<std::int64_t>(b) * p.kv_heads + kvh) * p.acc_len + p.kv_begin) * D;
-  add_acc_rows_sm90<D>(dk, key0, p.kv_len, p.scale, lane,
-                       [&](int r) { return p.dk + acc_base + static_cast<std::int64_t>(r) * D; });
-  add_acc_rows_sm90<D>(dv, key0, p.kv_len, 1.0f, lane,
-                       [&](int r) { return p.dv + acc_base + static_cast<std::int64_t>(r) * D; });
+  add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a code: the dispatcher never launches it then
 #endif

@@ -274,6 +274,46 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #endif
 }
 
+// The dkv walk of a CTA of BN keys from task key n0: the query tiles it visits are
+// [dkv_first_tile, dkv_first_tile + dkv_tile_count) (BQ rows each), for every query head of
+// its group. Causal: row m sees key n iff n <= m + diag_offset, so rows before n0 - diag_offset
+// see none of its keys; with a band, rows after n0 + BN - 1 - lower_offset see none either.
+// (The single-pass kernel's semaphore counts rely on dkv_first_tile growing with n0.)
+template <bool kCausal, int BQ>
+__device__ __forceinline__ int dkv_first_tile(const FlashBwdParams& p, int n0) {
+  return kCausal ? max(0, n0 - p.diag_offset) / BQ : 0;
+}
+template <bool kCausal, int BN, int BQ>
+__device__ __forceinline__ int dkv_tile_count(const FlashBwdParams& p, int n0) {
+  const int m_end = kCausal && p.band ? min(p.q_len, n0 + BN - p.lower_offset) : p.q_len;
+  return (m_end + BQ - 1) / BQ - dkv_first_tile<kCausal, BQ>(p, n0);
+}
+
+// The dkv walk's mbarriers at `bars` (thread 0, before a __syncthreads): kv_full, then NST
+// full barriers (the producer warp's 32 lanes arrive) and NST empty ones (one arrival per
+// consumer warp).
+template <int NST>
+__device__ __forceinline__ void init_dkv_barriers_sm90(std::uint32_t bars) {
+  mbar_init(bars, 1);
+  for (int s = 0; s < NST; ++s) {
+    mbar_init(bars + 8u * (1 + s), 32);
+    mbar_init(bars + 8u * (1 + NST + s), 8);
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// The walk's end: this thread's dK (times the softmax scale) and dV rows key0 and key0 + 8
+// (task-relative) added to the block's fp32 sums, rows below kv_len.
+template <int D>
+__device__ __forceinline__ void add_dkv_sums_sm90(const FlashBwdParams& p, const float (&dk)[D / 2],
+                                                  const float (&dv)[D / 2], int b, int kvh, int key0, int lane) {
+  const std::int64_t acc_base = ((static_cast<std::int64_t>(b) * p.kv_heads + kvh) * p.acc_len + p.kv_begin) * D;
+  add_acc_rows_sm90<D>(dk, key0, p.kv_len, p.scale, lane,
+                       [&](int r) { return p.dk + acc_base + static_cast<std::int64_t>(r) * D; });
+  add_acc_rows_sm90<D>(dv, key0, p.kv_len, 1.0f, lane,
+                       [&](int r) { return p.dv + acc_base + static_cast<std::int64_t>(r) * D; });
+}
+
 // The dkv walk's loads, by one producer warp: K and V of the CTA's BN keys once (kv_full,
 // the mbarrier at `bars`), then for each iteration `it` the Q and dO tiles of query head
 // kvh * group + it / q_tiles, rows from tile_row(it), into stage it % NST (full barrier
@@ -387,21 +427,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int n0 = blockIdx.x * BN, kvh = blockIdx.y, b = blockIdx.z;
-  // Causal: row m sees key n iff n <= m + diag_offset, so rows before n0 - diag_offset see none
-  // of this CTA's keys; with a band, rows after n0 + BN - 1 - lower_offset see none either.
-  const int m_first = kCausal ? max(0, n0 - p.diag_offset) / BQ : 0;
-  const int m_end = kCausal && p.band ? min(p.q_len, n0 + BN - p.lower_offset) : p.q_len;
-  const int q_tiles = (m_end + BQ - 1) / BQ - m_first;
+  const int m_first = dkv_first_tile<kCausal, BQ>(p, n0);
+  const int q_tiles = dkv_tile_count<kCausal, BN, BQ>(p, n0);
   const int iters = q_tiles > 0 ? q_tiles * p.kv_group : 0;
 
-  if (tid == 0) {
-    mbar_init(kv_full, 1);
-    for (int s = 0; s < NST; ++s) {
-      mbar_init(qdo_full(s), 32);  // the producer warp's lanes, after the TMA bytes are expected
-      mbar_init(qdo_empty(s), 8);  // one arrival per consumer warp
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) init_dkv_barriers_sm90<NST>(bars);
   __syncthreads();
   if (iters <= 0) return;  // no row of the task sees a key of this CTA
 
@@ -456,11 +486,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (lane == 0) mbar_arrive(qdo_empty(st));
   }
 
-  const std::int64_t acc_base = ((static_cast<std::int64_t>(b) * p.kv_heads + kvh) * p.acc_len + p.kv_begin) * D;
-  add_acc_rows_sm90<D>(dk, key0, p.kv_len, p.scale, lane,
-                       [&](int r) { return p.dk + acc_base + static_cast<std::int64_t>(r) * D; });
-  add_acc_rows_sm90<D>(dv, key0, p.kv_len, 1.0f, lane,
-                       [&](int r) { return p.dv + acc_base + static_cast<std::int64_t>(r) * D; });
+  add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane);
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif
