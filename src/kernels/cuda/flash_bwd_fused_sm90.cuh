@@ -12,7 +12,10 @@
 //     computes dQ's columns 64w .. 64w + 63 over all 128 keys (ss wgmma, A = dS read MN-major
 //     from the stored dS^T, B = K read MN-major);
 //   - the fp32 tile goes to shared memory (4 TMA boxes of 32 columns x 64 rows, 128-byte
-//     swizzle); a dQ-writer warp of the producer warpgroup adds it to global memory with TMA
+//     swizzle), stored while the next tile's S^T MMAs run (the tensor cores would otherwise
+//     idle through the stores; registers allow it there: dK, dV, dQ and S^T take 192 per
+//     thread, where dP^T as well would need 224), in a lane order free of bank conflicts;
+//     a dQ-writer warp of the producer warpgroup adds it to global memory with TMA
 //     reduce-adds (cp.reduce.async.bulk.tensor .add, performed in L2). Two writer warps take
 //     alternate tiles, so one waits for its adds to complete (and polls the next semaphore)
 //     while the other serves the next tile.
@@ -205,6 +208,53 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < NO; ++i) dk[i] = dv[i] = 0.0f;
 
+  // Tile i's dQ (this warpgroup's 64 columns), scaled, into the TMA boxes once the writer of
+  // tile i - 1 has read them: column 64 wg + 8 t + 2 (lane % 4) + e of row r is box 2 wg + t / 4,
+  // 16-byte chunk 2 (t % 4) + (lane % 4) / 2, swizzled with r % 8. Stored while the next
+  // tile's S^T MMAs run. A warp's 64-bit stores go to shared memory a half-warp at a time;
+  // rows r % 8 = 0..3 (or 4..7) of one t would put two lanes on each of 4 chunks, so lane
+  // group g = (lane / 4) % 4 stores t % 4 = u ^ g at step u: 8 distinct chunks per half-warp.
+  float dq[NQ];
+  const int row_base = warp_in_wg * 16 + lane / 4;
+  const int sw = (lane / 4) % 4;
+  auto store_dq = [&](int i) {
+    if (i > 0) named_bar_sync(kFusedBarDqEmpty + (i - 1) % 2, kFusedConsumersAndWriter);  // tile i - 1 was read
+#pragma unroll
+    for (int box = 0; box < NQ / 16; ++box) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float x[4][2];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) x[u][e] = dq[4 * (4 * box + u) + 2 * hr + e] * p.scale;
+        }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {  // x[u] <- x[u ^ sw]
+          if (sw & 1) {
+            const float a = x[0][e], c = x[2][e];
+            x[0][e] = x[1][e], x[1][e] = a, x[2][e] = x[3][e], x[3][e] = c;
+          }
+          if (sw & 2) {
+            const float a = x[0][e], c = x[1][e];
+            x[0][e] = x[2][e], x[2][e] = a, x[1][e] = x[3][e], x[3][e] = c;
+          }
+        }
+        const int r = row_base + hr * 8;
+        const std::uint32_t row = sdQ + (2 * wg + box) * Tr::kDqBoxBytes + r * 128 + (lane & 1) * 8;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int chunk = 2 * (u ^ sw) + (lane % 4) / 2;
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(row + ((chunk ^ (r & 7)) << 4)), "f"(x[u][0]),
+                       "f"(x[u][1])
+                       : "memory");
+        }
+      }
+    }
+    fence_proxy_async();  // visible to the TMA reduce-adds
+    named_bar_arrive(kFusedBarDqFull + i % 2, kFusedConsumersAndWriter);
+  };
+
   mbar_wait(kv_full, 0);
   for (int it = 0; it < iters; ++it) {
     const int st = it % NST;
@@ -218,7 +268,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (visible) {
       float s[NS], dp[NS];
       dkv_scores_sm90<T, D, BN, BQ, kCausal>(s, dp, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ, s_delta + st * BQ, wg,
-                                             key_wg, key0, m0, lane);
+                                             key_wg, key0, m0, lane, [&] {
+                                               if (it > 0) store_dq(it - 1);
+                                             });
       pack_p_sm90<T, BQ>(ap, s);
       pack_p_sm90<T, BQ>(ads, dp);
       fence_regs(dv);
@@ -227,6 +279,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       issue_xb_sm90<T, D, BQ>(dv, ap, do_tile);  // dV += P^T dO
       issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
       wgmma_commit();
+    } else if (it > 0) {
+      store_dq(it - 1);
     }
     // dS^T to shared memory (zeros for a warpgroup that saw no key): row key_local (+ 8) holds
     // the tile's 64 rows, 16-byte chunk t (rows 8t .. 8t + 7) at chunk t ^ (key_local % 8).
@@ -242,7 +296,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     fence_proxy_async();  // the stores, visible to wgmma's reads
     named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored
-    float dq[NQ];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {  // dQ[:, 64 wg ..] = dS K[:, 64 wg ..], over the 128 keys
@@ -258,27 +311,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_regs_u32(ads);
     __syncwarp();
     if (lane == 0) mbar_arrive(qdo_empty(st));  // Q and dO of this stage are no longer read
-
-    // The fp32 tile, scaled, into the TMA boxes: column 64 wg + 8 t + 2 (lane % 4) + e of row r
-    // is box 2 wg + t / 4, 16-byte chunk 2 (t % 4) + (lane % 4) / 2, swizzled with r % 8.
-    if (it > 0) named_bar_sync(kFusedBarDqEmpty + (it - 1) % 2, kFusedConsumersAndWriter);  // the last one was read
-    const int row_base = warp_in_wg * 16 + lane / 4;
-#pragma unroll
-    for (int t = 0; t < NQ / 4; ++t) {
-      const std::uint32_t box = sdQ + (2 * wg + t / 4) * Tr::kDqBoxBytes;
-      const int chunk = 2 * (t % 4) + (lane % 4) / 2;
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = row_base + hr * 8;
-        const std::uint32_t addr = box + r * 128 + ((chunk ^ (r & 7)) << 4) + (lane & 1) * 8;
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(dq[4 * t + 2 * hr] * p.scale),
-                     "f"(dq[4 * t + 2 * hr + 1] * p.scale)
-                     : "memory");
-      }
-    }
-    fence_proxy_async();  // visible to the TMA reduce-adds
-    named_bar_arrive(kFusedBarDqFull + it % 2, kFusedConsumersAndWriter);
   }
+  store_dq(iters - 1);
 
   add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane);
 #elif defined(__CUDA_ARCH__)

@@ -359,15 +359,18 @@ __device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, con
 // For warpgroup wg (keys key_wg .. key_wg + 63 of a CTA of BN keys; this thread's key0 and
 // key0 + 8) and the BQ-row query tile at m0: S^T = K Q^T and dP^T = V dO^T, then P^T (masked
 // by the task) into s and dS^T = P^T * (dP^T - delta) into dp; l_tile, d_tile: the tile's
-// lse2 and delta.
-template <typename T, int D, int BN, int BQ, bool kCausal>
+// lse2 and delta. while_s() runs while the S^T MMAs are in flight, before the dP^T ones are
+// issued (the single-pass kernel stores the previous tile's dQ there).
+template <typename T, int D, int BN, int BQ, bool kCausal, class WhileS>
 __device__ __forceinline__ void dkv_scores_sm90(float (&s)[BQ / 2], float (&dp)[BQ / 2], const FlashBwdParams& p,
                                                 std::uint32_t sK, std::uint32_t sV, std::uint32_t q_tile,
                                                 std::uint32_t do_tile, const float* l_tile, const float* d_tile, int wg,
-                                                int key_wg, int key0, int m0, int lane) {
+                                                int key_wg, int key0, int m0, int lane, WhileS while_s) {
   wgmma_fence();
   issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
   wgmma_commit();
+  while_s();
+  wgmma_fence();  // while_s's register traffic is ordered before the dP^T MMAs
   issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
   wgmma_commit();
   wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
@@ -466,7 +469,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
       float s[NS], dp[NS];
       dkv_scores_sm90<T, D, BN, BQ, kCausal>(s, dp, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ, s_delta + st * BQ, wg,
-                                             key_wg, key0, m0, lane);
+                                             key_wg, key0, m0, lane, [] {});
       std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];
       pack_p_sm90<T, BQ>(ap, s);
       pack_p_sm90<T, BQ>(ads, dp);
