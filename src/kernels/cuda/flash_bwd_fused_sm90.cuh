@@ -20,16 +20,18 @@
 //     alternate tiles, so one waits for its adds to complete (and polls the next semaphore)
 //     while the other serves the next tile.
 // Determinism without free atomics: the adds to a query tile happen in a fixed order, the key
-// blocks' descending order, through a per-(batch, head, tile) semaphore in global memory
+// blocks' ascending order, through a per-(batch, head, tile) semaphore in global memory
 // (FlashBwdParams::dq_sem, zeroed by the launch): the writer of key block j waits (acquire)
-// until the blocks after j that visit the tile have added, issues its reduce-adds, waits for
+// until the blocks before j that visit the tile have added, issues its reduce-adds, waits for
 // them to complete and releases the count. Every fp32 sum is then formed in one order, run
-// after run. The grid runs later key blocks first (block index 0 is the last key block), so a
-// CTA only ever waits for CTAs of lower block index: with blocks dispatched in index order (what
-// the hardware does in practice; CUDA does not promise it), resident or finished. Every
-// CTA walks its query tiles last to first, so the CTAs of a wave meet on the same tile one
-// add after another. A wait that exceeds 60 s traps (a launch error, never a hang), should the
-// dispatch order ever differ.
+// after run. Block index = key block, so a CTA only ever waits for CTAs of lower block index:
+// with blocks dispatched in index order (what the hardware does in practice; CUDA does not
+// promise it), resident or finished. In a causal task the first key blocks visit the most
+// query tiles, so the longest CTAs start first and the launch ends with short ones (the
+// reverse order, tried first, left the longest for last: 484 against 505-510 TFLOP/s at 64k
+// causal on an H100). Every CTA walks its query tiles last to first, so the CTAs of a wave
+// meet on the same tile one add after another. A wait that exceeds 60 s traps (a launch
+// error, never a hang), should the dispatch order ever differ.
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
 // statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BN = Tr::kKeys, BQ = Tr::kBlockQ, NST = Tr::kStages;
-  constexpr int NS = BQ / 2, NO = D / 2, NQ = 32;  // NQ: a warpgroup's 64 x 64 dQ accumulator
+  constexpr int NO = D / 2, NQ = 32;  // NQ: a warpgroup's 64 x 64 dQ accumulator
   constexpr int kKeysBytes = BN * Tr::kRowBytes, kTile = BQ * Tr::kRowBytes;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const std::uint32_t smem_u32_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -121,11 +123,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   float* s_delta = s_lse2 + NST * BQ;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int n_blocks = (p.kv_len + BN - 1) / BN;
-  // Later key blocks first (see the header); blocks fastest, so that the CTAs running at once
+  // Key blocks in index order (see the header), blocks fastest, so that the CTAs running at once
   // share their query tiles. (Heads fastest, tried for causal tasks: 0.67x at 64k on an H100,
   // the tiles no longer shared in L2.)
-  const int j = n_blocks - 1 - static_cast<int>(blockIdx.x);
+  const int j = static_cast<int>(blockIdx.x);
   const int n0 = j * BN, kvh = blockIdx.y, b = blockIdx.z;
   // The query tiles this CTA visits, as the pair's dkv kernel: [m_first, m_first + q_tiles).
   const int m_first = dkv_first_tile<kCausal, BQ>(p, n0);
@@ -155,23 +156,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int tile = m_last - it % q_tiles;
         unsigned int* sem = p.dq_sem + (static_cast<std::int64_t>(b) * p.heads + hq) * sem_tiles + tile;
         if (lane == 0) {
-          // The blocks after j that visit this tile add first: all of them (full), or, causal,
-          // those whose first visited tile is at most `tile` (it grows with the block).
-          // Polled before the tile is ready, while the consumers compute it.
-          int last = n_blocks - 1;
+          // The blocks before j that visit this tile add first: all of them (the first visited
+          // tile grows with the block, the last never shrinks), or, with a band, those whose last
+          // visited tile is at least `tile`. Polled before the tile is ready, while the
+          // consumers compute it.
+          int first = 0;
           if constexpr (kCausal) {
-            int lo = j;
-            while (lo < last) {
-              const int mid = (lo + last + 1) / 2;
-              if (dkv_first_tile<kCausal, BQ>(p, mid * BN) <= tile) {
-                lo = mid;
-              } else {
-                last = mid - 1;
+            if (p.band) {
+              int hi = j;
+              while (first < hi) {
+                const int mid = (first + hi) / 2;
+                if (dkv_first_tile<kCausal, BQ>(p, mid * BN) + dkv_tile_count<kCausal, BN, BQ>(p, mid * BN) > tile) {
+                  hi = mid;
+                } else {
+                  first = mid + 1;
+                }
               }
             }
-            last = lo;
           }
-          sem_wait_eq(sem, static_cast<unsigned int>(last - j));
+          sem_wait_eq(sem, static_cast<unsigned int>(j - first));
           fence_proxy_async_global();
         }
         __syncwarp();
@@ -255,6 +258,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     named_bar_arrive(kFusedBarDqFull + i % 2, kFusedConsumersAndWriter);
   };
 
+  // A tile's MMA groups, in issue order: S^T, dP^T, dV, dK (dkv_step_sm90), dQ; all have
+  // completed when the tile ends. (Leaving dQ in flight into the next tile, so that its S^T
+  // queues behind it, was tried: ptxas cannot follow a group in flight across the loop's back
+  // edge and serialises every wgmma of the kernel, C7512 / C7514.)
   mbar_wait(kv_full, 0);
   for (int it = 0; it < iters; ++it) {
     const int st = it % NST;
@@ -266,19 +273,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
     std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];  // live until the dK/dV MMAs complete
     if (visible) {
-      float s[NS], dp[NS];
-      dkv_scores_sm90<T, D, BN, BQ, kCausal>(s, dp, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ, s_delta + st * BQ, wg,
-                                             key_wg, key0, m0, lane, [&] {
-                                               if (it > 0) store_dq(it - 1);
-                                             });
-      pack_p_sm90<T, BQ>(ap, s);
-      pack_p_sm90<T, BQ>(ads, dp);
-      fence_regs(dv);
-      fence_regs(dk);
-      wgmma_fence();
-      issue_xb_sm90<T, D, BQ>(dv, ap, do_tile);  // dV += P^T dO
-      issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
-      wgmma_commit();
+      dkv_step_sm90<T, D, BN, BQ, kCausal>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
+                                           s_delta + st * BQ, wg, key_wg, key0, m0, lane, [&] {
+                                             if (it > 0) store_dq(it - 1);
+                                           });
     } else if (it > 0) {
       store_dq(it - 1);
     }
@@ -297,14 +295,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_proxy_async();  // the stores, visible to wgmma's reads
     named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored
     wgmma_fence();
+    // dQ[:, 64 wg ..] = dS K[:, 64 wg ..], over the 128 keys (the first MMA overwrites: dq is
+    // dead from its store in the next tile's while_s to here, which keeps the peak at 192
+    // registers: dK, dV, dQ, S^T).
+    Wgmma<T, 64>::ss_tt_zero(dq, smem_desc_sw128(ds_buf, BN * 128, 1024),
+                             smem_desc_sw128(sK + wg * BN * 128, BN * 128, 1024));
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {  // dQ[:, 64 wg ..] = dS K[:, 64 wg ..], over the 128 keys
+    for (int kk = 1; kk < BN / 16; ++kk) {
       Wgmma<T, 64>::ss_tt(dq, smem_desc_sw128(ds_buf + kk * 16 * 128, BN * 128, 1024),
-                          smem_desc_sw128(sK + wg * BN * 128 + kk * 16 * 128, BN * 128, 1024), kk > 0);
+                          smem_desc_sw128(sK + wg * BN * 128 + kk * 16 * 128, BN * 128, 1024), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();
-    fence_regs(dq);
     fence_regs(dv);
     fence_regs(dk);
     fence_regs_u32(ap);
@@ -312,6 +314,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(qdo_empty(st));  // Q and dO of this stage are no longer read
   }
+  wgmma_wait<0>();
+  fence_regs(dq);
   store_dq(iters - 1);
 
   add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane);

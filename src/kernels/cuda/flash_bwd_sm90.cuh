@@ -356,19 +356,30 @@ __device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, con
   }
 }
 
-// For warpgroup wg (keys key_wg .. key_wg + 63 of a CTA of BN keys; this thread's key0 and
-// key0 + 8) and the BQ-row query tile at m0: S^T = K Q^T and dP^T = V dO^T, then P^T (masked
-// by the task) into s and dS^T = P^T * (dP^T - delta) into dp; l_tile, d_tile: the tile's
-// lse2 and delta. while_s() runs while the S^T MMAs are in flight, before the dP^T ones are
-// issued (the single-pass kernel stores the previous tile's dQ there).
+// One query tile of the dkv walk for warpgroup wg (keys key_wg .. key_wg + 63 of a CTA of BN
+// keys; this thread's key0 and key0 + 8) and the BQ-row tile at m0 (l_tile, d_tile: its lse2
+// and delta): S^T = K Q^T and dP^T = V dO^T; P^T (masked by the task) while the dP^T MMAs
+// run; dS^T = P^T * (dP^T - delta); both packed into ap and ads, and dV += P^T dO and
+// dK += dS^T Q issued as one group, left in flight (the caller waits; ap and ads stay live
+// until then). while_s() runs while the S^T MMAs are in flight, after every older group
+// completed: the single-pass kernel stores the previous tile's dQ there. (The explicit wait
+// before it matters: without it ptxas inserts a full wait before while_s's first read of a
+// wgmma-written register, C7517.) Measured and dropped (H100, 64k): issuing dV as soon as P^T
+// is packed, so that it runs while dS^T is computed (-1.5% full, -1% causal); the causal
+// mask as two thresholds per element instead of the tests below, which ptxas predicates on
+// every tile (a causal tile issued a third more instructions than a full one; the thresholds
+// removed most of them and changed nothing measurable: the instructions are not the limit).
 template <typename T, int D, int BN, int BQ, bool kCausal, class WhileS>
-__device__ __forceinline__ void dkv_scores_sm90(float (&s)[BQ / 2], float (&dp)[BQ / 2], const FlashBwdParams& p,
-                                                std::uint32_t sK, std::uint32_t sV, std::uint32_t q_tile,
-                                                std::uint32_t do_tile, const float* l_tile, const float* d_tile, int wg,
-                                                int key_wg, int key0, int m0, int lane, WhileS while_s) {
+__device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D / 2], std::uint32_t (&ap)[BQ / 16][4],
+                                              std::uint32_t (&ads)[BQ / 16][4], const FlashBwdParams& p,
+                                              std::uint32_t sK, std::uint32_t sV, std::uint32_t q_tile,
+                                              std::uint32_t do_tile, const float* l_tile, const float* d_tile, int wg,
+                                              int key_wg, int key0, int m0, int lane, WhileS while_s) {
+  float s[BQ / 2], dp[BQ / 2];
   wgmma_fence();
   issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
   wgmma_commit();
+  wgmma_wait<1>();  // every older group (a no-op wait: the caller left at most one)
   while_s();
   wgmma_fence();  // while_s's register traffic is ordered before the dP^T MMAs
   issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
@@ -393,7 +404,7 @@ __device__ __forceinline__ void dkv_scores_sm90(float (&s)[BQ / 2], float (&dp)[
       s[4 * t + e] = pe;
     }
   }
-  wgmma_wait<0>();
+  wgmma_wait<0>();  // dP^T has landed
   fence_regs(dp);
 #pragma unroll
   for (int t = 0; t < BQ / 8; ++t) {
@@ -401,6 +412,14 @@ __device__ __forceinline__ void dkv_scores_sm90(float (&s)[BQ / 2], float (&dp)[
 #pragma unroll
     for (int e = 0; e < 4; ++e) dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - ((e & 1) ? d2.y : d2.x));  // dS^T
   }
+  pack_p_sm90<T, BQ>(ap, s);
+  pack_p_sm90<T, BQ>(ads, dp);
+  fence_regs(dv);
+  fence_regs(dk);
+  wgmma_fence();
+  issue_xb_sm90<T, D, BQ>(dv, ap, do_tile);  // dV += P^T dO
+  issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
+  wgmma_commit();
 }
 
 template <class Tr, bool kCausal>
@@ -411,7 +430,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BN = Tr::kDkvKeys, BQ = Tr::kDkvBlockQ, NST = Tr::kStages;
-  constexpr int NS = BQ / 2, NO = D / 2;
+  constexpr int NO = D / 2;
   constexpr int kKeysBytes = BN * Tr::kRowBytes, kTile = BQ * Tr::kRowBytes;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const std::uint32_t smem_u32_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -467,18 +486,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                                       (!p.band || key_wg + 63 >= m0 + p.lower_offset));
     if (visible) {
       const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
-      float s[NS], dp[NS];
-      dkv_scores_sm90<T, D, BN, BQ, kCausal>(s, dp, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ, s_delta + st * BQ, wg,
-                                             key_wg, key0, m0, lane, [] {});
       std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];
-      pack_p_sm90<T, BQ>(ap, s);
-      pack_p_sm90<T, BQ>(ads, dp);
-      fence_regs(dv);
-      fence_regs(dk);
-      wgmma_fence();
-      issue_xb_sm90<T, D, BQ>(dv, ap, do_tile);  // dV += P^T dO
-      issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
-      wgmma_commit();
+      dkv_step_sm90<T, D, BN, BQ, kCausal>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
+                                           s_delta + st * BQ, wg, key_wg, key0, m0, lane, [] {});
       wgmma_wait<0>();
       fence_regs(dv);
       fence_regs(dk);

@@ -179,6 +179,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     issue_s(st);  // S_j ...
     wgmma_commit();
     mbar_wait(v_full(prev), prev_phase);
+    wgmma_fence();  // after the wait's loop (ptxas would insert it: C7519)
     issue_pv(prev);  // ... then O += P_{j-1} V_{j-1}, both in flight
     wgmma_commit();
     wgmma_wait<1>();  // S_j has landed; the softmax overlaps the P V MMAs
