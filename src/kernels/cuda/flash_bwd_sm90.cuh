@@ -367,8 +367,8 @@ __device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, con
 // wgmma-written register, C7517.) Measured and dropped (H100, 64k): issuing dV as soon as P^T
 // is packed, so that it runs while dS^T is computed (-1.5% full, -1% causal); the causal
 // mask as two thresholds per element instead of the tests below, which ptxas predicates on
-// every tile (a causal tile issued a third more instructions than a full one; the thresholds
-// removed most of them and changed nothing measurable: the instructions are not the limit).
+// every tile (a causal tile issued a third more instructions than a full one, ncu; the
+// thresholds take 3 unpredicated instructions per element and changed nothing measurable).
 template <typename T, int D, int BN, int BQ, bool kCausal, class WhileS>
 __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D / 2], std::uint32_t (&ap)[BQ / 16][4],
                                               std::uint32_t (&ads)[BQ / 16][4], const FlashBwdParams& p,
