@@ -379,7 +379,7 @@ __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D 
   wgmma_fence();
   issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
   wgmma_commit();
-  wgmma_wait<1>();  // every older group (a no-op wait: the caller left at most one)
+  wgmma_wait<1>();  // every group older than S^T (returns at once: callers leave none in flight)
   while_s();
   wgmma_fence();  // while_s's register traffic is ordered before the dP^T MMAs
   issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
