@@ -316,17 +316,17 @@ __device__ __forceinline__ void add_dkv_sums_sm90(const FlashBwdParams& p, const
 
 // The dkv walk's loads, by one producer warp: K and V of the CTA's BN keys once (kv_full,
 // the mbarrier at `bars`), then for each iteration `it` the Q and dO tiles of query head
-// kvh * group + it / q_tiles, rows from tile_row(it), into stage it % NST (full barrier
+// kvh * group + tile_of(it).x, rows from tile_of(it).y, into stage it % NST (full barrier
 // bars + 8 (1 + stage), empty bars + 8 (1 + NST + stage)), with their per-row statistics in
 // s_lse2 / s_delta. Lane 0 raises the stage's transaction count and issues the loads before
 // any arrival; each lane then arrives after its own statistics stores.
-template <class Tr, int BN, int BQ, class TileRow>
+template <class Tr, int BN, int BQ, class TileOf>
 __device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, const CUtensorMap* tm_q,
                                                     const CUtensorMap* tm_do, const CUtensorMap* tm_k,
                                                     const CUtensorMap* tm_v, std::uint32_t sK, std::uint32_t sV,
                                                     std::uint32_t sQ, std::uint32_t sdO, std::uint32_t bars,
                                                     float* s_lse2, float* s_delta, int n0, int kvh, int b, int iters,
-                                                    int q_tiles, int lane, TileRow tile_row) {
+                                                    int lane, TileOf tile_of) {
   constexpr int NST = Tr::kStages, kKeysBytes = BN * Tr::kRowBytes, kTile = BQ * Tr::kRowBytes;
   const std::uint32_t kv_full = bars;
   if (lane == 0) {
@@ -338,8 +338,8 @@ __device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, con
     const int s = it % NST;
     const std::uint32_t phase = static_cast<std::uint32_t>(it / NST) & 1u;
     const std::uint32_t full = bars + 8u * (1 + s), empty = bars + 8u * (1 + NST + s);
-    const int hq = kvh * p.kv_group + it / q_tiles;
-    const int m0 = tile_row(it);
+    const int2 tile = tile_of(it);
+    const int hq = kvh * p.kv_group + tile.x, m0 = tile.y;
     mbar_wait(empty, phase ^ 1u);
     if (lane == 0) {
       mbar_expect_tx_only(full, 2 * kTile);
@@ -461,7 +461,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (warp != 0) return;
     load_dkv_tiles_sm90<Tr, BN, BQ>(p, &tm_q, &tm_do, &tm_k, &tm_v, sK, sV, sQ, sdO, bars, s_lse2, s_delta, n0, kvh, b,
-                                    iters, q_tiles, lane, [&](int it) { return (m_first + it % q_tiles) * BQ; });
+                                    iters, lane,
+                                    [&](int it) { return make_int2(it / q_tiles, (m_first + it % q_tiles) * BQ); });
     return;
   }
 
