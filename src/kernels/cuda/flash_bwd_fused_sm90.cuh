@@ -274,28 +274,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int m0 = walk(it).y;
     const std::uint32_t ds_buf = sdS + (it & 1) * Tr::kDsBytes;
     mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u);
-    const bool visible = !kCausal || (key_wg <= m0 + BQ - 1 + p.diag_offset &&
-                                      (!p.band || key_wg + 63 >= m0 + p.lower_offset));
     const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
     std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];  // live until the dK/dV MMAs complete
-    if (visible) {
-      dkv_step_sm90<T, D, BN, BQ, kCausal>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
-                                           s_delta + st * BQ, wg, key_wg, key0, m0, lane, [&] {
-                                             if (it > 0) store_dq(it - 1);
-                                           });
-    } else if (it > 0) {
-      store_dq(it - 1);
-    }
-    // dS^T to shared memory (zeros for a warpgroup that saw no key): row key_local (+ 8) holds
-    // the tile's 64 rows, 16-byte chunk t (rows 8t .. 8t + 7) at chunk t ^ (key_local % 8).
+    // Every warpgroup runs the step, also one that sees none of the tile's rows (its P and dS
+    // are masked to zero): a branch around the step cost every causal tile ~240 cycles.
+    dkv_step_sm90<T, D, BN, BQ, kCausal>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
+                                         s_delta + st * BQ, wg, key_wg, key0, m0, lane, [&] {
+                                           if (it > 0) store_dq(it - 1);
+                                         });
+    // dS^T to shared memory: row key_local (+ 8) holds the tile's 64 rows, 16-byte chunk t
+    // (rows 8t .. 8t + 7) at chunk t ^ (key_local % 8).
 #pragma unroll
     for (int t = 0; t < BQ / 8; ++t) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int r = key_local + hr * 8;
         const std::uint32_t addr = ds_buf + r * 128 + ((t ^ (r & 7)) << 4) + (lane % 4) * 4;
-        const std::uint32_t v = visible ? ads[t / 2][(t % 2) * 2 + hr] : 0u;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ads[t / 2][(t % 2) * 2 + hr]) : "memory");
       }
     }
     fence_proxy_async();  // the stores, visible to wgmma's reads

@@ -207,22 +207,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
   // dS of tile j into s: P from the scores (masked: keys past the block, and with kCausal keys
   // after the row or before its band), times dP - delta.
+  // (The mask is a block of its own after the exponentials, as in dkv_step_sm90: tests inside
+  // the loop are predicated and paid on every tile.)
   auto compute_ds = [&](int j) {
     const int n0 = j * BN;
     const bool crosses_low = kCausal && p.band && n0 < wg_row + 63 + p.lower_offset;
     const bool masked = n0 + BN > p.kv_len || (kCausal && n0 + BN - 1 > wg_row + p.diag_offset) || crosses_low;
-    const int lower = crosses_low ? p.lower_offset : -(1 << 30);
 #pragma unroll
-    for (int i = 0; i < NS; ++i) {
-      const int hr = (i % 4) >= 2 ? 1 : 0;
-      float pe = fast_exp2(fmaf(s[i], p.scale_log2, -lse2[hr]));
-      if (masked) {
-        const int row = row0 + hr * 8;
+    for (int i = 0; i < NS; ++i) s[i] = fast_exp2(fmaf(s[i], p.scale_log2, -lse2[(i % 4) >= 2 ? 1 : 0]));
+    if (masked) {
+      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+#pragma unroll
+      for (int i = 0; i < NS; ++i) {
+        const int row = row0 + ((i % 4) >= 2 ? 8 : 0);
         const int col = n0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
-        if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) pe = 0.0f;
+        if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) s[i] = 0.0f;
       }
-      s[i] = pe * (dp[i] - delta[hr]);
     }
+#pragma unroll
+    for (int i = 0; i < NS; ++i) s[i] *= dp[i] - delta[(i % 4) >= 2 ? 1 : 0];
   };
   auto release = [&](std::uint32_t bar) {
     __syncwarp();
@@ -366,9 +369,8 @@ __device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, con
 // before it matters: without it ptxas inserts a full wait before while_s's first read of a
 // wgmma-written register, C7517.) Measured and dropped (H100, 64k): issuing dV as soon as P^T
 // is packed, so that it runs while dS^T is computed (-1.5% full, -1% causal); the causal
-// mask as two thresholds per element instead of the tests below, which ptxas predicates on
-// every tile (a causal tile issued a third more instructions than a full one, ncu; the
-// thresholds take 3 unpredicated instructions per element and changed nothing measurable).
+// mask as two thresholds per element (3 unpredicated instructions each, on every tile:
+// nothing gained; the mask's own block below is what removed its cost).
 template <typename T, int D, int BN, int BQ, bool kCausal, class WhileS>
 __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D / 2], std::uint32_t (&ap)[BQ / 16][4],
                                               std::uint32_t (&ads)[BQ / 16][4], const FlashBwdParams& p,
@@ -386,31 +388,44 @@ __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D 
   wgmma_commit();
   wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
   fence_regs(s);
-  const bool crosses = kCausal && key_wg + 63 > m0 + p.diag_offset;
-  const bool crosses_low = kCausal && p.band && key_wg < m0 + BQ - 1 + p.lower_offset;
-  const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+  float2 d2[BQ / 8];  // delta, read here: after the mask's branch its loads would wait on their latency
+#pragma unroll
+  for (int t = 0; t < BQ / 8; ++t) d2[t] = *reinterpret_cast<const float2*>(d_tile + t * 8 + (lane % 4) * 2);
 #pragma unroll
   for (int t = 0; t < BQ / 8; ++t) {
-    const int col = t * 8 + (lane % 4) * 2;  // query rows col, col + 1 of the tile
-    const float2 l2 = *reinterpret_cast<const float2*>(l_tile + col);
+    const float2 l2 = *reinterpret_cast<const float2*>(l_tile + t * 8 + (lane % 4) * 2);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float pe = fast_exp2(fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
-      if (crosses || crosses_low) {
-        const int key = key0 + (e >= 2 ? 8 : 0);
-        const int row = m0 + col + (e & 1);
-        if (key > row + p.diag_offset || key < row + lower) pe = 0.0f;
+    for (int e = 0; e < 4; ++e) s[4 * t + e] = fast_exp2(fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+  }
+  if constexpr (kCausal) {
+    // The mask, on the few tiles the diagonal or the band's lower edge crosses, as a block of
+    // its own after the exponentials (a real branch in the SASS): with the tests inside the loop
+    // above, ptxas predicated them and every tile paid for them. A warpgroup whose keys all
+    // follow the tile's rows (or precede its band) gets P = 0 here and adds zeros, where the
+    // callers used to branch around the whole step. Single-pass kernel, H100, 16k causal,
+    // consumer cycles per tile (globaltimer/clock64 probes): 4,790 before, 4,524 with no mask
+    // code at all, 4,281 without the branch as well, 4,477 as here; a full tile 4,180.
+    const bool crosses = key_wg + 63 > m0 + p.diag_offset;
+    const bool crosses_low = p.band && key_wg < m0 + BQ - 1 + p.lower_offset;
+    if (crosses || crosses_low) {
+      const int lower = crosses_low ? p.lower_offset : -(1 << 30);
+#pragma unroll
+      for (int t = 0; t < BQ / 8; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + (e >= 2 ? 8 : 0);
+          const int row = m0 + t * 8 + (lane % 4) * 2 + (e & 1);
+          if (key > row + p.diag_offset || key < row + lower) s[4 * t + e] = 0.0f;
+        }
       }
-      s[4 * t + e] = pe;
     }
   }
   wgmma_wait<0>();  // dP^T has landed
   fence_regs(dp);
 #pragma unroll
   for (int t = 0; t < BQ / 8; ++t) {
-    const float2 d2 = *reinterpret_cast<const float2*>(d_tile + t * 8 + (lane % 4) * 2);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - ((e & 1) ? d2.y : d2.x));  // dS^T
+    for (int e = 0; e < 4; ++e) dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - ((e & 1) ? d2[t].y : d2[t].x));  // dS^T
   }
   pack_p_sm90<T, BQ>(ap, s);
   pack_p_sm90<T, BQ>(ads, dp);
@@ -481,11 +496,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int st = it % NST;
     const int m0 = (m_first + it % q_tiles) * BQ;
     mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u);
-    // A warpgroup whose keys all follow the tile's last row's (causal), or precede its first
-    // row's band, has nothing to add.
-    const bool visible = !kCausal || (key_wg <= m0 + BQ - 1 + p.diag_offset &&
-                                      (!p.band || key_wg + 63 >= m0 + p.lower_offset));
-    if (visible) {
+    {  // (a warpgroup that sees none of the tile adds zeros: dkv_step_sm90's mask)
       const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
       std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];
       dkv_step_sm90<T, D, BN, BQ, kCausal>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
