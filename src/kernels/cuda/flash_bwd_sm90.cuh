@@ -370,7 +370,7 @@ __device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, con
 // wgmma-written register, C7517.) Measured and dropped (H100, 64k): issuing dV as soon as P^T
 // is packed, so that it runs while dS^T is computed (-1.5% full, -1% causal); the causal
 // mask as two thresholds per element (3 unpredicated instructions each, on every tile:
-// nothing gained; the mask's own block below is what removed its cost).
+// nothing gained; the mask's own block below is what cut most of it).
 template <typename T, int D, int BN, int BQ, bool kCausal, class WhileS>
 __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D / 2], std::uint32_t (&ap)[BQ / 16][4],
                                               std::uint32_t (&ads)[BQ / 16][4], const FlashBwdParams& p,
