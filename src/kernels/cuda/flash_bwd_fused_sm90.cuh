@@ -12,9 +12,10 @@
 //     computes dQ's columns 64w .. 64w + 63 over all 128 keys (ss wgmma, A = dS read MN-major
 //     from the stored dS^T, B = K read MN-major);
 //   - the fp32 tile goes to shared memory (4 TMA boxes of 32 columns x 64 rows, 128-byte
-//     swizzle), stored while the next tile's S^T MMAs run (the tensor cores would otherwise
-//     idle through the stores; registers allow it there: dK, dV, dQ and S^T take 192 per
-//     thread, where dP^T as well would need 224), in a lane order free of bank conflicts;
+//     swizzle), stored while the tile's dK MMAs run, issued after dQ's (register A operand:
+//     they leave shared memory half idle, where the S^T MMAs the store ran under before
+//     read it at its full rate; dK, dV, dQ and dS^T take 192 registers per thread there),
+//     in a lane order free of bank conflicts;
 //     a dQ-writer warp of the producer warpgroup adds it to global memory with TMA
 //     reduce-adds (cp.reduce.async.bulk.tensor .add, performed in L2). Two writer warps take
 //     alternate tiles, so one waits for its adds to complete (and polls the next semaphore)
@@ -219,8 +220,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // Tile i's dQ (this warpgroup's 64 columns), scaled, into the TMA boxes once the writer of
   // tile i - 1 has read them: column 64 wg + 8 t + 2 (lane % 4) + e of row r is box 2 wg + t / 4,
-  // 16-byte chunk 2 (t % 4) + (lane % 4) / 2, swizzled with r % 8. Stored while the next
-  // tile's S^T MMAs run. A warp's 64-bit stores go to shared memory a half-warp at a time;
+  // 16-byte chunk 2 (t % 4) + (lane % 4) / 2, swizzled with r % 8. Stored while the tile's
+  // dK MMAs run. A warp's 64-bit stores go to shared memory a half-warp at a time;
   // rows r % 8 = 0..3 (or 4..7) of one t would put two lanes on each of 4 chunks, so lane
   // group g = (lane / 4) % 4 stores t % 4 = u ^ g at step u: 8 distinct chunks per half-warp.
   float dq[NQ];
@@ -264,7 +265,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     named_bar_arrive(kFusedBarDqFull + i % 2, kFusedConsumersAndWriter);
   };
 
-  // A tile's MMA groups, in issue order: S^T, dP^T, dV, dK (dkv_step_sm90), dQ; all have
+  // A tile's MMA groups, in issue order: S^T, dP^T, dV (dkv_step_sm90), dQ, dK; all have
   // completed when the tile ends. (Leaving dQ in flight into the next tile, so that its S^T
   // queues behind it, was tried: ptxas cannot follow a group in flight across the loop's back
   // edge and serialises every wgmma of the kernel, C7512 / C7514.)
@@ -275,13 +276,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const std::uint32_t ds_buf = sdS + (it & 1) * Tr::kDsBytes;
     mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u);
     const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
-    std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];  // live until the dK/dV MMAs complete
+    std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];  // live until the dV / dK MMAs complete
     // Every warpgroup runs the step, also one that sees none of the tile's rows (its P and dS
     // are masked to zero): a branch around the step cost every causal tile ~240 cycles.
-    dkv_step_sm90<T, D, BN, BQ, kCausal>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
-                                         s_delta + st * BQ, wg, key_wg, key0, m0, lane, [&] {
-                                           if (it > 0) store_dq(it - 1);
-                                         });
+    dkv_step_sm90<T, D, BN, BQ, kCausal, true>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
+                                               s_delta + st * BQ, wg, key_wg, key0, m0, lane);
     // dS^T to shared memory: row key_local (+ 8) holds the tile's 64 rows, 16-byte chunk t
     // (rows 8t .. 8t + 7) at chunk t ^ (key_local % 8).
 #pragma unroll
@@ -297,8 +296,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored
     wgmma_fence();
     // dQ[:, 64 wg ..] = dS K[:, 64 wg ..], over the 128 keys (the first MMA overwrites: dq is
-    // dead from its store in the next tile's while_s to here, which keeps the peak at 192
-    // registers: dK, dV, dQ, S^T).
+    // dead from its store to here, through S^T and dP^T, which keeps the peak at 192 registers).
     Wgmma<T, 64>::ss_tt_zero(dq, smem_desc_sw128(ds_buf, BN * 128, 1024),
                              smem_desc_sw128(sK + wg * BN * 128, BN * 128, 1024));
 #pragma unroll
@@ -307,6 +305,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                           smem_desc_sw128(sK + wg * BN * 128 + kk * 16 * 128, BN * 128, 1024), 1);
     }
     wgmma_commit();
+    fence_regs(dk);
+    issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q, after dQ: its stores run under dK's MMAs
+    wgmma_commit();
+    wgmma_wait<1>();  // dV and dQ have landed
+    fence_regs(dq);
+    store_dq(it);
     wgmma_wait<0>();
     fence_regs(dv);
     fence_regs(dk);
@@ -315,9 +319,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(qdo_empty(st));  // Q and dO of this stage are no longer read
   }
-  wgmma_wait<0>();
-  fence_regs(dq);
-  store_dq(iters - 1);
 
   add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane);
 #elif defined(__CUDA_ARCH__)

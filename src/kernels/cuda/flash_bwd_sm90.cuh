@@ -364,26 +364,25 @@ __device__ __forceinline__ void load_dkv_tiles_sm90(const FlashBwdParams& p, con
 // and delta): S^T = K Q^T and dP^T = V dO^T; P^T (masked by the task) while the dP^T MMAs
 // run; dS^T = P^T * (dP^T - delta); both packed into ap and ads, and dV += P^T dO and
 // dK += dS^T Q issued as one group, left in flight (the caller waits; ap and ads stay live
-// until then). while_s() runs while the S^T MMAs are in flight, after every older group
-// completed: the single-pass kernel stores the previous tile's dQ there. (The explicit wait
-// before it matters: without it ptxas inserts a full wait before while_s's first read of a
-// wgmma-written register, C7517.) Measured and dropped (H100, 64k): issuing dV as soon as P^T
-// is packed, so that it runs while dS^T is computed (-1.5% full, -1% causal); the causal
-// mask as two thresholds per element (3 unpredicated instructions each, on every tile:
-// nothing gained; the mask's own block below is what cut most of it).
-template <typename T, int D, int BN, int BQ, bool kCausal, class WhileS>
+// until then). With kDkByCaller only dV is issued: the single-pass kernel issues dK itself,
+// after its dQ MMAs, and stores dQ while dK's run (register A, so they leave shared memory
+// half idle; before, the store ran under the next tile's S^T MMAs, which read shared memory
+// at its full rate: H100, 64k causal fwd+bwd 497-500 -> 504-511 TFLOP/s, full unchanged).
+// Measured and dropped (H100, 64k): issuing dV as soon as P^T is packed, so that it runs
+// while dS^T is computed (-1.5% full, -1% causal; with dK issued by the caller as well it
+// spills: P^T in fp32 and packed, and dP^T, live at once); the causal mask as two thresholds
+// per element (3 unpredicated instructions each, on every tile: nothing gained; the mask's
+// own block below is what cut most of it).
+template <typename T, int D, int BN, int BQ, bool kCausal, bool kDkByCaller = false>
 __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D / 2], std::uint32_t (&ap)[BQ / 16][4],
                                               std::uint32_t (&ads)[BQ / 16][4], const FlashBwdParams& p,
                                               std::uint32_t sK, std::uint32_t sV, std::uint32_t q_tile,
                                               std::uint32_t do_tile, const float* l_tile, const float* d_tile, int wg,
-                                              int key_wg, int key0, int m0, int lane, WhileS while_s) {
+                                              int key_wg, int key0, int m0, int lane) {
   float s[BQ / 2], dp[BQ / 2];
   wgmma_fence();
-  issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T
+  issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T (callers leave no group in flight)
   wgmma_commit();
-  wgmma_wait<1>();  // every group older than S^T (returns at once: callers leave none in flight)
-  while_s();
-  wgmma_fence();  // while_s's register traffic is ordered before the dP^T MMAs
   issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
   wgmma_commit();
   wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
@@ -433,7 +432,7 @@ __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D 
   fence_regs(dk);
   wgmma_fence();
   issue_xb_sm90<T, D, BQ>(dv, ap, do_tile);  // dV += P^T dO
-  issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
+  if constexpr (!kDkByCaller) issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
   wgmma_commit();
 }
 
@@ -500,7 +499,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const std::uint32_t q_tile = sQ + st * kTile, do_tile = sdO + st * kTile;
       std::uint32_t ap[BQ / 16][4], ads[BQ / 16][4];
       dkv_step_sm90<T, D, BN, BQ, kCausal>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
-                                           s_delta + st * BQ, wg, key_wg, key0, m0, lane, [] {});
+                                           s_delta + st * BQ, wg, key_wg, key0, m0, lane);
       wgmma_wait<0>();
       fence_regs(dv);
       fence_regs(dk);
