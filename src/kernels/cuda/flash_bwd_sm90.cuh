@@ -393,8 +393,15 @@ __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D 
 #pragma unroll
   for (int t = 0; t < BQ / 8; ++t) {
     const float2 l2 = *reinterpret_cast<const float2*>(l_tile + t * 8 + (lane % 4) * 2);
+    // At head dim 128 a quarter of the exponentials run on the FMA pipe (poly_exp2): MUFU does
+    // 16 per clock per SM, 512 cycles of a tile's ~4,200 when both warpgroups get here at once.
+    // H100, fused kernel, 64k fwd+bwd: +1.5% full, +0.7% causal (half of them: -4.5%, the FMA
+    // pipe then the busier one); at head dim 64 the pair lost 4% with it, so it keeps MUFU only.
 #pragma unroll
-    for (int e = 0; e < 4; ++e) s[4 * t + e] = fast_exp2(fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x)));
+    for (int e = 0; e < 4; ++e) {
+      const float x = fmaf(s[4 * t + e], p.scale_log2, -((e & 1) ? l2.y : l2.x));
+      s[4 * t + e] = D == 128 && e == 3 ? poly_exp2(x) : fast_exp2(x);
+    }
   }
   if constexpr (kCausal) {
     // The mask, on the few tiles the diagonal or the band's lower edge crosses, as a block of

@@ -39,6 +39,26 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 2^x for x <= 0 on the FMA and integer pipes, for a share of a tile's exponentials: the MUFU
+// unit that fast_exp2 uses does 16 per clock per SM, so a backward tile's 64 x 128 of them take
+// 512 cycles there when both warpgroups reach them together. x = j + f with j = round(x) (the
+// 1.5 * 2^23 shift puts it in the low mantissa bits) and f in [-0.5, 0.5]; 2^f by a degree-5
+// polynomial (fitted here for relative error: 2.4e-7 at most in fp32, as ex2.approx's ~2^-22),
+// 2^j added to its exponent field. x below -126 gives a value under 2^-125 (P that small is 0
+// in every 16-bit type) instead of 0.
+__device__ __forceinline__ float poly_exp2(float x) {
+  x = fmaxf(x, -126.0f);
+  const float t = x + 12582912.0f;
+  const float f = x - (t - 12582912.0f);
+  float r = 1.32764725e-3f;
+  r = fmaf(r, f, 9.67554189e-3f);
+  r = fmaf(r, f, 5.55071309e-2f);
+  r = fmaf(r, f, 2.40221202e-1f);
+  r = fmaf(r, f, 6.93146944e-1f);
+  r = fmaf(r, f, 1.00000012f);
+  return __int_as_float(__float_as_int(r) + (__float_as_int(t) << 23));
+}
+
 // What one CTA of a flash forward kernel works on: its first task-relative query row m0,
 // the (batch, head) it serves, q at row m0, K and V of the head's KV head (GQA: h / kv_group)
 // at the task's first key, n_end, the keys its last row may see (causal: later ones are
