@@ -44,8 +44,9 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // 512 cycles there when both warpgroups reach them together. x = j + f with j = round(x) (the
 // 1.5 * 2^23 shift puts it in the low mantissa bits) and f in [-0.5, 0.5]; 2^f by a degree-5
 // polynomial (fitted here for relative error: 2.4e-7 at most in fp32, as ex2.approx's ~2^-22),
-// 2^j added to its exponent field. x below -126 gives a value under 2^-125 (P that small is 0
-// in every 16-bit type) instead of 0.
+// 2^j added to its exponent field. x below -126 gives 2^-126 or less instead of the exact
+// value below it (an absolute error under 1.2e-38 in a P of at most 1), and a NaN x gives
+// 2^-126 where ex2 gives NaN (fmaxf); the other exponentials of a NaN row still carry it.
 __device__ __forceinline__ float poly_exp2(float x) {
   x = fmaxf(x, -126.0f);
   const float t = x + 12582912.0f;
