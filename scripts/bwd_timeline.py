@@ -21,6 +21,20 @@ The probes cost no spills (ptxas -v) in the tenth session's kernel; check again 
 epilogue, the loop's cycles per tile (and a least-squares fit over the tile count), the waits
 per tile, the same by quartile of tile count, and the idle gaps between CTAs on each SM.
 Used for docs/PERFORMANCE.md (tenth session).
+
+  python3 scripts/bwd_timeline.py phases src/kernels/cuda /tmp/ph     # writes two headers there
+  cp /tmp/ph/*.cuh src/kernels/cuda/                                  # a throw-away build only
+  ringattn bench ... --warmup 1 --iters 1 2> err.txt; grep ^PH err.txt
+
+`phases` instruments the consumer loop itself: one thread of each consumer warpgroup reads
+%clock at nine points of every tile and adds the differences up in shared memory (a static
+area; the dynamic request shrinks by the alignment slack it no longer needs, and the kernel
+traps if the base is then unaligned). After each launch the launcher prints, per warpgroup,
+the cycles per tile of: issuing S^T and dP^T; waiting for S^T; the exponentials and mask;
+waiting for dP^T; dS^T, packing and issuing dV; storing dS^T and the dS barrier; issuing dQ
+and dK and waiting for dQ; storing dQ; waiting for dK and the next Q/dO tile. The probes cost
+~15% (ptxas: 8-12 bytes of spills); compare shares, not totals. Used for docs/PERFORMANCE.md
+(eleventh session).
 """
 import struct, sys
 
@@ -146,7 +160,128 @@ def analyse(path):
         print(f"  SM gaps between CTAs: {gaps/(nsm*span):.4f} of span; SM end times (us): min {ends[0]/1e3:.1f} median {ends[len(ends)//2]/1e3:.1f} max {ends[-1]/1e3:.1f}")
 
 
+# Per-phase probes: (file, anchor, replacement) edits to the two kernel headers.
+PHASE_EDITS = [
+    ("flash_bwd_sm90.cuh", """template <typename T, int D, int BN, int BQ, bool kCausal, bool kDkByCaller = false>
+__device__ __forceinline__ void dkv_step_sm90(""",
+     """#define PH(k) do { if (ph_on) { unsigned c_; asm volatile("mov.u32 %0, %%clock;" : "=r"(c_)); ph[k] += c_ - ph[15]; ph[15] = c_; } } while (0)
+template <typename T, int D, int BN, int BQ, bool kCausal, bool kDkByCaller = false>
+__device__ __forceinline__ void dkv_step_sm90("""),
+    ("flash_bwd_sm90.cuh", """int key_wg, int key0, int m0, int lane) {
+  float s[BQ / 2], dp[BQ / 2];""",
+     """int key_wg, int key0, int m0, int lane, unsigned* ph = nullptr, bool ph_on = false) {
+  float s[BQ / 2], dp[BQ / 2];"""),
+    ("flash_bwd_sm90.cuh", """  issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
+  wgmma_commit();
+  wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
+  fence_regs(s);""",
+     """  issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
+  wgmma_commit();
+  PH(0);
+  wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
+  fence_regs(s);
+  PH(1);"""),
+    ("flash_bwd_sm90.cuh", """  wgmma_wait<0>();  // dP^T has landed
+  fence_regs(dp);""",
+     """  PH(2);
+  wgmma_wait<0>();  // dP^T has landed
+  fence_regs(dp);
+  PH(3);"""),
+    ("flash_bwd_sm90.cuh", """  if constexpr (!kDkByCaller) issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
+  wgmma_commit();
+}""",
+     """  if constexpr (!kDkByCaller) issue_xb_sm90<T, D, BQ>(dk, ads, q_tile);  // dK += dS^T Q
+  wgmma_commit();
+  PH(4);
+}"""),
+    ("flash_bwd_fused_sm90.cuh", '#include "kernels/cuda/flash_bwd_sm90.cuh"\n',
+     '#include "kernels/cuda/flash_bwd_sm90.cuh"\n#include <cstdio>\n'),
+    ("flash_bwd_fused_sm90.cuh", """                               1024 + kBarrierBytes""", """                               0 + kBarrierBytes"""),
+    ("flash_bwd_fused_sm90.cuh", """template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_bwd_fused_sm90_kernel(""",
+     """static __device__ unsigned long long g_ph[2][16];
+template <class Tr, bool kCausal>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_bwd_fused_sm90_kernel("""),
+    ("flash_bwd_fused_sm90.cuh", """  const std::uint32_t sK = smem_u32_base + pad;""",
+     """  if (pad != 0) __trap();  // the static probe area must leave the dynamic base aligned
+  const std::uint32_t sK = smem_u32_base + pad;"""),
+    ("flash_bwd_fused_sm90.cuh", """  mbar_wait(kv_full, 0);
+  for (int it = 0; it < iters; ++it) {""",
+     """  mbar_wait(kv_full, 0);
+  __shared__ unsigned ph_s[2][16];
+  unsigned* ph = ph_s[wg];
+  const bool ph_on = tid == 128 || tid == 256;
+  if (ph_on) { for (int k = 0; k < 15; ++k) ph[k] = 0; unsigned c_; asm volatile("mov.u32 %0, %%clock;" : "=r"(c_)); ph[15] = c_; }
+  for (int it = 0; it < iters; ++it) {"""),
+    ("flash_bwd_fused_sm90.cuh", """s_delta + st * BQ, wg, key_wg, key0, m0, lane);""",
+     """s_delta + st * BQ, wg, key_wg, key0, m0, lane, ph, ph_on);"""),
+    ("flash_bwd_fused_sm90.cuh", """    named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored""",
+     """    named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored
+    PH(5);"""),
+    ("flash_bwd_fused_sm90.cuh", """    fence_regs(dq);
+    store_dq(it);""",
+     """    fence_regs(dq);
+    PH(6);
+    store_dq(it);
+    PH(7);"""),
+    ("flash_bwd_fused_sm90.cuh", """    if (lane == 0) mbar_arrive(qdo_empty(st));  // Q and dO of this stage are no longer read
+  }
+""",
+     """    if (lane == 0) mbar_arrive(qdo_empty(st));  // Q and dO of this stage are no longer read
+    if (it + 1 < iters) mbar_wait(qdo_full((it + 1) % NST), static_cast<std::uint32_t>((it + 1) / NST) & 1u);
+    PH(8);
+  }
+  if (ph_on) {
+    for (int k = 0; k < 9; ++k) atomicAdd(&g_ph[wg][k], static_cast<unsigned long long>(ph[k]));
+    atomicAdd(&g_ph[wg][15], static_cast<unsigned long long>(iters));
+  }
+"""),
+    ("flash_bwd_fused_sm90.cuh", """  if (p.causal) {
+    flash_bwd_fused_sm90_kernel<Tr, true>""",
+     """  static unsigned long long ph_zero[2][16] = {};
+  RINGATTN_CUDA_CHECK(cudaMemcpyToSymbolAsync(g_ph, ph_zero, sizeof ph_zero, 0, cudaMemcpyHostToDevice, stream));
+  if (p.causal) {
+    flash_bwd_fused_sm90_kernel<Tr, true>"""),
+    ("flash_bwd_fused_sm90.cuh", """  RINGATTN_CUDA_CHECK(cudaGetLastError());
+}""",
+     """  RINGATTN_CUDA_CHECK(cudaGetLastError());
+  unsigned long long h[2][16];
+  RINGATTN_CUDA_CHECK(cudaMemcpyFromSymbol(h, g_ph, sizeof h));
+  for (int w = 0; w < 2; ++w) {
+    std::fprintf(stderr, "PH q%d kv%d causal%d wg%d per tile:", p.q_len, p.kv_len, p.causal ? 1 : 0, w);
+    double tot = 0;
+    for (int k = 0; k < 9; ++k) {
+      const double v = static_cast<double>(h[w][k]) / static_cast<double>(h[w][15] > 0 ? h[w][15] : 1);
+      std::fprintf(stderr, " %.0f", v);
+      tot += v;
+    }
+    std::fprintf(stderr, " | total %.0f\\n", tot);
+  }
+}"""),
+]
+
+
+def phases(src_dir, out_dir):
+    import os
+    texts = {}
+    for name, old, new in PHASE_EDITS:
+        if name not in texts:
+            texts[name] = open(os.path.join(src_dir, name)).read()
+        if texts[name].count(old) != 1:
+            sys.exit("bwd_timeline.py: anchor not found once in %s:\n%s" % (name, old))
+        texts[name] = texts[name].replace(old, new)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in texts.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(text)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "phases":
+        phases(sys.argv[2], sys.argv[3])
+        sys.exit(0)
     if len(sys.argv) != 3 or sys.argv[1] not in ("instrument", "analyse"):
         sys.exit(__doc__)
     (instrument if sys.argv[1] == "instrument" else analyse)(sys.argv[2])
