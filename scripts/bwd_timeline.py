@@ -104,12 +104,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)"""),
 ]
 
 
+def apply_edit(text, old, new, where):
+    """text with the anchor `old` (which must occur exactly once) replaced by `new`."""
+    if text.count(old) != 1:
+        sys.exit("bwd_timeline.py: anchor not found once in %s:\n%s" % (where, old))
+    return text.replace(old, new)
+
+
 def instrument(path):
     s = open(path).read()
     for old, new in EDITS:
-        if s.count(old) != 1:
-            sys.exit("bwd_timeline.py: anchor not found once in %s:\n%s" % (path, old))
-        s = s.replace(old, new)
+        s = apply_edit(s, old, new, path)
     sys.stdout.write(s)
 
 
@@ -269,9 +274,7 @@ def phases(src_dir, out_dir):
     for name, old, new in PHASE_EDITS:
         if name not in texts:
             texts[name] = open(os.path.join(src_dir, name)).read()
-        if texts[name].count(old) != 1:
-            sys.exit("bwd_timeline.py: anchor not found once in %s:\n%s" % (name, old))
-        texts[name] = texts[name].replace(old, new)
+        texts[name] = apply_edit(texts[name], old, new, name)
     os.makedirs(out_dir, exist_ok=True)
     for name, text in texts.items():
         with open(os.path.join(out_dir, name), "w") as f:
