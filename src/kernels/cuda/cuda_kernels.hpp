@@ -94,8 +94,9 @@ FlashKernel flash_bwd_resolve(FlashKernel kernel);
 // of 8 elements); flash_bwd falls back to mma_sync where not.
 bool flash_bwd_wgmma_supports(const FlashBwdParams& params);
 
-// The dQ semaphores (FlashBwdParams::dq_sem) the single-pass kernel needs for a launch with
-// these batch, heads and q_len: allocate at least this many for the largest task.
+// The words of FlashBwdParams::dq_sem (dQ semaphores and a ticket counter) the single-pass
+// kernel needs for a launch with these batch, heads and q_len: allocate at least this many
+// for the largest task.
 std::int64_t flash_bwd_semaphores(const FlashBwdParams& params);
 
 // Before the backward ring: delta = rowsum(dO * O) and lse2 = LSE * log2(e) (+inf where LSE

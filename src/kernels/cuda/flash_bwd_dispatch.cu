@@ -60,7 +60,7 @@ FlashKernel flash_bwd_resolve(FlashKernel kernel) {
 
 bool flash_bwd_wgmma_supports(const FlashBwdParams& p) { return flash::sm90_bwd_supports(p); }
 
-std::int64_t flash_bwd_semaphores(const FlashBwdParams& p) { return flash::fused_bwd_semaphores(p); }
+std::int64_t flash_bwd_semaphores(const FlashBwdParams& p) { return flash::fused_bwd_sem_words(p); }
 
 void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashBwdPart part,
                FlashKernel kernel) {

@@ -25,14 +25,18 @@
 // (FlashBwdParams::dq_sem, zeroed by the launch): the writer of key block j waits (acquire)
 // until the blocks before j that visit the tile have added, issues its reduce-adds, waits for
 // them to complete and releases the count. Every fp32 sum is then formed in one order, run
-// after run. Block index = key block, so a CTA only ever waits for CTAs of lower block index:
-// with blocks dispatched in index order (what the hardware does in practice; CUDA does not
-// promise it), resident or finished. In a causal task the first key blocks visit the most
-// query tiles, so the longest CTAs start first and the launch ends with short ones (the
-// reverse order, tried first, left the longest for last: 484 against 505-510 TFLOP/s at 64k
-// causal on an H100). Every CTA walks its query tiles last to first, so the CTAs of a wave
+// after run. A CTA only ever waits for CTAs of lower key block of its (batch, KV head). CUDA
+// does not promise that CTAs are dispatched in index order, so a CTA does not take its key
+// block from blockIdx: it draws a ticket (an atomic counter after the semaphores, zeroed with
+// them) and ticket t means key block t % blocks of KV head (t / blocks) % kv_heads, batch
+// t / (blocks * kv_heads). Every CTA it waits for drew a lower ticket, so has started: it is
+// resident or finished, and it waits only for lower tickets still, so the chain ends. The
+// hardware's dispatch order being the index order in practice, tickets follow it. In a causal
+// task the first key blocks visit the most query tiles, so the longest CTAs start first and the
+// launch ends with short ones (the reverse order, tried first, left the longest for last: 484
+// against 505-510 TFLOP/s at 64k causal on an H100). Every CTA walks its query tiles last to first, so the CTAs of a wave
 // meet on the same tile one add after another. A wait that exceeds 60 s traps (a launch
-// error, never a hang), should the dispatch order ever differ.
+// error, never a hang), should a bug ever break that argument.
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
 // statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
@@ -61,9 +65,10 @@ struct Sm90FusedBwdTraits {
   static constexpr int kDqBoxBytes = kBlockQ * kDqBoxCols * 4;            // 8 KiB
   static constexpr int kDsBytes = kKeys * kBlockQ * 2;                    // one dS^T buffer, 16 KiB
   static constexpr int kDqBytes = kBlockQ * kHeadDim * 4;                 // the fp32 dQ tile, 32 KiB
-  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
+  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages) + 8;  // mbarriers, the CTA's ticket (8-byte slot)
   // K, V resident; kStages (Q, dO) pairs; 2 dS^T buffers; the dQ tile; alignment slack;
-  // mbarriers; the staged statistics (lse2, delta per stage).
+  // mbarriers and the ticket; the staged statistics (lse2, delta per stage). (All of it
+  // dynamic: a static __shared__ variable would add 1 KiB to keep the dynamic base aligned.)
   static constexpr int kSmem = 2 * kKeys * kRowBytes + kStages * 2 * kBlockQ * kRowBytes + 2 * kDsBytes + kDqBytes +
                                1024 + kBarrierBytes + kStages * 2 * kBlockQ * static_cast<int>(sizeof(float));
   static_assert(kHeadDim == 128, "each consumer warpgroup computes 64 of dQ's columns (m64n64 wgmma)");
@@ -97,6 +102,13 @@ __device__ __forceinline__ void sem_release_add(unsigned int* sem) {
   asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(sem) : "memory");
 }
 
+// The dQ semaphores: one per (batch, head, 64-row tile), at the start of FlashBwdParams::dq_sem.
+__host__ __device__ inline std::int64_t fused_bwd_semaphores(const FlashBwdParams& p) {
+  return static_cast<std::int64_t>(p.batch) * p.heads * ((p.q_len + 63) / 64);
+}
+// What a launch needs there: the semaphores and the CTAs' ticket counter after them.
+inline std::int64_t fused_bwd_sem_words(const FlashBwdParams& p) { return fused_bwd_semaphores(p) + 1; }
+
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_fused_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap tm_q,
@@ -120,15 +132,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const std::uint32_t kv_full = bars;
   auto qdo_full = [&](int s) { return bars + 8u * (1 + s); };
   auto qdo_empty = [&](int s) { return bars + 8u * (1 + NST + s); };
+  int* s_ticket = reinterpret_cast<int*>(smem_raw + pad + (bars + 8 * (1 + 2 * NST) - sK));
   float* s_lse2 = reinterpret_cast<float*>(smem_raw + pad + (bars + Tr::kBarrierBytes - sK));
   float* s_delta = s_lse2 + NST * BQ;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  // Key blocks in index order (see the header), blocks fastest, so that the CTAs running at once
-  // share their query tiles. (Heads fastest, tried for causal tasks: 0.67x at 64k on an H100,
-  // the tiles no longer shared in L2.)
-  const int j = static_cast<int>(blockIdx.x);
-  const int n0 = j * BN, kvh = blockIdx.y, b = blockIdx.z;
+  // Key blocks in ticket order (see the header), blocks fastest, so that the CTAs running at
+  // once share their query tiles. (Heads fastest, tried for causal tasks: 0.67x at 64k on an
+  // H100, the tiles no longer shared in L2.)
+  if (tid == 0) {
+    *s_ticket = static_cast<int>(atomicAdd(p.dq_sem + fused_bwd_semaphores(p), 1u));
+    init_dkv_barriers_sm90<NST>(bars);
+  }
+  __syncthreads();
+  const int blocks = static_cast<int>(gridDim.x), ticket = *s_ticket;
+  const int j = ticket % blocks;
+  const int n0 = j * BN, kvh = (ticket / blocks) % p.kv_heads, b = ticket / (blocks * p.kv_heads);
   // The query tiles this CTA visits, as the pair's dkv kernel: [m_first, m_first + q_tiles).
   const int m_first = dkv_first_tile<kCausal, BQ>(p, n0);
   const int q_tiles = dkv_tile_count<kCausal, BN, BQ>(p, n0);
@@ -146,8 +165,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int group = p.kv_group;
   auto walk = [&](int it) { return make_int2(it % group, (m_last - it / group) * BQ); };
 
-  if (tid == 0) init_dkv_barriers_sm90<NST>(bars);
-  __syncthreads();
   if (iters <= 0) return;  // no row of the task sees a key of this CTA
 
   if (warp < 4) {  // the producer warpgroup
@@ -328,15 +345,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
 // --- host side ---
 
-// The semaphores a launch needs in FlashBwdParams::dq_sem: one per (batch, head, 64-row tile).
-inline std::int64_t fused_bwd_semaphores(const FlashBwdParams& p) {
-  return static_cast<std::int64_t>(p.batch) * p.heads * ((p.q_len + 63) / 64);
-}
-
 // The tensors TMA must describe (sm90_bwd_supports), the dQ accumulator 16-byte aligned, and
 // room for the semaphores.
 inline bool sm90_fused_bwd_supports(const FlashBwdParams& p) {
-  return sm90_bwd_supports(p) && tma_aligned(p.dq) && p.dq_sem != nullptr && p.dq_sem_len >= fused_bwd_semaphores(p);
+  return sm90_bwd_supports(p) && tma_aligned(p.dq) && p.dq_sem != nullptr && p.dq_sem_len >= fused_bwd_sem_words(p);
 }
 
 template <class Tr>
@@ -352,8 +364,8 @@ void launch_flash_bwd_fused_sm90_traits(const FlashBwdParams& p, cudaStream_t st
     return true;
   }();
   (void)configured;
-  RINGATTN_CUDA_CHECK(cudaMemsetAsync(p.dq_sem, 0, static_cast<std::size_t>(fused_bwd_semaphores(p)) * sizeof(unsigned int),
-                                      stream));
+  RINGATTN_CUDA_CHECK(
+      cudaMemsetAsync(p.dq_sem, 0, static_cast<std::size_t>(fused_bwd_sem_words(p)) * sizeof(unsigned int), stream));
   const std::int64_t q_rows = p.q_begin + p.q_len, kv_rows = p.kv_begin + p.kv_len;
   const CUtensorMap tq = make_tile_map<T>(p.q, D, q_rows, p.heads, p.batch, p.q_row_stride, p.q_head_stride,
                                           p.q_batch_stride, Tr::kBlockQ);

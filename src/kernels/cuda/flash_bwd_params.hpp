@@ -28,8 +28,8 @@ struct FlashBwdParams {
   float* dq = nullptr;
   float* dk = nullptr;
   float* dv = nullptr;
-  // The single-pass kernel's dQ semaphores (flash_bwd_fused_sm90.cuh): at least
-  // batch * heads * ceil(q_len / 64) of them, zeroed by each launch. Null: no single-pass kernel.
+  // The single-pass kernel's dQ semaphores and ticket counter (flash_bwd_fused_sm90.cuh): at least
+  // flash_bwd_semaphores(params) words, zeroed by each launch. Null: no single-pass kernel.
   unsigned int* dq_sem = nullptr;
   std::int64_t dq_sem_len = 0;
   std::int64_t s_q = 0;      // rows of lse2 / delta / dq per (batch, head)
