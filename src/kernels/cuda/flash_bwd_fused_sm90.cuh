@@ -229,7 +229,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int wg = warp / 4 - 1, warp_in_wg = warp % 4;
   const int key_wg = n0 + wg * 64;
   const int key0 = key_wg + warp_in_wg * 16 + lane / 4;  // this thread's keys: key0, key0 + 8
-  const int key_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // its row of the stored dS^T (and + 8)
+  // The row of the stored dS^T whose address this lane gives stmatrix (see the store), and its
+  // byte offset there with the part of the swizzled chunk (2 kk + hi) ^ (stm_r % 8) that does not
+  // depend on kk: (hi ^ stm_r) % 2; the rest is 2 kk ^ (stm_r & 6), stm_r = stm_base / 128.
+  const int stm_r = wg * 64 + warp_in_wg * 16 + 8 * ((lane / 8) & 1) + lane % 8;
+  const std::uint32_t stm_base = stm_r * 128 + ((((lane / 16) ^ stm_r) & 1) << 4);
 
   float dk[NO], dv[NO];
 #pragma unroll
@@ -298,16 +302,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // are masked to zero): a branch around the step cost every causal tile ~240 cycles.
     dkv_step_sm90<T, D, BN, BQ, kCausal, true>(dk, dv, ap, ads, p, sK, sV, q_tile, do_tile, s_lse2 + st * BQ,
                                                s_delta + st * BQ, wg, key_wg, key0, m0, lane);
-    // dS^T to shared memory: row key_local (+ 8) holds the tile's 64 rows, 16-byte chunk t
-    // (rows 8t .. 8t + 7) at chunk t ^ (key_local % 8).
+    // dS^T to shared memory: row r (the CTA's key r) holds the tile's 64 query rows, 16-byte
+    // chunk t (rows 8t .. 8t + 7) at chunk t ^ (r % 8). ads[kk][m] are the four 8 x 8 matrices
+    // of a warp's 16 keys x 16 rows (keys + 8 (m & 1), rows 16 kk + 8 (m >> 1)) in stmatrix's
+    // register layout: one stmatrix.x4 per kk, lane l giving the address of row l % 8 of
+    // matrix l / 8 (4 stores per thread where 32-bit stores took 32; H100, 64k fwd+bwd:
+    // +0.9% full, causal unchanged).
 #pragma unroll
-    for (int t = 0; t < BQ / 8; ++t) {
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = key_local + hr * 8;
-        const std::uint32_t addr = ds_buf + r * 128 + ((t ^ (r & 7)) << 4) + (lane % 4) * 4;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ads[t / 2][(t % 2) * 2 + hr]) : "memory");
-      }
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      const std::uint32_t addr = ds_buf + stm_base + (((2 * kk) ^ ((stm_base >> 7) & 6)) << 4);
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(ads[kk][0]),
+                   "r"(ads[kk][1]), "r"(ads[kk][2]), "r"(ads[kk][3])
+                   : "memory");
     }
     fence_proxy_async();  // the stores, visible to wgmma's reads
     named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored
