@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -65,6 +67,48 @@ __global__ void finalize_kernel(const float* o_acc, T* out, std::int64_t S, std:
     const std::int64_t h = (i / (D * S)) % H;
     const std::int64_t b = i / (D * S * H);
     out[b * ob + s * os + h * oh + d] = from_float<T>(o_acc[i]);
+  }
+}
+
+// The same with one warp per (b, h, s) row and four elements per lane and step: float4 loads,
+// one 8-byte (16-bit types) or 16-byte store. For D % 4 == 0 and out rows aligned to 4
+// elements. The per-element kernel above spends its time on 64-bit index divisions (H100:
+// ~2.2 ms for a 64k x 32 x 128 gradient, ~0.7 TB/s); here they are paid once per row.
+template <typename T>
+struct Vec4;
+template <>
+struct Vec4<__nv_bfloat16> {
+  using type = uint2;
+  static __device__ uint2 make(float4 v) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
+  }
+};
+template <>
+struct Vec4<__half> {
+  using type = uint2;
+  static __device__ uint2 make(float4 v) {
+    const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+    return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
+  }
+};
+template <>
+struct Vec4<float> {
+  using type = float4;
+  static __device__ float4 make(float4 v) { return v; }
+};
+
+template <typename T>
+__global__ void finalize_rows_kernel(const float* o_acc, T* out, std::int64_t S, std::int64_t H, std::int64_t D,
+                                     std::int64_t ob, std::int64_t os, std::int64_t oh, std::int64_t rows) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + threadIdx.x / 32; r < rows;
+       r += warps) {
+    const std::int64_t s = r % S, h = (r / S) % H, b = r / (S * H);
+    const auto* src = reinterpret_cast<const float4*>(o_acc + r * D);
+    auto* dst = reinterpret_cast<typename Vec4<T>::type*>(out + b * ob + s * os + h * oh);
+    for (std::int64_t i = lane; i < D / 4; i += 32) dst[i] = Vec4<T>::make(src[i]);
   }
 }
 
@@ -204,7 +248,29 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
                      cudaStream_t stream) {
   const std::int64_t B = out.shape[0], S = out.shape[1], H = out.shape[2], D = out.shape[3];
   const std::int64_t n = B * S * H * D;
-  if (n > 0) {
+  const std::int64_t elem = static_cast<std::int64_t>(dtype_size(out.dtype));
+  const bool rows_aligned = D % 4 == 0 && out.strides[0] % 4 == 0 && out.strides[1] % 4 == 0 &&
+                            out.strides[2] % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.data) % (4 * elem) == 0 &&
+                            reinterpret_cast<std::uintptr_t>(o_acc) % 16 == 0;
+  if (n > 0 && rows_aligned) {
+    const std::int64_t rows = B * S * H;
+    const auto grid = static_cast<unsigned>(std::min<std::int64_t>((rows + kThreads / 32 - 1) / (kThreads / 32), 65535 * 16));
+    switch (out.dtype) {
+      case DType::bf16:
+        finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<__nv_bfloat16*>(out.data), S, H, D,
+                                                            out.strides[0], out.strides[1], out.strides[2], rows);
+        break;
+      case DType::f16:
+        finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<__half*>(out.data), S, H, D,
+                                                            out.strides[0], out.strides[1], out.strides[2], rows);
+        break;
+      case DType::f32:
+        finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<float*>(out.data), S, H, D,
+                                                            out.strides[0], out.strides[1], out.strides[2], rows);
+        break;
+    }
+    RINGATTN_CUDA_CHECK(cudaGetLastError());
+  } else if (n > 0) {
     switch (out.dtype) {
       case DType::bf16:
         finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<__nv_bfloat16*>(out.data), S, H, D,
