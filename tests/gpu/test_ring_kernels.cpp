@@ -1,8 +1,9 @@
 // The small ring kernels (src/kernels/cuda/ring_kernels.cu) against host computations.
-// finalize_output writes out[b, s, h, d] = dtype(o_acc[b, h, s, d]): a row kernel with
-// vector loads and stores where D % 4 == 0 and the output rows are 4-element aligned, a
-// per-element kernel otherwise. Both must round exactly as the host does (round to nearest
-// even) and write nothing outside the view. Skips where no GPU is present.
+// finalize_output writes out[b, s, h, d] = dtype(o_acc[b, h, s, d]) and accumulate_rows adds
+// src (b, h, i, d) into rows row0 + i of an fp32 accumulator: each has a row kernel with
+// vector loads and stores where D % 4 == 0 and the rows are 4-element aligned, and a
+// per-element kernel otherwise. Both must give the host's bytes exactly (round to nearest
+// even; the same fp32 adds) and touch nothing outside their rows. Skips where no GPU is present.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -27,6 +28,17 @@ class RingKernels : public ::testing::Test {
   }
 };
 
+std::vector<float> random_values(std::int64_t n, std::uint64_t state) {
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (float& x : v) {  // values across many binades, signs and exact ties of the 16-bit types
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    const auto bits = static_cast<std::uint32_t>(state >> 32);
+    x = std::ldexp(static_cast<float>(bits & 0xffffffu) / 16777216.0f, static_cast<int>((bits >> 24) % 40) - 20);
+    if (bits & 0x80000000u) x = -x;
+  }
+  return v;
+}
+
 // One case: an (B, S, H, D) output view inside a larger buffer with the given strides and a
 // byte offset from the buffer's start (offset_elems elements), filled with a sentinel first.
 void check_finalize(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H, std::int64_t D,
@@ -34,15 +46,7 @@ void check_finalize(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H,
   SCOPED_TRACE(std::string(to_string(dtype)) + " B=" + std::to_string(B) + " S=" + std::to_string(S) +
                " H=" + std::to_string(H) + " D=" + std::to_string(D) + " row stride " +
                std::to_string(row_stride) + " offset " + std::to_string(offset_elems));
-  const std::int64_t n = B * H * S * D;
-  std::vector<float> acc(static_cast<std::size_t>(n));
-  std::uint64_t state = 0x243f6a8885a308d3ull;
-  for (float& x : acc) {  // values across many binades, signs and exact ties of the 16-bit types
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    const auto bits = static_cast<std::uint32_t>(state >> 32);
-    x = std::ldexp(static_cast<float>(bits & 0xffffffu) / 16777216.0f, static_cast<int>((bits >> 24) % 40) - 20);
-    if (bits & 0x80000000u) x = -x;
-  }
+  const std::vector<float> acc = random_values(B * H * S * D, 0x243f6a8885a308d3ull);
   const std::size_t elem = dtype_size(dtype);
   const std::int64_t head_stride = D, batch_stride = S * row_stride;
   const std::int64_t total = offset_elems + B * batch_stride;
@@ -79,6 +83,65 @@ void check_finalize(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H,
     }
   }
   EXPECT_EQ(mismatches, 0) << "first differing byte " << first << " of " << got.size();
+}
+
+// One case: src rows (B, heads, n, D) with strides {sb, sh, ss} = {heads * sh, n * ss, ss},
+// offset_elems into their buffer, added into rows row0 .. row0 + n of a (B, heads, acc_rows, D)
+// accumulator that starts from random values.
+void check_accumulate(DType dtype, std::int64_t B, std::int64_t heads, std::int64_t n, std::int64_t D,
+                      std::int64_t acc_rows, std::int64_t row0, std::int64_t ss, std::int64_t offset_elems) {
+  SCOPED_TRACE(std::string(to_string(dtype)) + " B=" + std::to_string(B) + " heads=" + std::to_string(heads) +
+               " n=" + std::to_string(n) + " D=" + std::to_string(D) + " rows " + std::to_string(row0) + ".." +
+               std::to_string(row0 + n) + " of " + std::to_string(acc_rows) + " row stride " + std::to_string(ss) +
+               " offset " + std::to_string(offset_elems));
+  const std::int64_t sh = n * ss, sb = heads * sh;
+  const std::size_t elem = dtype_size(dtype);
+  const std::vector<float> values = random_values(offset_elems + B * sb, 0x13198a2e03707344ull);
+  std::vector<unsigned char> src(values.size() * elem);
+  convert_from_f32(dtype, values.data(), src.data(), values.size());
+  const std::vector<float> acc0 = random_values(B * heads * acc_rows * D, 0xa4093822299f31d0ull);
+
+  DeviceBuffer d_src(src.size()), d_acc(acc0.size() * sizeof(float));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(d_src.get(), src.data(), src.size(), cudaMemcpyHostToDevice));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(d_acc.get(), acc0.data(), d_acc.bytes(), cudaMemcpyHostToDevice));
+  const std::int64_t strides[3] = {sb, sh, ss};
+  accumulate_rows(d_acc.as<float>(), acc_rows, row0, static_cast<unsigned char*>(d_src.get()) + offset_elems * elem,
+                  dtype, B, heads, n, D, strides, nullptr);
+  std::vector<float> got(acc0.size());
+  RINGATTN_CUDA_CHECK(cudaMemcpy(got.data(), d_acc.get(), d_acc.bytes(), cudaMemcpyDeviceToHost));
+
+  std::vector<float> want = acc0;
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < heads; ++h)
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t d = 0; d < D; ++d) {
+          const float x = load_f32(dtype, src.data(), offset_elems + b * sb + h * sh + i * ss + d);
+          want[static_cast<std::size_t>(((b * heads + h) * acc_rows + row0 + i) * D + d)] += x;
+        }
+  std::int64_t mismatches = 0, first = -1;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0) {
+      if (first < 0) first = static_cast<std::int64_t>(i);
+      ++mismatches;
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "first differing sum " << first << " of " << got.size();
+}
+
+TEST_F(RingKernels, AccumulateRowsRowKernelEveryDtype) {
+  for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+    check_accumulate(dtype, 2, 3, 40, 128, 40, 0, 128, 0);     // dense, the whole accumulator
+    check_accumulate(dtype, 1, 4, 25, 64, 70, 33, 64 + 8, 4);  // padded rows into a middle range, offset
+    check_accumulate(dtype, 1, 2, 7, 196, 9, 2, 196, 0);       // a lane takes two vectors
+  }
+}
+
+TEST_F(RingKernels, AccumulateRowsElementKernelWhereRowsAreNotAligned) {
+  for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+    check_accumulate(dtype, 1, 3, 21, 6, 30, 5, 6, 0);       // D % 4 != 0
+    check_accumulate(dtype, 2, 2, 13, 64, 13, 0, 66, 0);     // row stride not a multiple of 4
+    check_accumulate(dtype, 1, 2, 11, 64, 20, 9, 64, 1);     // base not 4-element aligned
+  }
 }
 
 TEST_F(RingKernels, FinalizeOutputRowKernelEveryDtype) {

@@ -204,6 +204,51 @@ __global__ void accumulate_rows_kernel(float* acc, std::int64_t acc_rows, std::i
   }
 }
 
+// The same with one warp per (b, h, i) row and four elements per lane and step (float4 for the
+// sums, 8 or 16 bytes of src), for D % 4 == 0 and 4-element-aligned src rows: the ring's step
+// sums (2 x the K/V rows in fp32 each step the accumulator had not arrived) and the cuDNN
+// path's per-task gradients pass through here. The sums are the same fp32 adds either way.
+template <typename T>
+struct Load4;
+template <>
+struct Load4<float> {
+  static __device__ float4 get(const float* p) { return *reinterpret_cast<const float4*>(p); }
+};
+template <typename T>
+__device__ float4 load4_16bit(const T* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  const T* e = reinterpret_cast<const T*>(&u);
+  return make_float4(to_float(e[0]), to_float(e[1]), to_float(e[2]), to_float(e[3]));
+}
+template <>
+struct Load4<__nv_bfloat16> {
+  static __device__ float4 get(const __nv_bfloat16* p) { return load4_16bit(p); }
+};
+template <>
+struct Load4<__half> {
+  static __device__ float4 get(const __half* p) { return load4_16bit(p); }
+};
+
+template <typename T>
+__global__ void accumulate_rows_vec_kernel(float* acc, std::int64_t acc_rows, std::int64_t row0, const T* src,
+                                           std::int64_t Hh, std::int64_t n, std::int64_t D, std::int64_t sb,
+                                           std::int64_t sh, std::int64_t ss, std::int64_t rows) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + threadIdx.x / 32; r < rows;
+       r += warps) {
+    const std::int64_t i = r % n, h = (r / n) % Hh, b = r / (n * Hh);
+    const T* in = src + b * sb + h * sh + i * ss;
+    auto* out = reinterpret_cast<float4*>(acc + ((b * Hh + h) * acc_rows + row0 + i) * D);
+    for (std::int64_t v = lane; v < D / 4; v += 32) {
+      const float4 x = Load4<T>::get(in + 4 * v);
+      float4 a = out[v];
+      a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
+      out[v] = a;
+    }
+  }
+}
+
 // dst[(b * H + h) * n + i] = lse[b * lb + h * lh + (row0 + i) * ls]
 __global__ void gather_lse_kernel(const float* lse, float* dst, std::int64_t H, std::int64_t n, std::int64_t row0,
                                   std::int64_t lb, std::int64_t lh, std::int64_t ls, std::int64_t total) {
@@ -338,6 +383,28 @@ void accumulate_rows(float* acc, std::int64_t acc_rows, std::int64_t row0, const
   const std::int64_t total = batch * heads * n * head_dim;
   if (total == 0) return;
   const std::int64_t sb = src_strides[0], sh = src_strides[1], ss = src_strides[2];
+  const auto elem = static_cast<std::uintptr_t>(dtype_size(src_dtype));
+  if (head_dim % 4 == 0 && sb % 4 == 0 && sh % 4 == 0 && ss % 4 == 0 &&
+      reinterpret_cast<std::uintptr_t>(src) % (4 * elem) == 0 && reinterpret_cast<std::uintptr_t>(acc) % 16 == 0) {
+    const std::int64_t rows = batch * heads * n;
+    const auto grid = static_cast<unsigned>(std::min<std::int64_t>((rows + kThreads / 32 - 1) / (kThreads / 32), 65535 * 16));
+    switch (src_dtype) {
+      case DType::bf16:
+        accumulate_rows_vec_kernel<<<grid, kThreads, 0, stream>>>(
+            acc, acc_rows, row0, static_cast<const __nv_bfloat16*>(src), heads, n, head_dim, sb, sh, ss, rows);
+        break;
+      case DType::f16:
+        accumulate_rows_vec_kernel<<<grid, kThreads, 0, stream>>>(
+            acc, acc_rows, row0, static_cast<const __half*>(src), heads, n, head_dim, sb, sh, ss, rows);
+        break;
+      case DType::f32:
+        accumulate_rows_vec_kernel<<<grid, kThreads, 0, stream>>>(
+            acc, acc_rows, row0, static_cast<const float*>(src), heads, n, head_dim, sb, sh, ss, rows);
+        break;
+    }
+    RINGATTN_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   switch (src_dtype) {
     case DType::bf16:
       accumulate_rows_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
