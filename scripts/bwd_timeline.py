@@ -45,7 +45,7 @@ EDITS = [
 __global__ void __launch_bounds__(Tr::kThreads, 1)""","""constexpr int kTlFields = 12, kTlMax = 1 << 16;
 static __device__ unsigned long long g_bwd_timeline[kTlMax * kTlFields];
 __device__ __forceinline__ unsigned int tl_smid() { unsigned int r; asm volatile("mov.u32 %0, %%smid;" : "=r"(r)); return r; }
-#define TL_SLOT (g_bwd_timeline + static_cast<std::int64_t>(min(static_cast<long long>(blockIdx.x) + static_cast<long long>(gridDim.x) * (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z), static_cast<long long>(kTlMax - 1))) * kTlFields)
+#define TL_SLOT (g_bwd_timeline + static_cast<std::int64_t>(min(ticket, kTlMax - 1)) * kTlFields)  // the CTA's work: its ticket
 
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, 1)"""),

@@ -31,11 +31,12 @@
 // them) and ticket t means key block t % blocks of KV head (t / blocks) % kv_heads, batch
 // t / (blocks * kv_heads). Every CTA it waits for drew a lower ticket, so has started: it is
 // resident or finished, and it waits only for lower tickets still, so the chain ends. The
-// hardware's dispatch order being the index order in practice, tickets follow it. In a causal
-// task the first key blocks visit the most query tiles, so the longest CTAs start first and the
-// launch ends with short ones (the reverse order, tried first, left the longest for last: 484
-// against 505-510 TFLOP/s at 64k causal on an H100). Every CTA walks its query tiles last to first, so the CTAs of a wave
-// meet on the same tile one add after another. A wait that exceeds 60 s traps (a launch
+// hardware dispatches in index order in practice, and tickets follow it (a trace on an H100:
+// the first wave's tickets permuted across its blocks, then ticket == blockIdx). In a causal
+// task the first key blocks visit the most query tiles, so the longest CTAs start first and
+// the launch ends with short ones (the reverse order, tried first, left the longest for last:
+// 484 against 505-510 TFLOP/s at 64k causal on an H100). Every CTA walks its query tiles last
+// to first, so the CTAs of a wave meet on the same tile one add after another. A wait that exceeds 60 s traps (a launch
 // error, never a hang), should a bug ever break that argument.
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row

@@ -3,7 +3,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -299,7 +298,7 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
                             reinterpret_cast<std::uintptr_t>(o_acc) % 16 == 0;
   if (n > 0 && rows_aligned) {
     const std::int64_t rows = B * S * H;
-    const auto grid = static_cast<unsigned>(std::min<std::int64_t>((rows + kThreads / 32 - 1) / (kThreads / 32), 65535 * 16));
+    const unsigned grid = blocks_for(rows * 32);  // a warp per row
     switch (out.dtype) {
       case DType::bf16:
         finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<__nv_bfloat16*>(out.data), S, H, D,
@@ -387,7 +386,7 @@ void accumulate_rows(float* acc, std::int64_t acc_rows, std::int64_t row0, const
   if (head_dim % 4 == 0 && sb % 4 == 0 && sh % 4 == 0 && ss % 4 == 0 &&
       reinterpret_cast<std::uintptr_t>(src) % (4 * elem) == 0 && reinterpret_cast<std::uintptr_t>(acc) % 16 == 0) {
     const std::int64_t rows = batch * heads * n;
-    const auto grid = static_cast<unsigned>(std::min<std::int64_t>((rows + kThreads / 32 - 1) / (kThreads / 32), 65535 * 16));
+    const unsigned grid = blocks_for(rows * 32);  // a warp per row
     switch (src_dtype) {
       case DType::bf16:
         accumulate_rows_vec_kernel<<<grid, kThreads, 0, stream>>>(
