@@ -13,9 +13,17 @@
 //  - within a warpgroup, S_j = Q K_j^T is issued before O += P_{j-1} V_{j-1}, and the softmax of
 //    S_j runs while that second MMA is still in flight (intra-warpgroup overlap): the tensor
 //    cores see the next MMA while the exp2s run.
-// 384 threads and one CTA per SM: the producer warpgroup gives up registers (setmaxnreg 40) so that
-// the consumers get 232 each (O, S and P alone take 160). A 4-warp sub-partition of the SM holds
-// 16K registers: one producer warp and two consumer warps, 32 x (40 + 2 x 232) = 16128.
+//  - a warpgroup's Q rows live in registers (A fragments, loaded once), so the S MMAs read only
+//    K from shared memory (H100, forward alone, 64k full: 661-663 against 654-655 TFLOP/s, same
+//    call; causal and 16k within the noise).
+// Measured and dropped (same call): the paper's ping-pong of the two warpgroups (named barriers
+// that make them take turns issuing their MMAs, so that one's softmax overlaps the other's
+// MMAs): 636-639 against 654 at 64k full, 662-674 against 709-712 at 16k; the intra-warpgroup
+// overlap already hides the softmax, and under the H100's 700 W cap the turns only add waits.
+// 384 threads and one CTA per SM: the producer warpgroup gives up registers (setmaxnreg 40) so
+// that the consumers get 232 each (O, S, P and the Q fragments alone take 192). A 4-warp
+// sub-partition of the SM holds 16K registers: one producer warp and two consumer warps,
+// 32 x (40 + 2 x 232) = 16128.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -123,12 +131,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   std::uint32_t a[BN / 16][4];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, correction[2] = {1.0f, 1.0f};
 
+  // This warpgroup's 64 rows of Q as A fragments (one k16 slice each), read from shared memory
+  // once: S = Q K^T then reads only K there (32 of the 48 KiB a warpgroup's S MMAs read per
+  // tile with Q in shared memory as well). ldmatrix.x4: lane l gives row 8 ((l / 8) % 2) + l % 8
+  // of the warp's 16, 16-byte chunk 2 (ks % 4) + l / 16 of atom column ks / 4, swizzled.
+  std::uint32_t qa[D / 16][4];
+  auto load_q_fragments = [&] {
+    const int r = wg * 64 + warp_in_wg * 16 + 8 * ((lane / 8) % 2) + lane % 8;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int chunk = 2 * (ks % 4) + lane / 16;
+      ldmatrix_x4(qa[ks], sQ + (ks / 4) * BM * 128 + r * 128 + ((chunk ^ (r % 8)) << 4));
+    }
+  };
   auto issue_s = [&](int st) {  // S = Q K^T for this warpgroup's rows, stage st
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      const std::uint32_t a_addr = sQ + (ks / 4) * BM * 128 + wg * 64 * 128 + (ks % 4) * 32;
       const std::uint32_t b_addr = sK + st * Tr::kTileBytes + (ks / 4) * BN * 128 + (ks % 4) * 32;
-      Wgmma<T, BN>::ss(s, smem_desc_sw128(a_addr, 16, 1024), smem_desc_sw128(b_addr, 16, 1024), ks > 0);
+      Wgmma<T, BN>::rs(s, qa[ks], smem_desc_sw128(b_addr, 16, 1024), ks > 0);
     }
   };
   auto issue_pv = [&](int st) {  // O += P V, stage st
@@ -160,6 +180,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
 
   mbar_wait(q_full, 0);
+  load_q_fragments();
   // The first tile: S, softmax, P.
   mbar_wait(k_full(0), 0);
   wgmma_fence();
@@ -167,6 +188,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(s);
+  fence_regs_u32(qa);  // read by the S MMAs until here
   release(k_empty(0));
   softmax(j0);
   rescale_and_pack();
@@ -175,15 +197,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const std::uint32_t phase = static_cast<std::uint32_t>(it / NSTAGE) & 1u;
     const std::uint32_t prev_phase = static_cast<std::uint32_t>((it - 1) / NSTAGE) & 1u;
     mbar_wait(k_full(st), phase);
-    wgmma_fence();
+    mbar_wait(v_full(prev), prev_phase);
+    wgmma_fence();  // after the waits' loops (ptxas would insert it: C7519)
     issue_s(st);  // S_j ...
     wgmma_commit();
-    mbar_wait(v_full(prev), prev_phase);
-    wgmma_fence();  // after the wait's loop (ptxas would insert it: C7519)
     issue_pv(prev);  // ... then O += P_{j-1} V_{j-1}, both in flight
     wgmma_commit();
     wgmma_wait<1>();  // S_j has landed; the softmax overlaps the P V MMAs
     fence_regs(s);
+    fence_regs_u32(qa);
     release(k_empty(st));
     softmax(j0 + it);
     wgmma_wait<0>();
