@@ -18,8 +18,8 @@
 //    call; causal and 16k within the noise).
 // Measured and dropped (same call): the paper's ping-pong of the two warpgroups (named barriers
 // that make them take turns issuing their MMAs, so that one's softmax overlaps the other's
-// MMAs): 636-639 against 654 at 64k full, 662-674 against 709-712 at 16k; the intra-warpgroup
-// overlap already hides the softmax, and under the H100's 700 W cap the turns only add waits.
+// MMAs): 636-639 against 654 at 64k full, 662-674 against 709-712 at 16k. Not analysed; our
+// reading: the intra-warpgroup overlap already hides the softmax, so the turns only add waits.
 // 384 threads and one CTA per SM: the producer warpgroup gives up registers (setmaxnreg 40) so
 // that the consumers get 232 each (O, S, P and the Q fragments alone take 192). A 4-warp
 // sub-partition of the SM holds 16K registers: one producer warp and two consumer warps,
