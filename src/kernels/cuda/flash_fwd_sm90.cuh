@@ -82,9 +82,9 @@ __device__ __forceinline__ void load_tile_sw128(std::uint32_t smem, const typena
 // the block, and with kCausal keys after the query or, for a band, before its window. Then
 // the online softmax in log2 units: s becomes the probabilities against the updated row
 // maxima, row_sum is rescaled and grows, and rescale(hr, c) is told, per row hr, the factor
-// c = 2^(old max - new max) for the output so far.
-template <int BN, bool kCausal, class Rescale>
-__device__ __forceinline__ void softmax_tile_sm90(float (&s)[BN / 2], const FlashFwdParams& p, int n0, int wg_row,
+// c = 2^(old max - new max) for the output so far. Returns whether it was (see kLazy).
+template <int BN, bool kCausal, bool kLazy = false, class Rescale>
+__device__ __forceinline__ bool softmax_tile_sm90(float (&s)[BN / 2], const FlashFwdParams& p, int n0, int wg_row,
                                                   int row0, int lane, float (&row_max)[2], float (&row_sum)[2],
                                                   Rescale&& rescale) {
   const bool past_end = n0 + BN > p.kv_len;
@@ -99,17 +99,35 @@ __device__ __forceinline__ void softmax_tile_sm90(float (&s)[BN / 2], const Flas
       if (col >= p.kv_len || (kCausal && (col > row + p.diag_offset || col < row + lower))) s[i] = -INFINITY;
     }
   }
+  float mx[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    float mx = -INFINITY;
+    mx[hr] = -INFINITY;
 #pragma unroll
-    for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(s[4 * t + 2 * hr], s[4 * t + 2 * hr + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float new_max = fmaxf(row_max[hr], mx * p.scale_log2);
-    const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet
-    const float correction = fast_exp2(row_max[hr] - base);
-    row_max[hr] = new_max;
+    for (int t = 0; t < BN / 8; ++t) mx[hr] = fmaxf(mx[hr], fmaxf(s[4 * t + 2 * hr], s[4 * t + 2 * hr + 1]));
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+    mx[hr] *= p.scale_log2;
+  }
+  // With kLazy the maxima stay where they are while no row of the warp grows past its own by
+  // more than 8 (probabilities up to 2^8, exact all the same: the output and the sum share the
+  // base), and the output is rescaled only when one does: the vote makes the branch uniform.
+  bool update = true;
+  if constexpr (kLazy) update = __any_sync(0xffffffffu, mx[0] > row_max[0] + 8.0f || mx[1] > row_max[1] + 8.0f);
+  if (update) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const float new_max = fmaxf(row_max[hr], mx[hr]);
+      const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row with no key yet
+      const float correction = fast_exp2(row_max[hr] - base);
+      row_max[hr] = new_max;
+      row_sum[hr] *= correction;
+      rescale(hr, correction);
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const float base = row_max[hr] == -INFINITY ? 0.0f : row_max[hr];
     float sum = 0.0f;
 #pragma unroll
     for (int t = 0; t < BN / 8; ++t) {
@@ -120,9 +138,9 @@ __device__ __forceinline__ void softmax_tile_sm90(float (&s)[BN / 2], const Flas
         sum += pe;
       }
     }
-    row_sum[hr] = row_sum[hr] * correction + sum;
-    rescale(hr, correction);
+    row_sum[hr] += sum;
   }
+  return update;
 }
 
 // P (16-bit) from the probabilities, as the A operand of O += P V: one k16 slice per 16 keys.
