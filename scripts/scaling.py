@@ -142,6 +142,12 @@ def flops(r):
     return f * 3.5 if r.get("backward") else f
 
 
+def fmt_rate(tflops):
+    """TFLOP/s with two decimals, or three significant digits below 1 (tiny CPU runs would
+    otherwise print as 0.00)."""
+    return f"{tflops:.2f}" if tflops >= 1 else f"{tflops:.3g}"
+
+
 def predict(r, ranks, baseline_tflops, a):
     """Predicted ms of one forward (or forward+backward) of row r at `ranks` ranks, and the
     source of the kernel time."""
@@ -219,7 +225,7 @@ def table(mode, ours, peer, a):
             versus = "-" if model_ms is None else f"{model_ms / r['time_ms']:.3f}"
             lines.append(
                 f"| {fmt_seq(r['seq'])} | {fmt_seq(r['seq'] // ranks)} | {'yes' if r['causal'] else 'no'} | {ranks} "
-                f"| {r['time_ms']:.3f} | {r['tflops_per_rank']:.2f} | {eff:.3f} | {model} | {versus} | {overlap} "
+                f"| {r['time_ms']:.3f} | {fmt_rate(r['tflops_per_rank'])} | {eff:.3f} | {model} | {versus} | {overlap} "
                 f"| {cp} | {ratio} |")
             label = (f"S={fmt_seq(shape[0])}" if mode == "strong" else f"{fmt_seq(shape[0])}/GPU") + \
                 (" causal" if shape[1] else " full")
