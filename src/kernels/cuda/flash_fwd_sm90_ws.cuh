@@ -165,8 +165,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
-  // Tile j's masks and online softmax (shared with flash_fwd_sm90.cuh); correction[] then
-  // rescales the output so far once the previous P V has landed.
+  // Tile j's masks and online softmax (shared with flash_fwd_sm90.cuh, lazy); where it moved the
+  // maxima (its return value, the same in every lane), correction[] then rescales the output so
+  // far once the previous P V has landed.
   auto softmax = [&](int j) {
     return softmax_tile_sm90<BN, kCausal, true>(s, p, j * BN, wg_row, row0, lane, row_max, row_sum,
                                                 [&](int hr, float c) { correction[hr] = c; });
