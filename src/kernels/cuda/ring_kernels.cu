@@ -9,6 +9,7 @@
 
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
+#include "kernels/cuda/flash_common.cuh"
 
 namespace ringattn::detail {
 
@@ -74,22 +75,9 @@ __global__ void finalize_kernel(const float* o_acc, T* out, std::int64_t S, std:
 // elements. The per-element kernel above spends its time on 64-bit index divisions (H100:
 // ~2.2 ms for a 64k x 32 x 128 gradient, ~0.7 TB/s); here they are paid once per row.
 template <typename T>
-struct Vec4;
-template <>
-struct Vec4<__nv_bfloat16> {
+struct Vec4 {  // 16-bit types: two packed pairs (the flash kernels' pack2, round to nearest)
   using type = uint2;
-  static __device__ uint2 make(float4 v) {
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-    return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
-  }
-};
-template <>
-struct Vec4<__half> {
-  using type = uint2;
-  static __device__ uint2 make(float4 v) {
-    const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
-    return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
-  }
+  static __device__ uint2 make(float4 v) { return make_uint2(flash::pack2<T>(v.x, v.y), flash::pack2<T>(v.z, v.w)); }
 };
 template <>
 struct Vec4<float> {
@@ -207,26 +195,13 @@ __global__ void accumulate_rows_kernel(float* acc, std::int64_t acc_rows, std::i
 // sums, 8 or 16 bytes of src), for D % 4 == 0 and 4-element-aligned src rows: the ring's step
 // sums (2 x the K/V rows in fp32 each step the accumulator had not arrived) and the cuDNN
 // path's per-task gradients pass through here. The sums are the same fp32 adds either way.
-template <typename T>
-struct Load4;
-template <>
-struct Load4<float> {
-  static __device__ float4 get(const float* p) { return *reinterpret_cast<const float4*>(p); }
-};
-template <typename T>
-__device__ float4 load4_16bit(const T* p) {
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+template <typename T>  // 16-bit types
+__device__ __forceinline__ float4 load4(const T* p) {
   const uint2 u = *reinterpret_cast<const uint2*>(p);
   const T* e = reinterpret_cast<const T*>(&u);
   return make_float4(to_float(e[0]), to_float(e[1]), to_float(e[2]), to_float(e[3]));
 }
-template <>
-struct Load4<__nv_bfloat16> {
-  static __device__ float4 get(const __nv_bfloat16* p) { return load4_16bit(p); }
-};
-template <>
-struct Load4<__half> {
-  static __device__ float4 get(const __half* p) { return load4_16bit(p); }
-};
 
 template <typename T>
 __global__ void accumulate_rows_vec_kernel(float* acc, std::int64_t acc_rows, std::int64_t row0, const T* src,
@@ -240,7 +215,7 @@ __global__ void accumulate_rows_vec_kernel(float* acc, std::int64_t acc_rows, st
     const T* in = src + b * sb + h * sh + i * ss;
     auto* out = reinterpret_cast<float4*>(acc + ((b * Hh + h) * acc_rows + row0 + i) * D);
     for (std::int64_t v = lane; v < D / 4; v += 32) {
-      const float4 x = Load4<T>::get(in + 4 * v);
+      const float4 x = load4(in + 4 * v);
       float4 a = out[v];
       a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
       out[v] = a;
