@@ -11,7 +11,11 @@
 //    j+1 and j are computed;
 //  - S (64 x kBlockN per warpgroup, fp32) is one chain of D/16 wgmma; the softmax runs on
 //    the accumulator; P is packed to 16 bits in registers and is the A operand of
-//    O += P V (V read transposed from shared memory by the hardware).
+//    O += P V (V read transposed from shared memory by the hardware);
+//  - rescaling is lazy, as in the warp-specialised kernel (softmax_tile_sm90's kLazy). H100,
+//    head dim 64, forward alone, same call: within the noise (16k 391 / 368 TFLOP/s full /
+//    causal against 391 / 362, 64k 402-404 / 392-394 against 405 / 393); kept for the one
+//    softmax code path, and the head-dim-128 instantiation spills less (36-52 bytes, from 64-68).
 // The two MMAs of a warpgroup are asynchronous, so one warpgroup's softmax overlaps the other's
 // MMAs on the SM's tensor cores.
 //
@@ -239,8 +243,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_fwd_sm90_k
       wgmma_wait<0>();
       fence_regs(s);
 
-      // Masks, online softmax; the output so far is rescaled by 2^(old max - new max).
-      softmax_tile_sm90<BN, kCausal>(s, p, n0, wg_row, row0, lane, row_max, row_sum, [&](int hr, float correction) {
+      // Masks, online softmax; the output so far is rescaled by 2^(old max - new max), lazily
+      // (only when a row of the warp outgrows its maximum by more than 2^8).
+      softmax_tile_sm90<BN, kCausal, true>(s, p, n0, wg_row, row0, lane, row_max, row_sum, [&](int hr, float correction) {
 #pragma unroll
         for (int t = 0; t < D / 8; ++t) {
           o[4 * t + 2 * hr] *= correction;
