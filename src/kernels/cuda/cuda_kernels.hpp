@@ -29,8 +29,8 @@ void set_task_fields(Params& p, const BlockTask& t) {
 
 // The native flash forward kernels: mma.sync (sm_80 and later) and wgmma (sm_90a: H100,
 // H200). wgmma_ws: the warp-specialised wgmma kernel (TMA producer warp, intra-warpgroup
-// overlap; flash_fwd_sm90_ws.cuh) for head_dim 128, else the wgmma kernel (wgmma_fused, a
-// backward kernel, means wgmma_ws for the forward). automatic picks
+// overlap; flash_fwd_sm90_ws.cuh) where TMA can describe the tensors, else the wgmma kernel
+// (wgmma_fused, a backward kernel, means wgmma_ws for the forward). automatic picks
 // wgmma_ws where the current device and the build allow it, else mma.sync
 // (RINGATTN_NATIVE_KERNEL overrides it for A/B runs).
 enum class FlashKernel { automatic, mma_sync, wgmma, wgmma_ws, wgmma_fused };

@@ -18,8 +18,10 @@ template <typename T, int kHeadDim>
 void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream);
 template <typename T, int kHeadDim>
 void launch_flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream);
-// Instantiated in flash_fwd_sm90_{bf16,fp16}_d128.cu (this file includes the header for
+// Instantiated in flash_fwd_sm90_{bf16,fp16}_d{64,128}.cu (this file includes the header for
 // sm90_ws_supports only).
+extern template void launch_flash_fwd_sm90_ws<__nv_bfloat16, 64>(const FlashFwdParams&, cudaStream_t);
+extern template void launch_flash_fwd_sm90_ws<__half, 64>(const FlashFwdParams&, cudaStream_t);
 extern template void launch_flash_fwd_sm90_ws<__nv_bfloat16, 128>(const FlashFwdParams&, cudaStream_t);
 extern template void launch_flash_fwd_sm90_ws<__half, 128>(const FlashFwdParams&, cudaStream_t);
 }  // namespace flash
@@ -87,8 +89,8 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel) {
     }
     return chosen;
   }
-  // The warp-specialised kernel serves head dim 128 (flash_fwd falls back to the wgmma kernel
-  // for 64 and for tensors TMA cannot describe).
+  // The warp-specialised kernel (flash_fwd falls back to the wgmma kernel for tensors TMA
+  // cannot describe).
   return flash_fwd_wgmma_available() ? FlashKernel::wgmma_ws : FlashKernel::mma_sync;
 }
 
@@ -106,11 +108,16 @@ void flash_fwd(const FlashFwdParams& p, DType dtype, std::int64_t head_dim, cuda
       throw Error(ErrorCode::invalid_argument, "the wgmma flash kernel needs a compute capability 9.0 GPU and a build with "
                                           "CMAKE_CUDA_ARCHITECTURES including 90a");
     }
-    if (head_dim == 64) {
+    if (kernel == FlashKernel::wgmma_ws && flash::sm90_ws_supports(p)) {  // TMA can describe q, k, v
+      if (head_dim == 64) {
+        bf16 ? flash::launch_flash_fwd_sm90_ws<__nv_bfloat16, 64>(p, stream)
+             : flash::launch_flash_fwd_sm90_ws<__half, 64>(p, stream);
+      } else {
+        bf16 ? flash::launch_flash_fwd_sm90_ws<__nv_bfloat16, 128>(p, stream)
+             : flash::launch_flash_fwd_sm90_ws<__half, 128>(p, stream);
+      }
+    } else if (head_dim == 64) {
       bf16 ? flash::launch_flash_fwd_sm90<__nv_bfloat16, 64>(p, stream) : flash::launch_flash_fwd_sm90<__half, 64>(p, stream);
-    } else if (kernel == FlashKernel::wgmma_ws && flash::sm90_ws_supports(p)) {  // TMA can describe q, k, v
-      bf16 ? flash::launch_flash_fwd_sm90_ws<__nv_bfloat16, 128>(p, stream)
-           : flash::launch_flash_fwd_sm90_ws<__half, 128>(p, stream);
     } else {
       bf16 ? flash::launch_flash_fwd_sm90<__nv_bfloat16, 128>(p, stream)
            : flash::launch_flash_fwd_sm90<__half, 128>(p, stream);

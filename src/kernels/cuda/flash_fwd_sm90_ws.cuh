@@ -1,6 +1,11 @@
 // kernels/cuda/flash_fwd_sm90_ws.cuh: the warp-specialised Hopper (sm_90a) flash forward kernel
-// for head_dim 128 (FlashKernel::wgmma_ws; flash_fwd_sm90.cuh serves head_dim 64 and tensors
-// whose strides or alignment TMA cannot describe). The default at head_dim 128: see cuda_kernels.hpp.
+// for head_dims 64 and 128 (FlashKernel::wgmma_ws; flash_fwd_sm90.cuh serves tensors whose
+// strides or alignment TMA cannot describe). The default on sm_90a: see cuda_kernels.hpp.
+// At head dim 64 (since the fourteenth session; the same code, one 128-byte atom column)
+// against the wgmma kernel, H100, forward alone, same call: 16k 461 / 474-481 TFLOP/s full /
+// causal against 406 / 369-373, 64k 474-476 / 489-492 against 422 / 403. One exponential in
+// four on the FMA pipe (poly_exp2, as the backward does at 128), tried there since at head dim
+// 64 MUFU's 16 exponentials per clock match the tensor cores' tile time: 436-458 / 437-453, lost.
 //
 // Same contract as flash_fwd_sm90.cuh (FlashFwdParams: one task; the merge into the running
 // state or the direct write fused into the epilogue). What changes is how the tensor cores
@@ -58,7 +63,7 @@ struct Sm90WsTraits {
   // Q, kStages K and V tiles, 1 KiB of alignment slack, the mbarriers.
   static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kTileBytes + 1024 + kBarrierBytes;
-  static_assert(kHeadDim == 128, "the warp-specialised kernel is written for head_dim 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 (whole 128-byte swizzle atoms)");
 };
 
 template <class Tr, bool kCausal>
