@@ -61,7 +61,7 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
               plan_.steps[0].tasks[0].q_len == q_len;
 
   const FlashKernel native_kernel = flash_bwd_resolve(FlashKernel::automatic);
-  fused_ = native_kernel == FlashKernel::wgmma_fused && shape.head_dim == 128;
+  fused_ = native_kernel == FlashKernel::wgmma_fused;  // head dims 64 and 128
   if (fused_) {
     FlashBwdParams sizing;
     sizing.batch = static_cast<int>(shape.batch);
@@ -70,9 +70,7 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
     dq_sem_ = DeviceBuffer(static_cast<std::size_t>(flash_bwd_semaphores(sizing)) * sizeof(unsigned int));
     if (plan_.world > 1) step_acc_ = DeviceBuffer(acc_bytes(kv_capacity));
   }
-  // Head dim 64 runs the pair (the single-pass kernel serves 128).
-  const FlashKernel described = native_kernel == FlashKernel::wgmma_fused && !fused_ ? FlashKernel::wgmma : native_kernel;
-  const std::string native = std::string("native ") + to_string(described) + (fused_ ? " backward kernel" : " backward kernels");
+  const std::string native = std::string("native ") + to_string(native_kernel) + (fused_ ? " backward kernel" : " backward kernels");
   kernel_description_ = native;
   if (kernel == KernelKind::native) return;
   if (!one_task_ && kernel == KernelKind::automatic) {

@@ -77,7 +77,7 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
 //  - wgmma (flash_bwd_sm90.cuh): the warp-specialised TMA pair (a dq and a dkv kernel, 7
 //    matmuls), sm_90a; wgmma_ws means the same;
 //  - wgmma_fused (flash_bwd_fused_sm90.cuh): one kernel of 5 matmuls adding dQ through ordered
-//    TMA reduce-adds, sm_90a, part both and head_dim 128 with params.dq_sem set; other
+//    TMA reduce-adds, sm_90a, part both (head dims 64 and 128) with params.dq_sem set; other
 //    launches run the wgmma pair.
 // Tensors TMA cannot describe fall back to mma_sync. automatic is wgmma_fused where the device
 // and the build allow it, else mma_sync (RINGATTN_NATIVE_BWD_KERNEL=mma_sync|wgmma|wgmma_fused

@@ -20,8 +20,10 @@ extern template void launch_flash_bwd_sm90<__nv_bfloat16, 64>(const FlashBwdPara
 extern template void launch_flash_bwd_sm90<__nv_bfloat16, 128>(const FlashBwdParams&, cudaStream_t, bool, bool);
 extern template void launch_flash_bwd_sm90<__half, 64>(const FlashBwdParams&, cudaStream_t, bool, bool);
 extern template void launch_flash_bwd_sm90<__half, 128>(const FlashBwdParams&, cudaStream_t, bool, bool);
-// flash_bwd_fused_sm90_{bf16,fp16}_d128.cu.
+// flash_bwd_fused_sm90_{bf16,fp16}_d{64,128}.cu.
+extern template void launch_flash_bwd_fused_sm90<__nv_bfloat16, 64>(const FlashBwdParams&, cudaStream_t);
 extern template void launch_flash_bwd_fused_sm90<__nv_bfloat16, 128>(const FlashBwdParams&, cudaStream_t);
+extern template void launch_flash_bwd_fused_sm90<__half, 64>(const FlashBwdParams&, cudaStream_t);
 extern template void launch_flash_bwd_fused_sm90<__half, 128>(const FlashBwdParams&, cudaStream_t);
 }  // namespace flash
 
@@ -72,10 +74,14 @@ void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cuda
   const bool bf16 = dtype == DType::bf16;
   const bool dq = part != FlashBwdPart::dkv, dkv = part != FlashBwdPart::dq;
   kernel = flash_bwd_resolve(kernel);
-  if (kernel == FlashKernel::wgmma_fused && part == FlashBwdPart::both && head_dim == 128 &&
-      flash::sm90_fused_bwd_supports(p)) {
-    bf16 ? flash::launch_flash_bwd_fused_sm90<__nv_bfloat16, 128>(p, stream)
-         : flash::launch_flash_bwd_fused_sm90<__half, 128>(p, stream);
+  if (kernel == FlashKernel::wgmma_fused && part == FlashBwdPart::both && flash::sm90_fused_bwd_supports(p)) {
+    if (head_dim == 64) {
+      bf16 ? flash::launch_flash_bwd_fused_sm90<__nv_bfloat16, 64>(p, stream)
+           : flash::launch_flash_bwd_fused_sm90<__half, 64>(p, stream);
+    } else {
+      bf16 ? flash::launch_flash_bwd_fused_sm90<__nv_bfloat16, 128>(p, stream)
+           : flash::launch_flash_bwd_fused_sm90<__half, 128>(p, stream);
+    }
     return;
   }
   if (kernel == FlashKernel::wgmma_fused) kernel = FlashKernel::wgmma;  // the other launches run the pair

@@ -1,6 +1,6 @@
 // kernels/cuda/flash_bwd_fused_sm90.cuh: the single-pass Hopper (sm_90a) flash backward for one
-// plan task (FlashKernel::wgmma_fused in flash_bwd, part both, head dim 128): the 5 matmuls the
-// backward needs, where the two-kernel pair (flash_bwd_sm90.cuh) executes 7.
+// plan task (FlashKernel::wgmma_fused in flash_bwd, part both, head dims 64 and 128): the 5
+// matmuls the backward needs, where the two-kernel pair (flash_bwd_sm90.cuh) executes 7.
 //
 // A CTA owns 128 keys of one KV head (64 per consumer warpgroup) and walks the 64-row query
 // tiles of every query head of the group, as the pair's dkv kernel does:
@@ -10,7 +10,11 @@
 //   - each warpgroup stores its dS^T half (64 keys x 64 rows, 16-bit, 128-byte swizzle) in
 //     shared memory, double-buffered; after a named barrier of the two warpgroups, warpgroup w
 //     computes dQ's columns 64w .. 64w + 63 over all 128 keys (ss wgmma, A = dS read MN-major
-//     from the stored dS^T, B = K read MN-major);
+//     from the stored dS^T, B = K read MN-major); at head dim 64, columns 32w .. 32w + 31
+//     (m64n32, B = a K-major copy of K^T made once per CTA: an MN-major B of 32 columns would
+//     start mid-swizzle-atom). H100, 64k fwd+bwd, same call, against the pair it replaced at
+//     head dim 64: 429.6-431.3 / 405.1-408.8 TFLOP/s full / causal against 380.0-381.5 /
+//     373.9-376.0; GQA 32/8 428.8 / 422.2 against 374.8 / 380.0; 16k +10% full, causal -1%;
 //   - the fp32 tile goes to shared memory (4 TMA boxes of 32 columns x 64 rows, 128-byte
 //     swizzle), stored while the tile's dK MMAs run, issued after dQ's (register A operand:
 //     they leave shared memory half idle, where the S^T MMAs the store ran under before
@@ -65,14 +69,18 @@ struct Sm90FusedBwdTraits {
   static constexpr int kDqBoxCols = 32;                                   // fp32 columns per TMA box (128 bytes)
   static constexpr int kDqBoxBytes = kBlockQ * kDqBoxCols * 4;            // 8 KiB
   static constexpr int kDsBytes = kKeys * kBlockQ * 2;                    // one dS^T buffer, 16 KiB
-  static constexpr int kDqBytes = kBlockQ * kHeadDim * 4;                 // the fp32 dQ tile, 32 KiB
+  static constexpr int kDqBytes = kBlockQ * kHeadDim * 4;                 // the fp32 dQ tile, 32 KiB at D = 128
+  // Head dim 64: K^T, K-major over the keys (D rows of 128 keys: 2 atom columns), the B operand
+  // of the m64n32 dQ slices (an MN-major B can't start mid-atom).
+  static constexpr int kKtBytes = kHeadDim == 64 ? kKeys * kRowBytes : 0;
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages) + 8;  // mbarriers, the CTA's ticket (8-byte slot)
   // K, V resident; kStages (Q, dO) pairs; 2 dS^T buffers; the dQ tile; alignment slack;
   // mbarriers and the ticket; the staged statistics (lse2, delta per stage). (All of it
   // dynamic: a static __shared__ variable would add 1 KiB to keep the dynamic base aligned.)
   static constexpr int kSmem = 2 * kKeys * kRowBytes + kStages * 2 * kBlockQ * kRowBytes + 2 * kDsBytes + kDqBytes +
-                               1024 + kBarrierBytes + kStages * 2 * kBlockQ * static_cast<int>(sizeof(float));
-  static_assert(kHeadDim == 128, "each consumer warpgroup computes 64 of dQ's columns (m64n64 wgmma)");
+                               kKtBytes + 1024 + kBarrierBytes + kStages * 2 * kBlockQ * static_cast<int>(sizeof(float));
+  static_assert(kHeadDim == 64 || kHeadDim == 128,
+                "each consumer warpgroup computes half of dQ's columns (m64n64 or m64n32 wgmma)");
   static_assert(kSmem <= 227 * 1024, "an H100/H200 CTA has at most 227 KiB");
 };
 
@@ -118,7 +126,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BN = Tr::kKeys, BQ = Tr::kBlockQ, NST = Tr::kStages;
-  constexpr int NO = D / 2, NQ = 32;  // NQ: a warpgroup's 64 x 64 dQ accumulator
+  constexpr int NO = D / 2, NQ = D / 4;  // NQ: a warpgroup's 64 x D/2 dQ accumulator
   constexpr int kKeysBytes = BN * Tr::kRowBytes, kTile = BQ * Tr::kRowBytes;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const std::uint32_t smem_u32_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -129,7 +137,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const std::uint32_t sdO = sQ + NST * kTile;
   const std::uint32_t sdS = sdO + NST * kTile;  // 2 buffers
   const std::uint32_t sdQ = sdS + 2 * Tr::kDsBytes;
-  const std::uint32_t bars = sdQ + Tr::kDqBytes;
+  const std::uint32_t sKt = sdQ + Tr::kDqBytes;  // head dim 64 only
+  const std::uint32_t bars = sKt + Tr::kKtBytes;
   const std::uint32_t kv_full = bars;
   auto qdo_full = [&](int s) { return bars + 8u * (1 + s); };
   auto qdo_empty = [&](int s) { return bars + 8u * (1 + NST + s); };
@@ -273,7 +282,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           }
         }
         const int r = row_base + hr * 8;
-        const std::uint32_t row = sdQ + (2 * wg + box) * Tr::kDqBoxBytes + r * 128 + (lane & 1) * 8;
+        const std::uint32_t row = sdQ + (wg * (NQ / 16) + box) * Tr::kDqBoxBytes + r * 128 + (lane & 1) * 8;
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int chunk = 2 * (u ^ sw) + (lane % 4) / 2;
@@ -292,6 +301,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // queues behind it, was tried: ptxas cannot follow a group in flight across the loop's back
   // edge and serialises every wgmma of the kernel, C7512 / C7514.)
   mbar_wait(kv_full, 0);
+  if constexpr (D == 64) {
+    // K^T for the dQ slices, once: element (key n, column c) of the K tile (row n, 16-byte chunk
+    // c / 8 at c / 8 ^ n % 8) to row c of atom column n / 64 (chunk (n % 64) / 8 ^ c % 8) of
+    // the K-major K^T tile. 32 elements per consumer thread; the stores conflict, once per CTA.
+    const int ct = tid - 128;
+#pragma unroll 8
+    for (int i = 0; i < BN * D / kFusedConsumers; ++i) {
+      const int idx = ct + i * kFusedConsumers, n = idx / D, c = idx % D;
+      unsigned short x;
+      asm volatile("ld.shared.u16 %0, [%1];\n"
+                   : "=h"(x)
+                   : "r"(sK + n * 128 + (((c / 8) ^ (n % 8)) << 4) + (c % 8) * 2));
+      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(sKt + (n / 64) * D * 128 + c * 128 +
+                                                        ((((n % 64) / 8) ^ (c % 8)) << 4) + (n % 8) * 2),
+                   "h"(x)
+                   : "memory");
+    }
+    fence_proxy_async();  // visible to wgmma's reads
+    named_bar_sync(kFusedBarDs, kFusedConsumers);
+  }
   for (int it = 0; it < iters; ++it) {
     const int st = it % NST;
     const int m0 = walk(it).y;
@@ -319,14 +348,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_proxy_async();  // the stores, visible to wgmma's reads
     named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored
     wgmma_fence();
-    // dQ[:, 64 wg ..] = dS K[:, 64 wg ..], over the 128 keys (the first MMA overwrites: dq is
-    // dead from its store to here, through S^T and dP^T, which keeps the peak at 192 registers).
-    Wgmma<T, 64>::ss_tt_zero(dq, smem_desc_sw128(ds_buf, BN * 128, 1024),
-                             smem_desc_sw128(sK + wg * BN * 128, BN * 128, 1024));
+    if constexpr (D == 128) {
+      // dQ[:, 64 wg ..] = dS K[:, 64 wg ..], over the 128 keys (the first MMA overwrites: dq is
+      // dead from its store to here, through S^T and dP^T, which keeps the peak at 192 registers).
+      Wgmma<T, 64>::ss_tt_zero(dq, smem_desc_sw128(ds_buf, BN * 128, 1024),
+                               smem_desc_sw128(sK + wg * BN * 128, BN * 128, 1024));
 #pragma unroll
-    for (int kk = 1; kk < BN / 16; ++kk) {
-      Wgmma<T, 64>::ss_tt(dq, smem_desc_sw128(ds_buf + kk * 16 * 128, BN * 128, 1024),
-                          smem_desc_sw128(sK + wg * BN * 128 + kk * 16 * 128, BN * 128, 1024), 1);
+      for (int kk = 1; kk < BN / 16; ++kk) {
+        Wgmma<T, 64>::ss_tt(dq, smem_desc_sw128(ds_buf + kk * 16 * 128, BN * 128, 1024),
+                            smem_desc_sw128(sK + wg * BN * 128 + kk * 16 * 128, BN * 128, 1024), 1);
+      }
+    } else {
+      // dQ[:, 32 wg ..] = dS K[:, 32 wg ..]: B = rows 32 wg .. of K^T, K-major (k16 slice kk of
+      // the keys: atom column kk / 4, 32 (kk % 4) bytes in).
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        Wgmma<T, 32>::ss_ta(dq, smem_desc_sw128(ds_buf + kk * 16 * 128, BN * 128, 1024),
+                            smem_desc_sw128(sKt + (kk / 4) * D * 128 + wg * 32 * 128 + (kk % 4) * 32, 16, 1024),
+                            kk > 0);
+      }
     }
     wgmma_commit();
     fence_regs(dk);

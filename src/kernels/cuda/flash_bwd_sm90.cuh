@@ -1,8 +1,8 @@
 // kernels/cuda/flash_bwd_sm90.cuh: the Hopper (sm_90a) flash backward for one plan task
 // (FlashKernel::wgmma in flash_bwd; same contract as flash_bwd_kernel.cuh: FlashBwdParams,
 // fp32 accumulators added to, one writer per accumulator row, no atomics, bitwise
-// reproducible). The native backward on sm_90a at head dim 64 (at 128 the single-pass kernel,
-// flash_bwd_fused_sm90.cuh, is the default): see cuda_kernels.hpp.
+// reproducible). On sm_90a the single-pass kernel (flash_bwd_fused_sm90.cuh) is the default;
+// this pair serves the ring's separate dq and dkv launches: see cuda_kernels.hpp.
 //
 // The math is the mma.sync kernels' (P recomputed from lse2, delta = rowsum(dO * O)):
 //   dV += P^T dO        dS = P * (dO V^T - delta)        dQ += scale dS K        dK += scale dS^T Q

@@ -195,4 +195,32 @@ struct Wgmma<__half, 128> {
   }
 };
 
+template <>
+struct Wgmma<__nv_bfloat16, 32> {
+  // D(64x32, fp32) (+)= A(64x16, smem desc) * B(16x32, smem desc); A MN-major (stored K rows
+  // of 64 M elements), B K-major (32 rows of K elements). (The single-pass backward's dQ slices
+  // at head dim 64: dS from the stored dS^T, K from a K-major copy of K^T.)
+  __device__ __forceinline__ static void ss_ta(float (&d)[16], std::uint64_t desc_a, std::uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  }
+};
+
+template <>
+struct Wgmma<__half, 32> {
+  // D(64x32, fp32) (+)= A(64x16, smem desc) * B(16x32, smem desc); A MN-major (stored K rows
+  // of 64 M elements), B K-major (32 rows of K elements). (The single-pass backward's dQ slices
+  // at head dim 64: dS from the stored dS^T, K from a K-major copy of K^T.)
+  __device__ __forceinline__ static void ss_ta(float (&d)[16], std::uint64_t desc_a, std::uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  }
+};
+
 }  // namespace ringattn::detail::flash
