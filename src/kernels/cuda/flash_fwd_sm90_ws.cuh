@@ -56,7 +56,10 @@ struct Sm90WsTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;  // two consumer warpgroups of 64 rows
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = 2;
+  // Head dim 64: three stages (80 KiB of shared memory for two). H100, forward alone, same
+  // call: 16k full 490-492 TFLOP/s against 463-466, 64k 481 against 465; causal within the
+  // noise (473-479 against 477-482).
+  static constexpr int kStages = kHeadDim == 64 ? 3 : 2;
   static constexpr int kThreads = 384;  // a producer warpgroup + 2 consumer warpgroups
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileBytes = kBlockN * kHeadDim * 2;  // one K or one V tile
