@@ -77,8 +77,8 @@ struct Sm90FusedBwdTraits {
   // K, V resident; kStages (Q, dO) pairs; 2 dS^T buffers; the dQ tile; alignment slack;
   // mbarriers and the ticket; the staged statistics (lse2, delta per stage). (All of it
   // dynamic: a static __shared__ variable would add 1 KiB to keep the dynamic base aligned.)
-  static constexpr int kSmem = 2 * kKeys * kRowBytes + kStages * 2 * kBlockQ * kRowBytes + 2 * kDsBytes + kDqBytes +
-                               kKtBytes + 1024 + kBarrierBytes + kStages * 2 * kBlockQ * static_cast<int>(sizeof(float));
+  static constexpr int kSmem = 2 * kKeys * kRowBytes + kStages * 2 * kBlockQ * kRowBytes + 2 * kDsBytes + kDqBytes + kKtBytes +
+                               1024 + kBarrierBytes + kStages * 2 * kBlockQ * static_cast<int>(sizeof(float));
   static_assert(kHeadDim == 64 || kHeadDim == 128,
                 "each consumer warpgroup computes half of dQ's columns (m64n64 or m64n32 wgmma)");
   static_assert(kSmem <= 227 * 1024, "an H100/H200 CTA has at most 227 KiB");
@@ -300,8 +300,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // completed when the tile ends. (Leaving dQ in flight into the next tile, so that its S^T
   // queues behind it, was tried: ptxas cannot follow a group in flight across the loop's back
   // edge and serialises every wgmma of the kernel, C7512 / C7514.)
-  mbar_wait(kv_full, 0);
   if constexpr (D == 64) {
+    mbar_wait(kv_full, 0);  // (waited for again below: a completed phase returns at once)
     // K^T for the dQ slices, once: element (key n, column c) of the K tile (row n, 16-byte chunk
     // c / 8 at c / 8 ^ n % 8) to row c of atom column n / 64 (chunk (n % 64) / 8 ^ c % 8) of
     // the K-major K^T tile. 32 elements per consumer thread; the stores conflict, once per CTA.
@@ -321,6 +321,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_proxy_async();  // visible to wgmma's reads
     named_bar_sync(kFusedBarDs, kFusedConsumers);
   }
+  mbar_wait(kv_full, 0);
   for (int it = 0; it < iters; ++it) {
     const int st = it % NST;
     const int m0 = walk(it).y;
