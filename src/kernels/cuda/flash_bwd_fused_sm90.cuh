@@ -15,7 +15,7 @@
 //     start mid-swizzle-atom). H100, 64k fwd+bwd, same call, against the pair it replaced at
 //     head dim 64: 429.6-431.3 / 405.1-408.8 TFLOP/s full / causal against 380.0-381.5 /
 //     373.9-376.0; GQA 32/8 428.8 / 422.2 against 374.8 / 380.0; 16k +10% full, causal -1%;
-//   - the fp32 tile goes to shared memory (4 TMA boxes of 32 columns x 64 rows, 128-byte
+//   - the fp32 tile goes to shared memory (D / 32 TMA boxes of 32 columns x 64 rows, 128-byte
 //     swizzle), stored while the tile's dK MMAs run, issued after dQ's (register A operand:
 //     they leave shared memory half idle, where the S^T MMAs the store ran under before
 //     read it at its full rate; dK, dV, dQ and dS^T take 192 registers per thread there),
@@ -249,8 +249,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < NO; ++i) dk[i] = dv[i] = 0.0f;
 
-  // Tile i's dQ (this warpgroup's 64 columns), scaled, into the TMA boxes once the writer of
-  // tile i - 1 has read them: column 64 wg + 8 t + 2 (lane % 4) + e of row r is box 2 wg + t / 4,
+  // Tile i's dQ (this warpgroup's D / 2 columns), scaled, into the TMA boxes once the writer of
+  // tile i - 1 has read them: column (D / 2) wg + 8 t + 2 (lane % 4) + e of row r is box
+  // (D / 64) wg + t / 4,
   // 16-byte chunk 2 (t % 4) + (lane % 4) / 2, swizzled with r % 8. Stored while the tile's
   // dK MMAs run. A warp's 64-bit stores go to shared memory a half-warp at a time;
   // rows r % 8 = 0..3 (or 4..7) of one t would put two lanes on each of 4 chunks, so lane
@@ -296,10 +297,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     named_bar_arrive(kFusedBarDqFull + i % 2, kFusedConsumersAndWriter);
   };
 
-  // A tile's MMA groups, in issue order: S^T, dP^T, dV (dkv_step_sm90), dQ, dK; all have
-  // completed when the tile ends. (Leaving dQ in flight into the next tile, so that its S^T
-  // queues behind it, was tried: ptxas cannot follow a group in flight across the loop's back
-  // edge and serialises every wgmma of the kernel, C7512 / C7514.)
   if constexpr (D == 64) {
     mbar_wait(kv_full, 0);  // (waited for again below: a completed phase returns at once)
     // K^T for the dQ slices, once: element (key n, column c) of the K tile (row n, 16-byte chunk
@@ -321,6 +318,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_proxy_async();  // visible to wgmma's reads
     named_bar_sync(kFusedBarDs, kFusedConsumers);
   }
+  // A tile's MMA groups, in issue order: S^T, dP^T, dV (dkv_step_sm90), dQ, dK; all have
+  // completed when the tile ends. (Leaving dQ in flight into the next tile, so that its S^T
+  // queues behind it, was tried: ptxas cannot follow a group in flight across the loop's back
+  // edge and serialises every wgmma of the kernel, C7512 / C7514.)
   mbar_wait(kv_full, 0);
   for (int it = 0; it < iters; ++it) {
     const int st = it % NST;
