@@ -60,10 +60,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)"""),
   const int row_base""","""  long long tl_dqe = 0, tl_qw = 0, tl_ds = 0;
   float dq[NQ];
   const int row_base"""),
-    ("""  mbar_wait(kv_full, 0);
-  for (int it = 0; it < iters; ++it) {""","""  mbar_wait(kv_full, 0);
-  const long long tl_c1 = clock64();
-  for (int it = 0; it < iters; ++it) {"""),
+    ("""  for (int it = 0; it < iters; ++it) {
+    const int st = it % NST;
+    const int m0 = walk(it).y;""","""  const long long tl_c1 = clock64();  // K and V (and at head dim 64 K^T) are in shared memory
+  for (int it = 0; it < iters; ++it) {
+    const int st = it % NST;
+    const int m0 = walk(it).y;"""),
     ("""    mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u);""","""    { const long long tl_a = clock64(); mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u); tl_qw += clock64() - tl_a; }"""),
     ("""    named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored""",
 """    { const long long tl_a = clock64(); named_bar_sync(kFusedBarDs, kFusedConsumers); tl_ds += clock64() - tl_a; }"""),
@@ -212,14 +214,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     ("flash_bwd_fused_sm90.cuh", """  const std::uint32_t sK = smem_u32_base + pad;""",
      """  if (pad != 0) __trap();  // the static probe area must leave the dynamic base aligned
   const std::uint32_t sK = smem_u32_base + pad;"""),
-    ("flash_bwd_fused_sm90.cuh", """  mbar_wait(kv_full, 0);
-  for (int it = 0; it < iters; ++it) {""",
-     """  mbar_wait(kv_full, 0);
-  __shared__ unsigned ph_s[2][16];
+    ("flash_bwd_fused_sm90.cuh", """  for (int it = 0; it < iters; ++it) {
+    const int st = it % NST;
+    const int m0 = walk(it).y;""",
+     """  __shared__ unsigned ph_s[2][16];
   unsigned* ph = ph_s[wg];
   const bool ph_on = tid == 128 || tid == 256;
   if (ph_on) { for (int k = 0; k < 15; ++k) ph[k] = 0; unsigned c_; asm volatile("mov.u32 %0, %%clock;" : "=r"(c_)); ph[15] = c_; }
-  for (int it = 0; it < iters; ++it) {"""),
+  for (int it = 0; it < iters; ++it) {
+    const int st = it % NST;
+    const int m0 = walk(it).y;"""),
     ("flash_bwd_fused_sm90.cuh", """s_delta + st * BQ, wg, key_wg, key0, m0, lane);""",
      """s_delta + st * BQ, wg, key_wg, key0, m0, lane, ph, ph_on);"""),
     ("flash_bwd_fused_sm90.cuh", """    named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored""",

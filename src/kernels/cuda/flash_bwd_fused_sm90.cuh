@@ -297,8 +297,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     named_bar_arrive(kFusedBarDqFull + i % 2, kFusedConsumersAndWriter);
   };
 
+  mbar_wait(kv_full, 0);
   if constexpr (D == 64) {
-    mbar_wait(kv_full, 0);  // (waited for again below: a completed phase returns at once)
     // K^T for the dQ slices, once: element (key n, column c) of the K tile (row n, 16-byte chunk
     // c / 8 at c / 8 ^ n % 8) to row c of atom column n / 64 (chunk (n % 64) / 8 ^ c % 8) of
     // the K-major K^T tile. 32 elements per consumer thread; the stores conflict, once per CTA.
@@ -322,7 +322,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // completed when the tile ends. (Leaving dQ in flight into the next tile, so that its S^T
   // queues behind it, was tried: ptxas cannot follow a group in flight across the loop's back
   // edge and serialises every wgmma of the kernel, C7512 / C7514.)
-  mbar_wait(kv_full, 0);
   for (int it = 0; it < iters; ++it) {
     const int st = it % NST;
     const int m0 = walk(it).y;
