@@ -314,6 +314,13 @@ void validate_forward_inputs(const TensorView& q, const TensorView& k, const Ten
   if (options.attention == AttentionKind::linear) validate_linear(q, lse, options);
 }
 
+void validate_backward_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                              const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                              const TensorView& dk, const TensorView& dv, const AttentionOptions& options) {
+  validate_forward_inputs(q, k, v, out, lse, options);
+  validate_backward(q, k, lse, dout, dq, dk, dv, options.attention == AttentionKind::linear);
+}
+
 PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
@@ -417,15 +424,7 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
                                   const TensorView& dq, const TensorView& dk, const TensorView& dv,
                                   const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
-  detail::agree_on(comm, [&] {
-    validate(q, k, v, out, lse, options);
-    const bool linear = options.attention == AttentionKind::linear;
-    validate_backward(q, k, lse, dout, dq, dk, dv, linear);
-    validate_window(k, options);
-    if (linear) {
-      validate_linear(q, lse, options);
-    }
-  });
+  detail::agree_on(comm, [&] { validate_backward_inputs(q, k, v, out, lse, dout, dq, dk, dv, options); });
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");
   const detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], q.shape[3]};

@@ -64,6 +64,11 @@ std::unique_ptr<CudaLinearAttention> make_cuda_linear(CudaResources& resources, 
 void validate_forward_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                              const TensorView& lse, const AttentionOptions& options);
 
+// The same for backward(): forward()'s checks, then lse required and the gradients' views.
+void validate_backward_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                              const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                              const TensorView& dk, const TensorView& dv, const AttentionOptions& options);
+
 PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& out, const TensorView& lse, const AttentionOptions& options);
 

@@ -8,6 +8,7 @@
 
 #include "comm/agreement.hpp"
 #include "comm/mpi_util.hpp"
+#include "comm/loopback_transport.hpp"
 #include "comm/nccl_transport.hpp"
 #include "core/cuda_check.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
@@ -79,7 +80,14 @@ CudaResources::CudaResources(Context& ctx) {
   });
 }
 
-void CudaResources::settle(double timeout_s) const { nccl_settle(comm_, timeout_s); }
+void CudaResources::settle(double timeout_s) const {
+  if (comm_ != nullptr) nccl_settle(comm_, timeout_s);
+}
+
+std::unique_ptr<Transport> CudaResources::hop(cudaStream_t compute, double timeout_s, int tag) const {
+  if (hub_) return std::make_unique<LoopbackTransport>(hub_, member_, tag, compute, comm_stream_, timeout_s);
+  return std::make_unique<NcclTransport>(comm_, compute, comm_stream_, timeout_s);
+}
 
 void CudaResources::usable() const {
   if (aborted_) {
@@ -105,7 +113,7 @@ void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::functio
       }
     }
     ncclResult_t state = ncclSuccess;
-    RINGATTN_NCCL_CHECK(ncclCommGetAsyncError(comm_, &state));
+    if (comm_ != nullptr) RINGATTN_NCCL_CHECK(ncclCommGetAsyncError(comm_, &state));
     const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const bool failed = state != ncclSuccess && state != ncclInProgress;
     if (failed || (timeout_s > 0.0 && waited > timeout_s)) {
@@ -116,7 +124,9 @@ void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::functio
         RINGATTN_NCCL_CHECK_NOTHROW(ncclCommAbort(comm_));
         aborted_ = true;
       }
-      const std::string what = owns_comm_ ? "; NCCL communicator aborted" : " (the borrowed communicator is left as it is)";
+      const std::string what = comm_ == nullptr ? ""
+                               : owns_comm_     ? "; NCCL communicator aborted"
+                                                : " (the borrowed communicator is left as it is)";
       if (failed) throw Error(ErrorCode::nccl, "cuda:" + std::to_string(device_) + ": NCCL failed: " + nccl_error + "; " + pending + what);
       throw Error(ErrorCode::timeout, "cuda:" + std::to_string(device_) + ": waited " +
                                           std::to_string(static_cast<int>(timeout_s)) + " s (--timeout) for " + pending + what);
@@ -124,6 +134,13 @@ void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::functio
     // Spin briefly (short waits stay short), then poll every 100 us.
     if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
+}
+
+CudaResources::CudaResources(int device, std::shared_ptr<LoopbackHub> hub, int member)
+    : CudaResources(device, nullptr) {
+  owns_comm_ = false;
+  hub_ = std::move(hub);
+  member_ = member;
 }
 
 CudaResources::CudaResources(int device, ncclComm_t comm) : device_(device), comm_(comm), owns_comm_(true) {

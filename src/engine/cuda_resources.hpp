@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "comm/transport.hpp"
 #include "core/cuda_raii.hpp"
 
 namespace ringattn {
@@ -23,6 +24,7 @@ class Context;
 namespace ringattn::detail {
 
 class CudnnSdpa;
+class LoopbackHub;
 
 class CudaResources {
  public:
@@ -30,6 +32,10 @@ class CudaResources {
   // One GPU of a single-process group (LocalGroup): the device and its communicator from
   // ncclCommInitAll, which this object then owns; streams of its own.
   CudaResources(int device, ncclComm_t comm);
+  // One member of a single-process group whose members may share a GPU: no communicator; the
+  // ring's hops are device copies through `hub` (LoopbackTransport). Collectives (the
+  // broadcast of sink tokens, linear attention's scan) are not available: loopback() tells.
+  CudaResources(int device, std::shared_ptr<LoopbackHub> hub, int member);
   ~CudaResources();
   CudaResources(const CudaResources&) = delete;
   CudaResources& operator=(const CudaResources&) = delete;
@@ -37,6 +43,10 @@ class CudaResources {
   int device() const { return device_; }
   const std::string& device_name() const { return device_name_; }
   ncclComm_t nccl() const { return comm_; }
+  bool loopback() const { return hub_ != nullptr; }
+  // The ring's hop for work ordered on `compute`: NCCL send/recv, or device copies between the
+  // members of a loopback group. `tag` tells apart hops that run side by side (loopback).
+  std::unique_ptr<Transport> hop(cudaStream_t compute, double timeout_s, int tag = 0) const;
   cudaStream_t compute_stream() const { return compute_; }
   cudaStream_t comm_stream() const { return comm_stream_; }
   // cuDNN's attention with its plan cache and workspace, created on first use; nullptr in
@@ -67,6 +77,8 @@ class CudaResources {
   bool owns_compute_ = false;
   cudaStream_t comm_stream_ = nullptr;
   bool aborted_ = false;
+  std::shared_ptr<LoopbackHub> hub_;
+  int member_ = 0;
   std::shared_ptr<CudnnSdpa> cudnn_;  // shared_ptr: no destructor needed where cuDNN is absent
 };
 

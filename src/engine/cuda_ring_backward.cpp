@@ -201,8 +201,10 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
 
   resources_.usable();
   milestones_ = 0;
-  NcclTransport kv_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
-  NcclTransport acc_hop(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
+  const std::unique_ptr<Transport> kv_transport = resources_.hop(stream, timeout_s_, 0);
+  const std::unique_ptr<Transport> acc_transport = resources_.hop(stream, timeout_s_, 1);
+  Transport& kv_hop = *kv_transport;
+  Transport& acc_hop = *acc_transport;
   auto set_task = [&](const BlockTask& t) { set_task_fields(p, t); };
 
   // One pass of the ring over `steps` (the plan's, or its reverse steps: blocks of later ranks

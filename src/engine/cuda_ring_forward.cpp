@@ -167,6 +167,10 @@ std::uint64_t gather_sink_block(CudaResources& resources, const RingPlan& plan, 
     }
   }
   if (!communicate || P == 1) return 0;
+  if (resources.loopback()) {
+    throw Error(ErrorCode::invalid_argument, "attention sinks need NCCL: members of a local group on one GPU cannot "
+                                             "broadcast the sink tokens");
+  }
   RINGATTN_NCCL_CHECK(ncclGroupStart());
   for (int r = 0; r < P; ++r) {
     const std::int64_t rows = plan.sink_rows[static_cast<std::size_t>(r)];
@@ -239,7 +243,8 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   }
   if (!single_task) span(Span::copy, [&] { fill_neg_inf(lse_acc_.as<float>(), B * H * q_len_, stream); });
 
-  NcclTransport transport(resources_.nccl(), stream, resources_.comm_stream(), timeout_s_);
+  const std::unique_ptr<Transport> hop = resources_.hop(stream, timeout_s_);
+  Transport& transport = *hop;
   FlashFwdParams p;
   p.q = q.data;
   p.q_batch_stride = q.strides[0];

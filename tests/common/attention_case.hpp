@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,9 @@ inline std::string name(const AttentionCase& c) {
          (c.causal ? " causal " : " full ") + to_string(c.layout) + " P=" + std::to_string(c.world) +
          (c.window >= 0 ? " window " + std::to_string(c.window) + " sinks " + std::to_string(c.sinks) : "");
 }
+
+// How GoogleTest shows a case (a parameter) in its messages.
+inline void PrintTo(const AttentionCase& c, std::ostream* os) { *os << name(c); }
 
 // A problem for the MPI ring tests, which run at whatever rank count mpirun gives them.
 struct RingCase {

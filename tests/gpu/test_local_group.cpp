@@ -1,0 +1,283 @@
+// The GPU ring engines at 2 and 3 ranks on one GPU: a LocalGroup whose members share a device
+// moves the ring's hops by device copies (LoopbackTransport), so the engines' multi-rank paths
+// run where only one GPU is lent: double-buffered K/V hops, the backward's dK/dV accumulators
+// travelling one hop behind, the single-pass kernel's step sums added once the accumulator has
+// arrived, zigzag's two tasks per step, a sliding window's reverse pass.
+//
+// Each case computes forward() and then backward() on the group (options.kernel = native, the
+// kernels the 1.5x rule is stated for) and checks, against the fp64 reference of the whole
+// sequence:
+//   out within output_tolerance, LSE within lse_tolerance (element by element);
+//   dQ, dK, dV (as stored, in the dtype) within gradient_tolerance of the largest reference
+//   gradient, and no more than 1.5x (+1e-7) the error of a one-member group on the same inputs;
+//   a second backward on the same group gives bitwise-identical gradients.
+// Where two GPUs are visible, the same case on distinct devices (NCCL) must give the same
+// bytes as the loopback group. Skips where no GPU is present.
+#include <gtest/gtest.h>
+
+#include "common/attention_case.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "core/cuda_check.hpp"
+#include "core/cuda_raii.hpp"
+#include "core/dtype.hpp"
+#include "core/synthetic.hpp"
+#include "engine/reference.hpp"
+#include "ringattn/error.hpp"
+#include "ringattn/local_group.hpp"
+
+using namespace ringattn;
+using namespace ringattn::detail;
+
+namespace {
+
+using Case = ringattn::testing::AttentionCase;
+using ringattn::testing::generate;
+using ringattn::testing::name;
+using ringattn::testing::to_f32;
+
+bool have_gpu() { return cuda_device_count() > 0; }
+
+// One group run's results, gathered back into natural order (B, S, heads, D) in the dtype;
+// lse (B, H, S) fp32.
+struct Gathered {
+  std::vector<unsigned char> out, dq, dk, dv;
+  std::vector<float> lse;
+  std::vector<unsigned char> dq2, dk2, dv2;  // the second backward
+};
+
+Gathered run_group(const Case& c, const std::vector<int>& devices, const std::vector<unsigned char>& q_all,
+                   const std::vector<unsigned char>& k_all, const std::vector<unsigned char>& v_all,
+                   const std::vector<unsigned char>& do_all) {
+  const int N = static_cast<int>(devices.size());
+  const Layout layout(c.layout, c.seq, N);
+  const std::size_t elem = dtype_size(c.dtype);
+  const std::int64_t B = c.batch, H = c.heads, Hk = c.kv_heads, D = c.dim;
+  LocalGroup group(devices);
+
+  struct Member {
+    std::vector<std::int64_t> pos;
+    DeviceBuffer q, k, v, dout, out, lse, dq, dk, dv;
+  };
+  std::vector<Member> m(static_cast<std::size_t>(N));
+  std::vector<TensorView> qs, ks, vs, dos, outs, lses, dqs, dks, dvs;
+  // Rows `pos` of a natural-order (B, S, heads, D) tensor, and back.
+  auto rows = [&](const std::vector<unsigned char>& all, std::int64_t heads, const std::vector<std::int64_t>& pos) {
+    const std::size_t row = static_cast<std::size_t>(heads * D) * elem;
+    std::vector<unsigned char> out(static_cast<std::size_t>(B) * pos.size() * row);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::size_t i = 0; i < pos.size(); ++i)
+        std::memcpy(out.data() + (static_cast<std::size_t>(b) * pos.size() + i) * row,
+                    all.data() + static_cast<std::size_t>(b * c.seq + pos[i]) * row, row);
+    return out;
+  };
+  auto scatter = [&](std::vector<unsigned char>& all, const DeviceBuffer& d, std::int64_t heads,
+                     const std::vector<std::int64_t>& pos) {
+    std::vector<unsigned char> h(d.bytes());
+    RINGATTN_CUDA_CHECK(cudaMemcpy(h.data(), d.get(), h.size(), cudaMemcpyDeviceToHost));
+    const std::size_t row = static_cast<std::size_t>(heads * D) * elem;
+    all.resize(static_cast<std::size_t>(B * c.seq) * row);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::size_t i = 0; i < pos.size(); ++i)
+        std::memcpy(all.data() + static_cast<std::size_t>(b * c.seq + pos[i]) * row,
+                    h.data() + (static_cast<std::size_t>(b) * pos.size() + i) * row, row);
+  };
+  for (int i = 0; i < N; ++i) {
+    Member& x = m[static_cast<std::size_t>(i)];
+    const int dev = devices[static_cast<std::size_t>(i)];
+    RINGATTN_CUDA_CHECK(cudaSetDevice(dev));
+    x.pos = layout.positions(i);
+    const auto n = static_cast<std::int64_t>(x.pos.size());
+    auto upload = [&](DeviceBuffer& d, const std::vector<unsigned char>& h) {
+      d = DeviceBuffer(h.size());
+      RINGATTN_CUDA_CHECK(cudaMemcpy(d.get(), h.data(), h.size(), cudaMemcpyHostToDevice));
+    };
+    upload(x.q, rows(q_all, H, x.pos));
+    upload(x.k, rows(k_all, Hk, x.pos));
+    upload(x.v, rows(v_all, Hk, x.pos));
+    upload(x.dout, rows(do_all, H, x.pos));
+    x.out = DeviceBuffer(static_cast<std::size_t>(B * n * H * D) * elem);
+    x.dq = DeviceBuffer(x.out.bytes());
+    x.dk = DeviceBuffer(static_cast<std::size_t>(B * n * Hk * D) * elem);
+    x.dv = DeviceBuffer(x.dk.bytes());
+    x.lse = DeviceBuffer(static_cast<std::size_t>(B * H * n) * sizeof(float));
+    auto view = [&](DeviceBuffer& d, std::int64_t heads) {
+      return TensorView::contiguous(d.get(), c.dtype, {B, n, heads, D}, DeviceKind::cuda, dev);
+    };
+    qs.push_back(view(x.q, H));
+    ks.push_back(view(x.k, Hk));
+    vs.push_back(view(x.v, Hk));
+    dos.push_back(view(x.dout, H));
+    outs.push_back(view(x.out, H));
+    dqs.push_back(view(x.dq, H));
+    dks.push_back(view(x.dk, Hk));
+    dvs.push_back(view(x.dv, Hk));
+    lses.push_back(TensorView::contiguous(x.lse.get(), DType::f32, {B, H, n}, DeviceKind::cuda, dev));
+  }
+  AttentionOptions options;
+  options.causal = c.causal;
+  options.layout = c.layout;
+  options.window = c.window;
+  options.kernel = KernelKind::native;
+  options.timeout_s = 120.0;
+  forward(group, qs, ks, vs, outs, lses, options);
+  backward(group, qs, ks, vs, outs, lses, dos, dqs, dks, dvs, options);
+
+  Gathered g;
+  g.lse.resize(static_cast<std::size_t>(B * H * c.seq));
+  for (int i = 0; i < N; ++i) {
+    Member& x = m[static_cast<std::size_t>(i)];
+    scatter(g.out, x.out, H, x.pos);
+    scatter(g.dq, x.dq, H, x.pos);
+    scatter(g.dk, x.dk, Hk, x.pos);
+    scatter(g.dv, x.dv, Hk, x.pos);
+    const auto n = static_cast<std::int64_t>(x.pos.size());
+    std::vector<float> l(static_cast<std::size_t>(B * H * n));
+    RINGATTN_CUDA_CHECK(cudaMemcpy(l.data(), x.lse.get(), l.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    for (std::int64_t bh = 0; bh < B * H; ++bh)
+      for (std::int64_t r = 0; r < n; ++r)
+        g.lse[static_cast<std::size_t>(bh * c.seq + x.pos[static_cast<std::size_t>(r)])] =
+            l[static_cast<std::size_t>(bh * n + r)];
+  }
+  for (Member& x : m) {  // the second backward must not see the first one's results
+    RINGATTN_CUDA_CHECK(cudaMemset(x.dq.get(), 0, x.dq.bytes()));
+    RINGATTN_CUDA_CHECK(cudaMemset(x.dk.get(), 0, x.dk.bytes()));
+    RINGATTN_CUDA_CHECK(cudaMemset(x.dv.get(), 0, x.dv.bytes()));
+  }
+  backward(group, qs, ks, vs, outs, lses, dos, dqs, dks, dvs, options);
+  for (int i = 0; i < N; ++i) {
+    Member& x = m[static_cast<std::size_t>(i)];
+    scatter(g.dq2, x.dq, H, x.pos);
+    scatter(g.dk2, x.dk, Hk, x.pos);
+    scatter(g.dv2, x.dv, Hk, x.pos);
+  }
+  return g;
+}
+
+// max |got - ref| / max |ref|.
+double relative_error(DType dtype, const std::vector<unsigned char>& got, const std::vector<double>& ref) {
+  const std::vector<float> g = to_f32(dtype, got);
+  double err = 0.0, scale = 0.0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    err = std::max(err, std::abs(static_cast<double>(g[i]) - ref[i]));
+    scale = std::max(scale, std::abs(ref[i]));
+  }
+  return err / std::max(scale, 1e-30);
+}
+
+class LoopbackRing : public ::testing::TestWithParam<Case> {};
+
+TEST_P(LoopbackRing, MatchesReferenceAndOneMember) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const Case& c = GetParam();
+  std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
+  for (std::int64_t t = 0; t < c.seq; ++t) all[static_cast<std::size_t>(t)] = t;
+  const auto q = generate(c, SyntheticTensor::q, all, c.heads);
+  const auto k = generate(c, SyntheticTensor::k, all, c.kv_heads);
+  const auto v = generate(c, SyntheticTensor::v, all, c.kv_heads);
+  const auto dout = generate(c, SyntheticTensor::dout, all, c.heads);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
+  const ReferenceProblem ref{c.batch, c.seq, c.heads, c.kv_heads, c.dim, c.causal, scale, c.window, c.sinks};
+  const std::vector<float> q32 = to_f32(c.dtype, q), k32 = to_f32(c.dtype, k), v32 = to_f32(c.dtype, v),
+                           do32 = to_f32(c.dtype, dout);
+  std::vector<double> o_ref, lse_ref, rdq, rdk, rdv;
+  reference_forward(ref, all, q32, k32, v32, o_ref, lse_ref);
+  reference_backward(ref, q32, k32, v32, do32, rdq, rdk, rdv);
+
+  const Gathered many = run_group(c, std::vector<int>(static_cast<std::size_t>(c.world), 0), q, k, v, dout);
+  const Gathered one = run_group(c, {0}, q, k, v, dout);
+
+  // The forward pass, element by element.
+  double max_v = 0.0;
+  for (float x : v32) max_v = std::max(max_v, static_cast<double>(std::abs(x)));
+  const Tolerance ot = output_tolerance(c.dtype, max_v), lt = lse_tolerance();
+  const std::vector<float> out = to_f32(c.dtype, many.out);
+  std::size_t bad_out = 0, bad_lse = 0;
+  for (std::size_t i = 0; i < o_ref.size(); ++i) bad_out += std::abs(out[i] - o_ref[i]) > ot.atol + ot.rtol * std::abs(o_ref[i]);
+  for (std::size_t i = 0; i < lse_ref.size(); ++i)
+    bad_lse += std::abs(many.lse[i] - lse_ref[i]) > lt.atol + lt.rtol * std::abs(lse_ref[i]);
+  EXPECT_EQ(bad_out, 0u) << "output elements outside the tolerance";
+  EXPECT_EQ(bad_lse, 0u) << "lse elements outside the tolerance";
+
+  // The gradients: tolerance, growth against one member, bitwise repeat.
+  const double tol = gradient_tolerance(c.dtype);
+  const struct {
+    const char* what;
+    const std::vector<unsigned char>& got;
+    const std::vector<unsigned char>& again;
+    const std::vector<unsigned char>& alone;
+    const std::vector<double>& ref;
+  } grads[] = {{"dq", many.dq, many.dq2, one.dq, rdq}, {"dk", many.dk, many.dk2, one.dk, rdk},
+               {"dv", many.dv, many.dv2, one.dv, rdv}};
+  for (const auto& g : grads) {
+    const double err = relative_error(c.dtype, g.got, g.ref), err_one = relative_error(c.dtype, g.alone, g.ref);
+    std::printf("[   info   ] %s: error %.3g at %d members, %.3g at one (tolerance %.3g)\n", g.what, err, c.world,
+                err_one, tol);
+    EXPECT_LE(err, tol) << g.what;
+    EXPECT_LE(err, 1.5 * err_one + 1e-7) << g.what << ": error on one member " << err_one;
+    EXPECT_TRUE(g.got == g.again) << g.what << ": a second backward gave different bits";
+  }
+
+  if (cuda_device_count() >= c.world) {  // distinct GPUs over NCCL: the same bytes
+    std::vector<int> devices;
+    for (int i = 0; i < c.world; ++i) devices.push_back(i);
+    const Gathered nccl = run_group(c, devices, q, k, v, dout);
+    EXPECT_TRUE(nccl.out == many.out) << "out differs between NCCL and loopback";
+    EXPECT_TRUE(nccl.dq == many.dq && nccl.dk == many.dk && nccl.dv == many.dv)
+        << "gradients differ between NCCL and loopback";
+  }
+}
+
+// Sizes on 128-row tiles where the layout allows (the wgmma kernels), one uneven case (the
+// mma.sync fallback for ragged tiles goes through the same engine code).
+INSTANTIATE_TEST_SUITE_P(
+    Engines, LoopbackRing,
+    ::testing::Values(Case{1, 1024, 4, 2, 128, true, LayoutKind::zigzag, 2, DType::bf16},
+                      Case{1, 1024, 4, 4, 128, false, LayoutKind::contiguous, 2, DType::bf16},
+                      Case{1, 1536, 4, 1, 128, true, LayoutKind::zigzag, 3, DType::bf16},
+                      Case{2, 768, 2, 2, 64, false, LayoutKind::zigzag, 3, DType::f16},
+                      Case{1, 1536, 2, 2, 64, true, LayoutKind::contiguous, 3, DType::bf16},
+                      Case{1, 1024, 2, 2, 128, false, LayoutKind::contiguous, 3, DType::bf16, 300},
+                      Case{1, 1000, 2, 1, 64, true, LayoutKind::zigzag, 2, DType::bf16}),
+    [](const ::testing::TestParamInfo<Case>& info) { return "case" + std::to_string(info.index); });
+
+TEST(LoopbackGroup, RefusesWhatNeedsNccl) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  LocalGroup group({0, 0});
+  ASSERT_TRUE(group.loopback() != nullptr);
+  const std::int64_t B = 1, n = 128, H = 2, D = 64;
+  std::vector<DeviceBuffer> bufs;
+  std::vector<TensorView> t, lse;
+  for (int i = 0; i < 2; ++i) {
+    bufs.emplace_back(static_cast<std::size_t>(B * n * H * D) * 2);
+    t.push_back(TensorView::contiguous(bufs.back().get(), DType::bf16, {B, n, H, D}, DeviceKind::cuda, 0));
+    bufs.emplace_back(static_cast<std::size_t>(B * H * n) * sizeof(float));
+    lse.push_back(TensorView::contiguous(bufs.back().get(), DType::f32, {B, H, n}, DeviceKind::cuda, 0));
+  }
+  AttentionOptions linear;
+  linear.attention = AttentionKind::linear;
+  linear.layout = LayoutKind::contiguous;
+  const std::vector<TensorView> none(2, TensorView{});
+  try {
+    forward(group, t, t, t, t, none, linear);
+    ADD_FAILURE() << "linear attention ran on a loopback group";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("distinct GPUs"), std::string::npos) << e.what();
+  }
+  AttentionOptions sinks;
+  sinks.window = 16;
+  sinks.sinks = 4;
+  try {
+    forward(group, t, t, t, t, lse, sinks);
+    ADD_FAILURE() << "attention sinks ran on a loopback group";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("distinct GPUs"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
