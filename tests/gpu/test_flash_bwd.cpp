@@ -283,6 +283,10 @@ TEST_F(FlashBwd, LongerBlocksCrossManyTiles) {
   check_case({1, 1100, 4, 2, 128, false, LayoutKind::contiguous, 1, DType::f16});
   check_case({1, 1300, 2, 1, 64, true, LayoutKind::contiguous, 1, DType::bf16});
   check_case({1, 1100, 4, 2, 64, false, LayoutKind::zigzag, 2, DType::f16});
+  // Causal without GQA: the single-pass kernel's CTAs interleave chunks of 4 KV heads; 6
+  // heads make a whole chunk and a partial one, in each of 2 batches.
+  check_case({2, 1024, 6, 6, 128, true, LayoutKind::zigzag, 2, DType::bf16});
+  check_case({2, 640, 6, 6, 64, true, LayoutKind::contiguous, 1, DType::f16});
 }
 
 // Sliding-window plans: band tasks whose lower edge skips whole tiles and cuts through others,

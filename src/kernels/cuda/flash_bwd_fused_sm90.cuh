@@ -32,15 +32,25 @@
 // after run. A CTA only ever waits for CTAs of lower key block of its (batch, KV head). CUDA
 // does not promise that CTAs are dispatched in index order, so a CTA does not take its key
 // block from blockIdx: it draws a ticket (an atomic counter after the semaphores, zeroed with
-// them) and ticket t means key block t % blocks of KV head (t / blocks) % kv_heads, batch
-// t / (blocks * kv_heads). Every CTA it waits for drew a lower ticket, so has started: it is
+// them) and ticket t means, within batch t / (blocks * kv_heads), key block t % blocks of KV
+// head (t / blocks) % kv_heads; in causal tasks without GQA, the KV heads go in chunks of 4
+// whose tickets interleave (key block (t % 4 blocks) / 4 of head 4 (t / 4 blocks) + t % 4 in a
+// whole chunk). Either way a lower key block of the same head has a lower ticket. Every CTA it
+// waits for drew a lower ticket, so has started: it is
 // resident or finished, and it waits only for lower tickets still, so the chain ends. The
 // hardware dispatches in index order in practice, and tickets follow it (a trace on an H100:
 // the first wave's tickets permuted across its blocks, then ticket == blockIdx). In a causal
 // task the first key blocks visit the most query tiles, so the longest CTAs start first and
 // the launch ends with short ones (the reverse order, tried first, left the longest for last:
 // 484 against 505-510 TFLOP/s at 64k causal on an H100). Every CTA walks its query tiles last
-// to first, so the CTAs of a wave meet on the same tile one add after another. A wait that exceeds 60 s traps (a launch
+// to first, so the CTAs of a wave meet on the same tile one add after another: CTA j of a head
+// starts ~j adds late (the adds to the last tile go one by one). In a full task the CTAs keep
+// that stagger wave after wave, but causal CTAs differ in length, new ones start out of step,
+// and the queue forms again: at head dim 64, 16k causal, a CTA's loop took ~84,000 cycles
+// more than its tiles (~2,640 each) explain. Interleaving 4 heads makes each head's queue a
+// quarter as long (H100, fwd+bwd, same call: head dim 64 16k causal 365 -> 389 TFLOP/s, 64k
+// causal +2%, head dim 128 16k causal +1-3%; with full masks and with GQA it lost 0.5-1.5%,
+// so those keep blocks fastest). A wait that exceeds 60 s traps (a launch
 // error, never a hang), should a bug ever break that argument.
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
@@ -66,6 +76,7 @@ struct Sm90FusedBwdTraits {
   static constexpr int kRowBytes = kHeadDim * 2;
   static constexpr int kKeys = 128;   // keys per CTA, 64 per consumer warpgroup
   static constexpr int kBlockQ = 64;  // query rows per tile
+  static constexpr int kCausalHeadChunk = 4;  // causal MHA: KV heads whose CTAs interleave (see the header)
   static constexpr int kDqBoxCols = 32;                                   // fp32 columns per TMA box (128 bytes)
   static constexpr int kDqBoxBytes = kBlockQ * kDqBoxCols * 4;            // 8 KiB
   static constexpr int kDsBytes = kKeys * kBlockQ * 2;                    // one dS^T buffer, 16 KiB
@@ -147,17 +158,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   float* s_delta = s_lse2 + NST * BQ;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  // Key blocks in ticket order (see the header), blocks fastest, so that the CTAs running at
-  // once share their query tiles. (Heads fastest, tried for causal tasks: 0.67x at 64k on an
-  // H100, the tiles no longer shared in L2.)
+  // Key blocks in ticket order (see the header), blocks fastest (or a few heads, then blocks),
+  // so that the CTAs running at once share their query tiles. (Heads fastest over all heads,
+  // tried for causal tasks: 0.67x at 64k on an H100, the tiles no longer shared in L2.)
   if (tid == 0) {
     *s_ticket = static_cast<int>(atomicAdd(p.dq_sem + fused_bwd_semaphores(p), 1u));
     init_dkv_barriers_sm90<NST>(bars);
   }
   __syncthreads();
   const int blocks = static_cast<int>(gridDim.x), ticket = *s_ticket;
-  const int j = ticket % blocks;
-  const int n0 = j * BN, kvh = (ticket / blocks) % p.kv_heads, b = ticket / (blocks * p.kv_heads);
+  // The tickets of batch b go to chunks of `hc` KV heads (the last chunk may have fewer), and
+  // within a chunk to the heads fastest, then the key blocks (hc = 1: blocks fastest).
+  const int hc = kCausal && p.kv_group == 1 ? Tr::kCausalHeadChunk : 1;
+  const int per_batch = blocks * p.kv_heads, b = ticket / per_batch, tb = ticket % per_batch;
+  const int chunk = tb / (blocks * hc), heads_here = min(hc, p.kv_heads - chunk * hc);
+  const int tc = tb - chunk * blocks * hc;
+  const int j = tc / heads_here;
+  const int n0 = j * BN, kvh = chunk * hc + tc % heads_here;
   // The query tiles this CTA visits, as the pair's dkv kernel: [m_first, m_first + q_tiles).
   const int m_first = dkv_first_tile<kCausal, BQ>(p, n0);
   const int q_tiles = dkv_tile_count<kCausal, BN, BQ>(p, n0);
