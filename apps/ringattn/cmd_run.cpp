@@ -35,8 +35,11 @@ int run_command(Context& ctx, const RunOptions& o) {
   }
   double seconds = 0.0;  // the slowest rank finishes the job
   std::unique_ptr<ProblemTensors> tensors;
+  LocalGradients local_grads;  // --gpus with --backward
+  LocalGpuTimes local_times;
   if (p.gpus > 0) {
-    seconds = forward_on_local_gpus(p, out, lse);
+    local_times = run_on_local_gpus(p, out, lse, &local_grads);
+    seconds = local_times.forward_s;
   } else {
     tensors = std::make_unique<ProblemTensors>(ctx, p, out, lse);
     RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
@@ -51,7 +54,10 @@ int run_command(Context& ctx, const RunOptions& o) {
 
   // The backward pass: gradients of sum(O * dO) from the forward's O and LSE.
   double backward_seconds = 0.0;
-  if (p.backward) {
+  if (p.backward && p.gpus > 0) {
+    backward_seconds = local_times.backward_s;
+    write_gradients(ctx, p, o.dq_path, o.dk_path, o.dv_path, local_grads.dq, local_grads.dk, local_grads.dv);
+  } else if (p.backward) {
     GradientTensors grads(ctx, p);
     RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
     const double t0 = MPI_Wtime();
@@ -77,8 +83,8 @@ int run_command(Context& ctx, const RunOptions& o) {
   if (p.backward) {
     // FLOPs of forward + backward: 3.5x the forward's (backward = 2.5x), as PyTorch counts.
     const double both = 3.5 * p.flops() / (seconds + backward_seconds) / 1e12;
-    print0(ctx, "  backward %.4f s   forward+backward %.4f TFLOP/s total   %.4f TFLOP/s per rank\n", backward_seconds,
-           both, both / ctx.size());
+    print0(ctx, "  backward %.4f s   forward+backward %.4f TFLOP/s total   %.4f TFLOP/s per %s\n", backward_seconds,
+           both, both / workers, p.gpus > 0 ? "GPU" : "rank");
   }
   if (!o.out_path.empty()) print0(ctx, "  wrote O to %s\n", o.out_path.c_str());
   if (!o.dq_path.empty()) print0(ctx, "  wrote dQ to %s\n", o.dq_path.c_str());

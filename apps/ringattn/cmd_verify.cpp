@@ -44,8 +44,9 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   attention.on_step = progress_logger(ctx, "verify");
   const bool linear = p.attention == AttentionKind::linear;
   std::unique_ptr<ProblemTensors> tensors;
+  LocalGradients local_grads;  // --gpus with --backward
   if (p.gpus > 0) {
-    forward_on_local_gpus(p, out, lse);
+    run_on_local_gpus(p, out, lse, &local_grads);
   } else {
     tensors = std::make_unique<ProblemTensors>(ctx, p, out, lse);
     forward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse, attention);
@@ -103,11 +104,16 @@ int verify_command(Context& ctx, const VerifyOptions& o) {
   const double grad_tol = detail::gradient_tolerance(p.dtype);
   if (p.backward) {
     const std::int64_t n = p.local_len();
-    GradientTensors grads(ctx, p);
-    backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse, grads.dout_view,
-             grads.dq_view, grads.dk_view, grads.dv_view, attention);
-    grads.download();
-    const std::vector<unsigned char>&dq = grads.dq, &dk = grads.dk, &dv = grads.dv;
+    std::unique_ptr<GradientTensors> grads;
+    if (p.gpus == 0) {
+      grads = std::make_unique<GradientTensors>(ctx, p);
+      backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse,
+               grads->dout_view, grads->dq_view, grads->dk_view, grads->dv_view, attention);
+      grads->download();
+    }
+    const std::vector<unsigned char>& dq = grads ? grads->dq : local_grads.dq;
+    const std::vector<unsigned char>& dk = grads ? grads->dk : local_grads.dk;
+    const std::vector<unsigned char>& dv = grads ? grads->dv : local_grads.dv;
     std::vector<double> rdq, rdk, rdv;
     const std::vector<float> q_all = load_full_rows(ctx, p, detail::SyntheticTensor::q, o.problem.q_path);
     const std::vector<float> dout_all = load_full_rows(ctx, p, detail::SyntheticTensor::dout, o.problem.dout_path);

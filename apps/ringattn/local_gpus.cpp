@@ -1,5 +1,6 @@
 // `run --gpus N` / `verify --gpus N`: the whole problem in this process, split over N local
-// GPUs by the layout, computed by a LocalGroup (one thread per GPU), gathered back.
+// GPUs by the layout, computed by a LocalGroup (one thread per GPU), gathered back; with
+// --backward the gradients too.
 #include <chrono>
 #include <cstring>
 
@@ -13,7 +14,8 @@
 
 namespace ringattn::cli {
 
-double forward_on_local_gpus(const Problem& p, std::vector<unsigned char>& out, std::vector<float>& lse) {
+LocalGpuTimes run_on_local_gpus(const Problem& p, std::vector<unsigned char>& out, std::vector<float>& lse,
+                                LocalGradients* grads) {
 #ifdef RINGATTN_HAVE_CUDA
   const int N = p.gpus;
   std::vector<int> devices;
@@ -29,10 +31,11 @@ double forward_on_local_gpus(const Problem& p, std::vector<unsigned char>& out, 
 
   struct Member {
     std::vector<std::int64_t> rows;  // rows of the whole problem, in the member's order
-    detail::DeviceBuffer q, k, v, out, lse;
+    detail::DeviceBuffer q, k, v, out, lse, dout, dq, dk, dv;
   };
   std::vector<Member> members(static_cast<std::size_t>(N));
-  std::vector<TensorView> qs, ks, vs, outs, lses;
+  std::vector<TensorView> qs, ks, vs, outs, lses, douts, dqs, dks, dvs;
+  const bool backward = p.backward && grads != nullptr;
   const bool linear = p.attention == AttentionKind::linear;
   // Rows `rows` of a (B, S, heads, D) host tensor, packed.
   auto gather = [&](const std::vector<unsigned char>& src, std::int64_t heads, const std::vector<std::int64_t>& rows) {
@@ -57,6 +60,16 @@ double forward_on_local_gpus(const Problem& p, std::vector<unsigned char>& out, 
     upload(m.k, gather(p.k, Hk, m.rows));
     upload(m.v, gather(p.v, Hk, m.rows));
     m.out = detail::DeviceBuffer(static_cast<std::size_t>(B * n * H * D) * elem);
+    if (backward) {
+      upload(m.dout, gather(p.dout, H, m.rows));
+      m.dq = detail::DeviceBuffer(m.out.bytes());
+      m.dk = detail::DeviceBuffer(static_cast<std::size_t>(B * n * Hk * D) * elem);
+      m.dv = detail::DeviceBuffer(m.dk.bytes());
+      douts.push_back(TensorView::contiguous(m.dout.get(), p.dtype, {B, n, H, D}, DeviceKind::cuda, i));
+      dqs.push_back(TensorView::contiguous(m.dq.get(), p.dtype, {B, n, H, D}, DeviceKind::cuda, i));
+      dks.push_back(TensorView::contiguous(m.dk.get(), p.dtype, {B, n, Hk, D}, DeviceKind::cuda, i));
+      dvs.push_back(TensorView::contiguous(m.dv.get(), p.dtype, {B, n, Hk, D}, DeviceKind::cuda, i));
+    }
     qs.push_back(TensorView::contiguous(m.q.get(), p.dtype, {B, n, H, D}, DeviceKind::cuda, i));
     ks.push_back(TensorView::contiguous(m.k.get(), p.dtype, {B, n, Hk, D}, DeviceKind::cuda, i));
     vs.push_back(TensorView::contiguous(m.v.get(), p.dtype, {B, n, Hk, D}, DeviceKind::cuda, i));
@@ -69,22 +82,39 @@ double forward_on_local_gpus(const Problem& p, std::vector<unsigned char>& out, 
     }
   }
   AttentionOptions options = p.attention_options();
-  const auto start = std::chrono::steady_clock::now();
+  LocalGpuTimes times;
+  auto start = std::chrono::steady_clock::now();
   forward(group, qs, ks, vs, outs, lses, options);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  times.forward_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (backward) {
+    start = std::chrono::steady_clock::now();
+    ringattn::backward(group, qs, ks, vs, outs, lses, douts, dqs, dks, dvs, options);
+    times.backward_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    grads->dq.assign(p.q.size(), 0);
+    grads->dk.assign(p.k.size(), 0);
+    grads->dv.assign(p.v.size(), 0);
+  }
 
   // Scatter every member's rows back into the problem's order.
-  const std::size_t row_bytes = static_cast<std::size_t>(H * D) * elem;
   for (int i = 0; i < N; ++i) {
     Member& m = members[static_cast<std::size_t>(i)];
     const auto n = static_cast<std::int64_t>(m.rows.size());
     RINGATTN_CUDA_CHECK(cudaSetDevice(i));
-    std::vector<unsigned char> o(static_cast<std::size_t>(B * n) * row_bytes);
-    RINGATTN_CUDA_CHECK(cudaMemcpy(o.data(), m.out.get(), o.size(), cudaMemcpyDeviceToHost));
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t r = 0; r < n; ++r)
-        std::memcpy(out.data() + static_cast<std::size_t>(b * S + m.rows[static_cast<std::size_t>(r)]) * row_bytes,
-                    o.data() + static_cast<std::size_t>(b * n + r) * row_bytes, row_bytes);
+    auto scatter = [&](std::vector<unsigned char>& dst, const detail::DeviceBuffer& src, std::int64_t heads) {
+      const std::size_t row_bytes = static_cast<std::size_t>(heads * D) * elem;
+      std::vector<unsigned char> o(static_cast<std::size_t>(B * n) * row_bytes);
+      RINGATTN_CUDA_CHECK(cudaMemcpy(o.data(), src.get(), o.size(), cudaMemcpyDeviceToHost));
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t r = 0; r < n; ++r)
+          std::memcpy(dst.data() + static_cast<std::size_t>(b * S + m.rows[static_cast<std::size_t>(r)]) * row_bytes,
+                      o.data() + static_cast<std::size_t>(b * n + r) * row_bytes, row_bytes);
+    };
+    scatter(out, m.out, H);
+    if (backward) {
+      scatter(grads->dq, m.dq, H);
+      scatter(grads->dk, m.dk, Hk);
+      scatter(grads->dv, m.dv, Hk);
+    }
     if (!linear) {
       std::vector<float> l(static_cast<std::size_t>(B * H * n));
       RINGATTN_CUDA_CHECK(cudaMemcpy(l.data(), m.lse.get(), l.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -94,9 +124,9 @@ double forward_on_local_gpus(const Problem& p, std::vector<unsigned char>& out, 
               l[static_cast<std::size_t>(bh * n + r)];
     }
   }
-  return seconds;
+  return times;
 #else
-  (void)p, (void)out, (void)lse;
+  (void)p, (void)out, (void)lse, (void)grads;
   throw Error(ErrorCode::invalid_argument, "--gpus needs a build with the CUDA backend");
 #endif
 }

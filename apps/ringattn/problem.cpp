@@ -285,7 +285,6 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
       }
       if (o.device == "cpu" && o.explicit_device) invalid("--gpus computes on GPUs: drop --device cpu");
       p.device = DeviceKind::cuda;
-      if (o.backward) invalid("--backward with --gpus is not available yet (run under mpirun, one rank per GPU)");
     }
     p.kernel = parse_kernel(o.kernel);
     if (p.kernel != KernelKind::automatic && p.device != DeviceKind::cuda) {

@@ -88,10 +88,18 @@ Problem load_problem(Context& ctx, const ProblemOptions& options);
 
 // The tensors forward() sees: the host buffers themselves (cpu), or copies on this rank's GPU
 // (cuda), uploaded at construction; download() brings O and LSE back into the host buffers.
-// --gpus N: the forward pass of the whole problem (loaded by this one process) on N local GPUs,
-// each holding its layout share; out (B, S, H, D) and lse (B, H, S) in the problem's order.
-// Returns the seconds the GPUs took.
-double forward_on_local_gpus(const Problem& problem, std::vector<unsigned char>& out, std::vector<float>& lse);
+// --gpus N: the whole problem (loaded by this one process) on N local GPUs, each holding its
+// layout share; out (B, S, H, D) and lse (B, H, S) in the problem's order, and with
+// problem.backward and `grads` the gradients (dense like q, k, v). Returns the seconds the
+// GPUs took for each pass.
+struct LocalGradients {
+  std::vector<unsigned char> dq, dk, dv;
+};
+struct LocalGpuTimes {
+  double forward_s = 0.0, backward_s = 0.0;
+};
+LocalGpuTimes run_on_local_gpus(const Problem& problem, std::vector<unsigned char>& out, std::vector<float>& lse,
+                                LocalGradients* grads = nullptr);
 
 class ProblemTensors {
  public:

@@ -3,7 +3,9 @@
 # causal x (MHA, GQA 32/8) x (bf16, fp16) with the default kernel (cuDNN where the build has
 # it), and every layout x causal with --kernel native (bf16, GQA); sliding windows (causal, with
 # sinks, two-sided) with both kernels; linear attention; at np 2, `run --gpus 2` (one process)
-# against `mpirun -np 2 run` byte for byte, and `verify --gpus 2`. Then the backward pass
+# against `mpirun -np 2 run` byte for byte, and `verify --gpus 2`; `verify --gpus NP --backward`,
+# and at np 2 `run --gpus 2 --backward` against `mpirun -np 2 run --backward` (dQ, dK, dV
+# files) byte for byte. Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
 # (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases, sliding windows and linear attention; at np > 1 the gradient error may not
 # exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
@@ -169,6 +171,38 @@ spawn check_bwd "backward np=$np linear full elu1 fp16 d64" strict --layout cont
   --dtype fp16
 spawn check_bwd "backward np=$np linear causal identity bf16" strict --layout contiguous --attention linear --causal \
   --feature-map identity --head-dim 128 --dtype bf16 --kv-heads 1
+# One process on np GPUs with --backward (LocalGroup backward): verify's reference check, and
+# at np 2 the same gradient bytes as mpirun -np 2 (native kernels: bitwise reproducible).
+verify_local_bwd() {  # args: verify --gpus np --backward against the reference
+  local args=$1 out
+  if out=$("$ringattn" verify --gpus "$np" --backward --seq 1024 --heads 4 $args 2>&1); then
+    echo "ok   verify --gpus $np --backward $args: $(grad_err "$out")"
+  else
+    echo "FAIL verify --gpus $np --backward $args"; echo "$out"
+  fi
+}
+same_grad_bytes() {  # args: `mpirun -np 2 run --backward` and `run --gpus 2 --backward` write the same dQ, dK, dV
+  local args=$1 tmp f ok=1
+  tmp=$(mktemp -d)
+  "$mpiexec" "${mpi_flags[@]}" --bind-to none -np 2 "$ringattn" run --device cuda --backward --kernel native --seq 2048 \
+    --heads 8 --head-dim 128 $args --dq "$tmp/dq_a.npy" --dk "$tmp/dk_a.npy" --dv "$tmp/dv_a.npy" > "$tmp/a.log" 2>&1 || ok=0
+  "$ringattn" run --gpus 2 --backward --kernel native --seq 2048 --heads 8 --head-dim 128 $args --dq "$tmp/dq_b.npy" \
+    --dk "$tmp/dk_b.npy" --dv "$tmp/dv_b.npy" > "$tmp/b.log" 2>&1 || ok=0
+  for f in dq dk dv; do cmp -s "$tmp/${f}_a.npy" "$tmp/${f}_b.npy" || ok=0; done
+  if [ $ok -eq 1 ]; then
+    echo "ok   --gpus 2 --backward == mpirun -np 2: $args"
+  else
+    echo "FAIL --gpus 2 --backward == mpirun -np 2: $args"; cat "$tmp/a.log" "$tmp/b.log"
+  fi
+  rm -rf "$tmp"
+}
+spawn verify_local_bwd "--causal --layout zigzag --kv-heads 2 --head-dim 128"
+spawn verify_local_bwd "--layout contiguous --head-dim 64 --dtype fp16 --window 300"
+if [ "$np" -eq 2 ]; then
+  for args in "--causal --layout zigzag" "--layout striped --kv-heads 2"; do
+    spawn same_grad_bytes "$args"
+  done
+fi
 wait
 cat "$reports"/*.log
 if grep -q '^FAIL' "$reports"/*.log; then failed=1; fi
