@@ -129,6 +129,10 @@ Layout check_members(LocalGroup& group, const std::vector<TensorView>& q, const 
 // first failure (a loopback group's other members are woken from their waits for it).
 void on_members(LocalGroup& group, const std::function<void(std::size_t)>& body) {
   const auto n = static_cast<std::size_t>(group.size());
+  if (group.loopback() && group.loopback()->aborted()) {
+    // Its hops may hold offers of the failed run: start over with a new group.
+    throw Error(ErrorCode::internal, "local group: a member failed in an earlier call; create a new LocalGroup");
+  }
   std::vector<std::exception_ptr> errors(n);
   std::atomic<int> first{-1};
   std::vector<std::thread> threads;

@@ -67,6 +67,11 @@ void LoopbackHub::abort() {
   changed_.notify_all();
 }
 
+bool LoopbackHub::aborted() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return aborted_;
+}
+
 void LoopbackTransport::start_pieces(const void* send, const Pieces& send_pieces, int send_to, void* recv,
                                      const Pieces& recv_pieces, int recv_from) {
   if (pending_) throw Error(ErrorCode::internal, "loopback transport: start() before the last wait()");

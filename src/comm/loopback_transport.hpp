@@ -47,6 +47,7 @@ class LoopbackHub {
   void hand_back(int from, int to, int tag, SharedEvent copied);
   SharedEvent await_copied(int from, int to, int tag, double timeout_s);
   void abort();
+  bool aborted();
 
  private:
   using Key = std::tuple<int, int, int>;
