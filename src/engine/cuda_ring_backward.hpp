@@ -10,7 +10,8 @@
 //       it left r-1 after its step s-1); dK/dV (native dkv kernel, or cuDNN's added from
 //       scratch) into that accumulator
 //     post accumulator send -> r+1, recv b_{s+1}'s <- r-1 (after the last step the hop
-//       brings every accumulator home)
+//       brings every accumulator home; without a reverse pass or sinks those sums are final,
+//       so they travel rounded to the dtype: half the bytes of the one hop no compute hides)
 //     compute stream waits for the K,V transfer; cur = 1 - cur
 //   dq, dk, dv <- dq_acc, acc (in the tensors' dtype and strides)
 // The accumulator hop runs while the next step computes dQ; the K,V hop runs as in the
