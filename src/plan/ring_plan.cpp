@@ -1,6 +1,8 @@
 #include "plan/ring_plan.hpp"
 
 #include <algorithm>
+#include <optional>
+#include <vector>
 
 #include "ringattn/error.hpp"
 
@@ -12,6 +14,51 @@ std::int64_t floor_div(std::int64_t a, std::int64_t b) {
   std::int64_t q = a / b;
   if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
   return q;
+}
+
+// One task computing exactly the pairs of a and b, where they form one rectangle of the
+// step's block with one mask: the same query rows and adjacent key rows (a's keys first, all
+// of them seen by every row: a full; b full or causal), or the same key rows and adjacent query
+// rows, both full. Zigzag's two segments per rank make up to four tasks a step that this folds
+// into one or two, so that a step launches fewer, longer kernels (each launch pays its own
+// tail wave).
+std::optional<BlockTask> merge_tasks(const BlockTask& a, const BlockTask& b) {
+  if (a.mask != MaskKind::full || b.mask == MaskKind::band) return std::nullopt;
+  if (a.q_begin == b.q_begin && a.q_len == b.q_len && a.kv_begin + a.kv_len == b.kv_begin) {
+    BlockTask t = a;
+    t.kv_len += b.kv_len;
+    if (b.mask == MaskKind::causal) {
+      // Row i sees b's key l iff l <= i + d, i.e. merged key a.kv_len + l <= i + d + a.kv_len;
+      // and all of a's keys when i + d + a.kv_len >= a.kv_len - 1, true for every row i >= 0
+      // iff d >= -1.
+      if (b.diag_offset < -1) return std::nullopt;
+      t.mask = MaskKind::causal;
+      t.diag_offset = b.diag_offset + a.kv_len;
+    }
+    return t;
+  }
+  if (b.mask == MaskKind::full && a.kv_begin == b.kv_begin && a.kv_len == b.kv_len && a.q_begin + a.q_len == b.q_begin) {
+    BlockTask t = a;
+    t.q_len += b.q_len;
+    return t;
+  }
+  return std::nullopt;
+}
+
+void merge_step_tasks(std::vector<BlockTask>& tasks) {
+  for (bool merged = true; merged;) {
+    merged = false;
+    for (std::size_t i = 0; i < tasks.size() && !merged; ++i) {
+      for (std::size_t j = 0; j < tasks.size() && !merged; ++j) {
+        if (i == j) continue;
+        if (auto t = merge_tasks(tasks[i], tasks[j])) {
+          tasks[std::min(i, j)] = *t;
+          tasks.erase(tasks.begin() + static_cast<std::ptrdiff_t>(std::max(i, j)));
+          merged = true;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -66,6 +113,7 @@ RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank) {
         if (auto task = classify_block(q, k, mask)) step.tasks.push_back(*task);
       }
     }
+    merge_step_tasks(step.tasks);
     plan.steps.push_back(std::move(step));
   }
   plan.steps.back().send = {0, 0};  // the last step passes nothing on

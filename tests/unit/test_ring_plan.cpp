@@ -92,6 +92,35 @@ TEST(RingPlan, CausalSkipsHiddenBlocksAndZigzagBalances) {
   }
 }
 
+TEST(RingPlan, ZigzagStepsFoldIntoFewTasks) {
+  // A zigzag rank holds two chunks (the middle rank's adjacent pair is one segment): four
+  // segment pairs a step, which the plan folds into one task where the mask is full and into
+  // at most two where it is causal (the diagonal chunk, and the rectangle of keys before it
+  // merged with the next diagonal). EveryAllowedPairExactlyOnce checks the pairs.
+  for (int P : {2, 3, 4, 8}) {
+    const Layout zigzag(LayoutKind::zigzag, 64 * P, P);
+    for (int r = 0; r < P; ++r) {
+      for (const RingStep& step : make_ring_plan(zigzag, MaskKind::full, r).steps) {
+        EXPECT_EQ(step.tasks.size(), 1u) << "P=" << P << " rank " << r;
+      }
+      for (const RingStep& step : make_ring_plan(zigzag, MaskKind::causal, r).steps) {
+        EXPECT_LE(step.tasks.size(), 2u) << "P=" << P << " rank " << r;
+      }
+    }
+  }
+  // P = 2, rank 0 (chunks 0 and 3 of 4), own block: chunk 0's diagonal, and chunk 3's rows
+  // against keys 0 .. 31 (chunk 0, all seen) and 32 .. 63 (chunk 3, causal) as one task.
+  const RingPlan r0 = make_ring_plan(Layout(LayoutKind::zigzag, 128, 2), MaskKind::causal, 0);
+  ASSERT_EQ(r0.steps[0].tasks.size(), 2u);
+  const BlockTask& wide = r0.steps[0].tasks[1];
+  EXPECT_EQ(wide.q_begin, 32);
+  EXPECT_EQ(wide.q_len, 32);
+  EXPECT_EQ(wide.kv_begin, 0);
+  EXPECT_EQ(wide.kv_len, 64);
+  EXPECT_EQ(wide.mask, MaskKind::causal);
+  EXPECT_EQ(wide.diag_offset, 32);
+}
+
 TEST(RingPlan, ClassifyTrimsCausalBlocks) {
   // Queries at 10..19 against keys at 15..24: query 10+i sees key 15+l iff l <= i - 5.
   const auto t = classify_block({0, 10, 10, 1}, {0, 15, 10, 1}, MaskKind::causal);
