@@ -216,6 +216,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       Timing timing;
 #ifdef RINGATTN_HAVE_CUDA
       detail::CudaRingForward::Breakdown breakdown;
+      detail::CudaRingBackward::Breakdown bwd_solo, bwd_ring;
 #endif
       // With --backward every timed run is a forward and a backward pass.
       std::unique_ptr<GradientTensors> grads;
@@ -251,6 +252,21 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                                    grads->dv_view, prepared_bwd.scale, false);
           }
         });
+        // The backward pass profiled once without, then once with communication (timing events
+        // around each step's kernels and the other work; the ring's run last, so that its
+        // gradients are the ones left).
+        if (prepared_bwd.cuda) {
+          auto profile = [&](bool communicate) {
+            prepared_bwd.cuda->set_profiling(true);
+            prepared_bwd.cuda->run(t.q, t.k, t.v, t.out, t.lse, grads->dout_view, grads->dq_view, grads->dk_view,
+                                   grads->dv_view, prepared_bwd.scale, communicate);
+            prepared_bwd.cuda->wait();
+            prepared_bwd.cuda->set_profiling(false);
+            return prepared_bwd.cuda->breakdown();
+          };
+          bwd_solo = profile(false);
+          bwd_ring = profile(true);
+        }
         // One more ring run, profiled (timing events around kernels, merges and copies), which
         // also leaves the ring's result for --check.
         prepared.cuda->set_profiling(true);
@@ -305,6 +321,26 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                                            {"merges", breakdown.merge_ms / n},
                                            {"copies", breakdown.copy_ms / n},
                                            {"waits", breakdown.wait_ms() / n}};
+      }
+      if (!bwd_ring.step_kernel_ms.empty()) {
+        // The backward ring against the same steps without communication, on rank 0: a block
+        // kernel slower in the ring than alone lost time to the transfers running beside it.
+        auto list = [](const std::vector<double>& ms) {
+          std::string text;
+          for (double x : ms) text += (text.empty() ? "" : " / ") + std::to_string(x).substr(0, 7);
+          return text;
+        };
+        print0(ctx,
+               "#   backward (rank 0, one profiled run of %.3f ms, %.3f ms without communication): block kernels "
+               "per step %s ms (%s), other work %.3f ms (%.3f), waits for transfers and gaps %.3f ms (%.3f)\n",
+               bwd_ring.total_ms, bwd_solo.total_ms, list(bwd_ring.step_kernel_ms).c_str(),
+               list(bwd_solo.step_kernel_ms).c_str(), bwd_ring.other_ms, bwd_solo.other_ms, bwd_ring.wait_ms(),
+               bwd_solo.wait_ms());
+        auto json = [](const detail::CudaRingBackward::Breakdown& b) {
+          return nlohmann::json{{"total", b.total_ms}, {"step_kernels", b.step_kernel_ms}, {"other", b.other_ms},
+                                {"waits", b.wait_ms()}};
+        };
+        table.back()["backward_ms"] = {{"ring", json(bwd_ring)}, {"without_communication", json(bwd_solo)}};
       }
 #endif
     }

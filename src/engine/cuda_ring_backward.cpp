@@ -160,20 +160,37 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   const int P = plan_.world;
   direct_ = false;
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
+  // Profiling: timing events around the work `fn` enqueues, filed under `step` (-1: other work).
+  timing_used_ = 0;
+  spans_.clear();
+  profiled_steps_ = 0;
+  if (profiling_) timing_mark(stream);  // event 0: the run's start
+  auto span = [&](int step, auto&& fn) {
+    if (!profiling_) {
+      fn();
+      return;
+    }
+    const int from = timing_mark(stream);
+    fn();
+    spans_.push_back({step, from, timing_mark(stream)});
+  };
+  int computed = 0;  // the steps computed so far (the profile's index)
   const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous();
-  if (!kv_in_place) {
-    auto* own = static_cast<unsigned char*>(blocks_[0].get());
-    pack_rows(k, own, stream);
-    pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
-  }
   // P = 1 with one task on cuDNN: cuDNN writes dq, dk, dv itself and computes its own row
   // sums, so neither the preparation kernel nor the fp32 sums (3 zeroed accumulators) are needed.
   const bool cudnn_direct = one_task_ && will_write_direct(q, out, dout, dq, dk, dv);
-  if (!cudnn_direct) {
-    backward_prep(out, dout, lse, lse2_.as<float>(), delta_.as<float>(), stream);
-    RINGATTN_CUDA_CHECK(
-        cudaMemsetAsync(dq_acc_.get(), 0, static_cast<std::size_t>(B * H * q_len_ * D) * sizeof(float), stream));
-  }
+  span(-1, [&] {
+    if (!kv_in_place) {
+      auto* own = static_cast<unsigned char*>(blocks_[0].get());
+      pack_rows(k, own, stream);
+      pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
+    }
+    if (!cudnn_direct) {
+      backward_prep(out, dout, lse, lse2_.as<float>(), delta_.as<float>(), stream);
+      RINGATTN_CUDA_CHECK(
+          cudaMemsetAsync(dq_acc_.get(), 0, static_cast<std::size_t>(B * H * q_len_ * D) * sizeof(float), stream));
+    }
+  });
 
   FlashBwdParams p;
   p.q = q.data;
@@ -226,12 +243,14 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     const int hops = reverse ? n : n - 1;
     const bool ring = communicate && P > 1 && hops > 0;
     int cur = 0, acc = 0;
-    if (reverse && communicate) {  // the forward pass left other blocks in the buffers
-      auto* own = static_cast<unsigned char*>(blocks_[0].get());
-      pack_rows(k, own, stream);
-      pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
-    }
-    if (!cudnn_direct) RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
+    span(-1, [&] {
+      if (reverse && communicate) {  // the forward pass left other blocks in the buffers
+        auto* own = static_cast<unsigned char*>(blocks_[0].get());
+        pack_rows(k, own, stream);
+        pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
+      }
+      if (!cudnn_direct) RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
+    });
     std::int64_t held = q_len_;
     for (int s = reverse ? -1 : 0; s < n; ++s) {
       const bool kv_transfer = ring && s + 1 < n;
@@ -263,36 +282,54 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
           if (!acc_ready) acc_hop.wait();
           acc_ready = true;
         };
-        bool step_sums = false;  // the single-pass kernel added into step_acc_, not yet into the accumulator
-        for (const BlockTask& t : step.tasks) {
-          set_task(t);
-          if (task_uses_cudnn(t, step.kv_len) && run_cudnn_task(t, step.kv_len, q, p.k, p.v, out, lse, dout, dq, dk, dv,
-                                                                scale, dk_acc, dv_acc, await_acc)) {
-            continue;
+        // The single-pass kernel adds into step_acc_ (zeroed first) while the accumulator has
+        // not arrived; those sums join it after the step.
+        bool step_sums = false;
+        auto zero_step_sums = [&] {
+          if (!step_sums) RINGATTN_CUDA_CHECK(cudaMemsetAsync(step_acc_.get(), 0, acc_bytes(step.kv_len), stream));
+          step_sums = true;
+        };
+        if (fused_ && !acc_ready) {
+          for (const BlockTask& t : step.tasks) {
+            if (!task_uses_cudnn(t, step.kv_len)) {
+              span(-1, zero_step_sums);
+              break;
+            }
           }
-          if (!fused_) {
-            flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
-            await_acc();
-            flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
-            continue;
-          }
-          // One kernel for all three gradients: into the accumulator once it is here, else into
-          // this step's own sums, so that the kernel need not wait for the accumulator's hop.
-          if (acc_ready) {
-            p.dk = dk_acc;
-            p.dv = dv_acc;
-          } else {
-            if (!step_sums) RINGATTN_CUDA_CHECK(cudaMemsetAsync(step_acc_.get(), 0, acc_bytes(step.kv_len), stream));
-            step_sums = true;
-            p.dk = step_acc_.as<float>();
-            p.dv = p.dk + B * Hkv * step.kv_len * D;
-          }
-          flash_bwd(p, dtype_, D, stream, FlashBwdPart::both);
         }
+        span(computed++, [&] {
+          for (const BlockTask& t : step.tasks) {
+            set_task(t);
+            if (task_uses_cudnn(t, step.kv_len) && run_cudnn_task(t, step.kv_len, q, p.k, p.v, out, lse, dout, dq, dk,
+                                                                  dv, scale, dk_acc, dv_acc, await_acc)) {
+              continue;
+            }
+            if (!fused_) {
+              flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
+              await_acc();
+              flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
+              continue;
+            }
+            // One kernel for all three gradients: into the accumulator once it is here, else into
+            // this step's own sums, so that the kernel need not wait for the accumulator's hop.
+            if (acc_ready) {
+              p.dk = dk_acc;
+              p.dv = dv_acc;
+            } else {
+              zero_step_sums();  // (zeroed above, unless cuDNN refused a task planned for it)
+              p.dk = step_acc_.as<float>();
+              p.dv = p.dk + B * Hkv * step.kv_len * D;
+            }
+            flash_bwd(p, dtype_, D, stream, FlashBwdPart::both);
+          }
+        });
         await_acc();
         if (step_sums) {  // dK then dV: (2B, H_kv, kv_len, D) in both buffers
           const Strides sums = {Hkv * step.kv_len * D, step.kv_len * D, D};
-          accumulate_rows(dk_acc, step.kv_len, 0, step_acc_.get(), DType::f32, 2 * B, Hkv, step.kv_len, D, sums, stream);
+          span(-1, [&] {
+            accumulate_rows(dk_acc, step.kv_len, 0, step_acc_.get(), DType::f32, 2 * B, Hkv, step.kv_len, D, sums,
+                            stream);
+          });
         }
         // A milestone for the watchdog: this step's kernels are done.
         if (milestones_ >= static_cast<int>(step_events_.size())) step_events_.emplace_back();
@@ -310,13 +347,16 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
           auto* send = static_cast<unsigned char*>(blocks_[1 - cur].get());
           const std::size_t half = kv_bytes(held) / 2;
           const float* sums = acc_[acc].as<float>();
-          finalize_output(sums, nullptr,
-                          TensorView::contiguous(send, dtype_, {B, held, Hkv, D}, DeviceKind::cuda, resources_.device()),
-                          TensorView{}, stream);
-          finalize_output(sums + B * Hkv * held * D, nullptr,
-                          TensorView::contiguous(send + half, dtype_, {B, held, Hkv, D}, DeviceKind::cuda,
-                                                 resources_.device()),
-                          TensorView{}, stream);
+          span(-1, [&] {
+            finalize_output(
+                sums, nullptr,
+                TensorView::contiguous(send, dtype_, {B, held, Hkv, D}, DeviceKind::cuda, resources_.device()),
+                TensorView{}, stream);
+            finalize_output(sums + B * Hkv * held * D, nullptr,
+                            TensorView::contiguous(send + half, dtype_, {B, held, Hkv, D}, DeviceKind::cuda,
+                                                   resources_.device()),
+                            TensorView{}, stream);
+          });
           acc_hop.start(send, kv_bytes(held), owner, acc_[1 - acc].get(), kv_bytes(next_len), mine);
           rounded = true;
         } else {
@@ -339,38 +379,46 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   const float* grads = acc_[acc].as<float>();
   if (extra) {
     // The reverse pass and the sinks reuse the buffers: keep this rank's sums aside.
-    RINGATTN_CUDA_CHECK(cudaMemcpyAsync(home_.get(), grads, acc_bytes(q_len_), cudaMemcpyDeviceToDevice, stream));
+    span(-1, [&] {
+      RINGATTN_CUDA_CHECK(cudaMemcpyAsync(home_.get(), grads, acc_bytes(q_len_), cudaMemcpyDeviceToDevice, stream));
+    });
     grads = home_.as<float>();
   }
   const Strides acc_strides = {Hkv * q_len_ * D, q_len_ * D, D};  // (B, H_kv, rows, D) fp32
   if (!plan_.reverse_steps.empty()) {
     const int back = pass(plan_.reverse_steps, true);
     const float* r = acc_[back].as<float>();
-    accumulate_rows(home_.as<float>(), q_len_, 0, r, DType::f32, B, Hkv, q_len_, D, acc_strides, stream);
-    accumulate_rows(home_.as<float>() + B * Hkv * q_len_ * D, q_len_, 0, r + B * Hkv * q_len_ * D, DType::f32, B, Hkv,
-                    q_len_, D, acc_strides, stream);
+    span(-1, [&] {
+      accumulate_rows(home_.as<float>(), q_len_, 0, r, DType::f32, B, Hkv, q_len_, D, acc_strides, stream);
+      accumulate_rows(home_.as<float>() + B * Hkv * q_len_ * D, q_len_, 0, r + B * Hkv * q_len_ * D, DType::f32, B,
+                      Hkv, q_len_, D, acc_strides, stream);
+    });
   }
   if (plan_.sink_len > 0) {
     // The sink tokens' K, V from their owners; every rank's sink tasks add to one set of sums,
     // summed over the ranks; each owner keeps its rows.
     const std::int64_t L = plan_.sink_len;
     auto* own = static_cast<unsigned char*>(blocks_[0].get());
-    pack_rows(k, own, stream);
-    pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
+    span(-1, [&] {
+      pack_rows(k, own, stream);
+      pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
+    });
     gather_sink_block(resources_, plan_, shape_, dtype_, own, q_len_, sink_block_.get(), communicate, timeout_s_, stream);
     auto* sink = static_cast<unsigned char*>(sink_block_.get());
     float* sink_acc = sink_acc_.as<float>();
-    RINGATTN_CUDA_CHECK(cudaMemsetAsync(sink_acc, 0, acc_bytes(L), stream));
+    span(-1, [&] { RINGATTN_CUDA_CHECK(cudaMemsetAsync(sink_acc, 0, acc_bytes(L), stream)); });
     p.k = sink;
     p.v = sink + kv_bytes(L) / 2;
     p.kv_batch_stride = L * Hkv * D;
     p.dk = sink_acc;
     p.dv = sink_acc + B * Hkv * L * D;
     p.acc_len = L;
-    for (const BlockTask& t : plan_.sink_tasks) {
-      set_task(t);
-      flash_bwd(p, dtype_, D, stream, FlashBwdPart::both);
-    }
+    span(computed++, [&] {
+      for (const BlockTask& t : plan_.sink_tasks) {
+        set_task(t);
+        flash_bwd(p, dtype_, D, stream, FlashBwdPart::both);
+      }
+    });
     if (communicate && P > 1) {
       RINGATTN_NCCL_CHECK(ncclAllReduce(sink_acc, sink_acc, acc_bytes(L) / sizeof(float), ncclFloat, ncclSum,
                                         resources_.nccl(), stream));
@@ -381,36 +429,73 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     const std::int64_t mine = plan_.sink_rows[static_cast<std::size_t>(plan_.rank)];
     if (mine > 0) {
       const Strides sink_strides = {Hkv * L * D, L * D, D};
-      accumulate_rows(home_.as<float>(), q_len_, 0, sink_acc + begin * D, DType::f32, B, Hkv, mine, D, sink_strides,
-                      stream);
-      accumulate_rows(home_.as<float>() + B * Hkv * q_len_ * D, q_len_, 0, sink_acc + B * Hkv * L * D + begin * D,
-                      DType::f32, B, Hkv, mine, D, sink_strides, stream);
+      span(-1, [&] {
+        accumulate_rows(home_.as<float>(), q_len_, 0, sink_acc + begin * D, DType::f32, B, Hkv, mine, D, sink_strides,
+                        stream);
+        accumulate_rows(home_.as<float>() + B * Hkv * q_len_ * D, q_len_, 0, sink_acc + B * Hkv * L * D + begin * D,
+                        DType::f32, B, Hkv, mine, D, sink_strides, stream);
+      });
     }
   }
   bytes_sent_per_run_ = kv_hop.bytes_sent() + acc_hop.bytes_sent();
   if (cudnn_direct && !direct_) {
     throw Error(ErrorCode::internal, "the cuDNN backward was planned to write the gradients but did not run");
   }
-  if (direct_) return;  // cuDNN wrote dq, dk, dv
-  finalize_output(dq_acc_.as<float>(), nullptr, dq, TensorView{}, stream);
-  if (rounded) {  // dK then dV arrived in the dtype, packed (B, q_len, H_kv, D): copy the rows in
-    const auto* home = static_cast<const unsigned char*>(acc_[acc].get());
-    const auto elem = static_cast<std::size_t>(dtype_size(dtype_));
-    const std::size_t row = static_cast<std::size_t>(Hkv * D) * elem;
-    for (int which = 0; which < 2; ++which) {
-      const TensorView& t = which == 0 ? dk : dv;
-      for (std::int64_t b = 0; b < B; ++b) {
-        RINGATTN_CUDA_CHECK(cudaMemcpy2DAsync(
-            static_cast<unsigned char*>(t.data) + static_cast<std::size_t>(b * t.strides[0]) * elem,
-            static_cast<std::size_t>(t.strides[1]) * elem,
-            home + (static_cast<std::size_t>(which * B + b) * static_cast<std::size_t>(q_len_)) * row, row, row,
-            static_cast<std::size_t>(q_len_), cudaMemcpyDeviceToDevice, stream));
+  // The gradients in the caller's tensors (unless cuDNN wrote them itself).
+  span(-1, [&] {
+    if (direct_) return;
+    finalize_output(dq_acc_.as<float>(), nullptr, dq, TensorView{}, stream);
+    if (rounded) {  // dK then dV arrived in the dtype, packed (B, q_len, H_kv, D): copy the rows in
+      const auto* home = static_cast<const unsigned char*>(acc_[acc].get());
+      const auto elem = static_cast<std::size_t>(dtype_size(dtype_));
+      const std::size_t row = static_cast<std::size_t>(Hkv * D) * elem;
+      for (int which = 0; which < 2; ++which) {
+        const TensorView& t = which == 0 ? dk : dv;
+        for (std::int64_t b = 0; b < B; ++b) {
+          RINGATTN_CUDA_CHECK(cudaMemcpy2DAsync(
+              static_cast<unsigned char*>(t.data) + static_cast<std::size_t>(b * t.strides[0]) * elem,
+              static_cast<std::size_t>(t.strides[1]) * elem,
+              home + (static_cast<std::size_t>(which * B + b) * static_cast<std::size_t>(q_len_)) * row, row, row,
+              static_cast<std::size_t>(q_len_), cudaMemcpyDeviceToDevice, stream));
+        }
       }
+      return;
     }
-    return;
+    finalize_output(grads, nullptr, dk, TensorView{}, stream);
+    finalize_output(grads + B * Hkv * q_len_ * D, nullptr, dv, TensorView{}, stream);
+  });
+  if (profiling_) {
+    timing_mark(stream);  // the run's end (its start is event 0)
+    profiled_steps_ = computed;
   }
-  finalize_output(grads, nullptr, dk, TensorView{}, stream);
-  finalize_output(grads + B * Hkv * q_len_ * D, nullptr, dv, TensorView{}, stream);
+}
+
+int CudaRingBackward::timing_mark(cudaStream_t stream) {
+  if (timing_used_ >= static_cast<int>(timing_events_.size())) timing_events_.emplace_back(true);
+  RINGATTN_CUDA_CHECK(cudaEventRecord(timing_events_[static_cast<std::size_t>(timing_used_)], stream));
+  return timing_used_++;
+}
+
+CudaRingBackward::Breakdown CudaRingBackward::breakdown() const {
+  Breakdown b;
+  if (timing_used_ < 2) return b;
+  auto elapsed = [&](int from, int to) {
+    float ms = 0.0f;
+    RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, timing_events_[static_cast<std::size_t>(from)],
+                                             timing_events_[static_cast<std::size_t>(to)]));
+    return static_cast<double>(ms);
+  };
+  b.total_ms = elapsed(0, timing_used_ - 1);
+  b.step_kernel_ms.assign(static_cast<std::size_t>(profiled_steps_), 0.0);
+  for (const SpanMark& m : spans_) {
+    const double ms = elapsed(m.from, m.to);
+    if (m.step < 0) {
+      b.other_ms += ms;
+    } else {
+      b.step_kernel_ms[static_cast<std::size_t>(m.step)] += ms;
+    }
+  }
+  return b;
 }
 
 CudnnSdpaProblem CudaRingBackward::task_problem(const BlockTask& t, std::int64_t step_kv_len, const TensorView& q,

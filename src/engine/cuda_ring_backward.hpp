@@ -61,6 +61,25 @@ class CudaRingBackward {
   const std::string& kernel_description() const { return kernel_description_; }
   cudaStream_t stream() const { return resources_.compute_stream(); }
 
+  // Where the time of a run goes, on this rank's compute stream (as CudaRingForward's): each
+  // computed step's block kernels (the ring's steps, then the reverse pass's, then the sink
+  // tasks as one more entry), the other work run() enqueues (packing K/V, the preparation
+  // kernel, zeroing, adding the step sums, rounding and copying the gradients), and the rest
+  // of the run's span: waits for transfers and launch gaps. With profiling on, run() records
+  // timing events around these; the breakdown of the last such run is read after wait().
+  struct Breakdown {
+    double total_ms = 0.0, other_ms = 0.0;
+    std::vector<double> step_kernel_ms;
+    double kernel_ms() const {
+      double sum = 0.0;
+      for (double ms : step_kernel_ms) sum += ms;
+      return sum;
+    }
+    double wait_ms() const { return total_ms - kernel_ms() - other_ms; }
+  };
+  void set_profiling(bool on) { profiling_ = on; }
+  Breakdown breakdown() const;
+
  private:
   std::size_t kv_bytes(std::int64_t kv_len) const;   // K and V of a block, dtype
   std::size_t acc_bytes(std::int64_t kv_len) const;  // dK and dV of a block, fp32
@@ -114,6 +133,18 @@ class CudaRingBackward {
   DeviceBuffer stats_block_;    // and its LSE rows (B, H, q_len) fp32
   std::uint64_t bytes_sent_per_run_ = 0;
   std::string kernel_description_;
+  // Profiling (set_profiling): timing events, reused across runs, and the last run's spans as
+  // (step, event before, event after), step -1 for the other work; event 0 and the last one
+  // bound the run.
+  struct SpanMark {
+    int step, from, to;
+  };
+  bool profiling_ = false;
+  std::vector<CudaEvent> timing_events_;
+  int timing_used_ = 0;
+  std::vector<SpanMark> spans_;
+  int profiled_steps_ = 0;
+  int timing_mark(cudaStream_t stream);  // records the next timing event, returns its index
 };
 
 }  // namespace ringattn::detail
