@@ -478,7 +478,7 @@ int CudaRingBackward::timing_mark(cudaStream_t stream) {
 
 CudaRingBackward::Breakdown CudaRingBackward::breakdown() const {
   Breakdown b;
-  if (timing_used_ < 2) return b;
+  if (timing_used_ < 2 || profiled_steps_ == 0) return b;  // (0: the last run did not finish)
   auto elapsed = [&](int from, int to) {
     float ms = 0.0f;
     RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, timing_events_[static_cast<std::size_t>(from)],

@@ -3,7 +3,11 @@
 // src (b, h, i, d) into rows row0 + i of an fp32 accumulator: each has a row kernel with
 // vector loads and stores where D % 4 == 0 and the rows are 4-element aligned, and a
 // per-element kernel otherwise. Both must give the host's bytes exactly (round to nearest
-// even; the same fp32 adds) and touch nothing outside their rows. Skips where no GPU is present.
+// even; the same fp32 adds) and touch nothing outside their rows. pack_rows copies a strided
+// (B, S, H, D) view into a dense buffer: a row kernel of 16-byte vectors where D and the
+// strides are multiples of 16 bytes and the view is 16-byte aligned, an element kernel
+// otherwise; the host's gather, byte for byte, and nothing written past the dense rows.
+// Skips where no GPU is present.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -127,6 +131,72 @@ void check_accumulate(DType dtype, std::int64_t B, std::int64_t heads, std::int6
     }
   }
   EXPECT_EQ(mismatches, 0) << "first differing sum " << first << " of " << got.size();
+}
+
+// One case: a (B, S, H, D) view with strides (sb, ss, sh, 1) at offset_elems into a buffer of
+// random bytes, packed into a dense buffer followed by a sentinel.
+void check_pack(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H, std::int64_t D, std::int64_t sb,
+                std::int64_t ss, std::int64_t sh, std::int64_t offset_elems) {
+  SCOPED_TRACE(std::string(to_string(dtype)) + " B=" + std::to_string(B) + " S=" + std::to_string(S) +
+               " H=" + std::to_string(H) + " D=" + std::to_string(D) + " strides " + std::to_string(sb) + ", " +
+               std::to_string(ss) + ", " + std::to_string(sh) + " offset " + std::to_string(offset_elems));
+  const auto elem = static_cast<std::int64_t>(dtype_size(dtype));
+  const std::int64_t src_elems = offset_elems + (B - 1) * sb + (S - 1) * ss + (H - 1) * sh + D;
+  std::vector<unsigned char> src(static_cast<std::size_t>(src_elems * elem));
+  std::uint64_t state = 0x13198a2e03707344ull;
+  for (unsigned char& x : src) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    x = static_cast<unsigned char>(state >> 56);
+  }
+  const std::int64_t n = B * S * H * D, tail = 64;
+  std::vector<unsigned char> want(static_cast<std::size_t>((n + tail) * elem), 0xcd);  // the sentinel after the rows
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t si = 0; si < S; ++si) {
+      for (std::int64_t h = 0; h < H; ++h) {
+        const std::int64_t from = offset_elems + b * sb + si * ss + h * sh, to = ((b * S + si) * H + h) * D;
+        std::memcpy(&want[static_cast<std::size_t>(to * elem)], &src[static_cast<std::size_t>(from * elem)],
+                    static_cast<std::size_t>(D * elem));
+      }
+    }
+  }
+  DeviceBuffer d_src(src.size()), d_dst(want.size());
+  RINGATTN_CUDA_CHECK(cudaMemcpy(d_src.get(), src.data(), src.size(), cudaMemcpyHostToDevice));
+  RINGATTN_CUDA_CHECK(cudaMemset(d_dst.get(), 0xcd, want.size()));
+  TensorView view;
+  view.data = static_cast<unsigned char*>(d_src.get()) + offset_elems * elem;
+  view.dtype = dtype;
+  view.device = DeviceKind::cuda;
+  view.ndim = 4;
+  view.shape = {B, S, H, D};
+  view.strides = {sb, ss, sh, 1};
+  pack_rows(view, d_dst.get(), nullptr);
+  std::vector<unsigned char> got(want.size());
+  RINGATTN_CUDA_CHECK(cudaMemcpy(got.data(), d_dst.get(), got.size(), cudaMemcpyDeviceToHost));
+  std::int64_t mismatches = 0, first = -1;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (got[i] != want[i]) {
+      if (first < 0) first = static_cast<std::int64_t>(i);
+      ++mismatches;
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "first differing byte " << first << " of " << got.size();
+}
+
+TEST_F(RingKernels, PackRowsRowKernelEveryDtype) {
+  for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+    // K of a fused (B, S, 3, H, D) QKV projection: rows 3 H D apart, H D elements in.
+    check_pack(dtype, 2, 37, 3, 128, 37 * 3 * 3 * 128, 3 * 3 * 128, 128, 3 * 128);
+    check_pack(dtype, 1, 50, 4, 64, 50 * (4 * 64 + 8), 4 * 64 + 8, 64, 8);  // padded rows, offset by 8 elements
+    check_pack(dtype, 2, 9, 2, 328, 2 * 9 * 328, 328, 9 * 328, 0);        // (B, H, S, D) seen as (B, S, H, D); 41 vectors a row
+  }
+}
+
+TEST_F(RingKernels, PackRowsElementKernelWhereRowsAreNotAligned) {
+  for (DType dtype : {DType::bf16, DType::f16, DType::f32}) {
+    check_pack(dtype, 1, 21, 3, 6, 21 * 3 * 3 * 6, 3 * 3 * 6, 6, 3 * 6);  // D not a multiple of 16 bytes
+    check_pack(dtype, 2, 13, 2, 64, 13 * (2 * 64 + 2), 2 * 64 + 2, 64, 0);  // row stride not a multiple
+    check_pack(dtype, 1, 11, 2, 64, 11 * 3 * 2 * 64, 3 * 2 * 64, 64, 1);   // base not 16-byte aligned
+  }
 }
 
 TEST_F(RingKernels, AccumulateRowsRowKernelEveryDtype) {
