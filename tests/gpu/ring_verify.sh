@@ -5,7 +5,9 @@
 # sinks, two-sided) with both kernels; linear attention; at np 2, `run --gpus 2` (one process)
 # against `mpirun -np 2 run` byte for byte, and `verify --gpus 2`; `verify --gpus NP --backward`,
 # and at np 2 `run --gpus 2 --backward` against `mpirun -np 2 run --backward` (dQ, dK, dV
-# files) byte for byte. Then the backward pass
+# files) byte for byte; `bench --backward --json`: a backward breakdown of one entry per step,
+# its parts within the run.
+# Then the backward pass
 # (`verify --backward`, gradients against the fp64 reference) for every layout x causal x
 # (MHA, GQA) in bf16, fp16 / head-dim-64 and --kernel native cases, sliding windows and linear attention; at np > 1 the gradient error may not
 # exceed 1.5x the error of the same inputs at np 1 (not for --kernel cudnn, whose per-task gradients
@@ -196,6 +198,36 @@ same_grad_bytes() {  # args: `mpirun -np 2 run --backward` and `run --gpus 2 --b
   fi
   rm -rf "$tmp"
 }
+bench_breakdown() {  # `bench --backward --json`: every row's backward breakdown, one entry per step, within its run
+  local tmp ok=1
+  tmp=$(mktemp -d)
+  "$mpiexec" "${mpi_flags[@]}" --bind-to none -np "$np" "$ringattn" bench --device cuda --backward --kernel native \
+    --heads 8 --head-dim 128 --layout zigzag -b 2048 -e 2048 --warmup 1 --iters 1 --mask both --json "$tmp/b.json" \
+    > "$tmp/b.log" 2>&1 || ok=0
+  python3 - "$tmp/b.json" "$np" > "$tmp/check.log" 2>&1 <<'PY' || ok=0
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+np_ = int(sys.argv[2])
+assert len(rows) == 2, "two rows (both masks), got %d" % len(rows)
+for row in rows:
+    for kind in ("ring", "without_communication"):
+        b = row["backward_ms"][kind]
+        steps = b["step_kernels"]
+        # a zigzag ring computes one step per rank
+        assert len(steps) == np_, "%s: %d steps for %d ranks" % (kind, len(steps), np_)
+        assert all(ms > 0 for ms in steps) and b["other"] >= 0, "%s: %s" % (kind, b)
+        # the spans lie inside the run and do not overlap: together at most its span
+        assert sum(steps) + b["other"] <= b["total"] + 0.01, "%s: the parts exceed the run: %s" % (kind, b)
+print("ok")
+PY
+  if [ $ok -eq 1 ]; then
+    echo "ok   bench --backward breakdown (np=$np)"
+  else
+    echo "FAIL bench --backward breakdown (np=$np)"; cat "$tmp/b.log" "$tmp/check.log"
+  fi
+  rm -rf "$tmp"
+}
+spawn bench_breakdown
 spawn verify_local_bwd "--causal --layout zigzag --kv-heads 2 --head-dim 128"
 spawn verify_local_bwd "--layout contiguous --head-dim 64 --dtype fp16 --window 300"
 if [ "$np" -eq 2 ]; then
