@@ -161,19 +161,8 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   direct_ = false;
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
   // Profiling: timing events around the work `fn` enqueues, filed under `step` (-1: other work).
-  timing_used_ = 0;
-  spans_.clear();
-  profiled_steps_ = 0;
-  if (profiling_) timing_mark(stream);  // event 0: the run's start
-  auto span = [&](int step, auto&& fn) {
-    if (!profiling_) {
-      fn();
-      return;
-    }
-    const int from = timing_mark(stream);
-    fn();
-    spans_.push_back({step, from, timing_mark(stream)});
-  };
+  timer_.begin(stream);
+  auto span = [&](int step, auto&& fn) { timer_.span(step, stream, fn); };
   int computed = 0;  // the steps computed so far (the profile's index)
   const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous();
   // P = 1 with one task on cuDNN: cuDNN writes dq, dk, dv itself and computes its own row
@@ -464,37 +453,22 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     finalize_output(grads, nullptr, dk, TensorView{}, stream);
     finalize_output(grads + B * Hkv * q_len_ * D, nullptr, dv, TensorView{}, stream);
   });
-  if (profiling_) {
-    timing_mark(stream);  // the run's end (its start is event 0)
-    profiled_steps_ = computed;
-  }
-}
-
-int CudaRingBackward::timing_mark(cudaStream_t stream) {
-  if (timing_used_ >= static_cast<int>(timing_events_.size())) timing_events_.emplace_back(true);
-  RINGATTN_CUDA_CHECK(cudaEventRecord(timing_events_[static_cast<std::size_t>(timing_used_)], stream));
-  return timing_used_++;
+  timer_.end(stream);
+  profiled_steps_ = computed;
 }
 
 CudaRingBackward::Breakdown CudaRingBackward::breakdown() const {
   Breakdown b;
-  if (timing_used_ < 2 || profiled_steps_ == 0) return b;  // (0: the last run did not finish)
-  auto elapsed = [&](int from, int to) {
-    float ms = 0.0f;
-    RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, timing_events_[static_cast<std::size_t>(from)],
-                                             timing_events_[static_cast<std::size_t>(to)]));
-    return static_cast<double>(ms);
-  };
-  b.total_ms = elapsed(0, timing_used_ - 1);
+  if (!timer_.finished()) return b;
+  b.total_ms = timer_.total_ms();
   b.step_kernel_ms.assign(static_cast<std::size_t>(profiled_steps_), 0.0);
-  for (const SpanMark& m : spans_) {
-    const double ms = elapsed(m.from, m.to);
-    if (m.step < 0) {
+  timer_.for_each_span([&](int step, double ms) {
+    if (step < 0) {
       b.other_ms += ms;
     } else {
-      b.step_kernel_ms[static_cast<std::size_t>(m.step)] += ms;
+      b.step_kernel_ms[static_cast<std::size_t>(step)] += ms;
     }
-  }
+  });
   return b;
 }
 

@@ -31,6 +31,7 @@
 
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
+#include "engine/cuda_span_timer.hpp"
 #include "kernels/cpu/cpu_forward.hpp"
 #include "plan/ring_plan.hpp"
 #include "ringattn/options.hpp"
@@ -77,7 +78,7 @@ class CudaRingBackward {
     }
     double wait_ms() const { return total_ms - kernel_ms() - other_ms; }
   };
-  void set_profiling(bool on) { profiling_ = on; }
+  void set_profiling(bool on) { timer_.set_enabled(on); }
   Breakdown breakdown() const;
 
  private:
@@ -133,18 +134,9 @@ class CudaRingBackward {
   DeviceBuffer stats_block_;    // and its LSE rows (B, H, q_len) fp32
   std::uint64_t bytes_sent_per_run_ = 0;
   std::string kernel_description_;
-  // Profiling (set_profiling): timing events, reused across runs, and the last run's spans as
-  // (step, event before, event after), step -1 for the other work; event 0 and the last one
-  // bound the run.
-  struct SpanMark {
-    int step, from, to;
-  };
-  bool profiling_ = false;
-  std::vector<CudaEvent> timing_events_;
-  int timing_used_ = 0;
-  std::vector<SpanMark> spans_;
+  // Profiling (set_profiling): the last run's spans, tagged by step (-1: the other work).
+  CudaSpanTimer timer_;
   int profiled_steps_ = 0;
-  int timing_mark(cudaStream_t stream);  // records the next timing event, returns its index
 };
 
 }  // namespace ringattn::detail

@@ -206,19 +206,8 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
   const auto elem = static_cast<std::int64_t>(dtype_size(dtype_));
   // Profiling: timing events around the work `fn` enqueues, filed under `what`.
-  timing_used_ = 0;
-  spans_.clear();
-  profiled_steps_ = 0;
-  if (profiling_) timing_mark(stream);  // event 0: the run's start
-  auto span = [&](Span what, auto&& fn) {
-    if (!profiling_) {
-      fn();
-      return;
-    }
-    const int from = timing_mark(stream);
-    fn();
-    spans_.push_back({what, from, timing_mark(stream)});
-  };
+  timer_.begin(stream);
+  auto span = [&](Span what, auto&& fn) { timer_.span(static_cast<int>(what), stream, fn); };
   auto* own = static_cast<unsigned char*>(blocks_[0].get());
   auto pack_own = [&](unsigned char* dst) {
     span(Span::copy, [&] {
@@ -376,32 +365,18 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   }
   bytes_sent_per_run_ = transport.bytes_sent() + sink_bytes;
   if (!single_task) span(Span::copy, [&] { finalize_output(o_acc_.as<float>(), lse_acc_.as<float>(), out, lse, stream); });
-  if (profiling_) {
-    timing_mark(stream);  // the run's end (its start is event 0)
-    profiled_steps_ = static_cast<int>(plan_.steps.size() + plan_.reverse_steps.size());
-  }
-}
-
-int CudaRingForward::timing_mark(cudaStream_t stream) {
-  if (timing_used_ >= static_cast<int>(timing_events_.size())) timing_events_.emplace_back(true);
-  RINGATTN_CUDA_CHECK(cudaEventRecord(timing_events_[static_cast<std::size_t>(timing_used_)], stream));
-  return timing_used_++;
+  timer_.end(stream);
+  profiled_steps_ = static_cast<int>(plan_.steps.size() + plan_.reverse_steps.size());
 }
 
 CudaRingForward::Breakdown CudaRingForward::breakdown() const {
   Breakdown b;
-  if (timing_used_ < 2) return b;
-  auto elapsed = [&](int from, int to) {
-    float ms = 0.0f;
-    RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, timing_events_[static_cast<std::size_t>(from)],
-                                             timing_events_[static_cast<std::size_t>(to)]));
-    return static_cast<double>(ms);
-  };
-  b.total_ms = elapsed(0, timing_used_ - 1);
-  for (const SpanMark& m : spans_) {
-    const double ms = elapsed(m.from, m.to);
-    (m.what == Span::kernel ? b.kernel_ms : m.what == Span::merge ? b.merge_ms : b.copy_ms) += ms;
-  }
+  if (!timer_.finished()) return b;
+  b.total_ms = timer_.total_ms();
+  timer_.for_each_span([&](int tag, double ms) {
+    const auto what = static_cast<Span>(tag);
+    (what == Span::kernel ? b.kernel_ms : what == Span::merge ? b.merge_ms : b.copy_ms) += ms;
+  });
   b.steps = profiled_steps_;
   return b;
 }

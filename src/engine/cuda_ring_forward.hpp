@@ -23,6 +23,7 @@
 #include "comm/transport.hpp"
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
+#include "engine/cuda_span_timer.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "kernels/cpu/cpu_forward.hpp"
 #include "plan/ring_plan.hpp"
@@ -73,7 +74,7 @@ class CudaRingForward {
     int steps = 0;  // ring steps of the run (both directions)
     double wait_ms() const { return total_ms - kernel_ms - merge_ms - copy_ms; }
   };
-  void set_profiling(bool on) { profiling_ = on; }
+  void set_profiling(bool on) { timer_.set_enabled(on); }
   Breakdown breakdown() const;
 
   // The watchdog's bound on every wait (0: none) and the pids of this node's ranks (to name a
@@ -131,19 +132,10 @@ class CudaRingForward {
   DeviceBuffer o_block_;        // cuDNN's block result: (B, q_len, H, D) in dtype
   DeviceBuffer lse_block_;      // (B, H, q_len) fp32
   std::string kernel_description_;
-  // Profiling (set_profiling): timing events, reused across runs, and the spans of the last
-  // run as (category, event before, event after); event 0 and the last one bound the run.
+  // Profiling (set_profiling): the last run's spans, tagged by category.
   enum class Span { kernel, merge, copy };
-  struct SpanMark {
-    Span what;
-    int from, to;
-  };
-  bool profiling_ = false;
-  std::vector<CudaEvent> timing_events_;
-  int timing_used_ = 0;
-  std::vector<SpanMark> spans_;
+  CudaSpanTimer timer_;
   int profiled_steps_ = 0;
-  int timing_mark(cudaStream_t stream);  // records the next timing event, returns its index
 };
 
 }  // namespace ringattn::detail
