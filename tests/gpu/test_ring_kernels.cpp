@@ -44,6 +44,21 @@ std::vector<float> random_values(std::int64_t n, std::uint64_t state) {
   return v;
 }
 
+// EXPECTs that got and want hold the same bytes, element for element (floats compared by their
+// bits), naming the first difference.
+template <typename E>
+void expect_same(const std::vector<E>& got, const std::vector<E>& want, const char* what) {
+  ASSERT_EQ(got.size(), want.size());
+  std::int64_t mismatches = 0, first = -1;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(E)) != 0) {
+      if (first < 0) first = static_cast<std::int64_t>(i);
+      ++mismatches;
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "first differing " << what << " " << first << " of " << got.size();
+}
+
 // One case: an (B, S, H, D) output view inside a larger buffer with the given strides and a
 // byte offset from the buffer's start (offset_elems elements), filled with a sentinel first.
 void check_finalize(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H, std::int64_t D,
@@ -80,14 +95,7 @@ void check_finalize(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H,
           const std::int64_t at = offset_elems + b * batch_stride + s * row_stride + h * head_stride + d;
           convert_from_f32(dtype, &x, want.data() + at * static_cast<std::int64_t>(elem), 1);
         }
-  std::int64_t mismatches = 0, first = -1;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (got[i] != want[i]) {
-      if (first < 0) first = static_cast<std::int64_t>(i);
-      ++mismatches;
-    }
-  }
-  EXPECT_EQ(mismatches, 0) << "first differing byte " << first << " of " << got.size();
+  expect_same(got, want, "byte");
 }
 
 // One case: src rows (B, heads, n, D) with strides {sb, sh, ss} = {heads * sh, n * ss, ss},
@@ -123,14 +131,7 @@ void check_accumulate(DType dtype, std::int64_t B, std::int64_t heads, std::int6
           const float x = load_f32(dtype, src.data(), offset_elems + b * sb + h * sh + i * ss + d);
           want[static_cast<std::size_t>(((b * heads + h) * acc_rows + row0 + i) * D + d)] += x;
         }
-  std::int64_t mismatches = 0, first = -1;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0) {
-      if (first < 0) first = static_cast<std::int64_t>(i);
-      ++mismatches;
-    }
-  }
-  EXPECT_EQ(mismatches, 0) << "first differing sum " << first << " of " << got.size();
+  expect_same(got, want, "sum");
 }
 
 // One case: a (B, S, H, D) view with strides (sb, ss, sh, 1) at offset_elems into a buffer of
@@ -172,14 +173,7 @@ void check_pack(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H, std
   pack_rows(view, d_dst.get(), nullptr);
   std::vector<unsigned char> got(want.size());
   RINGATTN_CUDA_CHECK(cudaMemcpy(got.data(), d_dst.get(), got.size(), cudaMemcpyDeviceToHost));
-  std::int64_t mismatches = 0, first = -1;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (got[i] != want[i]) {
-      if (first < 0) first = static_cast<std::int64_t>(i);
-      ++mismatches;
-    }
-  }
-  EXPECT_EQ(mismatches, 0) << "first differing byte " << first << " of " << got.size();
+  expect_same(got, want, "byte");
 }
 
 TEST_F(RingKernels, PackRowsRowKernelEveryDtype) {
