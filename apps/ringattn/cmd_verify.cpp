@@ -27,10 +27,12 @@ struct Comparison {
 
 void compare(Comparison& c, double got, double ref, const detail::Tolerance& tol) {
   const double err = std::isnan(got) ? INFINITY : std::fabs(got - ref);
-  const double ratio = err / (tol.atol + tol.rtol * std::fabs(ref));
+  const double bound = tol.atol + tol.rtol * std::fabs(ref);
+  const bool within = err <= bound;  // false for a NaN on either side: such an element fails
+  const double ratio = bound > 0.0 ? err / bound : (within ? 0.0 : INFINITY);
   c.max_abs = std::max(c.max_abs, err);
-  c.worst = std::max(c.worst, ratio);
-  c.wrong += ratio > 1.0 ? 1.0 : 0.0;
+  c.worst = std::max(c.worst, std::isnan(ratio) ? INFINITY : ratio);
+  c.wrong += within ? 0.0 : 1.0;
   c.checked += 1.0;
 }
 

@@ -68,8 +68,8 @@ int run_cli(int argc, char** argv) {
   VerifyOptions verify;
   CLI::App* verify_cmd = app.add_subcommand("verify", "Run, then check every rank's O and LSE against fp64");
   add_problem_options(*verify_cmd, verify.problem);
-  verify_cmd->add_option("--atol", verify.atol, "Absolute tolerance on O (default by dtype)");
-  verify_cmd->add_option("--rtol", verify.rtol, "Relative tolerance on O (default by dtype)");
+  verify_cmd->add_option("--atol", verify.atol, "Absolute tolerance on O (default by dtype)")->check(non_negative_finite());
+  verify_cmd->add_option("--rtol", verify.rtol, "Relative tolerance on O (default by dtype)")->check(non_negative_finite());
   verify_cmd->add_option("--json", verify.json_path, "Write a JSON report here");
 
   BenchOptions bench;

@@ -133,6 +133,21 @@ CLI::Validator at_least(std::int64_t minimum) {
       "INT>=" + std::to_string(minimum));
 }
 
+// A tolerance: a finite number >= 0 (CLI11's Range lets NaN through: NaN compares false).
+CLI::Validator non_negative_finite() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        try {
+          std::size_t used = 0;
+          const double x = std::stod(value, &used);
+          if (used == value.size() && std::isfinite(x) && x >= 0.0) return {};
+        } catch (const std::exception&) {
+        }
+        return "must be a finite number >= 0, got '" + value + "'";
+      },
+      "FLOAT>=0");
+}
+
 
 void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--batch,-B", o.batch, "Batch size")->check(at_least(1));

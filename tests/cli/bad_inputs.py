@@ -125,6 +125,9 @@ def main():
         ("unknown flag", 3, ["run", "--bogus"], ["--bogus"], 2),
         ("bad layout name", 2, ["run", "--layout", "ring"], ["ring"], 2),
         ("zero heads", 2, ["verify", "--heads", "0"], ["--heads"], 2),
+        # A negative or NaN tolerance made every element pass (x <= NaN is false, x / NaN is NaN).
+        ("verify: NaN --atol", 2, ["verify", "--seq", "64", "--atol", "nan"], ["--atol", "finite number >= 0"], 2),
+        ("verify: negative --rtol", 2, ["verify", "--seq", "64", "--rtol", "-1"], ["--rtol", "finite number >= 0"], 2),
         ("--dout without --backward", 2, ["run"] + files(f) + ["--dout", f["q"]], ["--dout needs --backward"]),
         ("bench: -e below -b", 3, ["bench", "-b", "512", "-e", "256"], ["-e 256 is below -b 512"]),
         ("bench: factor 1", 2, ["bench", "-f", "1"], ["--factor"], 2),
