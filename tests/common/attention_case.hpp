@@ -15,6 +15,14 @@
 
 namespace ringattn::testing {
 
+// |got - ref| for a running maximum: std::max(err, NaN) keeps err, so a NaN would pass
+// unseen; here it is infinite (equal infinities are 0).
+inline double abs_err(double got, double ref) {
+  if (got == ref) return 0.0;
+  if (std::isnan(got) || std::isnan(ref)) return INFINITY;
+  return std::fabs(got - ref);
+}
+
 struct AttentionCase {
   std::int64_t batch, seq, heads, kv_heads, dim;
   bool causal;

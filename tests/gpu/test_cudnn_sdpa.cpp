@@ -86,10 +86,10 @@ void check(CudnnSdpa& sdpa, const Case& c, std::int64_t q_len) {
   double err = 0.0, naive_err = 0.0, lse_err = 0.0;
   for (std::size_t i = 0; i < ref_out.size(); ++i) {
     ASSERT_FALSE(std::isnan(got[i])) << "element " << i;
-    err = std::max(err, std::fabs(got[i] - ref_out[i]));
+    err = std::max(err, ringattn::testing::abs_err(got[i], ref_out[i]));
     naive_err = std::max(naive_err, std::fabs(naive[i] - ref_out[i]));
   }
-  for (std::size_t i = 0; i < ref_lse.size(); ++i) lse_err = std::max(lse_err, std::fabs(lse[i] - ref_lse[i]));
+  for (std::size_t i = 0; i < ref_lse.size(); ++i) lse_err = std::max(lse_err, ringattn::testing::abs_err(lse[i], ref_lse[i]));
   EXPECT_LE(err, 2.0 * naive_err + 1e-4) << "naive same-precision error " << naive_err;
   EXPECT_LE(lse_err, 1e-3);
 }

@@ -129,10 +129,10 @@ void check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0) {
     const std::vector<float> naive = ringattn::testing::naive_attention(c, scale, pos, q32, k_all, v_all, true);
     for (std::size_t i = 0; i < ref_out.size(); ++i) {
       ASSERT_FALSE(std::isnan(got[i])) << "element " << i;
-      kernel_err = std::max(kernel_err, std::fabs(got[i] - ref_out[i]));
+      kernel_err = std::max(kernel_err, ringattn::testing::abs_err(got[i], ref_out[i]));
       naive_err = std::max(naive_err, std::fabs(naive[i] - ref_out[i]));
     }
-    for (std::size_t i = 0; i < ref_lse.size(); ++i) lse_err = std::max(lse_err, std::fabs(lse[i] - ref_lse[i]));
+    for (std::size_t i = 0; i < ref_lse.size(); ++i) lse_err = std::max(lse_err, ringattn::testing::abs_err(lse[i], ref_lse[i]));
   }
   EXPECT_LE(kernel_err, 2.0 * naive_err + 1e-4) << "naive same-precision error " << naive_err;
   EXPECT_LE(lse_err, 1e-3);

@@ -164,7 +164,7 @@ double relative_error(DType dtype, const std::vector<unsigned char>& got, const 
   const std::vector<float> g = to_f32(dtype, got);
   double err = 0.0, scale = 0.0;
   for (std::size_t i = 0; i < ref.size(); ++i) {
-    err = std::max(err, std::abs(static_cast<double>(g[i]) - ref[i]));
+    err = std::max(err, ringattn::testing::abs_err(g[i], ref[i]));
     scale = std::max(scale, std::abs(ref[i]));
   }
   return err / std::max(scale, 1e-30);

@@ -66,10 +66,10 @@ void check_case(const Case& c) {
     const std::vector<float> naive = ringattn::testing::naive_attention(c, scale, pos, q32, k_all, v_all, false);
     for (std::size_t i = 0; i < ref_out.size(); ++i) {
       ASSERT_FALSE(std::isnan(got[i]));
-      kernel_err = std::max(kernel_err, std::fabs(got[i] - ref_out[i]));
+      kernel_err = std::max(kernel_err, ringattn::testing::abs_err(got[i], ref_out[i]));
       naive_err = std::max(naive_err, std::fabs(naive[i] - ref_out[i]));
     }
-    for (std::size_t i = 0; i < ref_lse.size(); ++i) lse_err = std::max(lse_err, std::fabs(lse[i] - ref_lse[i]));
+    for (std::size_t i = 0; i < ref_lse.size(); ++i) lse_err = std::max(lse_err, ringattn::testing::abs_err(lse[i], ref_lse[i]));
   }
   const double atol = c.dtype == DType::f32 ? 1e-6 : 1e-4;
   EXPECT_LE(kernel_err, 2.0 * naive_err + atol) << "naive fp32 error " << naive_err;
