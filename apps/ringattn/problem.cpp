@@ -148,7 +148,6 @@ CLI::Validator non_negative_finite() {
       "FLOAT>=0");
 }
 
-
 void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--batch,-B", o.batch, "Batch size")->check(at_least(1));
   cmd.add_option("--seq,-S", o.seq, "Global sequence length (tokens over all ranks)")->check(at_least(1));

@@ -47,6 +47,7 @@ struct ProblemOptions {
 void add_problem_options(CLI::App& cmd, ProblemOptions& options);
 // An integer flag's check with a readable message ("must be an integer >= 1, got '0'").
 CLI::Validator at_least(std::int64_t minimum);
+// A tolerance flag's check: a finite number >= 0 (NaN and negative values refused).
 CLI::Validator non_negative_finite();
 // After parsing: records which flags were given.
 void note_explicit_options(const CLI::App& cmd, ProblemOptions& options);
