@@ -19,24 +19,18 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <vector>
 
+#include "core/cuda_check.hpp"
+#include "core/cuda_raii.hpp"
 #include "kernels/cuda/wgmma.cuh"
 
 namespace {
 
 using namespace ringattn::detail::flash;
 using bf16 = __nv_bfloat16;
-
-#define CHECK(x)                                                                               \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
 
 // The forms, named as the backward kernel uses them.
 enum Form : int {
@@ -277,15 +271,15 @@ template <int F, int WGS, int G>
 void depth(int sms, unsigned long long* d_issue, unsigned long long* d_done, float* sink) {
   constexpr int reps = 200;
   auto kernel = depth_kernel<F, WGS, G>;
-  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   for (int rep = 0; rep < 2; ++rep) {
     kernel<<<sms, WGS * 128, kSmem>>>(reps, d_issue, d_done, sink);
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
+    RINGATTN_CUDA_CHECK(cudaGetLastError());
+    RINGATTN_CUDA_CHECK(cudaDeviceSynchronize());
   }
   std::vector<unsigned long long> issue(sms), done(sms);
-  CHECK(cudaMemcpy(issue.data(), d_issue, sms * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(done.data(), d_done, sms * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(issue.data(), d_issue, sms * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(done.data(), d_done, sms * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
   double i = 0, d = 0;
   for (int k = 0; k < sms; ++k) i += static_cast<double>(issue[k]), d += static_cast<double>(done[k]);
   i /= static_cast<double>(sms) * reps, d /= static_cast<double>(sms) * reps;
@@ -318,16 +312,16 @@ struct Buffers {
 template <int F, int WGS>
 Result run(int sms, int iters, int noise, const Buffers& buf) {
   auto kernel = rate_kernel<F, WGS>;
-  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   for (int rep = 0; rep < 2; ++rep) {  // the first launch warms up
-    CHECK(cudaMemset(buf.noise, 0, sms * sizeof(unsigned long long)));
+    RINGATTN_CUDA_CHECK(cudaMemset(buf.noise, 0, sms * sizeof(unsigned long long)));
     kernel<<<sms, WGS * 128 + 128, kSmem>>>(iters, noise, buf.out, buf.noise, buf.sink, buf.chunks);
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
+    RINGATTN_CUDA_CHECK(cudaGetLastError());
+    RINGATTN_CUDA_CHECK(cudaDeviceSynchronize());
   }
   std::vector<unsigned long long> cycles(sms), bytes(sms);
-  CHECK(cudaMemcpy(cycles.data(), buf.out, sms * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(bytes.data(), buf.noise, sms * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(cycles.data(), buf.out, sms * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(bytes.data(), buf.noise, sms * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
   double c = 0, b = 0;
   for (int i = 0; i < sms; ++i) c += static_cast<double>(cycles[i]), b += static_cast<double>(bytes[i]);
   c /= sms, b /= sms;
@@ -349,6 +343,37 @@ void report(int sms, int iters, const Buffers& buf) {
   }
 }
 
+int run(int iters) {
+  int dev = 0, major = 0, minor = 0, sms = 0;
+  RINGATTN_CUDA_CHECK(cudaGetDevice(&dev));
+  RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (major != 9 || minor != 0) {
+    std::fprintf(stderr, "wgmma needs an sm_90 GPU (this one is sm_%d%d)\n", major, minor);
+    return 1;
+  }
+  using ringattn::detail::DeviceBuffer;
+  const auto per_sm = static_cast<std::size_t>(sms) * sizeof(unsigned long long);
+  const DeviceBuffer out(per_sm), noise(per_sm), sink(sizeof(float)),
+      chunks(static_cast<std::size_t>(sms) * kNoiseBytes);
+  RINGATTN_CUDA_CHECK(cudaMemset(chunks.get(), 0, chunks.bytes()));
+  const Buffers buf{out.as<unsigned long long>(), noise.as<unsigned long long>(), sink.as<float>(), chunks.as<float>()};
+  std::printf("wgmma forms, bf16, one CTA per SM on %d SMs, %d groups of %d per warpgroup\n", sms, iters, kGroup);
+  report<kSsN64>(sms, iters, buf);
+  report<kSsTtN64>(sms, iters, buf);
+  report<kRsTnN64>(sms, iters, buf);
+  report<kSsN128>(sms, iters, buf);
+  report<kRsN128>(sms, iters, buf);
+  report<kRsTnN128>(sms, iters, buf);
+  std::printf("issue depth: G wgmmas issued from an empty pipe, cycles (work: at the dense rate)\n");
+  depths<kSsN64, 1>(sms, buf.out, buf.noise, buf.sink);
+  depths<kSsN64, 2>(sms, buf.out, buf.noise, buf.sink);
+  depths<kRsTnN128, 1>(sms, buf.out, buf.noise, buf.sink);
+  depths<kRsTnN128, 2>(sms, buf.out, buf.noise, buf.sink);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -365,36 +390,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--iters must be at least 2\n");
     return 2;
   }
-  int dev = 0, major = 0, minor = 0, sms = 0;
-  CHECK(cudaGetDevice(&dev));
-  CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  if (major != 9 || minor != 0) {
-    std::fprintf(stderr, "wgmma needs an sm_90 GPU (this one is sm_%d%d)\n", major, minor);
+  try {
+    return run(iters);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ringattn_wgmma_rate: %s\n", e.what());
     return 1;
   }
-  Buffers buf{};
-  CHECK(cudaMalloc(&buf.out, sms * sizeof(unsigned long long)));
-  CHECK(cudaMalloc(&buf.noise, sms * sizeof(unsigned long long)));
-  CHECK(cudaMalloc(&buf.sink, sizeof(float)));
-  CHECK(cudaMalloc(&buf.chunks, static_cast<std::size_t>(sms) * kNoiseBytes));
-  CHECK(cudaMemset(buf.chunks, 0, static_cast<std::size_t>(sms) * kNoiseBytes));
-  std::printf("wgmma forms, bf16, one CTA per SM on %d SMs, %d groups of %d per warpgroup\n", sms, iters, kGroup);
-  report<kSsN64>(sms, iters, buf);
-  report<kSsTtN64>(sms, iters, buf);
-  report<kRsTnN64>(sms, iters, buf);
-  report<kSsN128>(sms, iters, buf);
-  report<kRsN128>(sms, iters, buf);
-  report<kRsTnN128>(sms, iters, buf);
-  std::printf("issue depth: G wgmmas issued from an empty pipe, cycles (work: at the dense rate)\n");
-  depths<kSsN64, 1>(sms, buf.out, buf.noise, buf.sink);
-  depths<kSsN64, 2>(sms, buf.out, buf.noise, buf.sink);
-  depths<kRsTnN128, 1>(sms, buf.out, buf.noise, buf.sink);
-  depths<kRsTnN128, 2>(sms, buf.out, buf.noise, buf.sink);
-  CHECK(cudaFree(buf.out));
-  CHECK(cudaFree(buf.noise));
-  CHECK(cudaFree(buf.sink));
-  CHECK(cudaFree(buf.chunks));
-  return 0;
 }
