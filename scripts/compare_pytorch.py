@@ -2,13 +2,21 @@
 """PyTorch peers on the same shapes as `ringattn bench`, printed in the same table.
 
   python3 scripts/compare_pytorch.py sdpa -b 4096 -e 65536 -f 4 [--causal both] [--kv-heads 8]
-      torch SDPA on one GPU, flash (FA2) and cuDNN backends.
+      torch SDPA on one GPU, flash (FA2) and cuDNN backends (--backend picks one).
   torchrun --nproc-per-node 2 scripts/compare_pytorch.py cp -b 65536 -e 262144 -f 4
       PyTorch context parallel (ring attention over NCCL, SDPA inside), per-GPU TFLOP/s.
 
 FLOPs: 4*B*S^2*H*D forward (halved when causal), forward+backward 3.5x forward. Times are
 CUDA-event averages over --iters after --warmup iterations. --json FILE also writes the rows
 (rank 0), for scripts/scaling.py.
+
+Inputs: Q, K, V and the backward's dO are drawn as `ringattn bench` draws its synthetic values,
+uniform on [-sqrt 3, sqrt 3] (unit variance), so that both tools multiply the same kind of
+numbers. That matters on these GPUs: under their power cap the clock follows the energy the
+tensor cores spend, and that depends on the operands' bits. An all-ones dO (what this script
+used before, `--dout ones`) makes two of the backward's five matmuls multiply constants, and
+cuDNN's backward ran several percent faster with it (docs/PERFORMANCE.md). `--dist normal`
+draws Q, K, V from N(0, 1) instead.
 """
 import argparse
 import json
@@ -49,7 +57,7 @@ def time_ms(fn, warmup, iters):
 
 def header(title, a, world):
     print(f"# {title}: torch {torch.__version__}, {torch.cuda.get_device_name()}, {world} GPU(s), "
-          f"dtype {a.dtype}, {'forward+backward' if a.backward else 'forward'}")
+          f"dtype {a.dtype}, inputs {a.dist}, {'forward+backward, dO ' + a.dout if a.backward else 'forward'}")
     print(f"# {'seq':>9} {'batch':>5} {'heads':>5} {'kv':>4} {'dim':>4} {'causal':>6} {'impl':>14} "
           f"{'time_ms':>10} {'TFLOP/s/GPU':>12}")
 
@@ -66,30 +74,43 @@ def row(seq, a, causal, impl, ms, world):
           f"{impl:>14} {ms:>10.3f} {tf:>12.1f}", flush=True)
 
 
-def make_qkv(a, seq, device, requires_grad):
+def draw(a, shape, g):
+    """A tensor of `shape` drawn as --dist says (both have unit variance)."""
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[a.dtype])
+    if a.dist == "normal":
+        return torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+    u = torch.rand(shape, device="cuda", dtype=torch.float32, generator=g)
+    return ((2.0 * u - 1.0) * 3.0 ** 0.5).to(dtype)
+
+
+def make_qkv(a, seq, device, requires_grad):
     g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(a.batch, a.heads, seq, a.head_dim, device=device, dtype=dtype, generator=g)
-    k = torch.randn(a.batch, a.kv_heads, seq, a.head_dim, device=device, dtype=dtype, generator=g)
-    v = torch.randn(a.batch, a.kv_heads, seq, a.head_dim, device=device, dtype=dtype, generator=g)
+    q = draw(a, (a.batch, a.heads, seq, a.head_dim), g)
+    k = draw(a, (a.batch, a.kv_heads, seq, a.head_dim), g)
+    v = draw(a, (a.batch, a.kv_heads, seq, a.head_dim), g)
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
     return q, k, v
 
 
-def attention_step(q, k, v, causal, gqa, backward):
+def attention_step(a, q, k, v, causal, gqa):
     kwargs = {"enable_gqa": True} if gqa else {}  # only where needed: not every dispatcher takes it
+    dout = None
+    if a.backward:  # drawn once, outside the timed steps
+        g = torch.Generator(device="cuda").manual_seed(1)
+        dout = torch.ones_like(q) if a.dout == "ones" else draw(a, tuple(q.shape), g)
 
     def step():
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kwargs)
-        if backward:
-            o.backward(torch.ones_like(o))
+        if dout is not None:
+            o.backward(dout)
     return step
 
 
 def run_sdpa(a):
     header("torch SDPA, one GPU", a, 1)
     backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+    backends = {n: b for n, b in backends.items() if a.backend in ("both", n[5:])}
     for seq in seq_lengths(a):
         for causal in a.causal_list:
             for name, backend in backends.items():
@@ -102,7 +123,7 @@ def run_sdpa(a):
                     gqa = False
                 try:
                     with sdpa_kernel(backend):
-                        ms = time_ms(attention_step(q, k, v, causal, gqa, a.backward), a.warmup, a.iters)
+                        ms = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters)
                     row(seq, a, causal, name, ms, 1)
                 except RuntimeError as e:
                     print(f"  {seq:>9} {name}: not available ({str(e).splitlines()[0][:80]})")
@@ -135,7 +156,7 @@ def run_cp(a):
                 with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
                     for t in (q, k, v):
                         t.requires_grad_(a.backward)
-                    ms = time_ms(attention_step(q, k, v, causal, gqa, a.backward), a.warmup, a.iters)
+                    ms = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters)
                     for t in (q, k, v):  # leaving restores the buffers (a resize)
                         t.requires_grad_(False)
                         t.grad = None
@@ -161,6 +182,11 @@ def main():
     p.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--backward", action="store_true", help="time forward+backward")
+    p.add_argument("--backend", choices=["both", "flash", "cudnn"], default="both", help="sdpa: the backends timed")
+    p.add_argument("--dist", choices=["uniform", "normal"], default="uniform",
+                   help="Q, K, V (and dO): uniform as ringattn's synthetic inputs, or N(0, 1)")
+    p.add_argument("--dout", choices=["random", "ones"], default="random",
+                   help="the backward's dO: drawn as Q, or all ones (the old default)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON (rank 0)")
