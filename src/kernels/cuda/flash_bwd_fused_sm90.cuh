@@ -369,21 +369,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if constexpr (D == 128) {
       // dQ[:, 64 wg ..] = dS K[:, 64 wg ..], over the 128 keys (the first MMA overwrites: dq is
       // dead from its store to here, through S^T and dP^T, which keeps the peak at 192 registers).
-      Wgmma<T, 64>::ss_tt_zero(dq, smem_desc_sw128(ds_buf, BN * 128, 1024),
-                               smem_desc_sw128(sK + wg * BN * 128, BN * 128, 1024));
+      const SmemDescSw128 dds(ds_buf, BN * 128, 1024), dkk(sK + wg * BN * 128, BN * 128, 1024);
+      Wgmma<T, 64>::ss_tt_zero(dq, dds.at(0), dkk.at(0));
 #pragma unroll
-      for (int kk = 1; kk < BN / 16; ++kk) {
-        Wgmma<T, 64>::ss_tt(dq, smem_desc_sw128(ds_buf + kk * 16 * 128, BN * 128, 1024),
-                            smem_desc_sw128(sK + wg * BN * 128 + kk * 16 * 128, BN * 128, 1024), 1);
-      }
+      for (int kk = 1; kk < BN / 16; ++kk) Wgmma<T, 64>::ss_tt(dq, dds.at(kk * 16 * 128), dkk.at(kk * 16 * 128), 1);
     } else {
       // dQ[:, 32 wg ..] = dS K[:, 32 wg ..]: B = rows 32 wg .. of K^T, K-major (k16 slice kk of
       // the keys: atom column kk / 4, 32 (kk % 4) bytes in).
+      const SmemDescSw128 dds(ds_buf, BN * 128, 1024), dkt(sKt + wg * 32 * 128, 16, 1024);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        Wgmma<T, 32>::ss_ta(dq, smem_desc_sw128(ds_buf + kk * 16 * 128, BN * 128, 1024),
-                            smem_desc_sw128(sKt + (kk / 4) * D * 128 + wg * 32 * 128 + (kk % 4) * 32, 16, 1024),
-                            kk > 0);
+        Wgmma<T, 32>::ss_ta(dq, dds.at(kk * 16 * 128), dkt.at((kk / 4) * D * 128 + (kk % 4) * 32), kk > 0);
       }
     }
     wgmma_commit();

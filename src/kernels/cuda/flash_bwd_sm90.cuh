@@ -98,13 +98,16 @@ __device__ __forceinline__ void add_acc_rows_sm90(const float (&frag)[D / 2], in
 
 // S = A B^T for a 64-row slice of A (a tile of kRowsA rows, starting at row a_row) and all
 // BN rows of B (a tile of BN rows), both K-major over D, 128-byte swizzled.
-template <typename T, int D, int kRowsA, int BN>
+// kStepA = false rebuilds A's descriptors from their addresses (the single-pass backward's
+// full-mask kernel at head dim 128: stepped, they made ptxas spill 16 bytes there).
+template <typename T, int D, int kRowsA, int BN, bool kStepA = true>
 __device__ __forceinline__ void issue_abt_sm90(float (&s)[BN / 2], std::uint32_t sA, int a_row, std::uint32_t sB) {
+  const SmemDescSw128 da(sA + a_row * 128, 16, 1024), db(sB, 16, 1024);
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
-    const std::uint32_t a_addr = sA + (ks / 4) * kRowsA * 128 + a_row * 128 + (ks % 4) * 32;
-    const std::uint32_t b_addr = sB + (ks / 4) * BN * 128 + (ks % 4) * 32;
-    Wgmma<T, BN>::ss(s, smem_desc_sw128(a_addr, 16, 1024), smem_desc_sw128(b_addr, 16, 1024), ks > 0);
+    const std::uint32_t a_off = (ks / 4) * kRowsA * 128 + (ks % 4) * 32;
+    Wgmma<T, BN>::ss(s, kStepA ? da.at(a_off) : smem_desc_sw128(sA + a_row * 128 + a_off, 16, 1024),
+                     db.at((ks / 4) * BN * 128 + (ks % 4) * 32), ks > 0);
   }
 }
 
@@ -113,10 +116,9 @@ __device__ __forceinline__ void issue_abt_sm90(float (&s)[BN / 2], std::uint32_t
 template <typename T, int D, int kInner>
 __device__ __forceinline__ void issue_xb_sm90(float (&acc)[D / 2], const std::uint32_t (&x)[kInner / 16][4],
                                               std::uint32_t sB) {
+  const SmemDescSw128 db(sB, kInner * 128, 1024);
 #pragma unroll
-  for (int kk = 0; kk < kInner / 16; ++kk) {
-    Wgmma<T, D>::rs_tn(acc, x[kk], smem_desc_sw128(sB + kk * 16 * 128, kInner * 128, 1024));
-  }
+  for (int kk = 0; kk < kInner / 16; ++kk) Wgmma<T, D>::rs_tn(acc, x[kk], db.at(kk * 16 * 128));
 }
 
 template <class Tr, bool kCausal>
@@ -381,9 +383,10 @@ __device__ __forceinline__ void dkv_step_sm90(float (&dk)[D / 2], float (&dv)[D 
                                               int key_wg, int key0, int m0, int lane) {
   float s[BQ / 2], dp[BQ / 2];
   wgmma_fence();
-  issue_abt_sm90<T, D, BN, BQ>(s, sK, wg * 64, q_tile);  // S^T = K Q^T (callers leave no group in flight)
+  constexpr bool kStepA = kCausal || D != 128;
+  issue_abt_sm90<T, D, BN, BQ, kStepA>(s, sK, wg * 64, q_tile);  // S^T = K Q^T (callers leave no group in flight)
   wgmma_commit();
-  issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
+  issue_abt_sm90<T, D, BN, BQ, kStepA>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
   wgmma_commit();
   wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
   fence_regs(s);
