@@ -198,7 +198,8 @@ def main():
     run_sdpa(a) if a.mode == "sdpa" else run_cp(a)
     if a.json and int(os.environ.get("RANK", 0)) == 0:
         with open(a.json, "w") as f:
-            json.dump({"tool": "pytorch", "mode": a.mode, "dtype": a.dtype, "rows": ROWS}, f, indent=1)
+            json.dump({"tool": "pytorch", "mode": a.mode, "dtype": a.dtype, "dist": a.dist, "dout": a.dout, "rows": ROWS},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
