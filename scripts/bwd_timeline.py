@@ -178,11 +178,11 @@ __device__ __forceinline__ void dkv_step_sm90("""),
   float s[BQ / 2], dp[BQ / 2];""",
      """int key_wg, int key0, int m0, int lane, unsigned* ph = nullptr, bool ph_on = false) {
   float s[BQ / 2], dp[BQ / 2];"""),
-    ("flash_bwd_sm90.cuh", """  issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
+    ("flash_bwd_sm90.cuh", """  issue_abt_sm90<T, D, BN, BQ, kStepA>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
   wgmma_commit();
   wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
   fence_regs(s);""",
-     """  issue_abt_sm90<T, D, BN, BQ>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
+     """  issue_abt_sm90<T, D, BN, BQ, kStepA>(dp, sV, wg * 64, do_tile);  // dP^T = V dO^T
   wgmma_commit();
   PH(0);
   wgmma_wait<1>();  // S^T has landed; P^T overlaps the dP^T MMAs
