@@ -15,7 +15,8 @@
 # machine has fewer than $NP GPUs.
 # The checks are independent jobs: RINGATTN_VERIFY_JOBS (default 4) of them run at once on the
 # same GPUs (each its own mpirun, NCCL communicator and fp64 reference; the time is mostly
-# start-up), their reports printed in order at the end; 1 runs them one by one.
+# start-up); each report, with the job's time, is printed in order as soon as it and those
+# before it are done (a run cut short still shows what finished); 1 runs them one by one.
 #   ring_verify.sh RINGATTN MPIEXEC NP [mpirun flags...]
 set -u
 ringattn=$1 mpiexec=$2 np=$3
@@ -35,10 +36,27 @@ export OMP_NUM_THREADS=$threads
 reports=$(mktemp -d)
 trap 'rm -rf "$reports"' EXIT
 n_jobs=0
+printed=0
+flush() {  # prints the finished reports that come next in order
+  while [ -e "$reports/$(printf %04d $((printed + 1))).done" ]; do
+    printed=$((printed + 1))
+    cat "$reports/$(printf %04d "$printed").log"
+  done
+}
 spawn() {  # runs "$@" (a check and its arguments) as a background job, at most jobs_max at once
-  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do
+    wait -n
+    flush
+  done
   n_jobs=$((n_jobs + 1))
-  ( "$@" ) > "$reports/$(printf %04d "$n_jobs").log" 2>&1 &
+  local report
+  report=$reports/$(printf %04d "$n_jobs")
+  (
+    start=$SECONDS
+    ( "$@" ) > "$report.log" 2>&1
+    echo "     ($((SECONDS - start)) s)" >> "$report.log"
+    touch "$report.done"
+  ) &
 }
 check() {  # name, then the verify flags
   local name=$1
@@ -236,6 +254,6 @@ if [ "$np" -eq 2 ]; then
   done
 fi
 wait
-cat "$reports"/*.log
+flush
 if grep -q '^FAIL' "$reports"/*.log; then failed=1; fi
 exit $failed
