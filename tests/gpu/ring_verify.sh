@@ -53,7 +53,7 @@ spawn() {  # runs "$@" (a check and its arguments) as a background job, at most 
   report=$reports/$(printf %04d "$n_jobs")
   (
     start=$SECONDS
-    ( "$@" ) > "$report.log" 2>&1
+    "$@" > "$report.log" 2>&1
     echo "     ($((SECONDS - start)) s)" >> "$report.log"
     touch "$report.done"
   ) &
