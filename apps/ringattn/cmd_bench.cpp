@@ -210,6 +210,11 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       if (prepared.cuda && prepared.cuda->kernel_description() != kernel_said) {
         kernel_said = prepared.cuda->kernel_description();
         print0(ctx, "# blocks computed by: %s\n", kernel_said.c_str());
+        if (ctx.size() > 1) {
+          print0(ctx, "# ring buffers: %s\n",
+                 ctx.cuda().ring_buffers_registered() ? "registered with NCCL (send/recv copy peer to peer)"
+                                                      : "not registered with NCCL (send/recv stage through its FIFOs)");
+        }
       }
 #endif
 

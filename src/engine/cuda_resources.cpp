@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <string>
 #include <thread>
 
@@ -20,7 +21,77 @@ namespace ringattn::detail {
 namespace {
 // Bound on communicator creation (every rank must arrive).
 constexpr double kInitTimeoutSeconds = 300.0;
+
+// RINGATTN_NCCL_REGISTER: 1 (the default) registers the ring buffers with NCCL, 0 does not.
+bool register_ring_buffers() {
+  const char* env = std::getenv("RINGATTN_NCCL_REGISTER");
+  if (env == nullptr || std::string(env) == "1") return true;
+  if (std::string(env) == "0") return false;
+  throw Error(ErrorCode::invalid_argument, std::string("RINGATTN_NCCL_REGISTER=") + env + ": expected 0 or 1");
+}
 }  // namespace
+
+struct RingBuffer::Registrar {
+  ncclComm_t comm = nullptr;
+  int device = 0;
+  bool alive = true;  // false once the communicator is aborted or about to be destroyed
+};
+
+RingBuffer::RingBuffer(std::size_t bytes, std::shared_ptr<Registrar> registrar) : bytes_(bytes) {
+  if (bytes == 0) return;
+  if (!registrar || !registrar->alive) {
+    RINGATTN_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+    return;
+  }
+  RINGATTN_NCCL_CHECK(ncclMemAlloc(&ptr_, bytes));
+  nccl_memory_ = true;
+  try {
+    RINGATTN_NCCL_CHECK(ncclCommRegister(registrar->comm, ptr_, bytes, &handle_));
+  } catch (...) {
+    RINGATTN_NCCL_CHECK_NOTHROW(ncclMemFree(ptr_));
+    throw;
+  }
+  registrar_ = std::move(registrar);
+}
+
+RingBuffer::~RingBuffer() {
+  if (ptr_ == nullptr) return;
+  if (!nccl_memory_) {
+    RINGATTN_CUDA_CHECK_NOTHROW(cudaFree(ptr_));  // (waits for the device, as cudaFree does)
+    return;
+  }
+  // Not stream-ordered: wait until no kernel or transfer can still touch the buffer.
+  int current = 0;
+  RINGATTN_CUDA_CHECK_NOTHROW(cudaGetDevice(&current));
+  RINGATTN_CUDA_CHECK_NOTHROW(cudaSetDevice(registrar_->device));
+  RINGATTN_CUDA_CHECK_NOTHROW(cudaDeviceSynchronize());
+  if (handle_ != nullptr && registrar_->alive) {
+    RINGATTN_NCCL_CHECK_NOTHROW(ncclCommDeregister(registrar_->comm, handle_));
+  }
+  RINGATTN_NCCL_CHECK_NOTHROW(ncclMemFree(ptr_));
+  RINGATTN_CUDA_CHECK_NOTHROW(cudaSetDevice(current));
+}
+
+RingBufferRef CudaResources::ring_buffer(int slot, std::size_t bytes) {
+  std::shared_ptr<RingBuffer>& buffer = ring_buffers_[slot];
+  if (!buffer || buffer->bytes() < bytes) {
+    buffer.reset();  // freed here unless an engine still holds it
+    RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
+    buffer = std::make_shared<RingBuffer>(bytes, registrar_);
+  }
+  return RingBufferRef(buffer);
+}
+
+bool CudaResources::ring_buffers_registered() const { return registrar_ != nullptr && registrar_->alive; }
+
+void CudaResources::enable_registration() {
+  int ranks = 1;
+  RINGATTN_NCCL_CHECK(ncclCommCount(comm_, &ranks));
+  if (ranks < 2 || !register_ring_buffers()) return;
+  registrar_ = std::make_shared<RingBuffer::Registrar>();
+  registrar_->comm = comm_;
+  registrar_->device = device_;
+}
 
 CudaResources::CudaResources(Context& ctx) {
   const ContextOptions& options = ctx.options();
@@ -64,7 +135,9 @@ CudaResources::CudaResources(Context& ctx) {
                         " but the MPI communicator has rank " + std::to_string(ctx.rank()) + " of " +
                         std::to_string(ctx.size()) + ": they must span the same ranks in the same order");
       }
+      enable_registration();
     });
+    agree_on_registration(ctx);
     return;
   }
   ncclUniqueId id{};
@@ -77,7 +150,17 @@ CudaResources::CudaResources(Context& ctx) {
     RINGATTN_NCCL_CHECK(ncclCommInitRankConfig(&comm_, ctx.size(), id, ctx.rank(), &config));
     owns_comm_ = true;
     settle(kInitTimeoutSeconds);
+    enable_registration();
   });
+  agree_on_registration(ctx);
+}
+
+void CudaResources::agree_on_registration(Context& ctx) {
+  // NCCL leaves a send/recv between a registered and an unregistered buffer undefined: all
+  // ranks register, or none (RINGATTN_NCCL_REGISTER set differently across ranks).
+  int mine = registrar_ ? 1 : 0, all = 0;
+  RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, ctx.comm()));
+  if (all == 0) registrar_.reset();
 }
 
 void CudaResources::settle(double timeout_s) const {
@@ -124,6 +207,9 @@ void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::functio
         RINGATTN_NCCL_CHECK_NOTHROW(ncclCommAbort(comm_));
         aborted_ = true;
       }
+      // No deregistration after this: the abort released the registrations, and on a borrowed
+      // communicator it would wait for a peer's proxy thread, which may be the stopped one.
+      if (registrar_) registrar_->alive = false;
       const std::string what = comm_ == nullptr ? ""
                                : owns_comm_     ? "; NCCL communicator aborted"
                                                 : " (the borrowed communicator is left as it is)";
@@ -145,6 +231,7 @@ CudaResources::CudaResources(int device, std::shared_ptr<LoopbackHub> hub, int m
 
 CudaResources::CudaResources(int device, ncclComm_t comm) : device_(device), comm_(comm), owns_comm_(true) {
   RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
+  if (comm_ != nullptr) enable_registration();
   cudaDeviceProp prop{};
   RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   device_name_ = prop.name;
@@ -169,6 +256,10 @@ CudnnSdpa* CudaResources::cudnn() {
 
 CudaResources::~CudaResources() {
   cudnn_.reset();
+  // The ring buffers first, deregistered while the communicator lives; one an engine still
+  // holds is then only freed.
+  for (std::shared_ptr<RingBuffer>& buffer : ring_buffers_) buffer.reset();
+  if (registrar_) registrar_->alive = false;
   // An aborted communicator is already released. Otherwise finalize (bounded), then destroy;
   // a communicator that cannot finalize is aborted rather than destroyed, which could block.
   if (owns_comm_ && comm_ != nullptr && !aborted_) {

@@ -26,6 +26,48 @@ namespace ringattn::detail {
 class CudnnSdpa;
 class LoopbackHub;
 
+// Device memory the ring's hops send from and receive into. Over an NCCL communicator of more
+// than one rank it comes from ncclMemAlloc and is registered with the communicator
+// (ncclCommRegister): NCCL's intra-node send/recv between registered buffers copy straight
+// from the sender's buffer into the receiver's (zero-copy) instead of staging every byte
+// through the connection's FIFO, which the receiver would then copy out: a third of the
+// memory traffic and none of the receiver's copy work. Elsewhere (loopback groups, one rank),
+// or with RINGATTN_NCCL_REGISTER=0, plain cudaMalloc. Freed after the device is idle; the
+// registration is dropped while the communicator lives (an aborted or destroyed one has
+// dropped it already).
+class RingBuffer {
+ public:
+  struct Registrar;  // the communicator and whether it is still alive
+  RingBuffer(std::size_t bytes, std::shared_ptr<Registrar> registrar);
+  ~RingBuffer();
+  RingBuffer(const RingBuffer&) = delete;
+  RingBuffer& operator=(const RingBuffer&) = delete;
+  void* get() const { return ptr_; }
+  std::size_t bytes() const { return bytes_; }
+  bool registered() const { return handle_ != nullptr; }
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t bytes_ = 0;
+  void* handle_ = nullptr;  // ncclCommRegister's
+  bool nccl_memory_ = false;
+  std::shared_ptr<Registrar> registrar_;
+};
+
+// An engine's hold on one of its resources' ring buffers (DeviceBuffer's interface).
+class RingBufferRef {
+ public:
+  RingBufferRef() = default;
+  explicit RingBufferRef(std::shared_ptr<RingBuffer> buffer) : buffer_(std::move(buffer)) {}
+  void* get() const { return buffer_ ? buffer_->get() : nullptr; }
+  template <typename T>
+  T* as() const { return static_cast<T*>(get()); }
+  std::size_t bytes() const { return buffer_ ? buffer_->bytes() : 0; }
+
+ private:
+  std::shared_ptr<RingBuffer> buffer_;
+};
+
 class CudaResources {
  public:
   explicit CudaResources(Context& ctx);  // collective over ctx
@@ -52,6 +94,13 @@ class CudaResources {
   // cuDNN's attention with its plan cache and workspace, created on first use; nullptr in
   // builds without cuDNN.
   CudnnSdpa* cudnn();
+  // Ring buffer `slot` (0 and 1: the travelling K/V blocks, 2 and 3: the backward's dK/dV
+  // sums) of at least `bytes`, kept across calls so that each is allocated and registered
+  // once: the engines of one context take turns on one compute stream, so they share them. A
+  // larger request replaces the slot's buffer; engines holding the old one keep it alive.
+  RingBufferRef ring_buffer(int slot, std::size_t bytes);
+  // Whether the ring buffers are registered with NCCL (for reports).
+  bool ring_buffers_registered() const;
 
   // The watchdog. NCCL communicators the library creates are non-blocking: a call may return
   // while its work is still being enqueued, and settle() waits (bounded) until it has been.
@@ -80,6 +129,10 @@ class CudaResources {
   std::shared_ptr<LoopbackHub> hub_;
   int member_ = 0;
   std::shared_ptr<CudnnSdpa> cudnn_;  // shared_ptr: no destructor needed where cuDNN is absent
+  void enable_registration();  // over a communicator of two or more ranks, unless RINGATTN_NCCL_REGISTER=0
+  void agree_on_registration(Context& ctx);  // collective: registered on every rank or on none
+  std::shared_ptr<RingBuffer::Registrar> registrar_;  // null: no registration
+  std::shared_ptr<RingBuffer> ring_buffers_[4];
 };
 
 }  // namespace ringattn::detail

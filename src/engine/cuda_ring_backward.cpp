@@ -40,11 +40,11 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
                                                  to_string(dtype) + " with head_dim " + std::to_string(shape.head_dim));
   }
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
-  blocks_[0] = DeviceBuffer(kv_bytes(kv_capacity));
-  acc_[0] = DeviceBuffer(acc_bytes(kv_capacity));
+  blocks_[0] = resources_.ring_buffer(0, kv_bytes(kv_capacity));
+  acc_[0] = resources_.ring_buffer(2, acc_bytes(kv_capacity));
   if (plan_.world > 1) {
-    blocks_[1] = DeviceBuffer(kv_bytes(kv_capacity));
-    acc_[1] = DeviceBuffer(acc_bytes(kv_capacity));
+    blocks_[1] = resources_.ring_buffer(1, kv_bytes(kv_capacity));
+    acc_[1] = resources_.ring_buffer(3, acc_bytes(kv_capacity));
   }
   if (!plan_.reverse_steps.empty() || plan_.sink_len > 0) home_ = DeviceBuffer(acc_bytes(q_len));
   if (plan_.sink_len > 0) {

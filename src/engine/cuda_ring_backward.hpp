@@ -104,8 +104,9 @@ class CudaRingBackward {
   AttentionShape shape_;
   DType dtype_;
   std::int64_t q_len_;
-  DeviceBuffer blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
-  DeviceBuffer acc_[2];     // dK then dV, (B, H_kv, S_kv, D) fp32 each, double-buffered
+  // The resources' ring buffers 0, 1 (shared with the forward engine) and 2, 3.
+  RingBufferRef blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
+  RingBufferRef acc_[2];     // dK then dV, (B, H_kv, S_kv, D) fp32 each, double-buffered
   DeviceBuffer dq_acc_;     // (B, H, S_local, D) fp32
   DeviceBuffer lse2_;       // (B, H, S_local) fp32
   DeviceBuffer delta_;      // (B, H, S_local) fp32

@@ -44,9 +44,9 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
                                  std::int64_t q_len, std::int64_t kv_capacity, KernelKind kernel)
     : resources_(resources), plan_(std::move(plan)), shape_(shape), dtype_(dtype), q_len_(q_len) {
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
-  blocks_[0] = DeviceBuffer(block_bytes(kv_capacity));
+  blocks_[0] = resources_.ring_buffer(0, block_bytes(kv_capacity));
   if (plan_.world > 1 && (plan_.steps.size() > 1 || !plan_.reverse_steps.empty())) {
-    blocks_[1] = DeviceBuffer(block_bytes(kv_capacity));
+    blocks_[1] = resources_.ring_buffer(1, block_bytes(kv_capacity));
   }
   if (plan_.sink_len > 0) {
     sink_block_ = DeviceBuffer(block_bytes(plan_.sink_len));

@@ -109,7 +109,8 @@ class CudaRingForward {
   DType dtype_;
   std::int64_t q_len_;
   bool one_task_ = false;   // P = 1 and one task covers every row: results go straight to out
-  DeviceBuffer blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
+  // Packed K then V, (B, S_kv, H_kv, D) each, double-buffered: the resources' ring buffers 0, 1.
+  RingBufferRef blocks_[2];
   DeviceBuffer o_acc_;      // (B, H, S_local, D) fp32
   DeviceBuffer lse_acc_;    // (B, H, S_local) fp32
   // What the last run() is waiting on, for the watchdog: one event per transfer (recorded on

@@ -12,7 +12,9 @@
 //   gradient, and no more than 1.5x (+1e-7) the error of a one-member group on the same inputs;
 //   a second backward on the same group gives bitwise-identical gradients.
 // Where two GPUs are visible, the same case on distinct devices (NCCL) must give the same
-// bytes as the loopback group. Skips where no GPU is present.
+// bytes as the loopback group, with the ring buffers registered with NCCL (zero-copy
+// send/recv) and with RINGATTN_NCCL_REGISTER=0 (staged through NCCL's FIFOs). Skips where no
+// GPU is present.
 #include <gtest/gtest.h>
 
 #include "common/attention_case.hpp"
@@ -20,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -27,6 +30,7 @@
 #include "core/cuda_raii.hpp"
 #include "core/dtype.hpp"
 #include "core/synthetic.hpp"
+#include "engine/cuda_resources.hpp"
 #include "engine/reference.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/local_group.hpp"
@@ -49,6 +53,7 @@ struct Gathered {
   std::vector<unsigned char> out, dq, dk, dv;
   std::vector<float> lse;
   std::vector<unsigned char> dq2, dk2, dv2;  // the second backward
+  bool registered = false;                   // member 0's ring buffers registered with NCCL
 };
 
 Gathered run_group(const Case& c, const std::vector<int>& devices, const std::vector<unsigned char>& q_all,
@@ -129,6 +134,7 @@ Gathered run_group(const Case& c, const std::vector<int>& devices, const std::ve
   backward(group, qs, ks, vs, outs, lses, dos, dqs, dks, dvs, options);
 
   Gathered g;
+  g.registered = group.resources(0).ring_buffers_registered();
   g.lse.resize(static_cast<std::size_t>(B * H * c.seq));
   for (int i = 0; i < N; ++i) {
     Member& x = m[static_cast<std::size_t>(i)];
@@ -226,10 +232,17 @@ TEST_P(LoopbackRing, MatchesReferenceAndOneMember) {
   if (cuda_device_count() >= c.world) {  // distinct GPUs over NCCL: the same bytes
     std::vector<int> devices;
     for (int i = 0; i < c.world; ++i) devices.push_back(i);
-    const Gathered nccl = run_group(c, devices, q, k, v, dout);
-    EXPECT_TRUE(nccl.out == many.out) << "out differs between NCCL and loopback";
-    EXPECT_TRUE(nccl.dq == many.dq && nccl.dk == many.dk && nccl.dv == many.dv)
-        << "gradients differ between NCCL and loopback";
+    EXPECT_FALSE(many.registered) << "a loopback group has no communicator to register with";
+    for (const bool registered : {true, false}) {
+      setenv("RINGATTN_NCCL_REGISTER", registered ? "1" : "0", 1);
+      const Gathered nccl = run_group(c, devices, q, k, v, dout);
+      unsetenv("RINGATTN_NCCL_REGISTER");
+      const char* how = registered ? " (registered buffers)" : " (RINGATTN_NCCL_REGISTER=0)";
+      EXPECT_EQ(nccl.registered, registered) << how;
+      EXPECT_TRUE(nccl.out == many.out) << "out differs between NCCL and loopback" << how;
+      EXPECT_TRUE(nccl.dq == many.dq && nccl.dk == many.dk && nccl.dv == many.dv)
+          << "gradients differ between NCCL and loopback" << how;
+    }
   }
 }
 
@@ -245,6 +258,28 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{1, 1024, 2, 2, 128, false, LayoutKind::contiguous, 3, DType::bf16, 300},
                       Case{1, 1000, 2, 1, 64, true, LayoutKind::zigzag, 2, DType::bf16}),
     [](const ::testing::TestParamInfo<Case>& info) { return "case" + std::to_string(info.index); });
+
+// The ring buffers a group member keeps across calls: a request that fits returns the slot's
+// buffer, a larger one replaces it while an engine's hold on the old one keeps that valid.
+TEST(RingBuffers, KeptAcrossCallsAndGrown) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  LocalGroup group({0, 0});
+  CudaResources& res = group.resources(0);
+  EXPECT_FALSE(res.ring_buffers_registered());
+  const RingBufferRef a = res.ring_buffer(0, 4096);
+  ASSERT_NE(a.get(), nullptr);
+  EXPECT_EQ(a.bytes(), 4096u);
+  EXPECT_EQ(res.ring_buffer(0, 1000).get(), a.get()) << "a request that fits got a new buffer";
+  EXPECT_NE(res.ring_buffer(1, 1000).get(), a.get()) << "two slots share a buffer";
+  RINGATTN_CUDA_CHECK(cudaMemset(a.get(), 0x5a, a.bytes()));
+  const RingBufferRef b = res.ring_buffer(0, 8192);
+  EXPECT_NE(b.get(), a.get());
+  EXPECT_EQ(b.bytes(), 8192u);
+  EXPECT_EQ(res.ring_buffer(0, 100).get(), b.get());
+  std::vector<unsigned char> h(a.bytes());  // the old buffer is still there and intact
+  RINGATTN_CUDA_CHECK(cudaMemcpy(h.data(), a.get(), h.size(), cudaMemcpyDeviceToHost));
+  EXPECT_TRUE(std::all_of(h.begin(), h.end(), [](unsigned char x) { return x == 0x5a; }));
+}
 
 TEST(LoopbackGroup, RefusesWhatNeedsNccl) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
