@@ -243,6 +243,12 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     std::int64_t held = q_len_;
     for (int s = reverse ? -1 : 0; s < n; ++s) {
       const bool kv_transfer = ring && s + 1 < n;
+      // The single-pass kernel writes into step_acc_ while the accumulator has not arrived;
+      // those sums join it after the step (rows sums_row0 .. + sums_rows). A step of one
+      // native task has it overwrite its rows there (FlashBwdParams::dkv_store): no zeroing,
+      // and only those rows join. Otherwise every task adds into zeroed sums.
+      bool step_sums = false;
+      std::int64_t sums_row0 = 0, sums_rows = 0;
       if (kv_transfer) {
         // K and V: only the rows the next ranks' windows reach (all of them for the full ring;
         // the reverse pass starts with the own block, s = -1). The sums travel whole.
@@ -271,14 +277,14 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
           if (!acc_ready) acc_hop.wait();
           acc_ready = true;
         };
-        // The single-pass kernel adds into step_acc_ (zeroed first) while the accumulator has
-        // not arrived; those sums join it after the step.
-        bool step_sums = false;
+        sums_rows = step.kv_len;
+        const bool store_sums =
+            fused_ && !acc_ready && step.tasks.size() == 1 && !task_uses_cudnn(step.tasks[0], step.kv_len);
         auto zero_step_sums = [&] {
           if (!step_sums) RINGATTN_CUDA_CHECK(cudaMemsetAsync(step_acc_.get(), 0, acc_bytes(step.kv_len), stream));
           step_sums = true;
         };
-        if (fused_ && !acc_ready) {
+        if (fused_ && !acc_ready && !store_sums) {
           for (const BlockTask& t : step.tasks) {
             if (!task_uses_cudnn(t, step.kv_len)) {
               span(-1, zero_step_sums);
@@ -305,20 +311,31 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
               p.dk = dk_acc;
               p.dv = dv_acc;
             } else {
-              zero_step_sums();  // (zeroed above, unless cuDNN refused a task planned for it)
+              if (store_sums) {
+                p.dkv_store = 1;
+                step_sums = true;
+                sums_row0 = t.kv_begin;
+                sums_rows = t.kv_len;
+              } else {
+                zero_step_sums();  // (zeroed above, unless cuDNN refused a task planned for it)
+              }
               p.dk = step_acc_.as<float>();
               p.dv = p.dk + B * Hkv * step.kv_len * D;
             }
             flash_bwd(p, dtype_, D, stream, FlashBwdPart::both);
+            p.dkv_store = 0;
           }
         });
         await_acc();
-        if (step_sums) {  // dK then dV: (2B, H_kv, kv_len, D) in both buffers
+        // The sums that the last hop takes home rounded join the accumulator in the rounding.
+        const bool round_now = ring && s + 1 == n && !reverse && round_home;
+        if (step_sums && !round_now) {  // dK then dV: (2B, H_kv, kv_len, D) in both buffers
           const Strides sums = {Hkv * step.kv_len * D, step.kv_len * D, D};
           span(-1, [&] {
-            accumulate_rows(dk_acc, step.kv_len, 0, step_acc_.get(), DType::f32, 2 * B, Hkv, step.kv_len, D, sums,
-                            stream);
+            accumulate_rows(dk_acc, step.kv_len, sums_row0, step_acc_.as<float>() + sums_row0 * D, DType::f32, 2 * B,
+                            Hkv, sums_rows, D, sums, stream);
           });
+          step_sums = false;
         }
         // A milestone for the watchdog: this step's kernels are done.
         if (milestones_ >= static_cast<int>(step_events_.size())) step_events_.emplace_back();
@@ -332,19 +349,22 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
         const std::int64_t next_len = last ? q_len_ : steps[static_cast<std::size_t>(s) + 1].kv_len;
         if (last && !reverse && round_home) {
           // dK then dV, (B, held, H_kv, D) each in the dtype, into the K/V buffer no hop uses
-          // any more; received packed into the other accumulator buffer.
+          // any more; received packed into the other accumulator buffer. The step's own sums
+          // (if any) are added in the same pass.
           auto* send = static_cast<unsigned char*>(blocks_[1 - cur].get());
           const std::size_t half = kv_bytes(held) / 2;
           const float* sums = acc_[acc].as<float>();
+          const float* own = step_sums ? step_acc_.as<float>() : nullptr;
+          const std::int64_t half_elems = B * Hkv * held * D;
           span(-1, [&] {
             finalize_output(
                 sums, nullptr,
                 TensorView::contiguous(send, dtype_, {B, held, Hkv, D}, DeviceKind::cuda, resources_.device()),
-                TensorView{}, stream);
-            finalize_output(sums + B * Hkv * held * D, nullptr,
+                TensorView{}, stream, own, sums_row0, sums_rows);
+            finalize_output(sums + half_elems, nullptr,
                             TensorView::contiguous(send + half, dtype_, {B, held, Hkv, D}, DeviceKind::cuda,
                                                    resources_.device()),
-                            TensorView{}, stream);
+                            TensorView{}, stream, own != nullptr ? own + half_elems : nullptr, sums_row0, sums_rows);
           });
           acc_hop.start(send, kv_bytes(held), owner, acc_[1 - acc].get(), kv_bytes(next_len), mine);
           rounded = true;

@@ -13,7 +13,11 @@
 
 #include "common/attention_case.hpp"
 
+#include <cuda_bf16.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "core/cuda_raii.hpp"
@@ -61,7 +65,10 @@ std::vector<T> rows_at(const std::vector<T>& all, const Case& c, const std::vect
 // Runs the backward pass of every rank of the plan (ring or sliding-window: forward steps,
 // reverse steps, the sink block) with `kernel`; returns dq (rounded to the dtype, as stored)
 // and the fp32 dk, dv sums of every block, concatenated.
-std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& rel_err) {
+// store: every task overwrites its rows (FlashBwdParams::dkv_store) of a scratch accumulator
+// filled with NaN, whose other rows must stay untouched; its rows are then added to the
+// block's accumulator (so a NaN left in a task's rows, e.g. of keys no query sees, fails).
+std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& rel_err, bool store = false) {
   const Layout layout(c.layout, c.seq, c.world);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
   std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
@@ -180,7 +187,33 @@ std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& r
           rel_err = INFINITY;
           return {};
         }
+        if (!store) {
+          flash_bwd(p, c.dtype, D, nullptr, FlashBwdPart::both, kernel);
+          continue;
+        }
+        float* const block_acc = p.dk;
+        const std::int64_t half = B * Hkv * block_len * D;
+        DeviceBuffer scratch(2 * static_cast<std::size_t>(half) * sizeof(float));
+        RINGATTN_CUDA_CHECK(cudaMemset(scratch.get(), 0xff, scratch.bytes()));  // NaN
+        p.dk = scratch.as<float>();
+        p.dv = p.dk + half;
+        p.dkv_store = 1;
         flash_bwd(p, c.dtype, D, nullptr, FlashBwdPart::both, kernel);
+        p.dkv_store = 0;
+        p.dk = block_acc;
+        p.dv = block_acc + half;
+        const std::vector<unsigned char> raw = download(scratch);
+        const auto* words = reinterpret_cast<const std::uint32_t*>(raw.data());
+        std::size_t touched = 0;
+        for (std::int64_t e = 0; e < 2 * half; ++e) {
+          const std::int64_t row = (e / D) % block_len;
+          touched += (row < t.kv_begin || row >= t.kv_begin + t.kv_len) && words[e] != 0xffffffffu;
+        }
+        EXPECT_EQ(touched, 0u) << "store mode wrote outside the task's rows " << t.kv_begin << " .. "
+                               << t.kv_begin + t.kv_len;
+        const std::int64_t strides[3] = {Hkv * block_len * D, block_len * D, D};
+        accumulate_rows(block_acc, block_len, t.kv_begin, scratch.as<float>() + t.kv_begin * D, DType::f32, 2 * B,
+                        Hkv, t.kv_len, D, strides, nullptr);
       }
     }
     DeviceBuffer dq_out(q.size());
@@ -248,6 +281,19 @@ void check_case(const Case& c) {
   }
 }
 
+// Store mode (FlashBwdParams::dkv_store, a ring step's own sums): every kernel, gradients within
+// the tolerance, nothing written outside the task's rows, repeatable.
+void check_store_case(const Case& c) {
+  for (FlashKernel kernel : kernels()) {
+    SCOPED_TRACE(name(c) + " kernel " + to_string(kernel) + " store mode");
+    double err = 0.0, err_again = 0.0;
+    const std::vector<unsigned char> first = run_case(c, kernel, err, true);
+    EXPECT_LE(err, gradient_tolerance(c.dtype)) << "max |err| / max |reference gradient|";
+    const std::vector<unsigned char> second = run_case(c, kernel, err_again, true);
+    EXPECT_TRUE(first == second) << "two runs gave different gradients";
+  }
+}
+
 class FlashBwd : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -297,5 +343,93 @@ TEST_F(FlashBwd, SlidingWindowBands) {
       check_case({1, 900, 4, 2, 128, causal, LayoutKind::contiguous, 3, DType::bf16, window, 0});
     }
     check_case({2, 700, 4, 1, 64, causal, LayoutKind::contiguous, 2, DType::f16, 130, 70});
+  }
+}
+
+// Store mode through plans whose tasks leave some keys unseen (striped causal: a block's last
+// key; windows: keys below every query's band), GQA, both head dims and dtypes.
+TEST_F(FlashBwd, StoreModeOverwritesOnlyTheTaskRows) {
+  check_store_case({1, 389, 8, 2, 128, true, LayoutKind::striped, 3, DType::bf16});
+  check_store_case({1, 1024, 4, 4, 128, false, LayoutKind::zigzag, 2, DType::bf16});
+  check_store_case({1, 1024, 4, 1, 64, true, LayoutKind::zigzag, 2, DType::f16});
+  check_store_case({1, 900, 4, 2, 128, true, LayoutKind::contiguous, 3, DType::bf16, 37, 0});
+  check_store_case({2, 700, 4, 1, 64, false, LayoutKind::contiguous, 2, DType::f16, 130, 70});
+}
+
+// One task whose last key tiles no query sees (causal, diagonal offset -200: keys 100 and on
+// are unseen), inside a larger accumulator (kv_begin 40): store mode into NaN must give the
+// same bits as adding into zeros (rows of unseen keys 0), and leave the rows around the task
+// alone. The single-pass kernel's CTAs with no query tile take their own path here.
+TEST_F(FlashBwd, StoreModeZeroesKeysNoQuerySees) {
+  for (const std::int64_t D : {64, 128}) {
+    const std::int64_t B = 1, H = 2, Hkv = 1, n = 300, acc_len = 400, kv_begin = 40;
+    std::vector<__nv_bfloat16> host(static_cast<std::size_t>(B * n * H * D));
+    for (std::size_t i = 0; i < host.size(); ++i) host[i] = __float2bfloat16(std::sin(0.37 * static_cast<double>(i)));
+    DeviceBuffer q = upload(host.data(), host.size() * 2), dout = upload(host.data(), host.size() * 2);
+    std::vector<__nv_bfloat16> kv(static_cast<std::size_t>(B * acc_len * Hkv * D));
+    for (std::size_t i = 0; i < kv.size(); ++i) kv[i] = __float2bfloat16(std::cos(0.11 * static_cast<double>(i)));
+    DeviceBuffer k = upload(kv.data(), kv.size() * 2), v = upload(kv.data(), kv.size() * 2);
+    std::vector<float> lse2(static_cast<std::size_t>(B * H * n), 6.0f), delta(lse2.size(), 0.25f);
+    DeviceBuffer dl = upload(lse2.data(), lse2.size() * 4), dd = upload(delta.data(), delta.size() * 4);
+    FlashBwdParams p;
+    p.q = q.get();
+    p.dout = dout.get();
+    p.q_batch_stride = p.do_batch_stride = n * H * D;
+    p.q_row_stride = p.do_row_stride = H * D;
+    p.q_head_stride = p.do_head_stride = D;
+    p.k = k.get();
+    p.v = v.get();
+    p.kv_batch_stride = acc_len * Hkv * D;
+    p.kv_row_stride = Hkv * D;
+    p.kv_head_stride = D;
+    p.lse2 = dl.as<float>();
+    p.delta = dd.as<float>();
+    p.s_q = n;
+    p.acc_len = acc_len;
+    p.heads = static_cast<int>(H);
+    p.kv_heads = static_cast<int>(Hkv);
+    p.kv_group = static_cast<int>(H / Hkv);
+    p.q_len = static_cast<int>(n);
+    p.kv_begin = static_cast<int>(kv_begin);
+    p.kv_len = static_cast<int>(n);
+    p.causal = 1;
+    p.diag_offset = -200;
+    p.scale = 0.088f;
+    p.scale_log2 = 0.088f * 1.4426950408889634f;
+    DeviceBuffer dq_sem(static_cast<std::size_t>(std::max<std::int64_t>(1, flash_bwd_semaphores(p))) * 4);
+    p.dq_sem = dq_sem.as<unsigned int>();
+    p.dq_sem_len = static_cast<std::int64_t>(dq_sem.bytes() / 4);
+    const std::size_t acc_bytes = 2 * static_cast<std::size_t>(B * Hkv * acc_len * D) * sizeof(float);
+    for (FlashKernel kernel : kernels()) {
+      SCOPED_TRACE("head dim " + std::to_string(D) + " kernel " + to_string(kernel));
+      std::vector<unsigned char> result[2];
+      for (int store = 0; store < 2; ++store) {
+        DeviceBuffer acc(acc_bytes), dq(static_cast<std::size_t>(B * H * n * D) * sizeof(float));
+        RINGATTN_CUDA_CHECK(cudaMemset(acc.get(), store ? 0xff : 0, acc.bytes()));
+        RINGATTN_CUDA_CHECK(cudaMemset(dq.get(), 0, dq.bytes()));
+        p.dk = acc.as<float>();
+        p.dv = p.dk + B * Hkv * acc_len * D;
+        p.dq = dq.as<float>();
+        p.dkv_store = store;
+        flash_bwd(p, DType::bf16, D, nullptr, FlashBwdPart::both, kernel);
+        result[store] = download(acc);
+      }
+      const auto* added = reinterpret_cast<const std::uint32_t*>(result[0].data());
+      const auto* stored = reinterpret_cast<const std::uint32_t*>(result[1].data());
+      std::size_t differ = 0, outside = 0, nonzero_unseen = 0, nonzero_seen = 0;
+      for (std::size_t e = 0; e < acc_bytes / 4; ++e) {
+        const std::int64_t row = static_cast<std::int64_t>(e / static_cast<std::size_t>(D)) % acc_len;
+        if (row < kv_begin || row >= kv_begin + n) {
+          outside += stored[e] != 0xffffffffu;
+          continue;
+        }
+        differ += added[e] != stored[e];
+        (row - kv_begin >= 100 ? nonzero_unseen : nonzero_seen) += stored[e] != 0u;
+      }
+      EXPECT_EQ(differ, 0u) << "store mode differs from adding into zeros";
+      EXPECT_EQ(outside, 0u) << "store mode wrote outside the task's rows";
+      EXPECT_EQ(nonzero_unseen, 0u) << "rows of keys no query sees are not zero";
+      EXPECT_GT(nonzero_seen, 0u) << "no gradient at all: the case tests nothing";
+    }
   }
 }

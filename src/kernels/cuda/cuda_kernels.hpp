@@ -64,10 +64,13 @@ void fill_neg_inf(float* lse, std::int64_t n, cudaStream_t stream);
 // Copies a strided (B, S, Hh, D) tensor into a dense (B, S, Hh, D) buffer of the same dtype.
 void pack_rows(const TensorView& src, void* dst, cudaStream_t stream);
 
-// out (B, S, H, D) in out.dtype with out's strides <- o_acc (B, H, S, D) fp32;
+// out (B, S, H, D) in out.dtype with out's strides <- o_acc (B, H, S, D) fp32, plus `add`
+// (same layout as o_acc) in rows add_row0 .. add_row0 + add_rows when add is set (one fp32
+// add before the rounding: a ring step's own dK/dV sums joining the arrived ones);
 // lse (B, H, S) with lse's strides <- lse_acc (B, H, S), when lse.data is set.
 void finalize_output(const float* o_acc, const float* lse_acc, const TensorView& out, const TensorView& lse,
-                     cudaStream_t stream);
+                     cudaStream_t stream, const float* add = nullptr, std::int64_t add_row0 = 0,
+                     std::int64_t add_rows = 0);
 
 // The native flash backward of one task (see FlashBwdParams): adds the task's share of dQ
 // (part dq), of dK and dV (part dkv), or of all three to the fp32 accumulators. The parts

@@ -85,6 +85,15 @@ void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cuda
     return;
   }
   if (kernel == FlashKernel::wgmma_fused) kernel = FlashKernel::wgmma;  // the other launches run the pair
+  if (p.dkv_store && dkv && p.kv_len > 0) {  // these kernels add: zero the task's rows first
+    const std::size_t pitch = static_cast<std::size_t>(p.acc_len * head_dim) * sizeof(float);
+    const std::size_t width = static_cast<std::size_t>(p.kv_len * head_dim) * sizeof(float);
+    const std::size_t height = static_cast<std::size_t>(p.batch) * static_cast<std::size_t>(p.kv_heads);
+    for (float* acc : {p.dk, p.dv}) {
+      RINGATTN_CUDA_CHECK(cudaMemset2DAsync(acc + static_cast<std::int64_t>(p.kv_begin) * head_dim, pitch, 0, width,
+                                            height, stream));
+    }
+  }
   if (kernel == FlashKernel::wgmma && flash::sm90_bwd_supports(p)) {  // TMA can describe the tensors
     if (head_dim == 64) {
       bf16 ? flash::launch_flash_bwd_sm90<__nv_bfloat16, 64>(p, stream, dq, dkv)

@@ -192,7 +192,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int group = p.kv_group;
   auto walk = [&](int it) { return make_int2(it % group, (m_last - it / group) * BQ); };
 
-  if (iters <= 0) return;  // no row of the task sees a key of this CTA
+  if (iters <= 0) {  // no row of the task sees a key of this CTA
+    if (p.dkv_store) zero_dkv_rows_sm90<D>(p, b, kvh, n0, BN, tid, static_cast<int>(blockDim.x));
+    return;
+  }
 
   if (warp < 4) {  // the producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -398,7 +401,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (lane == 0) mbar_arrive(qdo_empty(st));  // Q and dO of this stage are no longer read
   }
 
-  add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane);
+  add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane, p.dkv_store != 0);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a code: the dispatcher never launches it then
 #endif

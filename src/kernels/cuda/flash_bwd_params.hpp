@@ -44,6 +44,10 @@ struct FlashBwdParams {
   int lower_offset = 0;
   float scale = 1.0f;       // softmax scale
   float scale_log2 = 1.0f;  // scale * log2(e)
+  // dK/dV rows kv_begin .. kv_begin+kv_len are overwritten with the task's sums instead of
+  // added to (rows no query sees become zero): a ring step's own sums need no zeroing first.
+  // The single-pass kernel stores; the dispatcher zeroes the rows before any other kernel.
+  int dkv_store = 0;
 };
 
 }  // namespace ringattn::detail

@@ -77,9 +77,10 @@ struct Sm90BwdTraits {
 
 // acc rows row0 and row0 + 8 (this thread's two accumulator rows) += factor * frag, for rows
 // below `valid`; row_ptr(r) is row r's first fp32 element.
+// store: overwrite instead (acc = factor * frag).
 template <int D, class RowPtr>
 __device__ __forceinline__ void add_acc_rows_sm90(const float (&frag)[D / 2], int row0, int valid, float factor, int lane,
-                                                  RowPtr row_ptr) {
+                                                  RowPtr row_ptr, bool store = false) {
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int r = row0 + hr * 8;
@@ -88,7 +89,7 @@ __device__ __forceinline__ void add_acc_rows_sm90(const float (&frag)[D / 2], in
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
       float2* d2 = reinterpret_cast<float2*>(dst + t * 8 + (lane % 4) * 2);
-      float2 cur = *d2;
+      float2 cur = store ? make_float2(0.0f, 0.0f) : *d2;
       cur.x = fmaf(frag[4 * t + 2 * hr], factor, cur.x);
       cur.y = fmaf(frag[4 * t + 2 * hr + 1], factor, cur.y);
       *d2 = cur;
@@ -311,12 +312,28 @@ __device__ __forceinline__ void init_dkv_barriers_sm90(std::uint32_t bars) {
 // (task-relative) added to the block's fp32 sums, rows below kv_len.
 template <int D>
 __device__ __forceinline__ void add_dkv_sums_sm90(const FlashBwdParams& p, const float (&dk)[D / 2],
-                                                  const float (&dv)[D / 2], int b, int kvh, int key0, int lane) {
+                                                  const float (&dv)[D / 2], int b, int kvh, int key0, int lane,
+                                                  bool store = false) {
   const std::int64_t acc_base = ((static_cast<std::int64_t>(b) * p.kv_heads + kvh) * p.acc_len + p.kv_begin) * D;
-  add_acc_rows_sm90<D>(dk, key0, p.kv_len, p.scale, lane,
-                       [&](int r) { return p.dk + acc_base + static_cast<std::int64_t>(r) * D; });
-  add_acc_rows_sm90<D>(dv, key0, p.kv_len, 1.0f, lane,
-                       [&](int r) { return p.dv + acc_base + static_cast<std::int64_t>(r) * D; });
+  add_acc_rows_sm90<D>(
+      dk, key0, p.kv_len, p.scale, lane, [&](int r) { return p.dk + acc_base + static_cast<std::int64_t>(r) * D; },
+      store);
+  add_acc_rows_sm90<D>(
+      dv, key0, p.kv_len, 1.0f, lane, [&](int r) { return p.dv + acc_base + static_cast<std::int64_t>(r) * D; },
+      store);
+}
+
+// dK and dV rows n0 .. n0 + rows - 1 (task-relative) of (batch b, kv head kvh) <- 0, by all
+// `threads` threads: a store-mode CTA whose keys no query of the task sees.
+template <int D>
+__device__ __forceinline__ void zero_dkv_rows_sm90(const FlashBwdParams& p, int b, int kvh, int n0, int rows, int tid,
+                                                   int threads) {
+  const std::int64_t base = ((static_cast<std::int64_t>(b) * p.kv_heads + kvh) * p.acc_len + p.kv_begin + n0) * D;
+  const int n = max(0, min(rows, p.kv_len - n0)) * D / 4;
+  for (int i = tid; i < n; i += threads) {
+    reinterpret_cast<float4*>(p.dk + base)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    reinterpret_cast<float4*>(p.dv + base)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
 }
 
 // The dkv walk's loads, by one producer warp: K and V of the CTA's BN keys once (kv_full,

@@ -73,17 +73,19 @@ __device__ float from_float<float>(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
-// out[b, s, h, d] <- o_acc[b, h, s, d]
+// out[b, s, h, d] <- o_acc[b, h, s, d] (+ add[b, h, s, d] for s in [a0, a0 + an), add set)
 template <typename T>
 __global__ void finalize_kernel(const float* o_acc, T* out, std::int64_t S, std::int64_t H, std::int64_t D,
-                                std::int64_t ob, std::int64_t os, std::int64_t oh, std::int64_t n) {
+                                std::int64_t ob, std::int64_t os, std::int64_t oh, std::int64_t n, const float* add,
+                                std::int64_t a0, std::int64_t an) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t d = i % D;
     const std::int64_t s = (i / D) % S;
     const std::int64_t h = (i / (D * S)) % H;
     const std::int64_t b = i / (D * S * H);
-    out[b * ob + s * os + h * oh + d] = from_float<T>(o_acc[i]);
+    const float x = add != nullptr && s >= a0 && s < a0 + an ? o_acc[i] + add[i] : o_acc[i];
+    out[b * ob + s * os + h * oh + d] = from_float<T>(x);
   }
 }
 
@@ -104,7 +106,8 @@ struct Vec4<float> {
 
 template <typename T>
 __global__ void finalize_rows_kernel(const float* o_acc, T* out, std::int64_t S, std::int64_t H, std::int64_t D,
-                                     std::int64_t ob, std::int64_t os, std::int64_t oh, std::int64_t rows) {
+                                     std::int64_t ob, std::int64_t os, std::int64_t oh, std::int64_t rows,
+                                     const float* add, std::int64_t a0, std::int64_t an) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * (blockDim.x / 32);
   for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + threadIdx.x / 32; r < rows;
@@ -112,7 +115,17 @@ __global__ void finalize_rows_kernel(const float* o_acc, T* out, std::int64_t S,
     const std::int64_t s = r % S, h = (r / S) % H, b = r / (S * H);
     const auto* src = reinterpret_cast<const float4*>(o_acc + r * D);
     auto* dst = reinterpret_cast<typename Vec4<T>::type*>(out + b * ob + s * os + h * oh);
-    for (std::int64_t i = lane; i < D / 4; i += 32) dst[i] = Vec4<T>::make(src[i]);
+    if (add != nullptr && s >= a0 && s < a0 + an) {
+      const auto* more = reinterpret_cast<const float4*>(add + r * D);
+      for (std::int64_t i = lane; i < D / 4; i += 32) {
+        float4 x = src[i];
+        const float4 y = more[i];
+        x.x += y.x, x.y += y.y, x.z += y.z, x.w += y.w;
+        dst[i] = Vec4<T>::make(x);
+      }
+    } else {
+      for (std::int64_t i = lane; i < D / 4; i += 32) dst[i] = Vec4<T>::make(src[i]);
+    }
   }
 }
 
@@ -292,28 +305,32 @@ void pack_rows(const TensorView& t, void* dst, cudaStream_t stream) {
 }
 
 void finalize_output(const float* o_acc, const float* lse_acc, const TensorView& out, const TensorView& lse,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, const float* add, std::int64_t add_row0, std::int64_t add_rows) {
   const std::int64_t B = out.shape[0], S = out.shape[1], H = out.shape[2], D = out.shape[3];
   const std::int64_t n = B * S * H * D;
   const std::int64_t elem = static_cast<std::int64_t>(dtype_size(out.dtype));
   const bool rows_aligned = D % 4 == 0 && out.strides[0] % 4 == 0 && out.strides[1] % 4 == 0 &&
                             out.strides[2] % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.data) % (4 * elem) == 0 &&
-                            reinterpret_cast<std::uintptr_t>(o_acc) % 16 == 0;
+                            reinterpret_cast<std::uintptr_t>(o_acc) % 16 == 0 &&
+                            reinterpret_cast<std::uintptr_t>(add) % 16 == 0;
   if (n > 0 && rows_aligned) {
     const std::int64_t rows = B * S * H;
     const unsigned grid = blocks_for(rows * 32);  // a warp per row
     switch (out.dtype) {
       case DType::bf16:
         finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<__nv_bfloat16*>(out.data), S, H, D,
-                                                            out.strides[0], out.strides[1], out.strides[2], rows);
+                                                            out.strides[0], out.strides[1], out.strides[2], rows,
+                                                            add, add_row0, add_rows);
         break;
       case DType::f16:
         finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<__half*>(out.data), S, H, D,
-                                                            out.strides[0], out.strides[1], out.strides[2], rows);
+                                                            out.strides[0], out.strides[1], out.strides[2], rows,
+                                                            add, add_row0, add_rows);
         break;
       case DType::f32:
         finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<float*>(out.data), S, H, D,
-                                                            out.strides[0], out.strides[1], out.strides[2], rows);
+                                                            out.strides[0], out.strides[1], out.strides[2], rows,
+                                                            add, add_row0, add_rows);
         break;
     }
     RINGATTN_CUDA_CHECK(cudaGetLastError());
@@ -321,15 +338,18 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
     switch (out.dtype) {
       case DType::bf16:
         finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<__nv_bfloat16*>(out.data), S, H, D,
-                                                                out.strides[0], out.strides[1], out.strides[2], n);
+                                                                out.strides[0], out.strides[1], out.strides[2], n,
+                                                                add, add_row0, add_rows);
         break;
       case DType::f16:
         finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<__half*>(out.data), S, H, D,
-                                                                out.strides[0], out.strides[1], out.strides[2], n);
+                                                                out.strides[0], out.strides[1], out.strides[2], n,
+                                                                add, add_row0, add_rows);
         break;
       case DType::f32:
         finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<float*>(out.data), S, H, D,
-                                                                out.strides[0], out.strides[1], out.strides[2], n);
+                                                                out.strides[0], out.strides[1], out.strides[2], n,
+                                                                add, add_row0, add_rows);
         break;
     }
     RINGATTN_CUDA_CHECK(cudaGetLastError());
