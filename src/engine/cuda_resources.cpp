@@ -88,6 +88,10 @@ void CudaResources::enable_registration() {
   int ranks = 1;
   RINGATTN_NCCL_CHECK(ncclCommCount(comm_, &ranks));
   if (ranks < 2 || !register_ring_buffers()) return;
+  // Where ncclMemAlloc cannot work (no cuMem support), plain buffers, unregistered.
+  void* probe = nullptr;
+  if (ncclMemAlloc(&probe, std::size_t{1} << 21) != ncclSuccess) return;
+  RINGATTN_NCCL_CHECK(ncclMemFree(probe));
   registrar_ = std::make_shared<RingBuffer::Registrar>();
   registrar_->comm = comm_;
   registrar_->device = device_;
