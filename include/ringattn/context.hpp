@@ -26,11 +26,12 @@ struct ContextOptions {
   // node (an error when a node has more ranks than GPUs).
   int cuda_device = -1;
   // Handles borrowed from an embedding program, used as they are and never destroyed. They
-  // are void* so that this header needs neither CUDA nor NCCL headers. The communicator must
-  // outlive the Context: the GPU ring registers its buffers with it (ncclCommRegister, for
-  // zero-copy send/recv; RINGATTN_NCCL_REGISTER=0 turns that off) and deregisters them when
-  // the Context is destroyed. After a timeout or NCCL error ringattn leaves a borrowed
-  // communicator as it is, registrations included: abort it (ncclCommAbort).
+  // are void* so that this header needs neither CUDA nor NCCL headers. A borrowed communicator
+  // is not touched when the Context is destroyed, unless RINGATTN_NCCL_REGISTER=1 asks the GPU
+  // ring to register its buffers with its communicator (ncclCommRegister: zero-copy
+  // send/recv): a borrowed communicator must then outlive the Context, which
+  // deregisters them while it is healthy. After a timeout or NCCL error ringattn leaves a
+  // borrowed communicator as it is: destroy the Context, then abort it (ncclCommAbort).
   void* nccl_comm = nullptr;    // an ncclComm_t over the same ranks, in the same order
   void* cuda_stream = nullptr;  // a cudaStream_t: forward() is ordered on it and does not sync
 };

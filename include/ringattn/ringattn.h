@@ -77,9 +77,9 @@ ringattn_tensor ringattn_tensor_contiguous(void* data, ringattn_dtype dtype, int
                                            int64_t d3);
 
 /* Collective over comm. nccl_comm (an ncclComm_t over the same ranks) and cuda_stream (a
- * cudaStream_t) may be NULL; when given they are borrowed and never destroyed. nccl_comm must
- * outlive the context (the GPU ring registers its buffers with it until the context is
- * destroyed; see ringattn::ContextOptions). */
+ * cudaStream_t) may be NULL; when given they are borrowed and never destroyed (with
+ * RINGATTN_NCCL_REGISTER=1 the GPU ring registers its buffers with nccl_comm, which must then
+ * outlive the context; see ringattn::ContextOptions). */
 ringattn_status ringattn_context_create(MPI_Comm comm, void* nccl_comm, void* cuda_stream, ringattn_context** out);
 void ringattn_context_destroy(ringattn_context* ctx);
 

@@ -22,10 +22,12 @@ namespace {
 // Bound on communicator creation (every rank must arrive).
 constexpr double kInitTimeoutSeconds = 300.0;
 
-// RINGATTN_NCCL_REGISTER: 1 (the default) registers the ring buffers with NCCL, 0 does not.
+// RINGATTN_NCCL_REGISTER: 1 registers the ring buffers with NCCL, 0 (or unset) does not. Off
+// by default until the registered hops have been measured on two GPUs (docs/PERFORMANCE.md).
 bool register_ring_buffers() {
   const char* env = std::getenv("RINGATTN_NCCL_REGISTER");
-  if (env == nullptr || std::string(env) == "1") return true;
+  if (env == nullptr || *env == '\0') return false;
+  if (std::string(env) == "1") return true;
   if (std::string(env) == "0") return false;
   throw Error(ErrorCode::invalid_argument, std::string("RINGATTN_NCCL_REGISTER=") + env + ": expected 0 or 1");
 }
@@ -34,7 +36,9 @@ bool register_ring_buffers() {
 struct RingBuffer::Registrar {
   ncclComm_t comm = nullptr;
   int device = 0;
-  bool alive = true;  // false once the communicator is aborted or about to be destroyed
+  bool owned = true;  // the context created the communicator (and aborts it on failure)
+  bool alive = true;  // false after a failure, or once the communicator is about to go
+  int registered = 0;  // buffers NCCL accepted (ncclCommRegister may decline: NCCL_LOCAL_REGISTER=0)
 };
 
 RingBuffer::RingBuffer(std::size_t bytes, std::shared_ptr<Registrar> registrar) : bytes_(bytes) {
@@ -51,6 +55,7 @@ RingBuffer::RingBuffer(std::size_t bytes, std::shared_ptr<Registrar> registrar) 
     RINGATTN_NCCL_CHECK_NOTHROW(ncclMemFree(ptr_));
     throw;
   }
+  if (handle_ != nullptr) ++registrar->registered;
   registrar_ = std::move(registrar);
 }
 
@@ -60,6 +65,9 @@ RingBuffer::~RingBuffer() {
     RINGATTN_CUDA_CHECK_NOTHROW(cudaFree(ptr_));  // (waits for the device, as cudaFree does)
     return;
   }
+  // After a failure on a borrowed communicator a transfer may still be stuck on the device,
+  // writing into this buffer: it is left allocated (the process is expected to go down).
+  if (!registrar_->alive && !registrar_->owned) return;
   // Not stream-ordered: wait until no kernel or transfer can still touch the buffer.
   int current = 0;
   RINGATTN_CUDA_CHECK_NOTHROW(cudaGetDevice(&current));
@@ -82,19 +90,40 @@ RingBufferRef CudaResources::ring_buffer(int slot, std::size_t bytes) {
   return RingBufferRef(buffer);
 }
 
-bool CudaResources::ring_buffers_registered() const { return registrar_ != nullptr && registrar_->alive; }
+bool CudaResources::ring_buffers_registered() const {
+  return registrar_ != nullptr && registrar_->alive && registrar_->registered > 0;
+}
 
-void CudaResources::enable_registration() {
+void CudaResources::enable_registration(bool borrowed) {
   int ranks = 1;
   RINGATTN_NCCL_CHECK(ncclCommCount(comm_, &ranks));
   if (ranks < 2 || !register_ring_buffers()) return;
-  // Where ncclMemAlloc cannot work (no cuMem support), plain buffers, unregistered.
+  // Where ncclMemAlloc fails outright, plain buffers, unregistered.
   void* probe = nullptr;
   if (ncclMemAlloc(&probe, std::size_t{1} << 21) != ncclSuccess) return;
   RINGATTN_NCCL_CHECK(ncclMemFree(probe));
   registrar_ = std::make_shared<RingBuffer::Registrar>();
   registrar_->comm = comm_;
   registrar_->device = device_;
+  registrar_->owned = !borrowed;
+}
+
+void CudaResources::release_ring_buffers() {
+  // Deregister only over a healthy communicator: one with an error (or an operation that never
+  // finished enqueueing) is aborted first when owned, and its registrations go with it; on a
+  // borrowed one they are left to its owner's abort.
+  if (registrar_ && registrar_->alive && comm_ != nullptr) {
+    ncclResult_t state = ncclSuccess;
+    if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess || state != ncclSuccess) {
+      registrar_->alive = false;
+      if (owns_comm_ && !aborted_) {
+        RINGATTN_NCCL_CHECK_NOTHROW(ncclCommAbort(comm_));
+        aborted_ = true;
+      }
+    }
+  }
+  for (std::shared_ptr<RingBuffer>& buffer : ring_buffers_) buffer.reset();
+  if (registrar_) registrar_->alive = false;  // anything still held is only freed
 }
 
 CudaResources::CudaResources(Context& ctx) {
@@ -139,7 +168,7 @@ CudaResources::CudaResources(Context& ctx) {
                         " but the MPI communicator has rank " + std::to_string(ctx.rank()) + " of " +
                         std::to_string(ctx.size()) + ": they must span the same ranks in the same order");
       }
-      enable_registration();
+      enable_registration(true);
     });
     agree_on_registration(ctx);
     return;
@@ -154,7 +183,7 @@ CudaResources::CudaResources(Context& ctx) {
     RINGATTN_NCCL_CHECK(ncclCommInitRankConfig(&comm_, ctx.size(), id, ctx.rank(), &config));
     owns_comm_ = true;
     settle(kInitTimeoutSeconds);
-    enable_registration();
+    enable_registration(false);
   });
   agree_on_registration(ctx);
 }
@@ -177,7 +206,7 @@ std::unique_ptr<Transport> CudaResources::hop(cudaStream_t compute, double timeo
 }
 
 void CudaResources::usable() const {
-  if (aborted_) {
+  if (aborted_ || (registrar_ && !registrar_->alive)) {
     throw Error(ErrorCode::nccl, "cuda:" + std::to_string(device_) +
                                      ": this context's NCCL communicator was aborted after an earlier failure; create a "
                                      "new Context");
@@ -235,7 +264,7 @@ CudaResources::CudaResources(int device, std::shared_ptr<LoopbackHub> hub, int m
 
 CudaResources::CudaResources(int device, ncclComm_t comm) : device_(device), comm_(comm), owns_comm_(true) {
   RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
-  if (comm_ != nullptr) enable_registration();
+  if (comm_ != nullptr) enable_registration(false);
   cudaDeviceProp prop{};
   RINGATTN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
   device_name_ = prop.name;
@@ -260,10 +289,7 @@ CudnnSdpa* CudaResources::cudnn() {
 
 CudaResources::~CudaResources() {
   cudnn_.reset();
-  // The ring buffers first, deregistered while the communicator lives; one an engine still
-  // holds is then only freed.
-  for (std::shared_ptr<RingBuffer>& buffer : ring_buffers_) buffer.reset();
-  if (registrar_) registrar_->alive = false;
+  release_ring_buffers();  // before the communicator goes
   // An aborted communicator is already released. Otherwise finalize (bounded), then destroy;
   // a communicator that cannot finalize is aborted rather than destroyed, which could block.
   if (owns_comm_ && comm_ != nullptr && !aborted_) {

@@ -31,10 +31,10 @@ class LoopbackHub;
 // (ncclCommRegister): NCCL's intra-node send/recv between registered buffers copy straight
 // from the sender's buffer into the receiver's (zero-copy) instead of staging every byte
 // through the connection's FIFO, which the receiver would then copy out: a third of the
-// memory traffic and none of the receiver's copy work. Elsewhere (loopback groups, one rank),
-// or with RINGATTN_NCCL_REGISTER=0, plain cudaMalloc. Freed after the device is idle; the
-// registration is dropped while the communicator lives (an aborted or destroyed one has
-// dropped it already).
+// memory traffic and none of the receiver's copy work. Only with RINGATTN_NCCL_REGISTER=1
+// (not yet measured on two GPUs); elsewhere, and in loopback groups or at one rank, plain
+// cudaMalloc. Freed after the device is idle; deregistered
+// only over a healthy, live communicator (an aborted one has dropped its registrations).
 class RingBuffer {
  public:
   struct Registrar;  // the communicator and whether it is still alive
@@ -129,7 +129,9 @@ class CudaResources {
   std::shared_ptr<LoopbackHub> hub_;
   int member_ = 0;
   std::shared_ptr<CudnnSdpa> cudnn_;  // shared_ptr: no destructor needed where cuDNN is absent
-  void enable_registration();  // over a communicator of two or more ranks, unless RINGATTN_NCCL_REGISTER=0
+  // Over a communicator of two or more ranks, with RINGATTN_NCCL_REGISTER=1 (owned or borrowed).
+  void enable_registration(bool borrowed);
+  void release_ring_buffers();  // deregistered over a healthy communicator, else only freed
   void agree_on_registration(Context& ctx);  // collective: registered on every rank or on none
   std::shared_ptr<RingBuffer::Registrar> registrar_;  // null: no registration
   std::shared_ptr<RingBuffer> ring_buffers_[4];

@@ -12,9 +12,9 @@
 //   gradient, and no more than 1.5x (+1e-7) the error of a one-member group on the same inputs;
 //   a second backward on the same group gives bitwise-identical gradients.
 // Where two GPUs are visible, the same case on distinct devices (NCCL) must give the same
-// bytes as the loopback group, with the ring buffers registered with NCCL (zero-copy
-// send/recv) and with RINGATTN_NCCL_REGISTER=0 (staged through NCCL's FIFOs). Skips where no
-// GPU is present.
+// bytes as the loopback group, with the ring buffers registered with NCCL
+// (RINGATTN_NCCL_REGISTER=1: zero-copy send/recv) and without (staged through NCCL's
+// FIFOs). Skips where no GPU is present.
 #include <gtest/gtest.h>
 
 #include "common/attention_case.hpp"
@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/cuda_check.hpp"
@@ -233,11 +234,19 @@ TEST_P(LoopbackRing, MatchesReferenceAndOneMember) {
     std::vector<int> devices;
     for (int i = 0; i < c.world; ++i) devices.push_back(i);
     EXPECT_FALSE(many.registered) << "a loopback group has no communicator to register with";
+    const char* user = std::getenv("RINGATTN_NCCL_REGISTER");
+    const std::string saved = user != nullptr ? user : "";
     for (const bool registered : {true, false}) {
       setenv("RINGATTN_NCCL_REGISTER", registered ? "1" : "0", 1);
-      const Gathered nccl = run_group(c, devices, q, k, v, dout);
-      unsetenv("RINGATTN_NCCL_REGISTER");
-      const char* how = registered ? " (registered buffers)" : " (RINGATTN_NCCL_REGISTER=0)";
+      Gathered nccl;
+      try {
+        nccl = run_group(c, devices, q, k, v, dout);
+      } catch (...) {
+        user != nullptr ? setenv("RINGATTN_NCCL_REGISTER", saved.c_str(), 1) : unsetenv("RINGATTN_NCCL_REGISTER");
+        throw;
+      }
+      user != nullptr ? setenv("RINGATTN_NCCL_REGISTER", saved.c_str(), 1) : unsetenv("RINGATTN_NCCL_REGISTER");
+      const char* how = registered ? " (RINGATTN_NCCL_REGISTER=1)" : " (RINGATTN_NCCL_REGISTER=0)";
       EXPECT_EQ(nccl.registered, registered) << how;
       EXPECT_TRUE(nccl.out == many.out) << "out differs between NCCL and loopback" << how;
       EXPECT_TRUE(nccl.dq == many.dq && nccl.dk == many.dk && nccl.dv == many.dv)

@@ -61,12 +61,17 @@ void expect_same(const std::vector<E>& got, const std::vector<E>& want, const ch
 
 // One case: an (B, S, H, D) output view inside a larger buffer with the given strides and a
 // byte offset from the buffer's start (offset_elems elements), filled with a sentinel first.
+// add_rows > 0: an addend of acc's layout joins rows add_row0 .. add_row0 + add_rows (fp32 sum,
+// then the rounding).
 void check_finalize(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H, std::int64_t D,
-                    std::int64_t row_stride, std::int64_t offset_elems) {
+                    std::int64_t row_stride, std::int64_t offset_elems, std::int64_t add_row0 = 0,
+                    std::int64_t add_rows = 0) {
   SCOPED_TRACE(std::string(to_string(dtype)) + " B=" + std::to_string(B) + " S=" + std::to_string(S) +
                " H=" + std::to_string(H) + " D=" + std::to_string(D) + " row stride " +
-               std::to_string(row_stride) + " offset " + std::to_string(offset_elems));
+               std::to_string(row_stride) + " offset " + std::to_string(offset_elems) + " addend rows " +
+               std::to_string(add_row0) + ".." + std::to_string(add_row0 + add_rows));
   const std::vector<float> acc = random_values(B * H * S * D, 0x243f6a8885a308d3ull);
+  const std::vector<float> add = random_values(B * H * S * D, 0x13198a2e03707344ull);
   const std::size_t elem = dtype_size(dtype);
   const std::int64_t head_stride = D, batch_stride = S * row_stride;
   const std::int64_t total = offset_elems + B * batch_stride;
@@ -82,7 +87,10 @@ void check_finalize(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H,
   out.ndim = 4;
   out.shape = {B, S, H, D};
   out.strides = {batch_stride, row_stride, head_stride, 1};
-  finalize_output(d_acc.as<float>(), nullptr, out, TensorView{}, nullptr);
+  DeviceBuffer d_add(add.size() * sizeof(float));
+  RINGATTN_CUDA_CHECK(cudaMemcpy(d_add.get(), add.data(), d_add.bytes(), cudaMemcpyHostToDevice));
+  finalize_output(d_acc.as<float>(), nullptr, out, TensorView{}, nullptr, add_rows > 0 ? d_add.as<float>() : nullptr,
+                  add_row0, add_rows);
   std::vector<unsigned char> got(sentinel.size());
   RINGATTN_CUDA_CHECK(cudaMemcpy(got.data(), d_out.get(), got.size(), cudaMemcpyDeviceToHost));
 
@@ -91,7 +99,8 @@ void check_finalize(DType dtype, std::int64_t B, std::int64_t S, std::int64_t H,
     for (std::int64_t h = 0; h < H; ++h)
       for (std::int64_t s = 0; s < S; ++s)
         for (std::int64_t d = 0; d < D; ++d) {
-          const float x = acc[static_cast<std::size_t>(((b * H + h) * S + s) * D + d)];
+          const std::size_t i = static_cast<std::size_t>(((b * H + h) * S + s) * D + d);
+          const float x = s >= add_row0 && s < add_row0 + add_rows ? acc[i] + add[i] : acc[i];
           const std::int64_t at = offset_elems + b * batch_stride + s * row_stride + h * head_stride + d;
           convert_from_f32(dtype, &x, want.data() + at * static_cast<std::int64_t>(elem), 1);
         }
@@ -214,6 +223,8 @@ TEST_F(RingKernels, FinalizeOutputRowKernelEveryDtype) {
     check_finalize(dtype, 2, 37, 3, 128, 3 * 128, 0);  // dense
     check_finalize(dtype, 1, 50, 4, 64, 4 * 64 + 8, 4);  // padded rows, offset by 4 elements
     check_finalize(dtype, 1, 9, 2, 196, 2 * 196, 0);   // D / 4 = 49 > 32: a lane takes two vectors
+    check_finalize(dtype, 2, 37, 3, 128, 3 * 128, 0, 5, 20);  // an addend in rows 5 .. 24
+    check_finalize(dtype, 1, 50, 2, 64, 2 * 64, 0, 0, 50);    // an addend in every row
   }
 }
 
@@ -222,6 +233,7 @@ TEST_F(RingKernels, FinalizeOutputElementKernelWhereRowsAreNotAligned) {
     check_finalize(dtype, 1, 21, 3, 6, 3 * 6, 0);        // D % 4 != 0
     check_finalize(dtype, 2, 13, 2, 64, 2 * 64 + 2, 0);  // row stride not a multiple of 4
     check_finalize(dtype, 1, 11, 2, 64, 2 * 64, 1);      // base not 4-element aligned
+    check_finalize(dtype, 2, 13, 2, 64, 2 * 64 + 2, 0, 3, 7);  // an addend in rows 3 .. 9
   }
 }
 

@@ -96,6 +96,8 @@ FlashKernel flash_bwd_resolve(FlashKernel kernel);
 // Whether the wgmma backward can take these tensors (TMA: 16-byte aligned, strides multiples
 // of 8 elements); flash_bwd falls back to mma_sync where not.
 bool flash_bwd_wgmma_supports(const FlashBwdParams& params);
+// Whether a both-parts launch with kernel wgmma_fused runs the single-pass kernel (else the pair).
+bool flash_bwd_fused_supports(const FlashBwdParams& params);
 
 // The words of FlashBwdParams::dq_sem (dQ semaphores and a ticket counter) the single-pass
 // kernel needs for a launch with these batch, heads and q_len: allocate at least this many

@@ -62,6 +62,8 @@ FlashKernel flash_bwd_resolve(FlashKernel kernel) {
 
 bool flash_bwd_wgmma_supports(const FlashBwdParams& p) { return flash::sm90_bwd_supports(p); }
 
+bool flash_bwd_fused_supports(const FlashBwdParams& p) { return flash::sm90_fused_bwd_supports(p); }
+
 std::int64_t flash_bwd_semaphores(const FlashBwdParams& p) { return flash::fused_bwd_sem_words(p); }
 
 void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashBwdPart part,
@@ -74,6 +76,21 @@ void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cuda
   const bool bf16 = dtype == DType::bf16;
   const bool dq = part != FlashBwdPart::dkv, dkv = part != FlashBwdPart::dq;
   kernel = flash_bwd_resolve(kernel);
+  // Store mode where no kernel will store: the task's rows zeroed here (kernels that only add,
+  // or a task without query rows, which no kernel launches for).
+  auto zero_task_rows = [&] {
+    const std::size_t pitch = static_cast<std::size_t>(p.acc_len * head_dim) * sizeof(float);
+    const std::size_t width = static_cast<std::size_t>(p.kv_len * head_dim) * sizeof(float);
+    const std::size_t height = static_cast<std::size_t>(p.batch) * static_cast<std::size_t>(p.kv_heads);
+    for (float* acc : {p.dk, p.dv}) {
+      RINGATTN_CUDA_CHECK(cudaMemset2DAsync(acc + static_cast<std::int64_t>(p.kv_begin) * head_dim, pitch, 0, width,
+                                            height, stream));
+    }
+  };
+  if (p.dkv_store && dkv && p.kv_len > 0 && p.q_len <= 0) {
+    zero_task_rows();
+    return;
+  }
   if (kernel == FlashKernel::wgmma_fused && part == FlashBwdPart::both && flash::sm90_fused_bwd_supports(p)) {
     if (head_dim == 64) {
       bf16 ? flash::launch_flash_bwd_fused_sm90<__nv_bfloat16, 64>(p, stream)
@@ -85,15 +102,7 @@ void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cuda
     return;
   }
   if (kernel == FlashKernel::wgmma_fused) kernel = FlashKernel::wgmma;  // the other launches run the pair
-  if (p.dkv_store && dkv && p.kv_len > 0) {  // these kernels add: zero the task's rows first
-    const std::size_t pitch = static_cast<std::size_t>(p.acc_len * head_dim) * sizeof(float);
-    const std::size_t width = static_cast<std::size_t>(p.kv_len * head_dim) * sizeof(float);
-    const std::size_t height = static_cast<std::size_t>(p.batch) * static_cast<std::size_t>(p.kv_heads);
-    for (float* acc : {p.dk, p.dv}) {
-      RINGATTN_CUDA_CHECK(cudaMemset2DAsync(acc + static_cast<std::int64_t>(p.kv_begin) * head_dim, pitch, 0, width,
-                                            height, stream));
-    }
-  }
+  if (p.dkv_store && dkv && p.kv_len > 0) zero_task_rows();  // these kernels add
   if (kernel == FlashKernel::wgmma && flash::sm90_bwd_supports(p)) {  // TMA can describe the tensors
     if (head_dim == 64) {
       bf16 ? flash::launch_flash_bwd_sm90<__nv_bfloat16, 64>(p, stream, dq, dkv)
