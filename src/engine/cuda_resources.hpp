@@ -26,15 +26,14 @@ namespace ringattn::detail {
 class CudnnSdpa;
 class LoopbackHub;
 
-// Device memory the ring's hops send from and receive into. Over an NCCL communicator of more
-// than one rank it comes from ncclMemAlloc and is registered with the communicator
+// Device memory the ring's hops send from and receive into: plain cudaMalloc, or, with
+// RINGATTN_NCCL_REGISTER=1 over an NCCL communicator of more than one rank (not yet measured
+// on two GPUs, so not the default), ncclMemAlloc registered with the communicator
 // (ncclCommRegister): NCCL's intra-node send/recv between registered buffers copy straight
-// from the sender's buffer into the receiver's (zero-copy) instead of staging every byte
-// through the connection's FIFO, which the receiver would then copy out: a third of the
-// memory traffic and none of the receiver's copy work. Only with RINGATTN_NCCL_REGISTER=1
-// (not yet measured on two GPUs); elsewhere, and in loopback groups or at one rank, plain
-// cudaMalloc. Freed after the device is idle; deregistered
-// only over a healthy, live communicator (an aborted one has dropped its registrations).
+// from the sender's buffer into the receiver's instead of staging every byte through the
+// connection's FIFO, which the receiver would then copy out (a third of the memory traffic,
+// none of the receiver's copy work). Freed after the device is idle; deregistered only over
+// a healthy, live communicator (an aborted one has dropped its registrations).
 class RingBuffer {
  public:
   struct Registrar;  // the communicator and whether it is still alive
@@ -44,7 +43,6 @@ class RingBuffer {
   RingBuffer& operator=(const RingBuffer&) = delete;
   void* get() const { return ptr_; }
   std::size_t bytes() const { return bytes_; }
-  bool registered() const { return handle_ != nullptr; }
 
  private:
   void* ptr_ = nullptr;
