@@ -62,6 +62,20 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
   const std::string native = std::string("native ") + to_string(flash_fwd_resolve(FlashKernel::automatic)) + " kernel";
   kernel_description_ = native;
   if (kernel == KernelKind::native) return;
+  // auto: tasks where the native kernel is measured faster than cuDNN's run on it, and need no
+  // cuDNN plan; when that is every task, cuDNN stays out.
+  auto_native_ = kernel == KernelKind::automatic;
+  std::size_t tasks = 0, faster_native = 0;
+  for_each_task([&](const BlockTask& t, std::int64_t) {
+    ++tasks;
+    if (auto_prefers_native(t)) ++faster_native;
+  });
+  const std::string why_native = " (auto: faster than cuDNN at head dim 128 on tasks of " +
+                                 std::to_string(kFlashFwdAutoNativeRows) + "+ rows and keys)";
+  if (tasks > 0 && faster_native == tasks) {
+    kernel_description_ = native + why_native;
+    return;
+  }
   std::string why_not, band_why_not;
   CudnnSdpa* sdpa = resources_.cudnn();
   if (sdpa == nullptr) {
@@ -75,7 +89,8 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
     std::int64_t max_rows = 0;
     bool any_band = false;
     for_each_task([&](const BlockTask& t, std::int64_t block_len) {
-      if (!why_not.empty() || (t.mask == MaskKind::causal && t.diag_offset < 0)) return;  // the latter stay native
+      // Tasks of the last two kinds stay native.
+      if (!why_not.empty() || (t.mask == MaskKind::causal && t.diag_offset < 0) || auto_prefers_native(t)) return;
       const std::int64_t block_dense[3] = {t.q_len * H * D, H * D, D};
       const CudnnSdpaProblem p = cudnn_task_problem(t, block_len, shape, dtype, q_dense, one_task_ ? q_dense : block_dense);
       std::string reason = cudnn_sdpa_unsupported_reason(p);
@@ -98,6 +113,10 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
       lse_block_ = DeviceBuffer(static_cast<std::size_t>(shape.batch * H * std::max<std::int64_t>(max_rows, q_len)) *
                                 sizeof(float));
       kernel_description_ = "cuDNN " + std::to_string(cudnn_version()) + " fused attention";
+      if (faster_native > 0) {
+        kernel_description_ += ", " + std::to_string(faster_native) + " of " + std::to_string(tasks) + " tasks on the " +
+                               native + why_native;
+      }
       if (!cudnn_band_) kernel_description_ += " (sliding-window bands: " + native + ", cuDNN: " + band_why_not + ")";
       bool native_negative = false;
       for_each_task([&](const BlockTask& t, std::int64_t) {
@@ -120,6 +139,10 @@ void CudaRingForward::for_each_task(Fn&& fn) const {
   for (const RingStep& step : plan_.reverse_steps)
     for (const BlockTask& t : step.tasks) fn(t, step.kv_len);
   for (const BlockTask& t : plan_.sink_tasks) fn(t, plan_.sink_len);
+}
+
+bool CudaRingForward::auto_prefers_native(const BlockTask& t) const {
+  return auto_native_ && flash_fwd_auto_prefers_native(shape_.head_dim, t.q_len, t.kv_len, t.mask == MaskKind::band);
 }
 
 bool CudaRingForward::task_uses_cudnn(const BlockTask& t) const {
@@ -277,7 +300,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       // it alone mid-ring.
       const CudnnSdpaProblem problem =
           cudnn_task_problem(t, block_len, shape_, dtype_, q_strides, single_task ? out_strides : block_strides);
-      if (!task_uses_cudnn(t) || !cudnn_->try_prepare(problem)) {
+      if (!task_uses_cudnn(t) || auto_prefers_native(t) || !cudnn_->try_prepare(problem)) {
         span(Span::kernel, [&] { flash_fwd(p, dtype_, D, stream); });
         continue;
       }

@@ -86,8 +86,9 @@ class CudaRingForward {
   }
   void wait();
   void wait(cudaEvent_t event);  // until `event` (recorded on the compute stream) has completed
-  // What computes the blocks, in words ("cuDNN 9.19.0 fused attention", "native wgmma
-  // kernel", ...), with the reason where cuDNN was wanted but does not run.
+  // What computes the blocks, in words ("cuDNN 9.19.0 fused attention", "native wgmma_ws
+  // kernel", ...), with the reason where cuDNN was wanted but does not run, or which tasks
+  // --kernel auto gives the native kernel for speed.
   const std::string& kernel_description() const { return kernel_description_; }
   cudaStream_t stream() const { return resources_.compute_stream(); }
 
@@ -96,6 +97,7 @@ class CudaRingForward {
   // The rows of a packed block of kv_len rows that travel (see RingStep::held, send).
   Pieces rows_of(const RowRange& rows, std::int64_t kv_len) const;
   bool task_uses_cudnn(const BlockTask& t) const;
+  bool auto_prefers_native(const BlockTask& t) const;  // see auto_native_
   // fn(task, rows of the block it reads) for every task of the plan: ring, reverse, sinks.
   template <class Fn>
   void for_each_task(Fn&& fn) const;
@@ -129,6 +131,9 @@ class CudaRingForward {
   DeviceBuffer sink_block_;  // sliding window with sinks: K then V of the sink tokens
   std::uint64_t bytes_sent_per_run_ = 0;
   CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
+  // --kernel auto: tasks where the native kernel is measured faster run on it even when cuDNN
+  // is set (flash_fwd_auto_prefers_native).
+  bool auto_native_ = false;
   bool cudnn_band_ = true;      // whether it computes band tasks too (else: native kernel)
   DeviceBuffer o_block_;        // cuDNN's block result: (B, q_len, H, D) in dtype
   DeviceBuffer lse_block_;      // (B, H, q_len) fp32

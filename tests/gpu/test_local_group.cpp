@@ -15,6 +15,9 @@
 // bytes as the loopback group, with the ring buffers registered with NCCL
 // (RINGATTN_NCCL_REGISTER=1: zero-copy send/recv) and without (staged through NCCL's
 // FIFOs). Skips where no GPU is present.
+//
+// AutoKernel: where --kernel auto gives a forward task to the native kernel for speed, its
+// output is the native kernel's.
 #include <gtest/gtest.h>
 
 #include "common/attention_case.hpp"
@@ -25,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/cuda_check.hpp"
@@ -33,6 +37,7 @@
 #include "core/synthetic.hpp"
 #include "engine/cuda_resources.hpp"
 #include "engine/reference.hpp"
+#include "kernels/cuda/cuda_kernels.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/local_group.hpp"
 
@@ -288,6 +293,66 @@ TEST(RingBuffers, KeptAcrossCallsAndGrown) {
   std::vector<unsigned char> h(a.bytes());  // the old buffer is still there and intact
   RINGATTN_CUDA_CHECK(cudaMemcpy(h.data(), a.get(), h.size(), cudaMemcpyDeviceToHost));
   EXPECT_TRUE(std::all_of(h.begin(), h.end(), [](unsigned char x) { return x == 0x5a; }));
+}
+
+// --kernel auto runs a forward task on the native kernel where that is measured faster than
+// cuDNN's (flash_fwd_auto_prefers_native): there auto's output is the native kernel's, byte for
+// byte, at one member and on a loopback ring of two (zigzag causal: tasks of 4096 rows).
+TEST(AutoKernel, ForwardIsNativeWhereMeasuredFaster) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  RINGATTN_CUDA_CHECK(cudaSetDevice(0));
+  const bool ws = flash_fwd_resolve(FlashKernel::automatic) == FlashKernel::wgmma_ws;
+  EXPECT_EQ(flash_fwd_auto_prefers_native(128, 4096, 4096, false), ws);
+  EXPECT_FALSE(flash_fwd_auto_prefers_native(128, 4095, 8192, false));
+  EXPECT_FALSE(flash_fwd_auto_prefers_native(128, 8192, 4095, false));
+  EXPECT_FALSE(flash_fwd_auto_prefers_native(64, 8192, 8192, false));
+  EXPECT_FALSE(flash_fwd_auto_prefers_native(128, 8192, 8192, true));
+  if (!ws) GTEST_SKIP() << "the warp-specialised kernel does not run here: auto never prefers it";
+  const std::int64_t B = 1, H = 2, D = 128;
+  for (const auto& [members, seq, causal] : {std::tuple{1, std::int64_t{4096}, false}, std::tuple{2, std::int64_t{16384}, true}}) {
+    const Layout layout(members == 1 ? LayoutKind::contiguous : LayoutKind::zigzag, seq, members);
+    auto forward_with = [&](KernelKind kernel) {
+      LocalGroup group(std::vector<int>(static_cast<std::size_t>(members), 0));
+      std::vector<DeviceBuffer> bufs;
+      std::vector<TensorView> q, k, v, out, lse;
+      for (int i = 0; i < members; ++i) {
+        const std::vector<std::int64_t> pos = layout.positions(i);
+        const auto n = static_cast<std::int64_t>(pos.size());
+        const std::size_t bytes = static_cast<std::size_t>(B * n * H * D) * 2;
+        std::vector<unsigned char> h(bytes);
+        for (SyntheticTensor t : {SyntheticTensor::q, SyntheticTensor::k, SyntheticTensor::v}) {
+          fill_synthetic(11, t, DType::bf16, B, pos, H, D, h.data());
+          bufs.emplace_back(bytes);
+          RINGATTN_CUDA_CHECK(cudaMemcpy(bufs.back().get(), h.data(), bytes, cudaMemcpyHostToDevice));
+          auto& dst = t == SyntheticTensor::q ? q : t == SyntheticTensor::k ? k : v;
+          dst.push_back(TensorView::contiguous(bufs.back().get(), DType::bf16, {B, n, H, D}, DeviceKind::cuda, 0));
+        }
+        bufs.emplace_back(bytes);
+        out.push_back(TensorView::contiguous(bufs.back().get(), DType::bf16, {B, n, H, D}, DeviceKind::cuda, 0));
+        bufs.emplace_back(static_cast<std::size_t>(B * H * n) * sizeof(float));
+        lse.push_back(TensorView::contiguous(bufs.back().get(), DType::f32, {B, H, n}, DeviceKind::cuda, 0));
+      }
+      AttentionOptions options;
+      options.causal = causal;
+      options.layout = layout.kind();
+      options.kernel = kernel;
+      forward(group, q, k, v, out, lse, options);
+      std::vector<unsigned char> result;
+      for (int i = 0; i < members; ++i) {
+        for (const TensorView& t : {out[static_cast<std::size_t>(i)], lse[static_cast<std::size_t>(i)]}) {
+          const std::size_t bytes = static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype);
+          std::vector<unsigned char> h(bytes);
+          RINGATTN_CUDA_CHECK(cudaMemcpy(h.data(), t.data, bytes, cudaMemcpyDeviceToHost));
+          result.insert(result.end(), h.begin(), h.end());
+        }
+      }
+      return result;
+    };
+    const std::vector<unsigned char> native = forward_with(KernelKind::native);
+    const std::vector<unsigned char> automatic = forward_with(KernelKind::automatic);
+    ASSERT_EQ(native.size(), automatic.size());
+    EXPECT_TRUE(native == automatic) << members << " member(s), S = " << seq << ": auto's output differs from the native kernel's";
+  }
 }
 
 TEST(LoopbackGroup, RefusesWhatNeedsNccl) {

@@ -94,6 +94,11 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel) {
   return flash_fwd_wgmma_available() ? FlashKernel::wgmma_ws : FlashKernel::mma_sync;
 }
 
+bool flash_fwd_auto_prefers_native(std::int64_t head_dim, std::int64_t q_len, std::int64_t kv_len, bool band) {
+  return head_dim == 128 && !band && q_len >= kFlashFwdAutoNativeRows && kv_len >= kFlashFwdAutoNativeRows &&
+         flash_fwd_resolve(FlashKernel::automatic) == FlashKernel::wgmma_ws;
+}
+
 void flash_fwd(const FlashFwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashKernel kernel) {
   if (!flash_fwd_supports(dtype, head_dim)) {
     throw Error(ErrorCode::invalid_argument, std::string("the native CUDA kernel supports bf16 and fp16 with head_dim 64 "
