@@ -11,13 +11,14 @@
 
 namespace ringattn {
 
-// The GPU kernel that computes each block. automatic: the faster of the two where measured,
-// else cuDNN's fused attention where the build has cuDNN and it supports the block, else the
-// native kernel: forward blocks of 4096+ query rows and keys at head dim 128 run on the native
-// warp-specialised kernel on H100/H200 (1.04-1.10x cuDNN there); the backward pass of a ring
-// stays native (cuDNN would round every step's gradients to the 16-bit dtype). cudnn: cuDNN wherever it
-// supports the block (sub-blocks it cannot run, such as causal ones whose first row sees no
-// key, still run natively). native: ringattn's own kernel only. Ignored for CPU tensors.
+// The GPU kernel that computes each block. automatic: the faster of the two where measured:
+// forward blocks of 4096+ query rows and keys at head dim 128 (sliding windows 4096+ keys wide)
+// run on the native warp-specialised kernel on H100/H200 (1.04-1.11x cuDNN there); other
+// forward blocks on cuDNN's fused attention where the build has cuDNN and it supports them,
+// else natively; the backward pass of a ring stays native (cuDNN would round every step's
+// gradients to the 16-bit dtype). cudnn: cuDNN wherever it supports the block (sub-blocks it
+// cannot run, such as causal ones whose first row sees no key, still run natively). native:
+// ringattn's own kernel only. Ignored for CPU tensors.
 enum class KernelKind : std::uint8_t { automatic, cudnn, native };
 const char* to_string(KernelKind kind);
 KernelKind parse_kernel(const std::string& name);  // "auto", "cudnn", "native"

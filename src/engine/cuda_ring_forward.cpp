@@ -142,7 +142,7 @@ void CudaRingForward::for_each_task(Fn&& fn) const {
 }
 
 bool CudaRingForward::auto_prefers_native(const BlockTask& t) const {
-  return auto_native_ && flash_fwd_auto_prefers_native(shape_.head_dim, t.q_len, t.kv_len, t.mask == MaskKind::band);
+  return auto_native_ && flash_fwd_auto_prefers_native(shape_.head_dim, t);
 }
 
 bool CudaRingForward::task_uses_cudnn(const BlockTask& t) const {

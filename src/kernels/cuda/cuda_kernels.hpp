@@ -50,13 +50,15 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel);
 // attention, from rates measured side by side (docs/PERFORMANCE.md, twenty-first session; one
 // H200, cuDNN 9.14, B=1, H=32, bf16, MHA and GQA 32/8): the warp-specialised kernel at head
 // dim 128 runs 1.04-1.10x cuDNN from 8k rows up, level at 4k, 0.89-0.94x below; at head dim 64
-// 0.85-0.94x at every length. True where automatic resolves to that kernel on this device, at
-// head dim 128, for a task (no band) of at least kFlashFwdAutoNativeRows query rows and keys.
-// (Band tasks, not measured, stay with cuDNN where it takes them. Where TMA cannot describe q,
+// 0.85-0.94x at every length; sliding windows of 4096 at head dim 128 (band tasks, causal and
+// two-sided, 16k-256k rows, H100) 1.09-1.11x. True where automatic resolves to that kernel on
+// this device, at head dim 128, for a task of at least kFlashFwdAutoNativeRows query rows and
+// keys, whose band (if any) is at least that many keys wide; narrower bands are not measured
+// and stay with cuDNN where it takes them. (Where TMA cannot describe q,
 // k or v, flash_fwd runs the plain wgmma kernel instead, ~0.75x cuDNN: q views whose rows are
 // not 16-byte aligned, which attention inputs practically never are.)
 constexpr std::int64_t kFlashFwdAutoNativeRows = 4096;
-bool flash_fwd_auto_prefers_native(std::int64_t head_dim, std::int64_t q_len, std::int64_t kv_len, bool band);
+bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& task);
 
 // Runs one task (see FlashFwdParams) on `stream`. dtype: f16 or bf16. Throws when the chosen
 // kernel cannot run here.

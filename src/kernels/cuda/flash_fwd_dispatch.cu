@@ -94,8 +94,10 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel) {
   return flash_fwd_wgmma_available() ? FlashKernel::wgmma_ws : FlashKernel::mma_sync;
 }
 
-bool flash_fwd_auto_prefers_native(std::int64_t head_dim, std::int64_t q_len, std::int64_t kv_len, bool band) {
-  return head_dim == 128 && !band && q_len >= kFlashFwdAutoNativeRows && kv_len >= kFlashFwdAutoNativeRows &&
+bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& t) {
+  // A band lets query i see keys i + lower_offset .. i + diag_offset.
+  const bool wide = t.mask != MaskKind::band || t.diag_offset - t.lower_offset + 1 >= kFlashFwdAutoNativeRows;
+  return head_dim == 128 && wide && t.q_len >= kFlashFwdAutoNativeRows && t.kv_len >= kFlashFwdAutoNativeRows &&
          flash_fwd_resolve(FlashKernel::automatic) == FlashKernel::wgmma_ws;
 }
 
