@@ -70,7 +70,7 @@ std::string cuda_description() {
   const std::int64_t cudnn = detail::cudnn_version();
   const std::string kernels = "cuDNN " + std::to_string(cudnn / 10000) + "." + std::to_string((cudnn / 100) % 100) + "." +
                               std::to_string(cudnn % 100) +
-                              " fused attention (--kernel auto picks it, but for forward blocks of 4096+ rows at head dim 128 on H100/H200, where the native kernel is faster), native flash kernels (warp-specialised "
+                              " fused attention (--kernel auto picks it but for the forward blocks where the native kernel is measured faster on H100/H200), native flash kernels (warp-specialised "
                               "wgmma on H100/H200, mma.sync elsewhere; bf16/fp16, head dim 64/128)";
 #else
   const std::string kernels =

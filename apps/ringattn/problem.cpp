@@ -171,7 +171,7 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--device", o.device, "Where to compute: cpu, or cuda (one GPU per rank, NCCL ring)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd.add_option("--kernel", o.kernel,
-                 "GPU block kernel: auto (the faster where measured: native for forward blocks of 4096+ rows at head dim 128 on H100/H200, else cuDNN's fused attention where available, else native), cudnn, native")
+                 "GPU block kernel: auto (the faster where measured: native for the forward blocks where it beats cuDNN on H100/H200, else cuDNN's fused attention where available, else native), cudnn, native")
       ->check(CLI::IsMember({"auto", "cudnn", "native"}));
   cmd.add_option("--q", o.q_path, "Queries .npy, float32/float16, [S, H, D] or [B, S, H, D]");
   cmd.add_option("--k", o.k_path, "Keys .npy, like --q with H_kv heads");

@@ -12,9 +12,10 @@
 namespace ringattn {
 
 // The GPU kernel that computes each block. automatic: the faster of the two where measured:
-// forward blocks of 4096+ query rows and keys at head dim 128 (sliding windows 4096+ keys wide)
-// run on the native warp-specialised kernel on H100/H200 (1.04-1.11x cuDNN there); other
-// forward blocks on cuDNN's fused attention where the build has cuDNN and it supports them,
+// on H100/H200 the native warp-specialised kernel runs the forward blocks where it beats
+// cuDNN (head dim 128: every block of a ring, a rank's only block from 4096 rows and keys;
+// head dim 64: ring blocks of up to 2048 rows; sliding windows from 4096 keys wide), the other
+// forward blocks run on cuDNN's fused attention where the build has cuDNN and it supports them,
 // else natively; the backward pass of a ring stays native (cuDNN would round every step's
 // gradients to the 16-bit dtype). cudnn: cuDNN wherever it supports the block (sub-blocks it
 // cannot run, such as causal ones whose first row sees no key, still run natively). native:

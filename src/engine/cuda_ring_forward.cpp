@@ -70,8 +70,7 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
     ++tasks;
     if (auto_prefers_native(t)) ++faster_native;
   });
-  const std::string why_native = " (auto: faster than cuDNN at head dim 128 on tasks of " +
-                                 std::to_string(kFlashFwdAutoNativeRows) + "+ rows and keys)";
+  const std::string why_native = " (auto: measured faster than cuDNN on these tasks)";
   if (tasks > 0 && faster_native == tasks) {
     kernel_description_ = native + why_native;
     return;
@@ -142,7 +141,7 @@ void CudaRingForward::for_each_task(Fn&& fn) const {
 }
 
 bool CudaRingForward::auto_prefers_native(const BlockTask& t) const {
-  return auto_native_ && flash_fwd_auto_prefers_native(shape_.head_dim, t);
+  return auto_native_ && flash_fwd_auto_prefers_native(shape_.head_dim, t, !one_task_);
 }
 
 bool CudaRingForward::task_uses_cudnn(const BlockTask& t) const {

@@ -297,8 +297,7 @@ TEST(RingBuffers, KeptAcrossCallsAndGrown) {
 
 // --kernel auto runs a forward task on the native kernel where that is measured faster than
 // cuDNN's (flash_fwd_auto_prefers_native): there auto's output is the native kernel's, byte for
-// byte, at one member, on a loopback ring of two (zigzag causal: tasks of 4096 rows) and for a
-// sliding window of 4096.
+// byte, at one member, on loopback rings of two and for a sliding window of 4096.
 TEST(AutoKernel, ForwardIsNativeWhereMeasuredFaster) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   RINGATTN_CUDA_CHECK(cudaSetDevice(0));
@@ -311,21 +310,27 @@ TEST(AutoKernel, ForwardIsNativeWhereMeasuredFaster) {
     t.lower_offset = lower_offset;
     return t;
   };
-  EXPECT_EQ(flash_fwd_auto_prefers_native(128, task(4096, 4096, MaskKind::full)), ws);
-  EXPECT_EQ(flash_fwd_auto_prefers_native(128, task(8192, 8192, MaskKind::causal)), ws);
-  EXPECT_EQ(flash_fwd_auto_prefers_native(128, task(8192, 8192, MaskKind::band, -4095)), ws);  // keys i-4095 .. i
-  EXPECT_FALSE(flash_fwd_auto_prefers_native(128, task(8192, 8192, MaskKind::band, -4094)));
-  EXPECT_FALSE(flash_fwd_auto_prefers_native(128, task(4095, 8192, MaskKind::full)));
-  EXPECT_FALSE(flash_fwd_auto_prefers_native(128, task(8192, 4095, MaskKind::full)));
-  EXPECT_FALSE(flash_fwd_auto_prefers_native(64, task(8192, 8192, MaskKind::full)));
+  for (const bool merged : {false, true}) {  // the only task, or one whose result is merged
+    EXPECT_EQ(flash_fwd_auto_prefers_native(128, task(4096, 4096, MaskKind::full), merged), ws);
+    EXPECT_EQ(flash_fwd_auto_prefers_native(128, task(8192, 8192, MaskKind::causal), merged), ws);
+    EXPECT_EQ(flash_fwd_auto_prefers_native(128, task(8192, 8192, MaskKind::band, -4095), merged), ws);  // keys i-4095 .. i
+    EXPECT_FALSE(flash_fwd_auto_prefers_native(128, task(8192, 8192, MaskKind::band, -4094), merged));
+    EXPECT_EQ(flash_fwd_auto_prefers_native(128, task(4095, 8192, MaskKind::full), merged), ws && merged);
+    EXPECT_EQ(flash_fwd_auto_prefers_native(128, task(256, 256, MaskKind::causal), merged), ws && merged);
+    EXPECT_EQ(flash_fwd_auto_prefers_native(64, task(2048, 2048, MaskKind::full), merged), ws && merged);
+    EXPECT_EQ(flash_fwd_auto_prefers_native(64, task(1024, 4096, MaskKind::causal), merged), ws && merged);
+    EXPECT_FALSE(flash_fwd_auto_prefers_native(64, task(2049, 1024, MaskKind::full), merged));
+    EXPECT_FALSE(flash_fwd_auto_prefers_native(64, task(8192, 8192, MaskKind::full), merged));
+  }
   if (!ws) GTEST_SKIP() << "the warp-specialised kernel does not run here: auto never prefers it";
-  const std::int64_t B = 1, H = 2, D = 128;
-  // (members, S, causal, window; -1 = none): one task; a ring of two (zigzag causal: tasks of
-  // 4096 rows); one band task (keys i - 4096 .. i). (A window of 0 would be a band of one key,
-  // which auto leaves to cuDNN: its LSE then differs in the last bits.)
-  for (const auto& [members, seq, causal, window] :
-       {std::tuple{1, std::int64_t{4096}, false, std::int64_t{-1}}, std::tuple{2, std::int64_t{16384}, true, std::int64_t{-1}},
-        std::tuple{1, std::int64_t{8192}, true, std::int64_t{4096}}}) {
+  const std::int64_t B = 1, H = 2;
+  // (members, S, causal, window (-1: none), head dim): one task; a ring of two (zigzag causal:
+  // tasks of 4096 rows); one band task (keys i - 4096 .. i); a ring of two at head dim 64 (tasks
+  // of 512 rows). (A window of 0 would be a band of one key, which auto leaves to cuDNN: its
+  // LSE then differs in the last bits.)
+  using C = std::tuple<int, std::int64_t, bool, std::int64_t, std::int64_t>;
+  for (const auto& [members, seq, causal, window, D] : {C{1, 4096, false, -1, 128}, C{2, 16384, true, -1, 128},
+                                                         C{1, 8192, true, 4096, 128}, C{2, 2048, true, -1, 64}}) {
     const Layout layout(members == 1 ? LayoutKind::contiguous : LayoutKind::zigzag, seq, members);
     auto forward_with = [&](KernelKind kernel) {
       LocalGroup group(std::vector<int>(static_cast<std::size_t>(members), 0));
@@ -369,7 +374,7 @@ TEST(AutoKernel, ForwardIsNativeWhereMeasuredFaster) {
     const std::vector<unsigned char> automatic = forward_with(KernelKind::automatic);
     ASSERT_EQ(native.size(), automatic.size());
     const auto diff = std::mismatch(native.begin(), native.end(), automatic.begin());
-    EXPECT_TRUE(diff.first == native.end()) << members << " member(s), S = " << seq << ", window " << window
+    EXPECT_TRUE(diff.first == native.end()) << members << " member(s), S = " << seq << ", window " << window << ", D = " << D
                                             << ": auto's output differs from the native kernel's from byte "
                                             << (diff.first - native.begin()) << " of " << native.size();
   }

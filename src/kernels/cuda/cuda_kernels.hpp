@@ -47,18 +47,29 @@ bool flash_fwd_wgmma_available();
 FlashKernel flash_fwd_resolve(FlashKernel kernel);
 
 // --kernel auto's choice for one forward task between the native kernel and cuDNN's fused
-// attention, from rates measured side by side (docs/PERFORMANCE.md, twenty-first session; one
-// H200, cuDNN 9.14, B=1, H=32, bf16, MHA and GQA 32/8): the warp-specialised kernel at head
-// dim 128 runs 1.04-1.10x cuDNN from 8k rows up, level at 4k, 0.89-0.94x below; at head dim 64
-// 0.85-0.94x at every length; sliding windows of 4096 at head dim 128 (band tasks, causal and
-// two-sided, 16k-256k rows, H100) 1.09-1.11x. True where automatic resolves to that kernel on
-// this device, at head dim 128, for a task of at least kFlashFwdAutoNativeRows query rows and
-// keys, whose band (if any) is at least that many keys wide; narrower bands are not measured
-// and stay with cuDNN where it takes them. (Where TMA cannot describe q,
-// k or v, flash_fwd runs the plain wgmma kernel instead, ~0.75x cuDNN: q views whose rows are
-// not 16-byte aligned, which attention inputs practically never are.)
+// attention, from rates measured side by side (docs/PERFORMANCE.md, twenty-first session;
+// B=1, H=32, bf16). `merged`: the task's result joins a running state (a ring, or sinks), where
+// the native kernel merges in its epilogue and cuDNN's result needs a merge pass after it;
+// otherwise the task is the rank's only one and writes the output.
+//   - Head dim 128, the only task (one H200, cuDNN 9.14, MHA and GQA 32/8): the
+//     warp-specialised kernel runs 1.04-1.10x cuDNN from 8k rows up, level at 4k, 0.89-0.94x
+//     below: native from kFlashFwdAutoNativeRows query rows and keys.
+//   - Head dim 128, merged (one rank's share of 2- and 8-rank rings, H100): native 1.07-1.46x
+//     on every task size measured (256 to 64k rows): always native.
+//   - Head dim 64, the only task: cuDNN 1.05-1.17x at every length: cuDNN. Merged: native
+//     1.03-1.7x on tasks of up to 2048 query rows (1.01-1.07x at 2048); from 4096 rows level
+//     to cuDNN 1.09x ahead: native up to kFlashFwdAutoNative64Rows query rows (whatever the
+//     keys: a zigzag ring's task reads one or two chunks of them).
+//   - Band tasks (sliding windows; measured at a window of 4096, head dim 128, 1.09-1.11x): as
+//     above where the band is at least kFlashFwdAutoNativeRows keys wide; narrower bands are not
+//     measured and stay with cuDNN where it takes them.
+// Only where automatic resolves to the warp-specialised kernel (H100/H200 and a build with
+// sm_90a code). (Where TMA cannot describe q, k or v, flash_fwd runs the plain wgmma kernel
+// instead, ~0.75x cuDNN: q views whose rows are not 16-byte aligned, which attention inputs
+// practically never are.)
 constexpr std::int64_t kFlashFwdAutoNativeRows = 4096;
-bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& task);
+constexpr std::int64_t kFlashFwdAutoNative64Rows = 2048;  // the most query rows, head dim 64
+bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& task, bool merged);
 
 // Runs one task (see FlashFwdParams) on `stream`. dtype: f16 or bf16. Throws when the chosen
 // kernel cannot run here.

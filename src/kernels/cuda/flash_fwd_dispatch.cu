@@ -94,11 +94,13 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel) {
   return flash_fwd_wgmma_available() ? FlashKernel::wgmma_ws : FlashKernel::mma_sync;
 }
 
-bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& t) {
+bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& t, bool merged) {
   // A band lets query i see keys i + lower_offset .. i + diag_offset.
-  const bool wide = t.mask != MaskKind::band || t.diag_offset - t.lower_offset + 1 >= kFlashFwdAutoNativeRows;
-  return head_dim == 128 && wide && t.q_len >= kFlashFwdAutoNativeRows && t.kv_len >= kFlashFwdAutoNativeRows &&
-         flash_fwd_resolve(FlashKernel::automatic) == FlashKernel::wgmma_ws;
+  if (t.mask == MaskKind::band && t.diag_offset - t.lower_offset + 1 < kFlashFwdAutoNativeRows) return false;
+  if (flash_fwd_resolve(FlashKernel::automatic) != FlashKernel::wgmma_ws) return false;
+  if (head_dim == 128) return merged || (t.q_len >= kFlashFwdAutoNativeRows && t.kv_len >= kFlashFwdAutoNativeRows);
+  if (head_dim == 64) return merged && t.q_len <= kFlashFwdAutoNative64Rows;
+  return false;
 }
 
 void flash_fwd(const FlashFwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashKernel kernel) {
