@@ -13,13 +13,13 @@ namespace ringattn {
 
 // The GPU kernel that computes each block. automatic: the faster of the two where measured:
 // on H100/H200 the native warp-specialised kernel runs the forward blocks where it beats
-// cuDNN (head dim 128: every block of a ring, a rank's only block from 4096 rows and keys;
-// head dim 64: ring blocks of up to 2048 rows; sliding windows from 4096 keys wide), the other
-// forward blocks run on cuDNN's fused attention where the build has cuDNN and it supports them,
-// else natively; the backward pass of a ring stays native (cuDNN would round every step's
-// gradients to the 16-bit dtype). cudnn: cuDNN wherever it supports the block (sub-blocks it
-// cannot run, such as causal ones whose first row sees no key, still run natively). native:
-// ringattn's own kernel only. Ignored for CPU tensors.
+// cuDNN (head dim 128: every block of a ring, a rank's only block from 4096 rows and keys,
+// sliding-window blocks only where the band is 4096+ keys wide; head dim 64: ring blocks of up
+// to 2048 rows), the other forward blocks run on cuDNN's fused attention where the build has
+// cuDNN and it supports them, else natively; the backward pass of a ring stays native (cuDNN
+// would round every step's gradients to the 16-bit dtype). cudnn: cuDNN wherever it supports
+// the block (sub-blocks it cannot run, such as causal ones whose first row sees no key, still
+// run natively). native: ringattn's own kernel only. Ignored for CPU tensors.
 enum class KernelKind : std::uint8_t { automatic, cudnn, native };
 const char* to_string(KernelKind kind);
 KernelKind parse_kernel(const std::string& name);  // "auto", "cudnn", "native"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU ring end to end: `ringattn verify --device cuda` at np = $NP for every layout x
-# causal x (MHA, GQA 32/8) x (bf16, fp16) with the default kernel (cuDNN where the build has
-# it), and every layout x causal with --kernel native (bf16, GQA); sliding windows (causal, with
+# causal x (MHA, GQA 32/8) x (bf16, fp16) with the default kernel (--kernel auto: at head dim
+# 128 the native kernel for every ring task), and every layout x causal with --kernel native
+# and with --kernel cudnn (bf16, GQA: the cuDNN ring and its merge pass); at np 1 the default
+# forward (native from 4096 rows) feeding cuDNN's backward; sliding windows (causal, with
 # sinks, two-sided) with both kernels; linear attention; at np 2, `run --gpus 2` (one process)
 # against `mpirun -np 2 run` byte for byte, and `verify --gpus 2`; `verify --gpus NP --backward`,
 # and at np 2 `run --gpus 2 --backward` against `mpirun -np 2 run --backward` (dQ, dK, dV
@@ -79,8 +81,22 @@ for layout in contiguous zigzag striped; do
     done
     spawn check "np=$np $layout ${causal:---full} kv-heads=8 bf16 native" --kv-heads 8 --layout "$layout" $causal \
       --kernel native
+    spawn check "np=$np $layout ${causal:---full} kv-heads=8 bf16 cudnn" --kv-heads 8 --layout "$layout" $causal \
+      --kernel cudnn
   done
 done
+# One rank, the default kernels where the forward is native (head dim 128, 4096 rows) and the
+# backward cuDNN's (the rank's one task): gradients against the reference.
+check_one() {  # name, then the verify flags (np 1)
+  local name=$1
+  shift
+  if out=$("$mpiexec" "${mpi_flags[@]}" --bind-to none -np 1 "$ringattn" verify --device cuda "$@" 2>&1); then
+    echo "ok   $name: $(echo "$out" | grep -m1 'dQ')"
+  else
+    echo "FAIL $name"; echo "$out"; failed=1
+  fi
+}
+spawn check_one "np=1 default kernels (native forward, cuDNN backward)" --backward --seq 4096 --heads 4 --head-dim 128 --causal
 
 # Sliding windows (contiguous layout): within one block, reaching across blocks, with sinks,
 # and two-sided; the default kernel (cuDNN's band mask where it builds) and the native one.

@@ -36,8 +36,10 @@
 #include "core/dtype.hpp"
 #include "core/synthetic.hpp"
 #include "engine/cuda_resources.hpp"
+#include "engine/cuda_ring_forward.hpp"
 #include "engine/reference.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
+#include "plan/ring_plan.hpp"
 #include "ringattn/error.hpp"
 #include "ringattn/local_group.hpp"
 
@@ -329,54 +331,105 @@ TEST(AutoKernel, ForwardIsNativeWhereMeasuredFaster) {
   // of 512 rows). (A window of 0 would be a band of one key, which auto leaves to cuDNN: its
   // LSE then differs in the last bits.)
   using C = std::tuple<int, std::int64_t, bool, std::int64_t, std::int64_t>;
-  for (const auto& [members, seq, causal, window, D] : {C{1, 4096, false, -1, 128}, C{2, 16384, true, -1, 128},
-                                                         C{1, 8192, true, 4096, 128}, C{2, 2048, true, -1, 64}}) {
+  // Each member's O (bf16) and LSE (fp32) bytes, one after another.
+  auto forward_with = [&](const C& c, KernelKind kernel) {
+    const auto& [members, seq, causal, window, D] = c;
     const Layout layout(members == 1 ? LayoutKind::contiguous : LayoutKind::zigzag, seq, members);
-    auto forward_with = [&](KernelKind kernel) {
-      LocalGroup group(std::vector<int>(static_cast<std::size_t>(members), 0));
-      std::vector<DeviceBuffer> bufs;
-      std::vector<TensorView> q, k, v, out, lse;
-      for (int i = 0; i < members; ++i) {
-        const std::vector<std::int64_t> pos = layout.positions(i);
-        const auto n = static_cast<std::int64_t>(pos.size());
-        const std::size_t bytes = static_cast<std::size_t>(B * n * H * D) * 2;
-        std::vector<unsigned char> h(bytes);
-        for (SyntheticTensor t : {SyntheticTensor::q, SyntheticTensor::k, SyntheticTensor::v}) {
-          fill_synthetic(11, t, DType::bf16, B, pos, H, D, h.data());
-          bufs.emplace_back(bytes);
-          RINGATTN_CUDA_CHECK(cudaMemcpy(bufs.back().get(), h.data(), bytes, cudaMemcpyHostToDevice));
-          auto& dst = t == SyntheticTensor::q ? q : t == SyntheticTensor::k ? k : v;
-          dst.push_back(TensorView::contiguous(bufs.back().get(), DType::bf16, {B, n, H, D}, DeviceKind::cuda, 0));
-        }
+    LocalGroup group(std::vector<int>(static_cast<std::size_t>(members), 0));
+    std::vector<DeviceBuffer> bufs;
+    std::vector<TensorView> q, k, v, out, lse;
+    for (int i = 0; i < members; ++i) {
+      const std::vector<std::int64_t> pos = layout.positions(i);
+      const auto n = static_cast<std::int64_t>(pos.size());
+      const std::size_t bytes = static_cast<std::size_t>(B * n * H * D) * 2;
+      std::vector<unsigned char> h(bytes);
+      for (SyntheticTensor t : {SyntheticTensor::q, SyntheticTensor::k, SyntheticTensor::v}) {
+        fill_synthetic(11, t, DType::bf16, B, pos, H, D, h.data());
         bufs.emplace_back(bytes);
-        out.push_back(TensorView::contiguous(bufs.back().get(), DType::bf16, {B, n, H, D}, DeviceKind::cuda, 0));
-        bufs.emplace_back(static_cast<std::size_t>(B * H * n) * sizeof(float));
-        lse.push_back(TensorView::contiguous(bufs.back().get(), DType::f32, {B, H, n}, DeviceKind::cuda, 0));
+        RINGATTN_CUDA_CHECK(cudaMemcpy(bufs.back().get(), h.data(), bytes, cudaMemcpyHostToDevice));
+        auto& dst = t == SyntheticTensor::q ? q : t == SyntheticTensor::k ? k : v;
+        dst.push_back(TensorView::contiguous(bufs.back().get(), DType::bf16, {B, n, H, D}, DeviceKind::cuda, 0));
       }
-      AttentionOptions options;
-      options.causal = causal;
-      options.layout = layout.kind();
-      options.window = window;
-      options.kernel = kernel;
-      forward(group, q, k, v, out, lse, options);
-      std::vector<unsigned char> result;
-      for (int i = 0; i < members; ++i) {
-        for (const TensorView& t : {out[static_cast<std::size_t>(i)], lse[static_cast<std::size_t>(i)]}) {
-          const std::size_t bytes = static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype);
-          std::vector<unsigned char> h(bytes);
-          RINGATTN_CUDA_CHECK(cudaMemcpy(h.data(), t.data, bytes, cudaMemcpyDeviceToHost));
-          result.insert(result.end(), h.begin(), h.end());
-        }
+      bufs.emplace_back(bytes);
+      out.push_back(TensorView::contiguous(bufs.back().get(), DType::bf16, {B, n, H, D}, DeviceKind::cuda, 0));
+      bufs.emplace_back(static_cast<std::size_t>(B * H * n) * sizeof(float));
+      lse.push_back(TensorView::contiguous(bufs.back().get(), DType::f32, {B, H, n}, DeviceKind::cuda, 0));
+    }
+    AttentionOptions options;
+    options.causal = causal;
+    options.layout = layout.kind();
+    options.window = window;
+    options.kernel = kernel;
+    forward(group, q, k, v, out, lse, options);
+    std::vector<unsigned char> result;
+    for (int i = 0; i < members; ++i) {
+      for (const TensorView& t : {out[static_cast<std::size_t>(i)], lse[static_cast<std::size_t>(i)]}) {
+        const std::size_t bytes = static_cast<std::size_t>(t.numel()) * dtype_size(t.dtype);
+        std::vector<unsigned char> h(bytes);
+        RINGATTN_CUDA_CHECK(cudaMemcpy(h.data(), t.data, bytes, cudaMemcpyDeviceToHost));
+        result.insert(result.end(), h.begin(), h.end());
       }
-      return result;
-    };
-    const std::vector<unsigned char> native = forward_with(KernelKind::native);
-    const std::vector<unsigned char> automatic = forward_with(KernelKind::automatic);
+    }
+    return result;
+  };
+  for (const C& c : {C{1, 4096, false, -1, 128}, C{2, 16384, true, -1, 128}, C{1, 8192, true, 4096, 128},
+                     C{2, 2048, true, -1, 64}}) {
+    const auto& [members, seq, causal, window, D] = c;
+    const std::vector<unsigned char> native = forward_with(c, KernelKind::native);
+    const std::vector<unsigned char> automatic = forward_with(c, KernelKind::automatic);
     ASSERT_EQ(native.size(), automatic.size());
     const auto diff = std::mismatch(native.begin(), native.end(), automatic.begin());
     EXPECT_TRUE(diff.first == native.end()) << members << " member(s), S = " << seq << ", window " << window << ", D = " << D
                                             << ": auto's output differs from the native kernel's from byte "
                                             << (diff.first - native.begin()) << " of " << native.size();
+  }
+
+  // A ring whose tasks the rule splits (head dim 64, zigzag causal, S = 8192 over 3: member 1's
+  // tasks of 1365-1366 query rows go native, its 2731-row one to cuDNN): where the build has
+  // cuDNN, the engine says how many tasks run natively, and auto's output agrees with the
+  // native kernel's to the dtype's rounding (cuDNN computes the other tasks).
+  const C split{3, 8192, true, -1, 64};
+  const Layout layout(LayoutKind::zigzag, 8192, 3);
+  const RingPlan plan = make_ring_plan(layout, MaskKind::causal, 1);
+  std::size_t tasks = 0, natives = 0;
+  for (const RingStep& step : plan.steps) {
+    for (const BlockTask& t : step.tasks) {
+      ++tasks;
+      if (flash_fwd_auto_prefers_native(64, t, true)) ++natives;
+    }
+  }
+  ASSERT_TRUE(natives > 0 && natives < tasks) << natives << " of " << tasks << ": the case no longer splits";
+  LocalGroup group({0, 0, 0});
+  if (group.resources(1).cudnn() == nullptr) GTEST_SKIP() << "no cuDNN in this build: nothing to split";
+  const CudaRingForward ring(group.resources(1), plan, AttentionShape{B, H, H, 64}, DType::bf16, layout.local_length(1),
+                             layout.max_local_length(), KernelKind::automatic);
+  const std::string said = ring.kernel_description();
+  EXPECT_NE(said.find(std::to_string(natives) + " of " + std::to_string(tasks) + " tasks on the native"), std::string::npos)
+      << said;
+  const std::vector<unsigned char> native = forward_with(split, KernelKind::native);
+  const std::vector<unsigned char> automatic = forward_with(split, KernelKind::automatic);
+  ASSERT_EQ(native.size(), automatic.size());
+  std::size_t at = 0;
+  for (int m = 0; m < 3; ++m) {
+    const auto rows = static_cast<std::size_t>(layout.local_length(m) * H);
+    const std::size_t out_bytes = rows * 64 * 2, lse_bytes = rows * sizeof(float);
+    const std::vector<unsigned char> on(native.begin() + static_cast<std::ptrdiff_t>(at),
+                                        native.begin() + static_cast<std::ptrdiff_t>(at + out_bytes));
+    const std::vector<unsigned char> oa(automatic.begin() + static_cast<std::ptrdiff_t>(at),
+                                        automatic.begin() + static_cast<std::ptrdiff_t>(at + out_bytes));
+    const std::vector<float> fn = to_f32(DType::bf16, on), fa = to_f32(DType::bf16, oa);
+    float out_err = 0.0f, lse_err = 0.0f;
+    for (std::size_t i = 0; i < fn.size(); ++i) out_err = std::max(out_err, std::abs(fn[i] - fa[i]));
+    for (std::size_t i = 0; i < rows; ++i) {
+      float ln = 0.0f, la = 0.0f;
+      std::memcpy(&ln, native.data() + at + out_bytes + i * sizeof(float), sizeof(float));
+      std::memcpy(&la, automatic.data() + at + out_bytes + i * sizeof(float), sizeof(float));
+      lse_err = std::max(lse_err, std::abs(ln - la));
+    }
+    // |O| <= max |V| ~ 1.7 (unit-variance uniform values): two bf16 roundings apart at most.
+    EXPECT_LE(out_err, 2e-2f) << "member " << m;
+    EXPECT_LE(lse_err, 1e-3f) << "member " << m;
+    at += out_bytes + lse_bytes;
   }
 }
 

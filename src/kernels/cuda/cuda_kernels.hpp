@@ -57,12 +57,16 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel);
 //   - Head dim 128, merged (one rank's share of 2- and 8-rank rings, H100): native 1.07-1.46x
 //     on every task size measured (256 to 64k rows): always native.
 //   - Head dim 64, the only task: cuDNN 1.05-1.17x at every length: cuDNN. Merged: native
-//     1.03-1.7x on tasks of up to 2048 query rows (1.01-1.07x at 2048); from 4096 rows level
+//     1.01-1.7x on tasks of up to 2048 query rows (0.99-1.07x at 2048); from 4096 rows level
 //     to cuDNN 1.09x ahead: native up to kFlashFwdAutoNative64Rows query rows (whatever the
 //     keys: a zigzag ring's task reads one or two chunks of them).
-//   - Band tasks (sliding windows; measured at a window of 4096, head dim 128, 1.09-1.11x): as
-//     above where the band is at least kFlashFwdAutoNativeRows keys wide; narrower bands are not
+//   - Band tasks (sliding windows; measured at --window 4096, head dim 128, one task,
+//     1.09-1.11x): as above where the band is at least kFlashFwdAutoNativeRows keys wide (a
+//     band is W + 1 keys for a causal window, 2W + 1 two-sided: causal W >= 4095, two-sided
+//     W >= 2048; two-sided windows were measured at W = 4096 only); narrower bands are not
 //     measured and stay with cuDNN where it takes them.
+// Measured in bf16 with B = 1 and H = 32, MHA (the one-task rule also GQA 32/8); applied to
+// fp16, GQA and batches as well (the same kernels).
 // Only where automatic resolves to the warp-specialised kernel (H100/H200 and a build with
 // sm_90a code). (Where TMA cannot describe q, k or v, flash_fwd runs the plain wgmma kernel
 // instead, ~0.75x cuDNN: q views whose rows are not 16-byte aligned, which attention inputs
