@@ -232,13 +232,21 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     const int hops = reverse ? n : n - 1;
     const bool ring = communicate && P > 1 && hops > 0;
     int cur = 0, acc = 0;
+    // The forward pass starts on the own block, into acc_[0]: one native task over all of its
+    // keys overwrites the accumulator's rows (FlashBwdParams::dkv_store) instead of adding to
+    // zeroed ones: no zeroing, and the kernel's epilogue loads nothing.
+    const bool first_stores = !reverse && !steps.empty() && steps[0].kv_len == q_len_ && steps[0].tasks.size() == 1 &&
+                              steps[0].tasks[0].kv_begin == 0 && steps[0].tasks[0].kv_len == steps[0].kv_len &&
+                              !task_uses_cudnn(steps[0].tasks[0], steps[0].kv_len);
     span(-1, [&] {
       if (reverse && communicate) {  // the forward pass left other blocks in the buffers
         auto* own = static_cast<unsigned char*>(blocks_[0].get());
         pack_rows(k, own, stream);
         pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
       }
-      if (!cudnn_direct) RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
+      if (!cudnn_direct && !first_stores) {
+        RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
+      }
     });
     std::int64_t held = q_len_;
     for (int s = reverse ? -1 : 0; s < n; ++s) {
@@ -299,10 +307,12 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
                                                                   dv, scale, dk_acc, dv_acc, await_acc)) {
               continue;
             }
+            if (s == 0 && first_stores) p.dkv_store = 1;
             if (!fused_) {
               flash_bwd(p, dtype_, D, stream, FlashBwdPart::dq);
               await_acc();
               flash_bwd(p, dtype_, D, stream, FlashBwdPart::dkv);
+              p.dkv_store = 0;
               continue;
             }
             // One kernel for all three gradients: into the accumulator once it is here, else into
