@@ -334,10 +334,45 @@ TEST_F(FlashBwd, LongerBlocksCrossManyTiles) {
   check_case({1, 1100, 4, 2, 128, false, LayoutKind::contiguous, 1, DType::f16});
   check_case({1, 1300, 2, 1, 64, true, LayoutKind::contiguous, 1, DType::bf16});
   check_case({1, 1100, 4, 2, 64, false, LayoutKind::zigzag, 2, DType::f16});
-  // Causal without GQA: the single-pass kernel's CTAs interleave chunks of 4 KV heads; 6
-  // heads make a whole chunk and a partial one, in each of 2 batches.
+  // The single-pass kernel's CTAs interleave chunks of KV heads (4 here: short tasks, and at
+  // least 4 for causal MHA); 6 heads make a whole chunk and a partial one, in each of 2
+  // batches; GQA 6/3 a chunk of 2 and one of 1.
   check_case({2, 1024, 6, 6, 128, true, LayoutKind::zigzag, 2, DType::bf16});
   check_case({2, 640, 6, 6, 64, true, LayoutKind::contiguous, 1, DType::f16});
+  check_case({2, 1024, 6, 6, 128, false, LayoutKind::zigzag, 2, DType::bf16});
+  check_case({1, 768, 6, 3, 64, false, LayoutKind::contiguous, 1, DType::f16});
+}
+
+// The head chunk: the largest power of two of KV heads whose Q, dO and dQ rows fit in 32 MiB,
+// at least 4 for causal MHA, at most the KV heads (H100: 2k-row tasks +14% at hc 16, 64k ones
+// 0.67x with every head interleaved; docs/PERFORMANCE.md).
+TEST(FlashBwdHeadChunk, FollowsTheL2Budget) {
+  auto chunk = [](int q_len, int heads, int kv_heads, std::int64_t dim, bool causal) {
+    FlashBwdParams p;
+    p.q_len = q_len;
+    p.heads = heads;
+    p.kv_heads = kv_heads;
+    p.kv_group = heads / kv_heads;
+    p.causal = causal ? 1 : 0;
+    return flash_bwd_head_chunk(p, dim);
+  };
+  // Head dim 128: q_len x 128 x 8 bytes per head, 32 MiB / 2 MiB at 2k = 16.
+  EXPECT_EQ(chunk(2048, 32, 32, 128, false), 16);
+  EXPECT_EQ(chunk(2049, 32, 32, 128, false), 8);
+  EXPECT_EQ(chunk(4096, 32, 32, 128, false), 8);
+  EXPECT_EQ(chunk(16384, 32, 32, 128, false), 2);
+  EXPECT_EQ(chunk(32768, 32, 32, 128, false), 1);
+  EXPECT_EQ(chunk(65536, 32, 32, 128, false), 1);
+  EXPECT_EQ(chunk(65536, 32, 32, 128, true), 4);
+  EXPECT_EQ(chunk(2048, 32, 32, 128, true), 16);
+  EXPECT_EQ(chunk(2048, 32, 32, 64, false), 32);
+  EXPECT_EQ(chunk(512, 32, 32, 64, false), 32);  // never more than the KV heads
+  EXPECT_EQ(chunk(512, 6, 6, 128, false), 4);
+  EXPECT_EQ(chunk(512, 2, 2, 128, true), 2);
+  // GQA: a KV head's CTAs walk every query head of its group.
+  EXPECT_EQ(chunk(2048, 32, 8, 128, false), 4);
+  EXPECT_EQ(chunk(2048, 32, 8, 128, true), 4);
+  EXPECT_EQ(chunk(16384, 32, 8, 128, true), 1);
 }
 
 // Sliding-window plans: band tasks whose lower edge skips whole tiles and cuts through others,

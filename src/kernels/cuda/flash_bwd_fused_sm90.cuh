@@ -32,10 +32,10 @@
 // after run. A CTA only ever waits for CTAs of lower key block of its (batch, KV head). CUDA
 // does not promise that CTAs are dispatched in index order, so a CTA does not take its key
 // block from blockIdx: it draws a ticket (an atomic counter after the semaphores, zeroed with
-// them) and ticket t means, within batch t / (blocks * kv_heads), key block t % blocks of KV
-// head (t / blocks) % kv_heads; in causal tasks without GQA, the KV heads go in chunks of 4
-// whose tickets interleave (key block (t % 4 blocks) / 4 of head 4 (t / 4 blocks) + t % 4 in a
-// whole chunk). Either way a lower key block of the same head has a lower ticket. Every CTA it
+// them) and ticket t means, within batch t / (blocks * kv_heads), key block (t % hc blocks) / hc
+// of KV head hc (t / hc blocks) + t % hc (in a whole chunk): the KV heads go in chunks of hc
+// whose tickets interleave (hc = 1: blocks fastest; see "The head chunk" below). Either way a
+// lower key block of the same head has a lower ticket. Every CTA it
 // waits for drew a lower ticket, so has started: it is
 // resident or finished, and it waits only for lower tickets still, so the chain ends. The
 // hardware dispatches in index order in practice, and tickets follow it (a trace on an H100:
@@ -49,9 +49,19 @@
 // and the queue forms again: at head dim 64, 16k causal, a CTA's loop took ~84,000 cycles
 // more than its tiles (~2,640 each) explain. Interleaving 4 heads makes each head's queue a
 // quarter as long (H100, fwd+bwd, same call: head dim 64 16k causal 365 -> 389 TFLOP/s, 64k
-// causal +2%, head dim 128 16k causal +1-3%; with full masks and with GQA it lost 0.5-1.5%,
-// so those keep blocks fastest). A wait that exceeds 60 s traps (a launch
+// causal +2%, head dim 128 16k causal +1-3%). A wait that exceeds 60 s traps (a launch
 // error, never a hang), should a bug ever break that argument.
+// The head chunk (fused_bwd_head_chunk): even in step, the CTAs of one head that run at once
+// form a chain of ordered adds, each ~1.3 tiles' time after the one before (L2 reduce-adds
+// under load), and the launch pays that chain's length once at its start and once in its tail:
+// 17% of a 2k-row task, 2% of 16k (H100, against a diagnostic build with the adds unordered).
+// With hc heads interleaved, a head has ~1 / hc of the SMs and its chain is that much shorter,
+// but hc heads' Q, dO and dQ rows are in use at once; past the L2 the tiles come from HBM
+// again (heads fastest over all 32 heads at 64k: 0.67x). So hc is the largest power of two
+// whose rows fit in kFusedBwdL2Budget, and at least kFusedBwdCausalHeadChunk for causal MHA tasks
+// (H100, P = 1 fwd+bwd at head dim 128 full, hc = 1 -> the rule: 2k 382 -> 435 TFLOP/s, 4k
+// 490 -> 537, 8k 576 -> ~590; at 16k the rule's hc = 2 is level with 1; see
+// docs/PERFORMANCE.md).
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
 // statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
@@ -61,6 +71,8 @@
 //
 // Test: tests/gpu/test_flash_bwd.cpp (against the fp64 reference, bitwise repeat; ctest -L gpu).
 #pragma once
+
+#include <algorithm>
 
 #include "kernels/cuda/flash_bwd_sm90.cuh"
 
@@ -76,7 +88,6 @@ struct Sm90FusedBwdTraits {
   static constexpr int kRowBytes = kHeadDim * 2;
   static constexpr int kKeys = 128;   // keys per CTA, 64 per consumer warpgroup
   static constexpr int kBlockQ = 64;  // query rows per tile
-  static constexpr int kCausalHeadChunk = 4;  // causal MHA: KV heads whose CTAs interleave (see the header)
   static constexpr int kDqBoxCols = 32;                                   // fp32 columns per TMA box (128 bytes)
   static constexpr int kDqBoxBytes = kBlockQ * kDqBoxCols * 4;            // 8 KiB
   static constexpr int kDsBytes = kKeys * kBlockQ * 2;                    // one dS^T buffer, 16 KiB
@@ -129,11 +140,27 @@ __host__ __device__ inline std::int64_t fused_bwd_semaphores(const FlashBwdParam
 // What a launch needs there: the semaphores and the CTAs' ticket counter after them.
 inline std::int64_t fused_bwd_sem_words(const FlashBwdParams& p) { return fused_bwd_semaphores(p) + 1; }
 
+// The rows of Q, dO (16-bit) and dQ (fp32) that the CTAs running at once may use, for the head
+// chunk: 32 MiB of the H100's and H200's 50 MiB L2. Causal MHA tasks interleave at least
+// kFusedBwdCausalHeadChunk heads whatever their length.
+constexpr std::int64_t kFusedBwdL2Budget = std::int64_t{32} << 20;
+constexpr int kFusedBwdCausalHeadChunk = 4;
+
+// KV heads whose key blocks interleave in the launch order (the header's "head chunk").
+inline int fused_bwd_head_chunk(const FlashBwdParams& p, int head_dim) {
+  const std::int64_t per_head = static_cast<std::int64_t>(p.q_len) * p.kv_group * head_dim * (2 + 2 + 4);
+  int hc = 1;
+  while (2 * hc <= p.kv_heads && 2 * hc * per_head <= kFusedBwdL2Budget) hc *= 2;
+  if (p.causal && p.kv_group == 1) hc = std::max(hc, std::min(kFusedBwdCausalHeadChunk, p.kv_heads));
+  return hc;
+}
+
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_fused_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap tm_q,
                                 const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
-                                const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_dq) {
+                                const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_dq,
+                                int head_chunk) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BN = Tr::kKeys, BQ = Tr::kBlockQ, NST = Tr::kStages;
@@ -169,7 +196,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int blocks = static_cast<int>(gridDim.x), ticket = *s_ticket;
   // The tickets of batch b go to chunks of `hc` KV heads (the last chunk may have fewer), and
   // within a chunk to the heads fastest, then the key blocks (hc = 1: blocks fastest).
-  const int hc = kCausal && p.kv_group == 1 ? Tr::kCausalHeadChunk : 1;
+  const int hc = head_chunk;
   const int per_batch = blocks * p.kv_heads, b = ticket / per_batch, tb = ticket % per_batch;
   const int chunk = tb / (blocks * hc), heads_here = min(hc, p.kv_heads - chunk * hc);
   const int tc = tb - chunk * blocks * hc;
@@ -443,10 +470,11 @@ void launch_flash_bwd_fused_sm90_traits(const FlashBwdParams& p, cudaStream_t st
   const CUtensorMap tdq = make_f32_tile_map(p.dq, D, q_rows, p.heads, p.batch, p.s_q * D,
                                             static_cast<std::int64_t>(p.heads) * p.s_q * D, Tr::kBlockQ);
   const dim3 grid((p.kv_len + Tr::kKeys - 1) / Tr::kKeys, p.kv_heads, p.batch);
+  const int hc = fused_bwd_head_chunk(p, D);
   if (p.causal) {
-    flash_bwd_fused_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq);
+    flash_bwd_fused_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc);
   } else {
-    flash_bwd_fused_sm90_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq);
+    flash_bwd_fused_sm90_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc);
   }
   RINGATTN_CUDA_CHECK(cudaGetLastError());
 }
