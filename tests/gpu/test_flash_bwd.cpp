@@ -343,36 +343,37 @@ TEST_F(FlashBwd, LongerBlocksCrossManyTiles) {
   check_case({1, 768, 6, 3, 64, false, LayoutKind::contiguous, 1, DType::f16});
 }
 
-// The head chunk: the largest power of two of KV heads whose Q, dO and dQ rows fit in 32 MiB,
-// at least 4 for causal MHA, at most the KV heads (H100: 2k-row tasks +14% at hc 16, 64k ones
-// 0.67x with every head interleaved; docs/PERFORMANCE.md).
-TEST(FlashBwdHeadChunk, FollowsTheL2Budget) {
-  auto chunk = [](int q_len, int heads, int kv_heads, std::int64_t dim, bool causal) {
+// The head chunk: the largest power of two of KV heads whose CTAs walk at most 32k rows of Q,
+// dO and dQ at once (a causal launch counts half its rows; a GQA head its group's), at least 4
+// for causal MHA, at most the KV heads (H100: 2k-row tasks +14% at hc 16, 64k ones 0.67x with
+// every head interleaved; docs/PERFORMANCE.md).
+TEST(FlashBwdHeadChunk, KeepsTheRowsWalkedAtOnceWithin32k) {
+  auto chunk = [](int q_len, int heads, int kv_heads, bool causal) {
     FlashBwdParams p;
     p.q_len = q_len;
     p.heads = heads;
     p.kv_heads = kv_heads;
     p.kv_group = heads / kv_heads;
     p.causal = causal ? 1 : 0;
-    return flash_bwd_head_chunk(p, dim);
+    return flash_bwd_head_chunk(p);
   };
-  // Head dim 128: q_len x 128 x 8 bytes per head, 32 MiB / 2 MiB at 2k = 16.
-  EXPECT_EQ(chunk(2048, 32, 32, 128, false), 16);
-  EXPECT_EQ(chunk(2049, 32, 32, 128, false), 8);
-  EXPECT_EQ(chunk(4096, 32, 32, 128, false), 8);
-  EXPECT_EQ(chunk(16384, 32, 32, 128, false), 2);
-  EXPECT_EQ(chunk(32768, 32, 32, 128, false), 1);
-  EXPECT_EQ(chunk(65536, 32, 32, 128, false), 1);
-  EXPECT_EQ(chunk(65536, 32, 32, 128, true), 4);
-  EXPECT_EQ(chunk(2048, 32, 32, 128, true), 16);
-  EXPECT_EQ(chunk(2048, 32, 32, 64, false), 32);
-  EXPECT_EQ(chunk(512, 32, 32, 64, false), 32);  // never more than the KV heads
-  EXPECT_EQ(chunk(512, 6, 6, 128, false), 4);
-  EXPECT_EQ(chunk(512, 2, 2, 128, true), 2);
+  EXPECT_EQ(chunk(2048, 32, 32, false), 16);
+  EXPECT_EQ(chunk(2049, 32, 32, false), 8);
+  EXPECT_EQ(chunk(4096, 32, 32, false), 8);
+  EXPECT_EQ(chunk(16384, 32, 32, false), 2);
+  EXPECT_EQ(chunk(32768, 32, 32, false), 1);
+  EXPECT_EQ(chunk(65536, 32, 32, false), 1);
+  EXPECT_EQ(chunk(2048, 32, 32, true), 32);
+  EXPECT_EQ(chunk(8192, 32, 32, true), 8);
+  EXPECT_EQ(chunk(65536, 32, 32, true), 4);  // causal MHA: never fewer than 4
+  EXPECT_EQ(chunk(512, 32, 32, false), 32);  // never more than the KV heads
+  EXPECT_EQ(chunk(512, 6, 6, false), 4);
+  EXPECT_EQ(chunk(512, 2, 2, true), 2);
   // GQA: a KV head's CTAs walk every query head of its group.
-  EXPECT_EQ(chunk(2048, 32, 8, 128, false), 4);
-  EXPECT_EQ(chunk(2048, 32, 8, 128, true), 4);
-  EXPECT_EQ(chunk(16384, 32, 8, 128, true), 1);
+  EXPECT_EQ(chunk(2048, 32, 8, false), 4);
+  EXPECT_EQ(chunk(2048, 32, 8, true), 8);
+  EXPECT_EQ(chunk(4096, 32, 8, true), 4);
+  EXPECT_EQ(chunk(16384, 32, 8, true), 1);
 }
 
 // Sliding-window plans: band tasks whose lower edge skips whole tiles and cuts through others,

@@ -134,7 +134,7 @@ bool flash_bwd_fused_supports(const FlashBwdParams& params);
 std::int64_t flash_bwd_semaphores(const FlashBwdParams& params);
 // How many KV heads' key blocks the single-pass kernel interleaves in its launch order for
 // this task (flash_bwd_fused_sm90.cuh, "the head chunk"): exposed for tests.
-int flash_bwd_head_chunk(const FlashBwdParams& params, std::int64_t head_dim);
+int flash_bwd_head_chunk(const FlashBwdParams& params);
 
 // Before the backward ring: delta = rowsum(dO * O) and lse2 = LSE * log2(e) (+inf where LSE
 // is -inf), both (B, H, S) dense fp32. out, dout: (B, S, H, D) f16 or bf16; lse (B, H, S).

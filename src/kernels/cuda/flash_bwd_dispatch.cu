@@ -66,9 +66,7 @@ bool flash_bwd_fused_supports(const FlashBwdParams& p) { return flash::sm90_fuse
 
 std::int64_t flash_bwd_semaphores(const FlashBwdParams& p) { return flash::fused_bwd_sem_words(p); }
 
-int flash_bwd_head_chunk(const FlashBwdParams& p, std::int64_t head_dim) {
-  return flash::fused_bwd_head_chunk(p, static_cast<int>(head_dim));
-}
+int flash_bwd_head_chunk(const FlashBwdParams& p) { return flash::fused_bwd_head_chunk(p); }
 
 void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashBwdPart part,
                FlashKernel kernel) {

@@ -52,16 +52,17 @@
 // causal +2%, head dim 128 16k causal +1-3%). A wait that exceeds 60 s traps (a launch
 // error, never a hang), should a bug ever break that argument.
 // The head chunk (fused_bwd_head_chunk): even in step, the CTAs of one head that run at once
-// form a chain of ordered adds, each ~1.3 tiles' time after the one before (L2 reduce-adds
-// under load), and the launch pays that chain's length once at its start and once in its tail:
-// 17% of a 2k-row task, 2% of 16k (H100, against a diagnostic build with the adds unordered).
+// form a chain of ordered adds, each about a tile's time after the one before (an estimate
+// from what the chain costs: a 32 KiB reduce-add completing in a loaded L2, then the
+// semaphore), and the launch pays that chain's length at its start and in its tail: 17% of a
+// 2k-row task, 2% of 16k (H100, against a diagnostic build with the adds unordered).
 // With hc heads interleaved, a head has ~1 / hc of the SMs and its chain is that much shorter,
 // but hc heads' Q, dO and dQ rows are in use at once; past the L2 the tiles come from HBM
 // again (heads fastest over all 32 heads at 64k: 0.67x). So hc is the largest power of two
-// whose rows fit in kFusedBwdL2Budget, and at least kFusedBwdCausalHeadChunk for causal MHA tasks
-// (H100, P = 1 fwd+bwd at head dim 128 full, hc = 1 -> the rule: 2k 382 -> 435 TFLOP/s, 4k
-// 490 -> 537, 8k 576 -> ~590; at 16k the rule's hc = 2 is level with 1; see
-// docs/PERFORMANCE.md).
+// that keeps the rows its CTAs walk within kFusedBwdChunkRows, and at least
+// kFusedBwdCausalHeadChunk for causal MHA tasks (H100, P = 1 fwd+bwd at head dim 128 full,
+// hc = 1 -> the rule: 2k 380 -> 434 TFLOP/s, 4k 485 -> 542, 8k 581 -> 603; GQA 32/8 causal 4k
+// 367 -> 432; at 16k the rule's hc = 2 is level with 1; docs/PERFORMANCE.md).
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
 // statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
@@ -140,17 +141,18 @@ __host__ __device__ inline std::int64_t fused_bwd_semaphores(const FlashBwdParam
 // What a launch needs there: the semaphores and the CTAs' ticket counter after them.
 inline std::int64_t fused_bwd_sem_words(const FlashBwdParams& p) { return fused_bwd_semaphores(p) + 1; }
 
-// The rows of Q, dO (16-bit) and dQ (fp32) that the CTAs running at once may use, for the head
-// chunk: 32 MiB of the H100's and H200's 50 MiB L2. Causal MHA tasks interleave at least
-// kFusedBwdCausalHeadChunk heads whatever their length.
-constexpr std::int64_t kFusedBwdL2Budget = std::int64_t{32} << 20;
+// The rows of Q, dO and dQ per KV head that the CTAs of a head chunk may walk at once: 32k
+// (at head dim 128 that is 32 MiB of the 50 MiB L2; head dim 64 measured best at the same
+// rows). A causal launch's CTAs walk half of its rows on average. Causal MHA tasks interleave
+// at least kFusedBwdCausalHeadChunk heads whatever their length.
+constexpr std::int64_t kFusedBwdChunkRows = 32768;
 constexpr int kFusedBwdCausalHeadChunk = 4;
 
 // KV heads whose key blocks interleave in the launch order (the header's "head chunk").
-inline int fused_bwd_head_chunk(const FlashBwdParams& p, int head_dim) {
-  const std::int64_t per_head = static_cast<std::int64_t>(p.q_len) * p.kv_group * head_dim * (2 + 2 + 4);
+inline int fused_bwd_head_chunk(const FlashBwdParams& p) {
+  const std::int64_t rows = static_cast<std::int64_t>(p.q_len) * p.kv_group / (p.causal ? 2 : 1);
   int hc = 1;
-  while (2 * hc <= p.kv_heads && 2 * hc * per_head <= kFusedBwdL2Budget) hc *= 2;
+  while (2 * hc <= p.kv_heads && 2 * hc * rows <= kFusedBwdChunkRows) hc *= 2;
   if (p.causal && p.kv_group == 1) hc = std::max(hc, std::min(kFusedBwdCausalHeadChunk, p.kv_heads));
   return hc;
 }
@@ -470,7 +472,7 @@ void launch_flash_bwd_fused_sm90_traits(const FlashBwdParams& p, cudaStream_t st
   const CUtensorMap tdq = make_f32_tile_map(p.dq, D, q_rows, p.heads, p.batch, p.s_q * D,
                                             static_cast<std::int64_t>(p.heads) * p.s_q * D, Tr::kBlockQ);
   const dim3 grid((p.kv_len + Tr::kKeys - 1) / Tr::kKeys, p.kv_heads, p.batch);
-  const int hc = fused_bwd_head_chunk(p, D);
+  const int hc = fused_bwd_head_chunk(p);
   if (p.causal) {
     flash_bwd_fused_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc);
   } else {
