@@ -68,7 +68,8 @@ std::vector<T> rows_at(const std::vector<T>& all, const Case& c, const std::vect
 // store: every task overwrites its rows (FlashBwdParams::dkv_store) of a scratch accumulator
 // filled with NaN, whose other rows must stay untouched; its rows are then added to the
 // block's accumulator (so a NaN left in a task's rows, e.g. of keys no query sees, fails).
-std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& rel_err, bool store = false) {
+std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& rel_err, bool store = false,
+                                    int head_chunk = 0) {
   const Layout layout(c.layout, c.seq, c.world);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
   std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
@@ -180,6 +181,7 @@ std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& r
       p.kv_group = static_cast<int>(H / Hkv);
       p.scale = static_cast<float>(scale);
       p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+      p.head_chunk = head_chunk;
       for (const BlockTask& t : *tasks) {
         set_task_fields(p, t);
         if (kernel != FlashKernel::mma_sync && !flash_bwd_wgmma_supports(p)) {
@@ -343,6 +345,28 @@ TEST_F(FlashBwd, LongerBlocksCrossManyTiles) {
   check_case({1, 768, 6, 3, 64, false, LayoutKind::contiguous, 1, DType::f16});
 }
 
+// The single-pass kernel's launch order with every head chunk, whole and partial (6 KV heads:
+// 1, 2, 3, 4 and 6; the rule gives 4 to these short tasks), blocks fastest (1) being what
+// launches of 32k+ rows run: within the tolerance, and the same bits as the rule's order (the
+// adds to each dQ tile go in key-block order whatever the interleaving).
+TEST_F(FlashBwd, EveryHeadChunkGivesTheSameBits) {
+  if (!flash_fwd_wgmma_available()) GTEST_SKIP() << "the single-pass kernel needs sm_90a";
+  for (const Case& c : {Case{2, 1024, 6, 6, 128, false, LayoutKind::zigzag, 2, DType::bf16},
+                        Case{1, 1024, 6, 6, 64, true, LayoutKind::contiguous, 1, DType::bf16},
+                        Case{1, 768, 12, 6, 128, true, LayoutKind::zigzag, 2, DType::f16}}) {
+    double err = 0.0;
+    const std::vector<unsigned char> rule = run_case(c, FlashKernel::wgmma_fused, err);
+    EXPECT_LE(err, gradient_tolerance(c.dtype)) << name(c);
+    for (const int hc : {1, 2, 3, 4, 6}) {
+      SCOPED_TRACE(name(c) + " head chunk " + std::to_string(hc));
+      double err_hc = 0.0;
+      const std::vector<unsigned char> got = run_case(c, FlashKernel::wgmma_fused, err_hc, false, hc);
+      EXPECT_LE(err_hc, gradient_tolerance(c.dtype));
+      EXPECT_TRUE(got == rule) << "the gradients depend on the launch order";
+    }
+  }
+}
+
 // The head chunk: the largest power of two of KV heads whose CTAs walk at most 32k rows of Q,
 // dO and dQ at once (a causal launch counts half its rows; a GQA head its group's), at least 4
 // for causal MHA, at most the KV heads (H100: 2k-row tasks +14% at hc 16, 64k ones 0.67x with
@@ -369,6 +393,7 @@ TEST(FlashBwdHeadChunk, KeepsTheRowsWalkedAtOnceWithin32k) {
   EXPECT_EQ(chunk(512, 32, 32, false), 32);  // never more than the KV heads
   EXPECT_EQ(chunk(512, 6, 6, false), 4);
   EXPECT_EQ(chunk(512, 2, 2, true), 2);
+  EXPECT_EQ(chunk(512, 3, 3, true), 3);  // causal MHA: 4, or all of fewer heads
   // GQA: a KV head's CTAs walk every query head of its group.
   EXPECT_EQ(chunk(2048, 32, 8, false), 4);
   EXPECT_EQ(chunk(2048, 32, 8, true), 8);

@@ -32,8 +32,9 @@
 // after run. A CTA only ever waits for CTAs of lower key block of its (batch, KV head). CUDA
 // does not promise that CTAs are dispatched in index order, so a CTA does not take its key
 // block from blockIdx: it draws a ticket (an atomic counter after the semaphores, zeroed with
-// them) and ticket t means, within batch t / (blocks * kv_heads), key block (t % hc blocks) / hc
-// of KV head hc (t / hc blocks) + t % hc (in a whole chunk): the KV heads go in chunks of hc
+// them) and ticket t means batch t / (blocks * kv_heads) and, with tb = t % (blocks * kv_heads),
+// key block (tb % hc blocks) / hc of KV head hc (tb / hc blocks) + tb % hc (in a whole chunk;
+// a last, partial chunk of h < hc heads the same with h): the KV heads go in chunks of hc
 // whose tickets interleave (hc = 1: blocks fastest; see "The head chunk" below). Either way a
 // lower key block of the same head has a lower ticket. Every CTA it
 // waits for drew a lower ticket, so has started: it is
@@ -61,8 +62,8 @@
 // again (heads fastest over all 32 heads at 64k: 0.67x). So hc is the largest power of two
 // that keeps the rows its CTAs walk within kFusedBwdChunkRows, and at least
 // kFusedBwdCausalHeadChunk for causal MHA tasks (H100, P = 1 fwd+bwd at head dim 128 full,
-// hc = 1 -> the rule: 2k 380 -> 434 TFLOP/s, 4k 485 -> 542, 8k 581 -> 603; GQA 32/8 causal 4k
-// 367 -> 432; at 16k the rule's hc = 2 is level with 1; docs/PERFORMANCE.md).
+// hc = 1 -> the rule: 2k 380 -> 434 TFLOP/s, 4k 485 -> 542, 8k 581 -> 603; at 16k the rule's
+// hc = 2 is level with 1; GQA 32/8 causal 4k, hc 2 -> 4: 367 -> 432; docs/PERFORMANCE.md).
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
 // statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
@@ -472,7 +473,7 @@ void launch_flash_bwd_fused_sm90_traits(const FlashBwdParams& p, cudaStream_t st
   const CUtensorMap tdq = make_f32_tile_map(p.dq, D, q_rows, p.heads, p.batch, p.s_q * D,
                                             static_cast<std::int64_t>(p.heads) * p.s_q * D, Tr::kBlockQ);
   const dim3 grid((p.kv_len + Tr::kKeys - 1) / Tr::kKeys, p.kv_heads, p.batch);
-  const int hc = fused_bwd_head_chunk(p);
+  const int hc = p.head_chunk > 0 ? std::min(p.head_chunk, p.kv_heads) : fused_bwd_head_chunk(p);
   if (p.causal) {
     flash_bwd_fused_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc);
   } else {

@@ -48,6 +48,9 @@ struct FlashBwdParams {
   // added to (rows no query sees become zero): a ring step's own sums need no zeroing first.
   // The single-pass kernel stores; the dispatcher zeroes the rows before any other kernel.
   int dkv_store = 0;
+  // The single-pass kernel's head chunk (KV heads whose key blocks interleave in its launch
+  // order; flash_bwd_fused_sm90.cuh): 0 takes its rule (flash_bwd_head_chunk). Tests set it.
+  int head_chunk = 0;
 };
 
 }  // namespace ringattn::detail
