@@ -149,8 +149,10 @@ inline std::int64_t fused_bwd_sem_words(const FlashBwdParams& p) { return fused_
 constexpr std::int64_t kFusedBwdChunkRows = 32768;
 constexpr int kFusedBwdCausalHeadChunk = 4;
 
-// KV heads whose key blocks interleave in the launch order (the header's "head chunk").
+// KV heads whose key blocks interleave in the launch order (the header's "head chunk"):
+// FlashBwdParams::head_chunk where a test sets it, else the rule.
 inline int fused_bwd_head_chunk(const FlashBwdParams& p) {
+  if (p.head_chunk > 0) return std::min(p.head_chunk, p.kv_heads);
   const std::int64_t rows = static_cast<std::int64_t>(p.q_len) * p.kv_group / (p.causal ? 2 : 1);
   int hc = 1;
   while (2 * hc <= p.kv_heads && 2 * hc * rows <= kFusedBwdChunkRows) hc *= 2;
@@ -473,7 +475,7 @@ void launch_flash_bwd_fused_sm90_traits(const FlashBwdParams& p, cudaStream_t st
   const CUtensorMap tdq = make_f32_tile_map(p.dq, D, q_rows, p.heads, p.batch, p.s_q * D,
                                             static_cast<std::int64_t>(p.heads) * p.s_q * D, Tr::kBlockQ);
   const dim3 grid((p.kv_len + Tr::kKeys - 1) / Tr::kKeys, p.kv_heads, p.batch);
-  const int hc = p.head_chunk > 0 ? std::min(p.head_chunk, p.kv_heads) : fused_bwd_head_chunk(p);
+  const int hc = fused_bwd_head_chunk(p);
   if (p.causal) {
     flash_bwd_fused_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc);
   } else {
