@@ -152,6 +152,23 @@ std::string device_description(Context& ctx, DeviceKind device) {
   return "cpu, " + std::to_string(ctx.cpu_threads()) + " threads";
 }
 
+#ifdef RINGATTN_HAVE_CUDA
+// A profiled run's transfers of one kind, for the comment lines: the hops' time on the
+// communication stream (from the moment the compute stream reached each to the end of its
+// send/recv; transfers slowed by the compute beside them take longer) and the rate it gives.
+std::string transfers_text(const char* what, const detail::TransferProfile& t) {
+  if (t.count == 0) return "";
+  char text[160];
+  std::snprintf(text, sizeof text, "; %s transfers %d, %.3f ms on the communication stream (%.1f GB/s received)", what,
+                t.count, t.ms, t.gbps());
+  return text;
+}
+
+nlohmann::json transfers_json(const detail::TransferProfile& t) {
+  return {{"count", t.count}, {"ms", t.ms}, {"bytes_received", t.bytes}};
+}
+#endif
+
 }  // namespace
 
 int bench_command(Context& ctx, const BenchOptions& o) {
@@ -318,14 +335,15 @@ int bench_command(Context& ctx, const BenchOptions& o) {
         const double n = breakdown.steps;
         print0(ctx,
                "#   forward per step (rank 0, one profiled run of %.3f ms): block kernels %.3f ms, merges %.3f ms, "
-               "copies %.3f ms, waits for transfers and gaps %.3f ms\n",
+               "copies %.3f ms, waits for transfers and gaps %.3f ms%s\n",
                breakdown.total_ms, breakdown.kernel_ms / n, breakdown.merge_ms / n, breakdown.copy_ms / n,
-               breakdown.wait_ms() / n);
+               breakdown.wait_ms() / n, transfers_text("K/V", breakdown.kv).c_str());
         table.back()["forward_step_ms"] = {{"steps", breakdown.steps},
                                            {"kernels", breakdown.kernel_ms / n},
                                            {"merges", breakdown.merge_ms / n},
                                            {"copies", breakdown.copy_ms / n},
-                                           {"waits", breakdown.wait_ms() / n}};
+                                           {"waits", breakdown.wait_ms() / n},
+                                           {"kv_transfers", transfers_json(breakdown.kv)}};
       }
       if (!bwd_ring.step_kernel_ms.empty()) {
         // The backward ring against the same steps without communication, on rank 0: a block
@@ -337,13 +355,15 @@ int bench_command(Context& ctx, const BenchOptions& o) {
         };
         print0(ctx,
                "#   backward (rank 0, one profiled run of %.3f ms, %.3f ms without communication): block kernels "
-               "per step %s ms (%s), other work %.3f ms (%.3f), waits for transfers and gaps %.3f ms (%.3f)\n",
+               "per step %s ms (%s), other work %.3f ms (%.3f), waits for transfers and gaps %.3f ms (%.3f)%s%s\n",
                bwd_ring.total_ms, bwd_solo.total_ms, list(bwd_ring.step_kernel_ms).c_str(),
                list(bwd_solo.step_kernel_ms).c_str(), bwd_ring.other_ms, bwd_solo.other_ms, bwd_ring.wait_ms(),
-               bwd_solo.wait_ms());
-        auto json = [](const detail::CudaRingBackward::Breakdown& b) {
-          return nlohmann::json{{"total", b.total_ms}, {"step_kernels", b.step_kernel_ms}, {"other", b.other_ms},
-                                {"waits", b.wait_ms()}};
+               bwd_solo.wait_ms(), transfers_text("K/V", bwd_ring.kv).c_str(),
+               transfers_text("dK/dV sums", bwd_ring.sums).c_str());
+        auto json = [&](const detail::CudaRingBackward::Breakdown& b) {
+          return nlohmann::json{{"total", b.total_ms},          {"step_kernels", b.step_kernel_ms},
+                                {"other", b.other_ms},          {"waits", b.wait_ms()},
+                                {"kv_transfers", transfers_json(b.kv)}, {"sum_transfers", transfers_json(b.sums)}};
         };
         table.back()["backward_ms"] = {{"ring", json(bwd_ring)}, {"without_communication", json(bwd_solo)}};
       }

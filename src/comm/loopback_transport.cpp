@@ -95,14 +95,22 @@ void LoopbackTransport::start_pieces(const void* send, const Pieces& send_pieces
     }
     RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, ready.get(), 0));
     RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, in.ready.get(), 0));
-    RINGATTN_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(recv) + recv_pieces.offset, recv_pieces.stride,
-                                          static_cast<const char*>(in.base) + in.pieces.offset, in.pieces.stride,
-                                          in.pieces.bytes, in.pieces.count, cudaMemcpyDefault, comm_stream_));
+    auto copy = [&] {
+      RINGATTN_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(recv) + recv_pieces.offset, recv_pieces.stride,
+                                            static_cast<const char*>(in.base) + in.pieces.offset, in.pieces.stride,
+                                            in.pieces.bytes, in.pieces.count, cudaMemcpyDefault, comm_stream_));
+    };
+    if (timer_ != nullptr) {
+      timer_->span(tag_, comm_stream_, copy);
+    } else {
+      copy();
+    }
     received_ = make_shared_event();
     RINGATTN_CUDA_CHECK(cudaEventRecord(received_.get(), comm_stream_));
     hub_->hand_back(recv_from, member_, tag_, received_);
   }
   bytes_sent_ += send_pieces.total();
+  bytes_received_ += recv_pieces.total();
   pending_ = true;
 }
 

@@ -25,6 +25,7 @@
 #include <tuple>
 
 #include "comm/transport.hpp"
+#include "core/cuda_span_timer.hpp"
 
 namespace ringattn::detail {
 
@@ -66,10 +67,12 @@ class LoopbackHub {
 class LoopbackTransport final : public Transport {
  public:
   // `tag` separates transports that run side by side (the backward's K/V and dK/dV hops).
+  // With a timer (profiling), the copy of each received block is timed on the communication
+  // stream, under `tag`.
   LoopbackTransport(std::shared_ptr<LoopbackHub> hub, int member, int tag, cudaStream_t compute,
-                    cudaStream_t comm_stream, double timeout_s)
+                    cudaStream_t comm_stream, double timeout_s, CudaSpanTimer* timer = nullptr)
       : hub_(std::move(hub)), member_(member), tag_(tag), compute_(compute), comm_stream_(comm_stream),
-        timeout_s_(timeout_s) {}
+        timeout_s_(timeout_s), timer_(timer) {}
 
   void start_pieces(const void* send, const Pieces& send_pieces, int send_to, void* recv, const Pieces& recv_pieces,
                     int recv_from) override;
@@ -82,6 +85,7 @@ class LoopbackTransport final : public Transport {
   cudaStream_t compute_;
   cudaStream_t comm_stream_;
   double timeout_s_;
+  CudaSpanTimer* timer_;
   bool pending_ = false;
   int sent_to_ = -1;         // the member whose copy of our offer wait() must await (-1: none)
   SharedEvent received_;     // our copy of the peer's offer (null: nothing received)

@@ -34,19 +34,27 @@ void NcclTransport::start_pieces(const void* send, const Pieces& send_pieces, in
   RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, ready_, 0));
   // One send and one receive per piece in one group (NCCL matches them in order per peer);
   // empty pieces are left out on both sides.
-  RINGATTN_NCCL_CHECK(ncclGroupStart());
-  for (std::size_t i = 0; i < send_pieces.count && send_pieces.bytes > 0; ++i) {
-    const char* piece = static_cast<const char*>(send) + send_pieces.offset + i * send_pieces.stride;
-    RINGATTN_NCCL_CHECK(ncclSend(piece, send_pieces.bytes, ncclUint8, send_to, comm_, comm_stream_));
+  auto post = [&] {
+    RINGATTN_NCCL_CHECK(ncclGroupStart());
+    for (std::size_t i = 0; i < send_pieces.count && send_pieces.bytes > 0; ++i) {
+      const char* piece = static_cast<const char*>(send) + send_pieces.offset + i * send_pieces.stride;
+      RINGATTN_NCCL_CHECK(ncclSend(piece, send_pieces.bytes, ncclUint8, send_to, comm_, comm_stream_));
+    }
+    for (std::size_t i = 0; i < recv_pieces.count && recv_pieces.bytes > 0; ++i) {
+      char* piece = static_cast<char*>(recv) + recv_pieces.offset + i * recv_pieces.stride;
+      RINGATTN_NCCL_CHECK(ncclRecv(piece, recv_pieces.bytes, ncclUint8, recv_from, comm_, comm_stream_));
+    }
+    RINGATTN_NCCL_CHECK(ncclGroupEnd());
+    nccl_settle(comm_, timeout_s_);
+  };
+  if (timer_ != nullptr) {
+    timer_->span(tag_, comm_stream_, post);
+  } else {
+    post();
   }
-  for (std::size_t i = 0; i < recv_pieces.count && recv_pieces.bytes > 0; ++i) {
-    char* piece = static_cast<char*>(recv) + recv_pieces.offset + i * recv_pieces.stride;
-    RINGATTN_NCCL_CHECK(ncclRecv(piece, recv_pieces.bytes, ncclUint8, recv_from, comm_, comm_stream_));
-  }
-  RINGATTN_NCCL_CHECK(ncclGroupEnd());
-  nccl_settle(comm_, timeout_s_);
   RINGATTN_CUDA_CHECK(cudaEventRecord(done_, comm_stream_));
   bytes_sent_ += send_pieces.total();
+  bytes_received_ += recv_pieces.total();
   pending_ = true;
 }
 

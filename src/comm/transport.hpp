@@ -46,9 +46,12 @@ class Transport {
   virtual void progress() {}
   virtual void wait() = 0;
   std::uint64_t bytes_sent() const { return bytes_sent_; }
+  // The bytes this rank received (the pieces of every start).
+  std::uint64_t bytes_received() const { return bytes_received_; }
 
  protected:
   std::uint64_t bytes_sent_ = 0;
+  std::uint64_t bytes_received_ = 0;
 };
 
 }  // namespace ringattn::detail

@@ -200,9 +200,10 @@ void CudaResources::settle(double timeout_s) const {
   if (comm_ != nullptr) nccl_settle(comm_, timeout_s);
 }
 
-std::unique_ptr<Transport> CudaResources::hop(cudaStream_t compute, double timeout_s, int tag) const {
-  if (hub_) return std::make_unique<LoopbackTransport>(hub_, member_, tag, compute, comm_stream_, timeout_s);
-  return std::make_unique<NcclTransport>(comm_, compute, comm_stream_, timeout_s);
+std::unique_ptr<Transport> CudaResources::hop(cudaStream_t compute, double timeout_s, int tag,
+                                              CudaSpanTimer* timer) const {
+  if (hub_) return std::make_unique<LoopbackTransport>(hub_, member_, tag, compute, comm_stream_, timeout_s, timer);
+  return std::make_unique<NcclTransport>(comm_, compute, comm_stream_, timeout_s, timer, tag);
 }
 
 void CudaResources::usable() const {

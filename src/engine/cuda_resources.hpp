@@ -16,6 +16,7 @@
 
 #include "comm/transport.hpp"
 #include "core/cuda_raii.hpp"
+#include "core/cuda_span_timer.hpp"
 
 namespace ringattn {
 class Context;
@@ -85,8 +86,10 @@ class CudaResources {
   ncclComm_t nccl() const { return comm_; }
   bool loopback() const { return hub_ != nullptr; }
   // The ring's hop for work ordered on `compute`: NCCL send/recv, or device copies between the
-  // members of a loopback group. `tag` tells apart hops that run side by side (loopback).
-  std::unique_ptr<Transport> hop(cudaStream_t compute, double timeout_s, int tag = 0) const;
+  // members of a loopback group. `tag` tells apart hops that run side by side (loopback) and
+  // files the transfers' times under it in `timer` (profiling; on the communication stream).
+  std::unique_ptr<Transport> hop(cudaStream_t compute, double timeout_s, int tag = 0,
+                                 CudaSpanTimer* timer = nullptr) const;
   cudaStream_t compute_stream() const { return compute_; }
   cudaStream_t comm_stream() const { return comm_stream_; }
   // cuDNN's attention with its plan cache and workspace, created on first use; nullptr in

@@ -162,6 +162,7 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   const std::int64_t B = shape_.batch, H = shape_.heads, Hkv = shape_.kv_heads, D = shape_.head_dim;
   // Profiling: timing events around the work `fn` enqueues, filed under `step` (-1: other work).
   timer_.begin(stream);
+  transfer_timer_.begin(resources_.comm_stream());
   auto span = [&](int step, auto&& fn) { timer_.span(step, stream, fn); };
   int computed = 0;  // the steps computed so far (the profile's index)
   const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous();
@@ -207,8 +208,8 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
 
   resources_.usable();
   milestones_ = 0;
-  const std::unique_ptr<Transport> kv_transport = resources_.hop(stream, timeout_s_, 0);
-  const std::unique_ptr<Transport> acc_transport = resources_.hop(stream, timeout_s_, 1);
+  const std::unique_ptr<Transport> kv_transport = resources_.hop(stream, timeout_s_, 0, &transfer_timer_);
+  const std::unique_ptr<Transport> acc_transport = resources_.hop(stream, timeout_s_, 1, &transfer_timer_);
   Transport& kv_hop = *kv_transport;
   Transport& acc_hop = *acc_transport;
   auto set_task = [&](const BlockTask& t) { set_task_fields(p, t); };
@@ -457,6 +458,8 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     }
   }
   bytes_sent_per_run_ = kv_hop.bytes_sent() + acc_hop.bytes_sent();
+  kv_bytes_received_ = static_cast<double>(kv_hop.bytes_received());
+  sums_bytes_received_ = static_cast<double>(acc_hop.bytes_received());
   if (cudnn_direct && !direct_) {
     throw Error(ErrorCode::internal, "the cuDNN backward was planned to write the gradients but did not run");
   }
@@ -484,6 +487,7 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     finalize_output(grads + B * Hkv * q_len_ * D, nullptr, dv, TensorView{}, stream);
   });
   timer_.end(stream);
+  transfer_timer_.end(resources_.comm_stream());
   profiled_steps_ = computed;
 }
 
@@ -499,6 +503,10 @@ CudaRingBackward::Breakdown CudaRingBackward::breakdown() const {
       b.step_kernel_ms[static_cast<std::size_t>(step)] += ms;
     }
   });
+  b.kv = transfer_timer_.tally(0);
+  b.kv.bytes = kv_bytes_received_;
+  b.sums = transfer_timer_.tally(1);
+  b.sums.bytes = sums_bytes_received_;
   return b;
 }
 

@@ -31,7 +31,7 @@
 
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
-#include "engine/cuda_span_timer.hpp"
+#include "core/cuda_span_timer.hpp"
 #include "kernels/cpu/cpu_forward.hpp"
 #include "plan/ring_plan.hpp"
 #include "ringattn/options.hpp"
@@ -77,8 +77,13 @@ class CudaRingBackward {
       return sum;
     }
     double wait_ms() const { return total_ms - kernel_ms() - other_ms; }
+    // The hops on the communication stream: K/V blocks, and the dK/dV sums (the last one home).
+    TransferProfile kv, sums;
   };
-  void set_profiling(bool on) { timer_.set_enabled(on); }
+  void set_profiling(bool on) {
+    timer_.set_enabled(on);
+    transfer_timer_.set_enabled(on);
+  }
   Breakdown breakdown() const;
 
  private:
@@ -137,6 +142,8 @@ class CudaRingBackward {
   std::string kernel_description_;
   // Profiling (set_profiling): the last run's spans, tagged by step (-1: the other work).
   CudaSpanTimer timer_;
+  CudaSpanTimer transfer_timer_;  // the hops, on the communication stream: tag 0 K/V, 1 the sums
+  double kv_bytes_received_ = 0.0, sums_bytes_received_ = 0.0;
   int profiled_steps_ = 0;
 };
 

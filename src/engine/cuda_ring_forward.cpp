@@ -229,6 +229,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   const auto elem = static_cast<std::int64_t>(dtype_size(dtype_));
   // Profiling: timing events around the work `fn` enqueues, filed under `what`.
   timer_.begin(stream);
+  transfer_timer_.begin(resources_.comm_stream());
   auto span = [&](Span what, auto&& fn) { timer_.span(static_cast<int>(what), stream, fn); };
   auto* own = static_cast<unsigned char*>(blocks_[0].get());
   auto pack_own = [&](unsigned char* dst) {
@@ -254,7 +255,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   }
   if (!single_task) span(Span::copy, [&] { fill_neg_inf(lse_acc_.as<float>(), B * H * q_len_, stream); });
 
-  const std::unique_ptr<Transport> hop = resources_.hop(stream, timeout_s_);
+  const std::unique_ptr<Transport> hop = resources_.hop(stream, timeout_s_, 0, &transfer_timer_);
   Transport& transport = *hop;
   FlashFwdParams p;
   p.q = q.data;
@@ -386,8 +387,10 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
     compute(plan_.sink_tasks, sink, sink + block_bytes(plan_.sink_len) / 2, plan_.sink_len);
   }
   bytes_sent_per_run_ = transport.bytes_sent() + sink_bytes;
+  kv_bytes_received_ = static_cast<double>(transport.bytes_received());
   if (!single_task) span(Span::copy, [&] { finalize_output(o_acc_.as<float>(), lse_acc_.as<float>(), out, lse, stream); });
   timer_.end(stream);
+  transfer_timer_.end(resources_.comm_stream());
   profiled_steps_ = static_cast<int>(plan_.steps.size() + plan_.reverse_steps.size());
 }
 
@@ -400,6 +403,8 @@ CudaRingForward::Breakdown CudaRingForward::breakdown() const {
     (what == Span::kernel ? b.kernel_ms : what == Span::merge ? b.merge_ms : b.copy_ms) += ms;
   });
   b.steps = profiled_steps_;
+  b.kv = transfer_timer_.tally(0);
+  b.kv.bytes = kv_bytes_received_;
   return b;
 }
 

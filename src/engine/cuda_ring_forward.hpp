@@ -23,7 +23,7 @@
 #include "comm/transport.hpp"
 #include "core/cuda_raii.hpp"
 #include "engine/cuda_resources.hpp"
-#include "engine/cuda_span_timer.hpp"
+#include "core/cuda_span_timer.hpp"
 #include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "kernels/cpu/cpu_forward.hpp"
 #include "plan/ring_plan.hpp"
@@ -73,8 +73,12 @@ class CudaRingForward {
     double total_ms = 0.0, kernel_ms = 0.0, merge_ms = 0.0, copy_ms = 0.0;
     int steps = 0;  // ring steps of the run (both directions)
     double wait_ms() const { return total_ms - kernel_ms - merge_ms - copy_ms; }
+    TransferProfile kv;  // the K/V hops on the communication stream
   };
-  void set_profiling(bool on) { timer_.set_enabled(on); }
+  void set_profiling(bool on) {
+    timer_.set_enabled(on);
+    transfer_timer_.set_enabled(on);
+  }
   Breakdown breakdown() const;
 
   // The watchdog's bound on every wait (0: none) and the pids of this node's ranks (to name a
@@ -141,6 +145,8 @@ class CudaRingForward {
   // Profiling (set_profiling): the last run's spans, tagged by category.
   enum class Span { kernel, merge, copy };
   CudaSpanTimer timer_;
+  CudaSpanTimer transfer_timer_;  // the K/V hops, on the communication stream
+  double kv_bytes_received_ = 0.0;
   int profiled_steps_ = 0;
 };
 

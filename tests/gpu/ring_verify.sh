@@ -252,6 +252,21 @@ for row in rows:
         assert all(ms > 0 for ms in steps) and b["other"] >= 0, "%s: %s" % (kind, b)
         # the spans lie inside the run and do not overlap: together at most its span
         assert sum(steps) + b["other"] <= b["total"] + 0.01, "%s: the parts exceed the run: %s" % (kind, b)
+    # The hops on the communication stream: none without communication; in the ring, np - 1
+    # K/V hops and np hops of the dK/dV sums (passed on, then home, rounded to bf16 for the last).
+    rows = 2048 // np_
+    kv_bytes, sum_bytes = 2 * rows * 8 * 128 * 2, 2 * rows * 8 * 128 * 4
+    hops = np_ - 1 if np_ > 1 else 0
+    expect = {"ring": (hops, hops * kv_bytes, np_ if np_ > 1 else 0, hops * sum_bytes + (kv_bytes if np_ > 1 else 0)),
+              "without_communication": (0, 0, 0, 0)}
+    for kind, (kv_n, kv_b, sum_n, sum_b) in expect.items():
+        kv, sums = row["backward_ms"][kind]["kv_transfers"], row["backward_ms"][kind]["sum_transfers"]
+        assert (kv["count"], kv["bytes_received"]) == (kv_n, kv_b), "%s K/V transfers: %s" % (kind, kv)
+        assert (sums["count"], sums["bytes_received"]) == (sum_n, sum_b), "%s sum transfers: %s" % (kind, sums)
+        for t in (kv, sums):
+            assert (t["ms"] > 0) == (t["count"] > 0), "%s: %s" % (kind, t)
+    fwd = row["forward_step_ms"]["kv_transfers"]
+    assert (fwd["count"], fwd["bytes_received"]) == (hops, hops * kv_bytes) and (fwd["ms"] > 0) == (hops > 0), fwd
 print("ok")
 PY
   if [ $ok -eq 1 ]; then

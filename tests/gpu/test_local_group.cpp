@@ -28,11 +28,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "core/cuda_check.hpp"
 #include "core/cuda_raii.hpp"
+#include "core/cuda_span_timer.hpp"
+#include "comm/loopback_transport.hpp"
 #include "core/dtype.hpp"
 #include "core/synthetic.hpp"
 #include "engine/cuda_resources.hpp"
@@ -431,6 +434,75 @@ TEST(AutoKernel, ForwardIsNativeWhereMeasuredFaster) {
     EXPECT_LE(lse_err, 1e-3f) << "member " << m;
     at += out_bytes + lse_bytes;
   }
+}
+
+// With a timer, a transport times each received block's transfer on its communication stream
+// (what `bench` reports per kind of hop) and counts the bytes it received; without one it
+// records nothing. Two members of one hub on one GPU, one thread each (a hop blocks its host
+// until the peer has offered), each sending its buffer to the other: pieces of 3 runs of 1 MiB.
+TEST(LoopbackTransport, TimesItsTransfersWhenProfiled) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  RINGATTN_CUDA_CHECK(cudaSetDevice(0));
+  auto hub = std::make_shared<LoopbackHub>(2);
+  const std::size_t run = std::size_t{1} << 20, stride = 2 * run;
+  const Pieces pieces{run / 2, run, stride, 3};
+  struct Member {
+    DeviceBuffer send, recv;
+    CudaStream compute, comm;
+    CudaSpanTimer timer;
+    std::uint64_t received = 0;
+    TransferProfile profile;
+  };
+  std::vector<Member> m(2);
+  for (int i = 0; i < 2; ++i) {
+    m[i].send = DeviceBuffer(3 * stride);
+    m[i].recv = DeviceBuffer(3 * stride);
+    RINGATTN_CUDA_CHECK(cudaMemset(m[i].send.get(), 0x10 + i, 3 * stride));
+    RINGATTN_CUDA_CHECK(cudaMemset(m[i].recv.get(), 0, 3 * stride));
+    m[i].timer.set_enabled(i == 0);  // member 1 runs without a timer
+  }
+  RINGATTN_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(2);
+  for (int i = 0; i < 2; ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        RINGATTN_CUDA_CHECK(cudaSetDevice(0));
+        Member& x = m[static_cast<std::size_t>(i)];
+        x.timer.begin(static_cast<cudaStream_t>(x.comm));
+        LoopbackTransport hop(hub, i, 7, static_cast<cudaStream_t>(x.compute), static_cast<cudaStream_t>(x.comm), 30.0, &x.timer);
+        for (int rep = 0; rep < 2; ++rep) {
+          hop.start_pieces(x.send.get(), pieces, 1 - i, x.recv.get(), pieces, 1 - i);
+          hop.wait();
+        }
+        x.timer.end(static_cast<cudaStream_t>(x.comm));
+        RINGATTN_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(x.compute)));
+        RINGATTN_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(x.comm)));
+        x.received = hop.bytes_received();
+        x.profile = x.timer.tally(7);
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(i)] = e.what();
+        hub->abort();
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(errors[i], "") << "member " << i;
+    EXPECT_EQ(m[i].received, 2 * pieces.total()) << "member " << i;
+    std::vector<unsigned char> h(3 * stride);
+    RINGATTN_CUDA_CHECK(cudaMemcpy(h.data(), m[i].recv.get(), h.size(), cudaMemcpyDeviceToHost));
+    for (std::size_t at = 0; at < h.size(); ++at) {  // the pieces arrived, nothing else was written
+      const bool in_piece = at >= pieces.offset && (at - pieces.offset) % stride < run;
+      ASSERT_EQ(h[at], in_piece ? 0x10 + (1 - i) : 0) << "member " << i << ", byte " << at;
+    }
+  }
+  EXPECT_EQ(m[0].profile.count, 2);
+  EXPECT_GT(m[0].profile.ms, 0.0);
+  EXPECT_EQ(m[0].timer.tally(0).count, 0) << "spans filed under another tag";
+  EXPECT_EQ(m[1].profile.count, 0) << "a disabled timer recorded spans";
+  m[0].profile.bytes = static_cast<double>(m[0].received);
+  EXPECT_NEAR(m[0].profile.gbps(), 6.0 * run / (m[0].profile.ms * 1e-3) / 1e9, 1e-9);
 }
 
 TEST(LoopbackGroup, RefusesWhatNeedsNccl) {

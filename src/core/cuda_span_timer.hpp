@@ -1,4 +1,4 @@
-// engine/cuda_span_timer.hpp: timing events around the work one run enqueues on a stream,
+// core/cuda_span_timer.hpp: timing events around the work one run enqueues on a stream,
 // filed under integer tags: the GPU engines' breakdowns that `ringattn bench` prints. A run
 // calls begin() (event 0, when enabled), wraps its work in span(tag, ...) and calls end()
 // (the last event); once the stream has finished, total_ms() and for_each_span() read the
@@ -14,6 +14,15 @@
 #include "core/cuda_raii.hpp"
 
 namespace ringattn::detail {
+
+// One kind of transfer in a profiled run: how many, their time on the communication stream in
+// all (from the moment the compute stream reached each one to its end), and the bytes received.
+struct TransferProfile {
+  int count = 0;
+  double ms = 0.0;
+  double bytes = 0.0;
+  double gbps() const { return ms > 0.0 ? bytes / (ms * 1e-3) / 1e9 : 0.0; }
+};
 
 class CudaSpanTimer {
  public:
@@ -48,6 +57,17 @@ class CudaSpanTimer {
   template <class F>
   void for_each_span(F&& f) const {
     for (const Span& s : spans_) f(s.tag, elapsed(s.from, s.to));
+  }
+  // The spans filed under `tag` (count and time; the caller adds the bytes).
+  TransferProfile tally(int tag) const {
+    TransferProfile t;
+    if (!finished()) return t;
+    for (const Span& s : spans_) {
+      if (s.tag != tag) continue;
+      ++t.count;
+      t.ms += elapsed(s.from, s.to);
+    }
+    return t;
   }
 
  private:
