@@ -14,13 +14,24 @@
 
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "comm/agreement.hpp"
 #include "commands.hpp"
 
 namespace {
+
+// A string's fingerprint for agree_fingerprint (FNV-1a, 63 bits).
+std::int64_t fnv1a(const std::string& s) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return static_cast<std::int64_t>(h >> 1);
+}
 
 using namespace ringattn;
 using namespace ringattn::cli;
@@ -131,6 +142,73 @@ int run_cli(int argc, char** argv) {
   auto level = spdlog::level::from_str(log_level);
   if (world_rank() != 0 && level < spdlog::level::err) level = spdlog::level::err;
   spdlog::set_level(level);
+
+  // The problem's options are compared where the problem is loaded; the subcommand and its own
+  // options here, first: ranks of an MPMD launch that run different commands, or write files
+  // on some ranks only, would otherwise wait for each other in different collectives.
+  {
+    auto text = fnv1a;
+    auto other = [](std::int64_t) { return std::string("(a different value)"); };
+    auto show_command = [](std::int64_t v) {
+      for (const char* name : {"run", "verify", "bench", "info"}) {
+        if (fnv1a(name) == v) return std::string(name);
+      }
+      return std::string("(unknown)");
+    };
+    auto number = [&](const std::optional<double>& x) { return x ? text(std::to_string(*x)) : 0; };
+    const std::string command = run_cmd->parsed()      ? "run"
+                                : verify_cmd->parsed() ? "verify"
+                                : bench_cmd->parsed()  ? "bench"
+                                                       : "info";
+    const std::string json = run_cmd->parsed()      ? run.json_path
+                             : verify_cmd->parsed() ? verify.json_path
+                             : bench_cmd->parsed()  ? bench.json_path
+                                                    : info.json_path;
+    detail::agree_fingerprint(MPI_COMM_WORLD,
+                              {{"the subcommand", text(command), show_command},
+                               {"--out", text(run.out_path), other},
+                               {"--lse", text(run.lse_path), other},
+                               {"--dq", text(run.dq_path), other},
+                               {"--dk", text(run.dk_path), other},
+                               {"--dv", text(run.dv_path), other},
+                               {"--json", text(json), other},
+                               {"--atol", number(verify.atol), other},
+                               {"--rtol", number(verify.rtol), other},
+                               {"--begin", bench.begin},
+                               {"--end", bench.end},
+                               {"--factor", bench.factor},
+                               {"--per-rank", bench.per_rank},
+                               {"--mask", text(bench.causal), other},
+                               {"--warmup", bench.warmup},
+                               {"--iters", bench.iters},
+                               {"--check", bench.check}},
+                              "command-line options");
+    // Rules between a command's options (the same verdict on every rank: they agree).
+    detail::agree_on(MPI_COMM_WORLD, [&] {
+      auto invalid = [](const std::string& m) { throw Error(ErrorCode::invalid_argument, m); };
+      if (run_cmd->parsed()) {
+        const bool grads = !run.dq_path.empty() || !run.dk_path.empty() || !run.dv_path.empty();
+        if (grads && !run.problem.backward) invalid("--dq, --dk and --dv write gradients: they need --backward");
+        // Each output its own file, none of them an input: a later write would replace an earlier one.
+        std::vector<std::pair<const char*, std::string>> files = {
+            {"--out", run.out_path}, {"--lse", run.lse_path}, {"--dq", run.dq_path},
+            {"--dk", run.dk_path},   {"--dv", run.dv_path},   {"--json", run.json_path},
+            {"--q", run.problem.q_path}, {"--k", run.problem.k_path}, {"--v", run.problem.v_path},
+            {"--dout", run.problem.dout_path}};
+        for (std::size_t i = 0; i < 6; ++i) {
+          for (std::size_t j = 0; j < files.size(); ++j) {
+            if (i == j || files[i].second.empty() || files[i].second != files[j].second) continue;
+            invalid(std::string(files[i].first) + " and " + files[j].first + " name the same file " + files[i].second);
+          }
+        }
+      }
+      if (bench_cmd->parsed() && (!bench.problem.q_path.empty() || !bench.problem.k_path.empty() ||
+                                  !bench.problem.v_path.empty() || !bench.problem.dout_path.empty())) {
+        invalid("bench sweeps generated inputs over -b .. -e; it takes no --q/--k/--v/--dout (use run --json for "
+                "a timed run on files)");
+      }
+    });
+  }
 
   Context ctx(MPI_COMM_WORLD);
   if (run_cmd->parsed()) {

@@ -215,7 +215,8 @@ double Problem::flops() const {
   }
   if (window >= 0) {
     // The pairs the window and the sinks allow: query p sees min(p, W) + 1 keys of its window
-    // and min(sinks, p - W) sink keys before it.
+    // and min(sinks, p - W) sink keys before it. (A window or sinks past S count as S.)
+    const std::int64_t window = std::min(this->window, seq), sinks = std::min(this->sinks, seq);
     double pairs = 0.0;
     for (std::int64_t pos = 0; pos < seq; ++pos) {
       pairs += static_cast<double>(std::min(pos, window) + 1 + std::clamp<std::int64_t>(pos - window, 0, sinks));
@@ -362,6 +363,16 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
   }
 
   detail::agree_on(comm, [&] {
+    // The largest tensor's bytes (and the fp64 reference's) must be countable: sizes whose
+    // product overflows would otherwise wrap to a small buffer.
+    std::int64_t bytes = 8;
+    for (const std::int64_t dim : {p.batch, p.seq, std::max(p.heads, p.kv_heads), p.head_dim}) {
+      if (__builtin_mul_overflow(bytes, dim, &bytes)) {
+        invalid("the problem is too large: batch " + std::to_string(p.batch) + " x seq " + std::to_string(p.seq) +
+                " x heads " + std::to_string(std::max(p.heads, p.kv_heads)) + " x head_dim " +
+                std::to_string(p.head_dim) + " values do not fit in memory");
+      }
+    }
     const Layout layout(p.layout, p.seq, ctx.size());
     p.positions = layout.positions(ctx.rank());
     const auto n = static_cast<std::size_t>(p.batch * p.local_len() * p.head_dim);

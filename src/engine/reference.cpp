@@ -29,7 +29,7 @@ void reference_forward(const ReferenceProblem& p, const std::vector<std::int64_t
           double dot = 0.0;
           for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(qi[d]) * static_cast<double>(kt[d]);
           scores[static_cast<std::size_t>(t)] = dot * p.scale;
-          if (p.window >= 0 && (t < pos - p.window || t > pos + p.window) && t >= p.sinks) {
+          if (p.window >= 0 && (t < pos - std::min(p.window, S) || t > pos + std::min(p.window, S)) && t >= p.sinks) {
             scores[static_cast<std::size_t>(t)] = -std::numeric_limits<double>::infinity();  // outside the window
           }
           max_score = std::max(max_score, scores[static_cast<std::size_t>(t)]);
@@ -175,7 +175,7 @@ void reference_backward(const ReferenceProblem& p, const std::vector<float>& q, 
           double dot = 0.0;
           for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(q[qi(b, i, h) + d]) * k[ki(b, j, hk) + d];
           prob[static_cast<std::size_t>(j)] = dot * p.scale;
-          if (p.window >= 0 && (j < i - p.window || j > i + p.window) && j >= p.sinks) {
+          if (p.window >= 0 && (j < i - std::min(p.window, S) || j > i + std::min(p.window, S)) && j >= p.sinks) {
             prob[static_cast<std::size_t>(j)] = -std::numeric_limits<double>::infinity();  // outside the window
           }
           mx = std::max(mx, prob[static_cast<std::size_t>(j)]);

@@ -164,6 +164,10 @@ RingPlan make_window_plan(const Layout& layout, std::int64_t window, std::int64_
     throw Error(ErrorCode::invalid_argument, "a sliding window needs the contiguous layout");
   }
   if (window < 0 || sinks < 0) throw Error(ErrorCode::invalid_argument, "window and sinks must be >= 0");
+  // A window that spans the sequence reaches every key: the same plan as a window of S, and
+  // positions +- window stay far from overflowing.
+  window = std::min(window, layout.seq_len());
+  sinks = std::min(sinks, layout.seq_len());
   const int P = layout.world();
   const std::int64_t right = causal ? 0 : window;
   // Hops the ring must make each way: the farthest any rank's window reaches.

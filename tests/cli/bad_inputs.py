@@ -151,6 +151,14 @@ def main():
          ["drop --device cpu"]),
         ("--gpus 0", 1, ["run", "--seq", "64", "--gpus", "0"], ["--gpus"], 2),
         ("bench --gpus", 1, ["bench", "--gpus", "2"], ["bench --gpus is not available"]),
+        # Sizes whose product overflows wrapped to a tiny buffer, and the input fill crashed.
+        ("sizes that overflow", 2, ["run", "--batch", "4611686018427387904", "--seq", "2", "--heads", "1",
+                                    "--head-dim", "1"], ["too large"]),
+        ("gradients without --backward", 2, ["run", "--seq", "64", "--dq", os.path.join(args.workdir, "dq.npy")],
+         ["need --backward"]),
+        ("two outputs, one file", 2, ["run", "--seq", "64", "--out", out, "--lse", out], ["--out and --lse", "same file"]),
+        ("an output over an input", 2, ["run"] + files(f) + ["--out", f["q"]], ["--out and --q", "same file"]),
+        ("bench on input files", 2, ["bench", "-b", "64", "-e", "64"] + files(f), ["takes no --q"]),
     ]
     if not has_gpu():
         cases.append(("--device cuda without a GPU", 2, ["run", "--seq", "64", "--device", "cuda"], ["cuda"]))
@@ -163,6 +171,15 @@ def main():
                          mpmd=[(2, ["run", "--seq", "256"]), (1, ["run", "--seq", "256", "--causal"])]))
     results.append(check(args, "MPMD: one rank's bad flag", 0, None, ["--bogus"], code=2,
                          mpmd=[(1, ["run", "--seq", "256"]), (1, ["run", "--seq", "256", "--bogus"])]))
+    # ... and so must ranks that run different subcommands or write files on some ranks only
+    # (both waited for each other in different collectives until the timeout).
+    results.append(check(args, "MPMD: different subcommands", 0, None,
+                         ["rank 1 has the subcommand=verify but rank 0 has the subcommand=run"],
+                         mpmd=[(1, ["run", "--seq", "64"]), (1, ["verify", "--seq", "64"])]))
+    results.append(check(args, "MPMD: --out on one rank", 0, None, ["--out"],
+                         mpmd=[(1, ["run", "--seq", "64", "--out", out]), (1, ["run", "--seq", "64"])]))
+    results.append(check(args, "MPMD: run and info", 0, None, ["subcommand=info"],
+                         mpmd=[(1, ["run", "--seq", "64"]), (1, ["info"])]))
     print(f"{sum(results)} of {len(results)} bad-input cases behaved")
     sys.exit(0 if all(results) else 1)
 

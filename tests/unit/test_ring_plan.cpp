@@ -2,6 +2,10 @@
 // computed exactly once and no other pair is.
 #include <gtest/gtest.h>
 
+#include <limits>
+#include <tuple>
+#include <vector>
+
 #include "plan/ring_plan.hpp"
 #include "ringattn/error.hpp"
 
@@ -252,6 +256,41 @@ TEST(RingPlan, SlidingWindowExactlyTheBandOnce) {
             if (HasFatalFailure()) return;
           }
         }
+      }
+    }
+  }
+}
+
+// A window (or sink count) past the sequence reaches every key: the plan is the one for S, not
+// one whose positions +- window overflowed (a causal window of 2^63 - 1 dropped every key).
+TEST(RingPlan, SlidingWindowPastTheSequenceIsTheWholeOne) {
+  const std::int64_t huge = std::numeric_limits<std::int64_t>::max();
+  for (int P = 1; P <= 4; ++P) {
+    const Layout layout(LayoutKind::contiguous, 61, P);
+    for (bool causal : {true, false}) {
+      for (int r = 0; r < P; ++r) {
+        const RingPlan a = make_window_plan(layout, huge, huge, r, causal);
+        const RingPlan b = make_window_plan(layout, 61, 61, r, causal);
+        auto same = [&](const std::vector<RingStep>& x, const std::vector<RingStep>& y) {
+          ASSERT_EQ(x.size(), y.size());
+          for (std::size_t s = 0; s < x.size(); ++s) {
+            EXPECT_EQ(x[s].kv_len, y[s].kv_len);
+            ASSERT_EQ(x[s].tasks.size(), y[s].tasks.size());
+            for (std::size_t t = 0; t < x[s].tasks.size(); ++t) {
+              const BlockTask &u = x[s].tasks[t], &v = y[s].tasks[t];
+              EXPECT_EQ(std::tie(u.q_begin, u.q_len, u.kv_begin, u.kv_len, u.mask, u.diag_offset, u.lower_offset),
+                        std::tie(v.q_begin, v.q_len, v.kv_begin, v.kv_len, v.mask, v.diag_offset, v.lower_offset))
+                  << "P " << P << " rank " << r << " step " << s << " task " << t;
+            }
+          }
+        };
+        same(a.steps, b.steps);
+        same(a.reverse_steps, b.reverse_steps);
+        RingStep sa, sb;  // the sink tasks, compared as one step's
+        sa.tasks = a.sink_tasks;
+        sb.tasks = b.sink_tasks;
+        same({sa}, {sb});
+        EXPECT_EQ(a.sink_len, b.sink_len);
       }
     }
   }
