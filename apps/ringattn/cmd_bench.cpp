@@ -12,7 +12,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <memory>
+#include <vector>
 
 #include "api/prepared_forward.hpp"
 #include "comm/mpi_util.hpp"
@@ -211,10 +213,23 @@ int bench_command(Context& ctx, const BenchOptions& o) {
   nlohmann::json table = nlohmann::json::array();
   double total_wrong = 0.0;
   std::string kernel_said, backward_said;
+  // The lengths -b, -b f, ... up to -e, stopping before one would pass -e (a huge factor
+  // wrapped around and benchmarked lengths below -b).
+  std::vector<std::int64_t> lengths;
   for (std::int64_t len = o.begin; len <= o.end; len *= o.factor) {
+    lengths.push_back(len);
+    if (len > o.end / o.factor) break;
+  }
+  for (const std::int64_t len : lengths) {
+    std::int64_t total = len;
+    if (o.per_rank && __builtin_mul_overflow(len, static_cast<std::int64_t>(ctx.size()), &total)) {
+      throw Error(ErrorCode::invalid_argument, "--per-rank " + std::to_string(len) + " x " +
+                                                   std::to_string(ctx.size()) + " ranks overflows the sequence length",
+                  /*on_all_ranks=*/true);
+    }
     for (bool causal : masks) {
       ProblemOptions opt = base;
-      opt.seq = o.per_rank ? len * ctx.size() : len;
+      opt.seq = total;
       opt.causal = causal;
       Problem p = load_problem(ctx, opt);
       std::vector<unsigned char> out(p.q.size());

@@ -159,6 +159,8 @@ def main():
         ("two outputs, one file", 2, ["run", "--seq", "64", "--out", out, "--lse", out], ["--out and --lse", "same file"]),
         ("an output over an input", 2, ["run"] + files(f) + ["--out", f["q"]], ["--out and --q", "same file"]),
         ("bench on input files", 2, ["bench", "-b", "64", "-e", "64"] + files(f), ["takes no --q"]),
+        ("bench: --per-rank length overflows", 3, ["bench", "--per-rank", "-b", "6148914691236517227", "-e",
+                                                   "6148914691236517227"], ["overflows the sequence length"]),
     ]
     if not has_gpu():
         cases.append(("--device cuda without a GPU", 2, ["run", "--seq", "64", "--device", "cuda"], ["cuda"]))
