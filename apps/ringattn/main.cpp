@@ -26,13 +26,6 @@
 
 namespace {
 
-// A string's fingerprint for agree_fingerprint (FNV-1a, 63 bits).
-std::int64_t fnv1a(const std::string& s) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  return static_cast<std::int64_t>(h >> 1);
-}
-
 using namespace ringattn;
 using namespace ringattn::cli;
 
@@ -147,11 +140,11 @@ int run_cli(int argc, char** argv) {
   // options here, first: ranks of an MPMD launch that run different commands, or write files
   // on some ranks only, would otherwise wait for each other in different collectives.
   {
-    auto text = fnv1a;
-    auto other = [](std::int64_t) { return std::string("(a different value)"); };
+    auto text = hash_string;
+    auto other = show_other;
     auto show_command = [](std::int64_t v) {
       for (const char* name : {"run", "verify", "bench", "info"}) {
-        if (fnv1a(name) == v) return std::string(name);
+        if (hash_string(name) == v) return std::string(name);
       }
       return std::string("(unknown)");
     };

@@ -16,12 +16,6 @@
 
 namespace ringattn::cli {
 
-namespace {
-
-using detail::FingerprintField;
-
-[[noreturn]] void invalid(const std::string& message) { throw Error(ErrorCode::invalid_argument, message); }
-
 std::int64_t hash_string(const std::string& s) {
   std::uint64_t h = 1469598103934665603ull;  // FNV-1a
   for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
@@ -29,6 +23,13 @@ std::int64_t hash_string(const std::string& s) {
 }
 
 std::string show_other(std::int64_t) { return "(a different value)"; }
+
+namespace {
+
+using detail::FingerprintField;
+
+[[noreturn]] void invalid(const std::string& message) { throw Error(ErrorCode::invalid_argument, message); }
+
 std::string show_bool(std::int64_t v) { return v ? "true" : "false"; }
 
 // --dtype auto: what the device computes with, keeping float16 files in fp16.

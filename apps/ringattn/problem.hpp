@@ -157,4 +157,9 @@ void write_gradients(Context& ctx, const Problem& problem, const std::string& dq
                      const std::string& dv_path, const std::vector<unsigned char>& dq,
                      const std::vector<unsigned char>& dk, const std::vector<unsigned char>& dv);
 
+// For agree_fingerprint: a string's fingerprint (FNV-1a, 63 bits), and how a field whose
+// values are such fingerprints shows in the error ("(a different value)").
+std::int64_t hash_string(const std::string& s);
+std::string show_other(std::int64_t);
+
 }  // namespace ringattn::cli

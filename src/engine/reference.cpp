@@ -10,6 +10,7 @@ void reference_forward(const ReferenceProblem& p, const std::vector<std::int64_t
                        const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
                        std::vector<double>& out, std::vector<double>& lse) {
   const std::int64_t B = p.batch, S = p.seq_len, H = p.heads, Hkv = p.kv_heads, D = p.head_dim;
+  const std::int64_t window = std::min(p.window, S);  // a window past S reaches every key (and cannot overflow)
   const auto n = static_cast<std::int64_t>(positions.size());
   const std::int64_t group = H / Hkv;
   out.assign(static_cast<std::size_t>(B * n * H * D), 0.0);
@@ -29,7 +30,7 @@ void reference_forward(const ReferenceProblem& p, const std::vector<std::int64_t
           double dot = 0.0;
           for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(qi[d]) * static_cast<double>(kt[d]);
           scores[static_cast<std::size_t>(t)] = dot * p.scale;
-          if (p.window >= 0 && (t < pos - std::min(p.window, S) || t > pos + std::min(p.window, S)) && t >= p.sinks) {
+          if (p.window >= 0 && (t < pos - window || t > pos + window) && t >= p.sinks) {
             scores[static_cast<std::size_t>(t)] = -std::numeric_limits<double>::infinity();  // outside the window
           }
           max_score = std::max(max_score, scores[static_cast<std::size_t>(t)]);
@@ -156,6 +157,7 @@ void reference_backward(const ReferenceProblem& p, const std::vector<float>& q, 
                         const std::vector<float>& v, const std::vector<float>& dout, std::vector<double>& dq,
                         std::vector<double>& dk, std::vector<double>& dv) {
   const std::int64_t B = p.batch, S = p.seq_len, H = p.heads, Hkv = p.kv_heads, D = p.head_dim;
+  const std::int64_t window = std::min(p.window, S);  // a window past S reaches every key (and cannot overflow)
   const std::int64_t group = H / Hkv;
   dq.assign(static_cast<std::size_t>(B * S * H * D), 0.0);
   dk.assign(static_cast<std::size_t>(B * S * Hkv * D), 0.0);
@@ -175,7 +177,7 @@ void reference_backward(const ReferenceProblem& p, const std::vector<float>& q, 
           double dot = 0.0;
           for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(q[qi(b, i, h) + d]) * k[ki(b, j, hk) + d];
           prob[static_cast<std::size_t>(j)] = dot * p.scale;
-          if (p.window >= 0 && (j < i - std::min(p.window, S) || j > i + std::min(p.window, S)) && j >= p.sinks) {
+          if (p.window >= 0 && (j < i - window || j > i + window) && j >= p.sinks) {
             prob[static_cast<std::size_t>(j)] = -std::numeric_limits<double>::infinity();  // outside the window
           }
           mx = std::max(mx, prob[static_cast<std::size_t>(j)]);
