@@ -22,6 +22,17 @@ std::string describe(const Problem& p) {
               : "");
 }
 
+namespace {
+
+void check_gradients(Context& ctx, const Problem& p, const std::vector<unsigned char>& dq,
+                     const std::vector<unsigned char>& dk, const std::vector<unsigned char>& dv) {
+  check_finite(ctx, p, "dQ", dq, p.heads);
+  check_finite(ctx, p, "dK", dk, p.kv_heads);
+  check_finite(ctx, p, "dV", dv, p.kv_heads);
+}
+
+}  // namespace
+
 int run_command(Context& ctx, const RunOptions& o) {
   Problem p = load_problem(ctx, o.problem);
   std::vector<unsigned char> out(p.q.size());
@@ -50,12 +61,14 @@ int run_command(Context& ctx, const RunOptions& o) {
     RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
   }
 
+  check_finite(ctx, p, "O", out, p.heads);
   write_outputs(ctx, p, o.out_path, o.lse_path, out, lse);
 
   // The backward pass: gradients of sum(O * dO) from the forward's O and LSE.
   double backward_seconds = 0.0;
   if (p.backward && p.gpus > 0) {
     backward_seconds = local_times.backward_s;
+    check_gradients(ctx, p, local_grads.dq, local_grads.dk, local_grads.dv);
     write_gradients(ctx, p, o.dq_path, o.dk_path, o.dv_path, local_grads.dq, local_grads.dk, local_grads.dv);
   } else if (p.backward) {
     GradientTensors grads(ctx, p);
@@ -66,6 +79,7 @@ int run_command(Context& ctx, const RunOptions& o) {
     const double mine_backward = MPI_Wtime() - t0;
     RINGATTN_MPI_CHECK(MPI_Allreduce(&mine_backward, &backward_seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
     grads.download();
+    check_gradients(ctx, p, grads.dq, grads.dk, grads.dv);
     write_gradients(ctx, p, o.dq_path, o.dk_path, o.dv_path, grads.dq, grads.dk, grads.dv);
   }
 

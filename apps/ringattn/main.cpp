@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "comm/agreement.hpp"
+#include "io/npy_mpi.hpp"
 #include "commands.hpp"
 
 namespace {
@@ -195,6 +196,20 @@ int run_cli(int argc, char** argv) {
           }
         }
       }
+      // Outputs that cannot be written fail now, not after the run (and after earlier outputs
+      // were written). The .npy files are written by every rank, the JSON report by rank 0.
+      auto writable = [](const char* flag, const std::string& path, bool npy) {
+        if (path.empty() || (!npy && world_rank() != 0)) return;
+        const std::string problem = io::output_path_problem(path, npy);
+        if (!problem.empty()) throw Error(ErrorCode::io, std::string(flag) + " " + path + ": " + problem);
+      };
+      if (run_cmd->parsed()) {
+        for (const auto& [flag, path] : {std::pair{"--out", &run.out_path}, {"--lse", &run.lse_path},
+                                         {"--dq", &run.dq_path}, {"--dk", &run.dk_path}, {"--dv", &run.dv_path}}) {
+          writable(flag, *path, true);
+        }
+      }
+      writable("--json", json, false);
       if (bench_cmd->parsed() && (!bench.problem.q_path.empty() || !bench.problem.k_path.empty() ||
                                   !bench.problem.v_path.empty() || !bench.problem.dout_path.empty())) {
         invalid("bench sweeps generated inputs over -b .. -e; it takes no --q/--k/--v/--dout (use run --json for "

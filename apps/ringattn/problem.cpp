@@ -1,8 +1,10 @@
 #include "problem.hpp"
 
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 
 #include "comm/agreement.hpp"
 #include "core/dtype.hpp"
@@ -38,27 +40,75 @@ DType auto_dtype(DeviceKind device, bool float16_input) {
   return device == DeviceKind::cuda ? DType::bf16 : DType::f32;
 }
 
-// Converts n values of a file dtype into a storage dtype.
-void convert_file_values(io::NpyDType from, const unsigned char* src, DType to, unsigned char* dst, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) {
-    float x = 0.0f;
-    switch (from) {
-      case io::NpyDType::f2: {
-        std::uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        x = detail::f16_to_f32(h);
-        break;
-      }
-      case io::NpyDType::f4: std::memcpy(&x, src + 4 * i, 4); break;
-      case io::NpyDType::f8: {
-        double d;
-        std::memcpy(&d, src + 8 * i, 8);
-        x = static_cast<float>(d);
-        break;
-      }
+constexpr std::size_t kAllFinite = static_cast<std::size_t>(-1);
+
+double file_value(io::NpyDType dtype, const unsigned char* src, std::size_t i) {
+  switch (dtype) {
+    case io::NpyDType::f2: {
+      std::uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      return detail::f16_to_f32(h);
     }
-    detail::store_f32(to, dst, static_cast<std::int64_t>(i), x);
+    case io::NpyDType::f4: {
+      float x;
+      std::memcpy(&x, src + 4 * i, 4);
+      return x;
+    }
+    case io::NpyDType::f8: break;
   }
+  double d;
+  std::memcpy(&d, src + 8 * i, 8);
+  return d;
+}
+
+// Converts n values of a file dtype into a storage dtype. Returns the index of the first value
+// that is not finite as stored (NaN or inf in the file, or too large for `to`), or kAllFinite.
+std::size_t convert_file_values(io::NpyDType from, const unsigned char* src, DType to, unsigned char* dst,
+                                std::size_t n) {
+  std::size_t bad = kAllFinite;
+  for (std::size_t i = 0; i < n; ++i) {
+    detail::store_f32(to, dst, static_cast<std::int64_t>(i), static_cast<float>(file_value(from, src, i)));
+    if (bad == kAllFinite && !std::isfinite(detail::load_f32(to, dst, static_cast<std::int64_t>(i)))) bad = i;
+  }
+  return bad;
+}
+
+// The index of the first value of `n` in `dtype` that is NaN or inf (all exponent bits set),
+// or kAllFinite.
+std::size_t first_non_finite(DType dtype, const unsigned char* data, std::size_t n) {
+  if (dtype == DType::f32) {
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint32_t bits;
+      std::memcpy(&bits, data + 4 * i, 4);
+      if ((bits & 0x7f800000u) == 0x7f800000u) return i;
+    }
+    return kAllFinite;
+  }
+  const std::uint16_t exponent = dtype == DType::f16 ? 0x7c00u : 0x7f80u;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint16_t bits;
+    std::memcpy(&bits, data + 2 * i, 2);
+    if ((bits & exponent) == exponent) return i;
+  }
+  return kAllFinite;
+}
+
+// Element i of this rank's dense (B, S_local, heads, D) buffer, as the file's (or the whole
+// problem's) index: "[b, s, h, d]", without b when the files have no batch dimension.
+std::string element_index(const Problem& p, std::int64_t heads, std::size_t i) {
+  const auto at = static_cast<std::int64_t>(i);
+  const std::int64_t d = at % p.head_dim, h = at / p.head_dim % heads, row = at / (p.head_dim * heads);
+  const std::int64_t b = row / p.local_len(), s = p.positions[static_cast<std::size_t>(row % p.local_len())];
+  const bool show_batch = !p.from_files || p.batched_files;
+  return "[" + (show_batch ? std::to_string(b) + ", " : std::string()) + std::to_string(s) + ", " + std::to_string(h) +
+         ", " + std::to_string(d) + "]";
+}
+
+std::string show_number(double x) {
+  if (std::isnan(x)) return "nan";  // printf shows the sign bit: "-nan"
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", x);
+  return text;
 }
 
 void convert_to_file_values(DType from, const unsigned char* src, io::NpyDType to, unsigned char* dst, std::size_t n) {
@@ -149,6 +199,74 @@ CLI::Validator non_negative_finite() {
       "FLOAT>=0");
 }
 
+// --seed: any 64-bit unsigned integer, decimal or 0x-hex; std::stoull alone would wrap "-1" to
+// 2^64 - 1 and CLI11 saturates values past it.
+CLI::Validator seed_value() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        try {
+          std::size_t used = 0;
+          if (!value.empty() && std::isdigit(static_cast<unsigned char>(value[0]))) {
+            const bool hex = value.size() > 2 && value[0] == '0' && (value[1] == 'x' || value[1] == 'X');
+            std::stoull(value, &used, hex ? 16 : 10);
+            if (used == value.size()) return {};
+          }
+        } catch (const std::exception&) {
+        }
+        return "must be an integer from 0 to 18446744073709551615, got '" + value + "'";
+      },
+      "UINT64");
+}
+
+// A positive finite number whose value also fits fp32, where the kernels use it (--scale).
+CLI::Validator positive_fp32() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        try {
+          std::size_t used = 0;
+          const double x = std::stod(value, &used);
+          if (used == value.size() && x > 0.0 && x <= std::numeric_limits<float>::max() &&
+              static_cast<float>(x) > 0.0f) {
+            return {};
+          }
+        } catch (const std::exception&) {
+        }
+        return "must be a positive number that fp32 can hold (1.4e-45 to 3.4e38), got '" + value + "'";
+      },
+      "FLOAT>0");
+}
+
+// --decay: a number in (0, 1].
+CLI::Validator unit_interval() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        try {
+          std::size_t used = 0;
+          const double x = std::stod(value, &used);
+          if (used == value.size() && x > 0.0 && x <= 1.0) return {};
+        } catch (const std::exception&) {
+        }
+        return "must be a number in (0, 1], got '" + value + "'";
+      },
+      "(0,1]");
+}
+
+// --timeout: 0 (wait forever), or 1 second to 1e9. A bound below a second would fail healthy
+// ranks that are merely busy with one step, and blame a peer for it.
+CLI::Validator timeout_seconds() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        try {
+          std::size_t used = 0;
+          const double x = std::stod(value, &used);
+          if (used == value.size() && (x == 0.0 || (x >= 1.0 && x <= 1e9))) return {};
+        } catch (const std::exception&) {
+        }
+        return "must be 0 (wait forever) or 1 to 1e9 seconds, got '" + value + "'";
+      },
+      "SECONDS");
+}
+
 void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--batch,-B", o.batch, "Batch size")->check(at_least(1));
   cmd.add_option("--seq,-S", o.seq, "Global sequence length (tokens over all ranks)")->check(at_least(1));
@@ -163,8 +281,9 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
                  "Storage dtype: fp32, fp16 or bf16 (compute is fp32); auto = fp32 on cpu, bf16 on cuda, "
                  "fp16 for float16 files")
       ->check(CLI::IsMember({"auto", "fp32", "fp16", "bf16"}));
-  cmd.add_option("--scale", o.scale, "Softmax scale (default 1/sqrt(head-dim))");
-  cmd.add_option("--seed", o.seed, "Seed of the generated inputs");
+  cmd.add_option("--scale", o.scale, "Softmax scale (default 1/sqrt(head-dim); softmax attention only)")
+      ->check(positive_fp32());
+  cmd.add_option("--seed", o.seed, "Seed of the generated inputs")->check(seed_value());
   cmd.add_option("--gpus", o.gpus,
                  "Run in this one process on N local GPUs, one thread each (no mpirun; implies --device cuda); "
                  "the same plans and results as mpirun -np N")
@@ -186,15 +305,17 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--feature-map", o.feature_map,
                  "Linear attention's phi: elu1 (elu(x)+1, normalised) or identity (unnormalised)")
       ->check(CLI::IsMember({"elu1", "identity"}));
-  cmd.add_option("--decay", o.decay, "Linear attention, causal: decay in (0, 1] applied per token to the state");
+  cmd.add_option("--decay", o.decay, "Linear attention, causal: decay in (0, 1] applied per token to the state")
+      ->check(unit_interval());
   cmd.add_option("--window", o.window,
                  "Sliding window: query i attends keys in [i - W, i] (with --causal) or [i - W, i + W] ("
                  "contiguous layout); the ring stops once every window is covered")
       ->check(CLI::Range(std::int64_t{0}, std::numeric_limits<std::int64_t>::max()));
   cmd.add_option("--timeout", o.timeout,
                  "Seconds a rank waits for a ring transfer (cpu) or its GPU work (the NCCL communicator is then "
-                 "aborted) before it gives up, names the step and the peer and the job exits 124; 0 = forever")
-      ->check(CLI::Range(0.0, 1e9));
+                 "aborted) before it gives up, names the step and the peer and the job exits 124; 0 = forever, else "
+                 "at least 1")
+      ->check(timeout_seconds());
   cmd.add_option("--sinks", o.sinks, "With --window: the first K tokens are always attended (attention sinks)")
       ->check(at_least(0));
 }
@@ -396,16 +517,31 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
   if (p.from_files) {
     const Layout layout(p.layout, p.seq, ctx.size());
     const std::vector<io::RecordRun> runs = token_runs(layout, ctx.rank(), p.batch);
-    auto read = [&](const std::string& path, const io::NpyHeader& h, std::int64_t heads, std::vector<unsigned char>& dst) {
+    auto read = [&](const char* name, const std::string& path, const io::NpyHeader& h, std::int64_t heads,
+                    std::vector<unsigned char>& dst) {
       const std::size_t values = static_cast<std::size_t>(p.batch * p.local_len() * heads * p.head_dim);
       std::vector<unsigned char> raw(values * io::npy_dtype_size(h.dtype));
       io::npy_read_records(comm, path, h, runs, static_cast<std::size_t>(heads * p.head_dim) * io::npy_dtype_size(h.dtype),
                            raw.data());
-      convert_file_values(h.dtype, raw.data(), p.dtype, dst.data(), values);
+      const std::size_t bad = convert_file_values(h.dtype, raw.data(), p.dtype, dst.data(), values);
+      // A NaN or inf input (or one the storage dtype cannot hold) would make every output row
+      // it reaches NaN: refuse it, naming the first one.
+      detail::agree_on(comm, [&] {
+        if (bad == kAllFinite) return;
+        const double x = file_value(h.dtype, raw.data(), bad);
+        const std::string where = std::string(name) + " (" + path + "): the value " + show_number(x) + " at " +
+                                  element_index(p, heads, bad);
+        if (!std::isfinite(x)) invalid(where + " is not finite; every input value must be");
+        const double largest = p.dtype == DType::f16    ? 65504.0
+                               : p.dtype == DType::bf16 ? 0x1.fep127
+                                                        : std::numeric_limits<float>::max();
+        invalid(where + " does not fit " + to_string(p.dtype) + " (largest " + show_number(largest) +
+                "): choose a wider --dtype or scale the inputs down");
+      });
     };
-    read(o.q_path, hq, p.heads, p.q);
-    read(o.k_path, hk, p.kv_heads, p.k);
-    read(o.v_path, hv, p.kv_heads, p.v);
+    read("q", o.q_path, hq, p.heads, p.q);
+    read("k", o.k_path, hk, p.kv_heads, p.k);
+    read("v", o.v_path, hv, p.kv_heads, p.v);
     if (p.backward && !o.dout_path.empty()) {
       io::NpyHeader hd;
       detail::agree_on(comm, [&] { hd = io::npy_read_header(comm, o.dout_path); });
@@ -416,10 +552,23 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
           invalid("dout (" + o.dout_path + "): shape " + dims + " differs from q's");
         }
       });
-      read(o.dout_path, hd, p.heads, p.dout);
+      read("dout", o.dout_path, hd, p.heads, p.dout);
     }
   }
   return p;
+}
+
+void check_finite(Context& ctx, const Problem& p, const char* what, const std::vector<unsigned char>& values,
+                  std::int64_t heads) {
+  const std::size_t bad = first_non_finite(p.dtype, values.data(), values.size() / dtype_size(p.dtype));
+  detail::agree_on(ctx.comm(), [&] {
+    if (bad == kAllFinite) return;
+    const double x = detail::load_f32(p.dtype, values.data(), static_cast<std::int64_t>(bad));
+    invalid(std::string(what) + " is " + show_number(x) + " at " + element_index(p, heads, bad) +
+            ": the inputs are finite, so the computation overflowed (scale * q.k beyond fp32, or a result beyond " +
+            to_string(p.dtype) + "); lower --scale or the inputs' magnitude, or choose a wider --dtype (" + what +
+            " and the outputs after it were not written)");
+  });
 }
 
 void write_outputs(Context& ctx, const Problem& p, const std::string& out_path, const std::string& lse_path,

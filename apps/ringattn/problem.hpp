@@ -139,6 +139,12 @@ class GradientTensors {
   std::unique_ptr<Device> device_;
 };
 
+// Collective: throws the same Error on every rank if one of this rank's `values` (dense
+// (B, S_local, heads, D) in the problem's dtype) is NaN or inf, naming the first; `what` names
+// the tensor ("O", "dQ"). Inputs are checked when loaded, so such a value means an overflow.
+void check_finite(Context& ctx, const Problem& p, const char* what, const std::vector<unsigned char>& values,
+                  std::int64_t heads);
+
 // Collective: writes (B, S_local, H, D) `out` and (B, H, S_local) `lse` into natural-order
 // .npy files (out in q's file dtype, or float32 for generated bf16 / fp32 and float16 for fp16).
 void write_outputs(Context& ctx, const Problem& problem, const std::string& out_path, const std::string& lse_path,

@@ -43,7 +43,7 @@ FeatureMap parse_feature_map(const std::string& name);  // "elu1", "identity"
 
 struct AttentionOptions {
   bool causal = false;                 // query at position i attends keys at positions <= i
-  std::optional<double> scale;         // softmax scale; default 1/sqrt(head_dim)
+  std::optional<double> scale;         // softmax scale (> 0, fp32-representable); default 1/sqrt(head_dim); none with linear
   LayoutKind layout = LayoutKind::contiguous;
   KernelKind kernel = KernelKind::automatic;
   std::int64_t seq_len = 0;            // global S; 0 = the sum of the ranks' local lengths

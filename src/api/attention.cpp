@@ -2,7 +2,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -122,8 +124,12 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
               ", " + std::to_string(q.shape[2]) + ", " + std::to_string(q.shape[1]) + ")");
     }
   }
-  if (options.scale && !(std::isfinite(*options.scale) && *options.scale > 0.0)) {
-    invalid("scale must be a positive finite number, got " + std::to_string(*options.scale));
+  // The kernels take the scale in fp32: a value it cannot hold would silently become inf or 0.
+  if (options.scale && !(*options.scale > 0.0 && *options.scale <= std::numeric_limits<float>::max() &&
+                         static_cast<float>(*options.scale) > 0.0f)) {
+    char shown[32];
+    std::snprintf(shown, sizeof shown, "%g", *options.scale);
+    invalid(std::string("scale must be a positive number that fp32 can hold, got ") + shown);
   }
   if (options.seq_len < 0) invalid("seq_len must be >= 0 (0 = sum of the local lengths)");
   if (!(options.timeout_s >= 0.0)) invalid("timeout must be >= 0 seconds (0: none)");
@@ -189,6 +195,7 @@ void validate_linear(const TensorView& q, const TensorView& lse, const Attention
                         "not ") + to_string(options.layout));
   }
   if (lse.data != nullptr) invalid("lse: linear attention has no LSE (pass none)");
+  if (options.scale) invalid("scale: linear attention has no softmax scale (leave it unset)");
   const std::size_t H = static_cast<std::size_t>(q.shape[2]);
   if (!options.decay.empty() && options.decay.size() != 1 && options.decay.size() != H) {
     invalid("decay: " + std::to_string(options.decay.size()) + " values for " + std::to_string(H) +

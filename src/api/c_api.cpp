@@ -2,6 +2,7 @@
 // every exception into a status with the message kept per thread.
 #include "ringattn/ringattn.h"
 
+#include <cmath>
 #include <exception>
 #include <new>
 #include <string>
@@ -86,7 +87,7 @@ ringattn::AttentionOptions options_of(const ringattn_options* o) {
   if (o->layout < RINGATTN_CONTIGUOUS || o->layout > RINGATTN_STRIPED) invalid("options: unknown layout");
   if (o->kernel < RINGATTN_KERNEL_AUTO || o->kernel > RINGATTN_KERNEL_NATIVE) invalid("options: unknown kernel");
   a.causal = o->causal != 0;
-  if (o->scale > 0.0) a.scale = o->scale;
+  if (o->scale > 0.0 || std::isnan(o->scale)) a.scale = o->scale;  // NaN is refused, not the default
   a.layout = static_cast<ringattn::LayoutKind>(o->layout);
   a.kernel = static_cast<ringattn::KernelKind>(o->kernel);
   a.seq_len = o->seq_len;

@@ -5,6 +5,7 @@
 
 #include "core/cuda_check.hpp"
 #include "ringattn/error.hpp"
+#include "core/text.hpp"
 
 namespace ringattn::detail {
 
@@ -22,7 +23,7 @@ T LoopbackHub::pop(std::map<Key, std::deque<T>>& queues, const Key& key, double 
   if (timeout_s > 0.0) {
     if (!changed_.wait_for(lock, std::chrono::duration<double>(timeout_s), ready)) {
       throw Error(ErrorCode::timeout, "local group: member " + std::to_string(waiter) + " waited " +
-                                          std::to_string(static_cast<int>(timeout_s)) + " s (--timeout) for " + what +
+                                          detail::seconds_text(timeout_s) + " s (--timeout) for " + what +
                                           " from member " + std::to_string(peer));
     }
   } else {

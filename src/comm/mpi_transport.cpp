@@ -8,6 +8,7 @@
 
 #include "comm/mpi_util.hpp"
 #include "ringattn/error.hpp"
+#include "core/text.hpp"
 
 namespace ringattn::detail {
 
@@ -76,7 +77,7 @@ void MpiTransport::wait() {
       const std::string cause = stalled_node_peers(peer_pids_, rank);
       throw Error(ErrorCode::timeout,
                   "rank " + std::to_string(rank) + ": ring step " + std::to_string(step_) + ": waited " +
-                      std::to_string(static_cast<int>(timeout_s_)) + " s for " +
+                      detail::seconds_text(timeout_s_) + " s for " +
                       (receiving ? "the block from rank " + std::to_string(recv_from_)
                                  : "rank " + std::to_string(send_to_) + " to take this rank's block") +
                       " (--timeout); " +

@@ -15,6 +15,7 @@
 #include "kernels/cudnn/cudnn_sdpa.hpp"
 #include "ringattn/context.hpp"
 #include "ringattn/error.hpp"
+#include "core/text.hpp"
 
 namespace ringattn::detail {
 
@@ -249,7 +250,7 @@ void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::functio
                                                 : " (the borrowed communicator is left as it is)";
       if (failed) throw Error(ErrorCode::nccl, "cuda:" + std::to_string(device_) + ": NCCL failed: " + nccl_error + "; " + pending + what);
       throw Error(ErrorCode::timeout, "cuda:" + std::to_string(device_) + ": waited " +
-                                          std::to_string(static_cast<int>(timeout_s)) + " s (--timeout) for " + pending + what);
+                                          detail::seconds_text(timeout_s) + " s (--timeout) for " + pending + what);
     }
     // Spin briefly (short waits stay short), then poll every 100 us.
     if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(100));

@@ -255,6 +255,28 @@ void write_records_to(MPI_Comm comm, const std::string& file_path, const std::st
                       std::size_t record_bytes, const void* src);
 }  // namespace
 
+std::string output_path_problem(const std::string& path, bool replaced) {
+  if (path.empty()) return "the path is empty";
+  struct stat st {};
+  const bool exists = ::stat(path.c_str(), &st) == 0;
+  if (exists && S_ISDIR(st.st_mode)) return "is a directory";
+  if (exists && !S_ISREG(st.st_mode)) {
+    if (replaced) {
+      return "exists and is not a regular file (a device, FIFO or socket); the .npy is written next to it and "
+             "moved into its place, which would replace it";
+    }
+    return ::access(path.c_str(), W_OK) == 0 ? "" : std::strerror(errno);
+  }
+  const std::string parent = std::filesystem::path(path).parent_path().string();
+  const std::string dir = parent.empty() ? "." : parent;
+  struct stat ds {};
+  if (::stat(dir.c_str(), &ds) != 0) return "cannot use the directory " + dir + ": " + std::strerror(errno);
+  if (!S_ISDIR(ds.st_mode)) return dir + " is not a directory";
+  if (exists && !replaced) return ::access(path.c_str(), W_OK) == 0 ? "" : std::strerror(errno);
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) return "cannot create files in " + dir + ": " + std::strerror(errno);
+  return {};
+}
+
 void npy_write_records(MPI_Comm comm, const std::string& path, NpyDType dtype,
                        const std::vector<std::int64_t>& shape, const std::vector<RecordRun>& runs,
                        std::size_t record_bytes, const void* src) {
@@ -270,7 +292,12 @@ void npy_write_records(MPI_Comm comm, const std::string& path, NpyDType dtype,
     throw;
   }
   std::exception_ptr outcome;
-  if (root && std::rename(partial.c_str(), path.c_str()) != 0) {
+  struct stat st {};
+  if (root && ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    // Checked before the run by the CLI; here too, so that no caller replaces a device or a directory.
+    outcome = std::make_exception_ptr(Error(ErrorCode::io, path + ": " + output_path_problem(path, true)));
+    std::remove(partial.c_str());
+  } else if (root && std::rename(partial.c_str(), path.c_str()) != 0) {
     outcome = std::make_exception_ptr(Error(ErrorCode::io, path + ": cannot move the finished file into place: " +
                                                                std::strerror(errno)));
     std::remove(partial.c_str());

@@ -36,6 +36,12 @@ NpyHeader npy_read_header(MPI_Comm comm, const std::string& path);
 void npy_read_records(MPI_Comm comm, const std::string& path, const NpyHeader& header,
                       const std::vector<RecordRun>& runs, std::size_t record_bytes, void* dst);
 
+// Not collective: why this process could not write an output at `path`, or "" if it can. A
+// directory, a parent that is missing or not writable; with `replaced` (npy_write_records moves
+// a finished temporary over `path`), also an existing file that is not a regular file (a device
+// such as /dev/null, a FIFO), which the move would replace instead of writing into.
+std::string output_path_problem(const std::string& path, bool replaced);
+
 // Collective. Creates (truncating) `path`, rank 0 writes the header for (dtype, shape), every
 // rank writes its runs from `src`. The ranks' runs together should cover the array; records
 // no rank writes read back as zeros.

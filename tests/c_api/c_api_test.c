@@ -96,6 +96,18 @@ int main(int argc, char** argv) {
             ringattn_last_error());
     failed = 1;
   }
+  /* A NaN scale is refused (only a scale <= 0 means the default); so is one fp32 cannot hold. */
+  ringattn_options bad_scale = opt;
+  bad_scale.scale = NAN;
+  if (ringattn_forward(ctx, &tq, &tk, &tv, &to, NULL, &bad_scale) != RINGATTN_ERR_INVALID_ARGUMENT) {
+    fprintf(stderr, "rank %d: NaN scale accepted\n", rank);
+    failed = 1;
+  }
+  bad_scale.scale = 1e300;
+  if (ringattn_forward(ctx, &tq, &tk, &tv, &to, NULL, &bad_scale) != RINGATTN_ERR_INVALID_ARGUMENT) {
+    fprintf(stderr, "rank %d: scale 1e300 accepted\n", rank);
+    failed = 1;
+  }
   if (ringattn_forward(NULL, &tq, &tk, &tv, &to, NULL, &opt) != RINGATTN_ERR_INVALID_ARGUMENT) {
     fprintf(stderr, "rank %d: NULL context accepted\n", rank);
     failed = 1;

@@ -8,6 +8,7 @@ the time limit (no hang).
 """
 import os
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -50,6 +51,12 @@ def make_files(workdir):
     f["q_fortran"] = os.path.join(workdir, "q_fortran.npy")
     write_npy_raw(f["q_fortran"], "{'descr': '<f4', 'fortran_order': True, 'shape': (64, 4, 32), }",
                   bytes(64 * 4 * 32 * 4))
+    # Values the run cannot use: NaN / inf in the file, or too large for the storage dtype.
+    q = np.load(f["q"])
+    bad = q.copy(); bad[5, 1, 3] = np.nan; save("q_nan", bad)
+    bad = np.load(f["k"]); bad[40, 0, 0] = -np.inf; save("k_inf", bad)
+    bad = q.copy(); bad[7, 2, 1] = 1e30; save("q_1e30", bad)
+    bad = q.astype(np.float64); bad[9, 0, 2] = 1e300; save("q_f8_1e300", bad)
     f["garbage"] = os.path.join(workdir, "garbage.npy")
     open(f["garbage"], "wb").write(b"this is not a numpy file at all")
     f["missing"] = os.path.join(workdir, "does_not_exist.npy")
@@ -136,7 +143,9 @@ def main():
         ("linear attention, zigzag layout", 3, ["run", "--seq", "64", "--attention", "linear", "--layout", "zigzag"],
          ["needs the contiguous layout"]),
         ("linear attention, decay above 1", 2, ["run", "--seq", "64", "--attention", "linear", "--causal", "--decay",
-                                                "1.5"], ["(0, 1]"]),
+                                                "1.5"], ["(0, 1]"], 2),
+        ("linear attention with --scale", 2, ["run", "--seq", "64", "--attention", "linear", "--scale", "0.5"],
+         ["linear attention has no softmax scale"]),
         ("linear attention, decay without --causal", 4, ["run", "--seq", "64", "--attention", "linear", "--decay",
                                                          "0.9"], ["needs causal"]),
         ("--decay without --attention linear", 2, ["run", "--seq", "64", "--decay", "0.9"],
@@ -158,6 +167,22 @@ def main():
          ["need --backward"]),
         ("two outputs, one file", 2, ["run", "--seq", "64", "--out", out, "--lse", out], ["--out and --lse", "same file"]),
         ("an output over an input", 2, ["run"] + files(f) + ["--out", f["q"]], ["--out and --q", "same file"]),
+        # Inputs that are not finite, or not finite once stored, made every output NaN with exit 0.
+        ("NaN in q", 3, ["run"] + files(f, q="q_nan"), ["q_nan.npy", "nan at [5, 1, 3]", "not finite"]),
+        ("-inf in k", 2, ["run"] + files(f, k="k_inf"), ["k_inf.npy", "-inf at [40, 0, 0]"]),
+        ("1e30 stored as fp16", 2, ["run", "--dtype", "fp16"] + files(f, q="q_1e30"),
+         ["q_1e30.npy", "1e+30 at [7, 2, 1] does not fit fp16"]),
+        ("1e300 in a float64 file", 1, ["run"] + files(f, q="q_f8_1e300"), ["does not fit fp32"]),
+        ("scores beyond fp32", 2, ["run", "--seq", "64", "--scale", "3e38"], ["O is nan", "overflowed"]),
+        ("--scale beyond fp32", 2, ["run", "--seq", "64", "--scale", "1e300"], ["--scale", "fp32"], 2),
+        ("--seed -1", 2, ["run", "--seq", "64", "--seed", "-1"], ["--seed", "18446744073709551615"], 2),
+        ("--seed past 2^64", 1, ["run", "--seq", "64", "--seed", "18446744073709551616"], ["--seed"], 2),
+        ("--timeout nan", 2, ["run", "--seq", "64", "--timeout", "nan"], ["--timeout"], 2),
+        ("--timeout below a second", 2, ["run", "--seq", "64", "--timeout", "1e-9"], ["--timeout"], 2),
+        # The .npy writer moves a finished temporary into place: over a device it replaced it.
+        ("--out onto a device", 2, ["run", "--seq", "64", "--out", "/dev/null"], ["--out /dev/null",
+                                                                                 "not a regular file"]),
+        ("--json is a directory", 2, ["run", "--seq", "64", "--json", args.workdir], ["--json", "is a directory"]),
         ("bench on input files", 2, ["bench", "-b", "64", "-e", "64"] + files(f), ["takes no --q"]),
         ("bench: --per-rank length overflows", 3, ["bench", "--per-rank", "-b", "6148914691236517227", "-e",
                                                    "6148914691236517227"], ["overflows the sequence length"]),
@@ -166,6 +191,19 @@ def main():
         cases.append(("--device cuda without a GPU", 2, ["run", "--seq", "64", "--device", "cuda"], ["cuda"]))
         cases.append(("--gpus 2 without a GPU", 1, ["run", "--seq", "64", "--gpus", "2"], ["does not exist"]))
     results = [check(args, *c[:4], code=c[4] if len(c) > 4 else 1) for c in cases]
+    # An output that cannot be written fails before the run, so no earlier output is left behind.
+    early = os.path.join(args.workdir, "early_out.npy")
+    if os.path.exists(early):
+        os.remove(early)
+    results.append(check(args, "--json into a missing directory, with --out", 2,
+                         ["run", "--seq", "64", "--out", early, "--json", "/nonexistent/dir/r.json"],
+                         ["--json /nonexistent/dir/r.json", "No such file"]))
+    if os.path.exists(early):
+        print(f"FAIL --json into a missing directory: {early} was written")
+        results.append(False)
+    if not stat.S_ISCHR(os.stat("/dev/null").st_mode):
+        print("FAIL /dev/null is no longer a character device")
+        results.append(False)
     # Ranks started with different options (an MPMD launch) fail together before any transfer.
     results.append(check(args, "MPMD: different --seq", 0, None, ["rank 1 has --seq=1000 but rank 0 has --seq=512"],
                          mpmd=[(1, ["run", "--seq", "512"]), (2, ["run", "--seq", "1000"])]))

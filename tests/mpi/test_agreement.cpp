@@ -150,9 +150,13 @@ TEST(Agreement, BadLseShapeAndDtypeAndScale) {
   expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), half_out, s.lv()); },
                                ErrorCode::invalid_argument, "out: dtype fp16 differs from q's fp32");
   AttentionOptions options;
-  options.scale = -1.0;
-  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
-                               ErrorCode::invalid_argument, "scale must be a positive finite number");
+  // Negative, and finite in double but not in fp32 (the kernels' scale: it became inf, and
+  // every output NaN).
+  for (const double bad : {-1.0, 1e300, 1e-50}) {
+    options.scale = bad;
+    expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
+                                 ErrorCode::invalid_argument, "scale must be a positive number that fp32 can hold");
+  }
 }
 
 TEST(Agreement, SequenceShorterThanRanks) {

@@ -146,6 +146,28 @@ TEST(LinearAttention, BadDecayFailsEveryRank) {
   }
 }
 
+// Linear attention has no softmax scale: a given one was silently ignored.
+TEST(LinearAttention, ScaleIsRefusedOnEveryRank) {
+  int rank = 0, world = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  const Layout layout(LayoutKind::contiguous, 64, world);
+  const std::int64_t n = layout.local_length(rank);
+  std::vector<float> x(static_cast<std::size_t>(n * 2 * 8), 0.5f), out(x.size());
+  Context ctx(MPI_COMM_WORLD);
+  AttentionOptions options;
+  options.attention = AttentionKind::linear;
+  options.scale = 0.5;
+  auto view = [&](std::vector<float>& d) { return TensorView::contiguous(d.data(), DType::f32, {1, n, 2, 8}); };
+  try {
+    forward(ctx, view(x), view(x), view(x), view(out), TensorView{}, options);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+    EXPECT_NE(std::string(e.what()).find("linear attention has no softmax scale"), std::string::npos) << e.what();
+  }
+}
+
 namespace {
 
 // The gradients at whatever np CTest runs against the fp64 reference_linear_backward (from the
