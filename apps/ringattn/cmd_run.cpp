@@ -62,6 +62,7 @@ int run_command(Context& ctx, const RunOptions& o) {
   }
 
   check_finite(ctx, p, "O", out, p.heads);
+  if (!linear) check_finite_lse(ctx, p, lse);
   write_outputs(ctx, p, o.out_path, o.lse_path, out, lse);
 
   // The backward pass: gradients of sum(O * dO) from the forward's O and LSE.

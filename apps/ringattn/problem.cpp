@@ -558,16 +558,41 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
   return p;
 }
 
-void check_finite(Context& ctx, const Problem& p, const char* what, const std::vector<unsigned char>& values,
-                  std::int64_t heads) {
-  const std::size_t bad = first_non_finite(p.dtype, values.data(), values.size() / dtype_size(p.dtype));
+namespace {
+
+// The agreed error of check_finite: `value` found at `where` in `what`.
+void report_overflow(Context& ctx, const Problem& p, const char* what, bool found, double value,
+                     const std::function<std::string()>& where) {
   detail::agree_on(ctx.comm(), [&] {
-    if (bad == kAllFinite) return;
-    const double x = detail::load_f32(p.dtype, values.data(), static_cast<std::int64_t>(bad));
-    invalid(std::string(what) + " is " + show_number(x) + " at " + element_index(p, heads, bad) +
+    if (!found) return;
+    invalid(std::string(what) + " is " + show_number(value) + " at " + where() +
             ": the inputs are finite, so the computation overflowed (scale * q.k beyond fp32, or a result beyond " +
             to_string(p.dtype) + "); lower --scale or the inputs' magnitude, or choose a wider --dtype (" + what +
             " and the outputs after it were not written)");
+  });
+}
+
+}  // namespace
+
+void check_finite(Context& ctx, const Problem& p, const char* what, const std::vector<unsigned char>& values,
+                  std::int64_t heads) {
+  const std::size_t bad = first_non_finite(p.dtype, values.data(), values.size() / dtype_size(p.dtype));
+  const bool found = bad != kAllFinite;
+  report_overflow(ctx, p, what, found, found ? detail::load_f32(p.dtype, values.data(), static_cast<std::int64_t>(bad)) : 0.0,
+                  [&] { return element_index(p, heads, bad); });
+}
+
+void check_finite_lse(Context& ctx, const Problem& p, const std::vector<float>& lse) {
+  const std::size_t bad =
+      first_non_finite(DType::f32, reinterpret_cast<const unsigned char*>(lse.data()), lse.size());
+  const bool found = bad != kAllFinite;
+  report_overflow(ctx, p, "LSE", found, found ? lse[bad] : 0.0, [&] {
+    // (B, H, S_local) here; the file's [b, h, s] (or [h, s]).
+    const auto at = static_cast<std::int64_t>(bad), L = p.local_len();
+    const std::int64_t s = p.positions[static_cast<std::size_t>(at % L)], h = at / L % p.heads, b = at / L / p.heads;
+    const bool show_batch = !p.from_files || p.batched_files;
+    return "[" + (show_batch ? std::to_string(b) + ", " : std::string()) + std::to_string(h) + ", " +
+           std::to_string(s) + "]";
   });
 }
 

@@ -144,6 +144,9 @@ class GradientTensors {
 // the tensor ("O", "dQ"). Inputs are checked when loaded, so such a value means an overflow.
 void check_finite(Context& ctx, const Problem& p, const char* what, const std::vector<unsigned char>& values,
                   std::int64_t heads);
+// The same for the (B, H, S_local) LSE: an infinite one means a row's largest score overflowed,
+// even where the kernel still wrote a finite O.
+void check_finite_lse(Context& ctx, const Problem& p, const std::vector<float>& lse);
 
 // Collective: writes (B, S_local, H, D) `out` and (B, H, S_local) `lse` into natural-order
 // .npy files (out in q's file dtype, or float32 for generated bf16 / fp32 and float16 for fp16).
