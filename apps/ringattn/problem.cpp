@@ -293,7 +293,7 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
   cmd.add_option("--kernel", o.kernel,
                  "GPU block kernel: auto (the faster where measured: native for the forward blocks where it beats cuDNN on H100/H200, else cuDNN's fused attention where available, else native), cudnn, native")
       ->check(CLI::IsMember({"auto", "cudnn", "native"}));
-  cmd.add_option("--q", o.q_path, "Queries .npy, float32/float16, [S, H, D] or [B, S, H, D]");
+  cmd.add_option("--q", o.q_path, "Queries .npy, float32/float16/float64, [S, H, D] or [B, S, H, D]");
   cmd.add_option("--k", o.k_path, "Keys .npy, like --q with H_kv heads");
   cmd.add_option("--v", o.v_path, "Values .npy, shaped like --k");
   cmd.add_flag("--backward", o.backward, "Also compute dQ, dK, dV (cpu and cuda)");
@@ -399,7 +399,9 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
                              {"--feature-map", hash_string(o.feature_map), show_other},
                              {"--decay", o.decay ? hash_string(std::to_string(*o.decay)) : 0, show_other},
                              {"--window", o.window},
-                             {"--sinks", o.sinks}},
+                             {"--sinks", o.sinks},
+                             {"--timeout", hash_string(std::to_string(o.timeout)), show_other},
+                             {"--gpus", o.gpus}},
                             "command-line options");
 
   Problem p;

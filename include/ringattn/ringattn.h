@@ -62,8 +62,8 @@ typedef struct {
   ringattn_layout layout;
   ringattn_kernel kernel;
   int64_t seq_len;       /* 0: the sum of the ranks' local lengths */
-  double timeout_s;      /* bound on each CPU ring wait; 0: none */
-  int64_t window;        /* causal sliding window; -1: none */
+  double timeout_s;      /* bound on each ring wait (CPU and GPU), seconds; 0: none */
+  int64_t window;        /* sliding window (causal, or two-sided when causal = 0); -1: none */
   int64_t sinks;         /* attention sinks with a window */
 } ringattn_options;
 

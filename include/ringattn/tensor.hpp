@@ -3,7 +3,8 @@
 // Shapes used throughout (llm.c style):
 //   q, out: (B, S_local, H,    D)    k, v: (B, S_local, H_kv, D)    lse: (B, H, S_local), fp32
 // S_local is this rank's shard of the sequence (see layout.hpp). Strides are in elements
-// and may be anything non-negative; the innermost (head_dim) stride must be 1.
+// and may be anything non-negative; the innermost (head_dim) stride must be 1. On cuda, q and
+// out also need 16-byte-aligned data and batch, sequence and head strides that are multiples of 8.
 #pragma once
 
 #include <array>

@@ -209,6 +209,9 @@ def main():
                          mpmd=[(1, ["run", "--seq", "512"]), (2, ["run", "--seq", "1000"])]))
     results.append(check(args, "MPMD: different --causal", 0, None, ["--causal"],
                          mpmd=[(2, ["run", "--seq", "256"]), (1, ["run", "--seq", "256", "--causal"])]))
+    # A different --timeout on one rank ran to the end (the bound would differ per rank).
+    results.append(check(args, "MPMD: different --timeout", 0, None, ["--timeout"],
+                         mpmd=[(1, ["run", "--seq", "64", "--timeout", "5"]), (1, ["run", "--seq", "64"])]))
     results.append(check(args, "MPMD: one rank's bad flag", 0, None, ["--bogus"], code=2,
                          mpmd=[(1, ["run", "--seq", "256"]), (1, ["run", "--seq", "256", "--bogus"])]))
     # ... and so must ranks that run different subcommands or write files on some ranks only
