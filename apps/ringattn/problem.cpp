@@ -184,19 +184,22 @@ CLI::Validator at_least(std::int64_t minimum) {
       "INT>=" + std::to_string(minimum));
 }
 
-// A tolerance: a finite number >= 0 (CLI11's Range lets NaN through: NaN compares false).
-CLI::Validator non_negative_finite() {
+namespace {
+
+// A flag whose value must be a number (the whole text) that `accept` takes; `rule` completes
+// "must be ..." in the error.
+CLI::Validator number_validator(bool (*accept)(double), const char* rule, const char* name) {
   return CLI::Validator(
-      [](std::string& value) -> std::string {
+      [accept, rule](std::string& value) -> std::string {
         try {
           std::size_t used = 0;
           const double x = std::stod(value, &used);
-          if (used == value.size() && std::isfinite(x) && x >= 0.0) return {};
+          if (used == value.size() && accept(x)) return {};
         } catch (const std::exception&) {
         }
-        return "must be a finite number >= 0, got '" + value + "'";
+        return std::string("must be ") + rule + ", got '" + value + "'";
       },
-      "FLOAT>=0");
+      name);
 }
 
 // --seed: any 64-bit unsigned integer, decimal or 0x-hex; std::stoull alone would wrap "-1" to
@@ -218,53 +221,11 @@ CLI::Validator seed_value() {
       "UINT64");
 }
 
-// A positive finite number whose value also fits fp32, where the kernels use it (--scale).
-CLI::Validator positive_fp32() {
-  return CLI::Validator(
-      [](std::string& value) -> std::string {
-        try {
-          std::size_t used = 0;
-          const double x = std::stod(value, &used);
-          if (used == value.size() && x > 0.0 && x <= std::numeric_limits<float>::max() &&
-              static_cast<float>(x) > 0.0f) {
-            return {};
-          }
-        } catch (const std::exception&) {
-        }
-        return "must be a positive number that fp32 can hold (1.4e-45 to 3.4e38), got '" + value + "'";
-      },
-      "FLOAT>0");
-}
+}  // namespace
 
-// --decay: a number in (0, 1].
-CLI::Validator unit_interval() {
-  return CLI::Validator(
-      [](std::string& value) -> std::string {
-        try {
-          std::size_t used = 0;
-          const double x = std::stod(value, &used);
-          if (used == value.size() && x > 0.0 && x <= 1.0) return {};
-        } catch (const std::exception&) {
-        }
-        return "must be a number in (0, 1], got '" + value + "'";
-      },
-      "(0,1]");
-}
-
-// --timeout: 0 (wait forever), or 1 second to 1e9. A bound below a second would fail healthy
-// ranks that are merely busy with one step, and blame a peer for it.
-CLI::Validator timeout_seconds() {
-  return CLI::Validator(
-      [](std::string& value) -> std::string {
-        try {
-          std::size_t used = 0;
-          const double x = std::stod(value, &used);
-          if (used == value.size() && (x == 0.0 || (x >= 1.0 && x <= 1e9))) return {};
-        } catch (const std::exception&) {
-        }
-        return "must be 0 (wait forever) or 1 to 1e9 seconds, got '" + value + "'";
-      },
-      "SECONDS");
+// A tolerance: a finite number >= 0 (CLI11's Range lets NaN through: NaN compares false).
+CLI::Validator non_negative_finite() {
+  return number_validator([](double x) { return std::isfinite(x) && x >= 0.0; }, "a finite number >= 0", "FLOAT>=0");
 }
 
 void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
@@ -282,7 +243,9 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
                  "fp16 for float16 files")
       ->check(CLI::IsMember({"auto", "fp32", "fp16", "bf16"}));
   cmd.add_option("--scale", o.scale, "Softmax scale (default 1/sqrt(head-dim); softmax attention only)")
-      ->check(positive_fp32());
+      ->check(number_validator(
+          [](double x) { return x > 0.0 && x <= std::numeric_limits<float>::max() && static_cast<float>(x) > 0.0f; },
+          "a positive number that fp32 can hold (1.4e-45 to 3.4e38)", "FLOAT>0"));
   cmd.add_option("--seed", o.seed, "Seed of the generated inputs")->check(seed_value());
   cmd.add_option("--gpus", o.gpus,
                  "Run in this one process on N local GPUs, one thread each (no mpirun; implies --device cuda); "
@@ -306,7 +269,7 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
                  "Linear attention's phi: elu1 (elu(x)+1, normalised) or identity (unnormalised)")
       ->check(CLI::IsMember({"elu1", "identity"}));
   cmd.add_option("--decay", o.decay, "Linear attention, causal: decay in (0, 1] applied per token to the state")
-      ->check(unit_interval());
+      ->check(number_validator([](double x) { return x > 0.0 && x <= 1.0; }, "a number in (0, 1]", "(0,1]"));
   cmd.add_option("--window", o.window,
                  "Sliding window: query i attends keys in [i - W, i] (with --causal) or [i - W, i + W] ("
                  "contiguous layout); the ring stops once every window is covered")
@@ -315,7 +278,9 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
                  "Seconds a rank waits for a ring transfer (cpu) or its GPU work (the NCCL communicator is then "
                  "aborted) before it gives up, names the step and the peer and the job exits 124; 0 = forever, else "
                  "at least 1")
-      ->check(timeout_seconds());
+      // A bound below a second would fail healthy ranks busy with one step, and blame a peer.
+      ->check(number_validator([](double x) { return x == 0.0 || (x >= 1.0 && x <= 1e9); },
+                               "0 (wait forever) or 1 to 1e9 seconds", "SECONDS"));
   cmd.add_option("--sinks", o.sinks, "With --window: the first K tokens are always attended (attention sinks)")
       ->check(at_least(0));
 }

@@ -124,48 +124,46 @@ TEST(LinearAttention, StrongDecayLongSequence) {
   check({1, 3001, 2, 2, 8, true, FeatureMap::elu1, {0.3}, DType::f32});
 }
 
+namespace {
+
+// Runs linear attention (S = 64 over the ranks, 2 heads of 8) with `options` and expects every
+// rank to throw invalid_argument mentioning `expected`.
+void expect_refused(AttentionOptions options, const char* expected) {
+  int rank = 0, world = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  const Layout layout(LayoutKind::contiguous, 64, world);
+  const std::int64_t n = layout.local_length(rank);
+  std::vector<float> x(static_cast<std::size_t>(n * 2 * 8), 0.5f), out(x.size());
+  Context ctx(MPI_COMM_WORLD);
+  options.attention = AttentionKind::linear;
+  auto view = [&](std::vector<float>& d) { return TensorView::contiguous(d.data(), DType::f32, {1, n, 2, 8}); };
+  try {
+    forward(ctx, view(x), view(x), view(x), view(out), TensorView{}, options);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+
 TEST(LinearAttention, BadDecayFailsEveryRank) {
   int rank = 0, world = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &world);
-  const Layout layout(LayoutKind::contiguous, 64, world);
-  const std::int64_t n = layout.local_length(rank);
-  std::vector<float> x(static_cast<std::size_t>(n * 2 * 8), 0.5f), out(x.size());
-  Context ctx(MPI_COMM_WORLD);
   AttentionOptions options;
-  options.attention = AttentionKind::linear;
   options.causal = true;
   options.decay = {rank == world - 1 ? 1.5 : 0.9};  // only the last rank is wrong (or differs)
-  auto view = [&](std::vector<float>& d) { return TensorView::contiguous(d.data(), DType::f32, {1, n, 2, 8}); };
-  try {
-    forward(ctx, view(x), view(x), view(x), view(out), TensorView{}, options);
-    FAIL() << "no error";
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    EXPECT_TRUE(what.find("decay") != std::string::npos) << what;
-  }
+  expect_refused(options, "decay");
 }
 
 // Linear attention has no softmax scale: a given one was silently ignored.
 TEST(LinearAttention, ScaleIsRefusedOnEveryRank) {
-  int rank = 0, world = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &world);
-  const Layout layout(LayoutKind::contiguous, 64, world);
-  const std::int64_t n = layout.local_length(rank);
-  std::vector<float> x(static_cast<std::size_t>(n * 2 * 8), 0.5f), out(x.size());
-  Context ctx(MPI_COMM_WORLD);
   AttentionOptions options;
-  options.attention = AttentionKind::linear;
   options.scale = 0.5;
-  auto view = [&](std::vector<float>& d) { return TensorView::contiguous(d.data(), DType::f32, {1, n, 2, 8}); };
-  try {
-    forward(ctx, view(x), view(x), view(x), view(out), TensorView{}, options);
-    FAIL() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
-    EXPECT_NE(std::string(e.what()).find("linear attention has no softmax scale"), std::string::npos) << e.what();
-  }
+  expect_refused(options, "linear attention has no softmax scale");
 }
 
 namespace {
