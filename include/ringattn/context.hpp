@@ -62,6 +62,14 @@ class Context {
   // For diagnostics: the process id of each rank on this node, -1 for ranks elsewhere.
   const std::vector<long>& node_peer_pids() const { return node_peer_pids_; }
 
+  // Set when a call failed after its ring had started (a timeout, a transfer error): messages
+  // of that call may still be in flight on this context's communicator, so every later call
+  // refuses to run (create a new Context). Empty while the context is usable.
+  const std::string& failure() const { return failure_; }
+  void mark_failed(const std::string& why) {
+    if (failure_.empty()) failure_ = why;
+  }
+
   // GPU resources (device, NCCL communicator, streams), created by the first CUDA forward:
   // collective. Throws where the build has no CUDA backend.
   detail::CudaResources& cuda();
@@ -78,6 +86,7 @@ class Context {
   std::vector<long> node_peer_pids_;
   ContextOptions options_;
   std::unique_ptr<detail::CudaResources> cuda_;
+  std::string failure_;
 };
 
 }  // namespace ringattn

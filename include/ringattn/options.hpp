@@ -62,9 +62,10 @@ struct AttentionOptions {
   // Bound, in seconds, on each wait for a ring transfer on the CPU (MPI), and on the GPU ring's
   // progress (no transfer or step completing for this long; the library's NCCL communicator is
   // then aborted); 0 waits forever. On expiry the call throws Error(ErrorCode::timeout) naming
-  // the step and the peer.
+  // the step and the peer. The context then refuses further calls (Context::failure()).
   double timeout_s = 300.0;
-  // Called on every rank after each ring step with (steps done, steps in all).
+  // Called on every rank after each ring step with (steps done, steps in all). If it throws,
+  // the ring still finishes on this rank, then the call rethrows that exception here.
   std::function<void(int, int)> on_step;
 };
 

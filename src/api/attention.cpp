@@ -1,13 +1,16 @@
 #include "ringattn/attention.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "api/prepared_forward.hpp"
 #include "comm/agreement.hpp"
@@ -45,7 +48,46 @@ void check_view(const char* name, const TensorView& t, int ndim) {
       invalid(std::string(name) + ": negative size or stride in dimension " + std::to_string(d));
     }
   }
+  if (static_cast<int>(t.dtype) > static_cast<int>(DType::bf16)) invalid(std::string(name) + ": unknown dtype");
+  if (static_cast<int>(t.device) > static_cast<int>(DeviceKind::cuda)) invalid(std::string(name) + ": unknown device");
+  // Sizes and the largest offset must be countable in bytes (a wrapped count skipped the null
+  // check and the kernels indexed far outside the buffer).
+  std::int64_t elements = 1, last = 0;
+  for (int d = 0; d < ndim; ++d) {
+    const auto size = t.shape[static_cast<std::size_t>(d)], stride = t.strides[static_cast<std::size_t>(d)];
+    std::int64_t reach = 0;
+    if (__builtin_mul_overflow(elements, size, &elements) ||
+        (size > 0 && (__builtin_mul_overflow(size - 1, stride, &reach) || __builtin_add_overflow(last, reach, &last)))) {
+      invalid(std::string(name) + ": shape " + t.shape_string() + " with its strides is too large to address");
+    }
+  }
+  std::int64_t bytes = 0;
+  if (__builtin_mul_overflow(std::max(elements, last + 1), static_cast<std::int64_t>(dtype_size(t.dtype)), &bytes)) {
+    invalid(std::string(name) + ": shape " + t.shape_string() + " is too large to address");
+  }
   if (t.numel() > 0 && t.data == nullptr) invalid(std::string(name) + ": data pointer is null");
+}
+
+// Outputs must not alias themselves (a stride of 0 over more than one element) or each other
+// (one base pointer for two outputs: one result overwrote the other). Outputs interleaved in
+// one buffer (dK and dV packed as (B, S, 2, H, D)) have distinct bases and stay allowed; an
+// output may alias an input.
+void check_distinct_outputs(std::initializer_list<std::pair<const char*, const TensorView*>> outputs) {
+  for (const auto& [name, t] : outputs) {
+    if (t->data == nullptr) continue;
+    for (int d = 0; d < t->ndim; ++d) {
+      if (t->strides[static_cast<std::size_t>(d)] == 0 && t->shape[static_cast<std::size_t>(d)] > 1) {
+        invalid(std::string(name) + ": stride 0 in dimension " + std::to_string(d) +
+                " would write its results over each other");
+      }
+    }
+    for (const auto& [other_name, other] : outputs) {
+      if (other == t) break;
+      if (other->data == t->data && t->numel() > 0 && other->numel() > 0) {
+        invalid(std::string(other_name) + " and " + name + " are one buffer: each output needs its own memory");
+      }
+    }
+  }
 }
 
 // q, k, v, out: (B, S_local, heads, D); lse: (B, H, S_local) fp32 or no data.
@@ -124,6 +166,13 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
               ", " + std::to_string(q.shape[2]) + ", " + std::to_string(q.shape[1]) + ")");
     }
   }
+  if (static_cast<int>(options.layout) > static_cast<int>(LayoutKind::striped)) invalid("layout: unknown value");
+  if (static_cast<int>(options.kernel) > static_cast<int>(KernelKind::native)) invalid("kernel: unknown value");
+  if (static_cast<int>(options.attention) > static_cast<int>(AttentionKind::linear)) invalid("attention: unknown value");
+  if (static_cast<int>(options.feature_map) > static_cast<int>(FeatureMap::identity)) {
+    invalid("feature_map: unknown value");
+  }
+  check_distinct_outputs({{"out", &out}, {"lse", &lse}});
   // The kernels take the scale in fp32: a value it cannot hold would silently become inf or 0.
   if (options.scale && !(*options.scale > 0.0 && *options.scale <= std::numeric_limits<float>::max() &&
                          static_cast<float>(*options.scale) > 0.0f)) {
@@ -281,6 +330,7 @@ void validate_backward(const TensorView& q, const TensorView& k, const TensorVie
     if (t->strides[3] != 1 && t->shape[3] > 1) invalid(std::string(name) + ": head_dim must be contiguous (stride 1)");
     if (t->device != q.device) invalid(std::string(name) + ": on a different device than q");
   }
+  check_distinct_outputs({{"dq", &dq}, {"dk", &dk}, {"dv", &dv}});
 }
 
 }  // namespace
@@ -328,11 +378,23 @@ void validate_backward_inputs(const TensorView& q, const TensorView& k, const Te
   validate_backward(q, k, lse, dout, dq, dk, dv, options.attention == AttentionKind::linear);
 }
 
+// Inside the first agreement of a call: no earlier call may have failed mid-ring on any rank
+// (the ranks whose part of that call succeeded must not go on alone).
+void refuse_if_failed(const Context& ctx) {
+  if (!ctx.failure().empty()) {
+    invalid("an earlier call on this context failed mid-ring (" + ctx.failure() +
+            "); its messages may still be in flight: create a new Context");
+  }
+}
+
 PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
   // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
-  detail::agree_on(comm, [&] { validate_forward_inputs(q, k, v, out, lse, options); });
+  detail::agree_on(comm, [&] {
+    refuse_if_failed(ctx);
+    validate_forward_inputs(q, k, v, out, lse, options);
+  });
 
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "attention arguments");
@@ -404,8 +466,47 @@ void PreparedForward::run(const TensorView& q, const TensorView& k, const Tensor
 
 }  // namespace detail
 
+namespace {
+
+// A moved-from context has no communicator to agree on anything.
+void check_usable(const Context& ctx) {
+  if (ctx.comm() == MPI_COMM_NULL) invalid("the context is empty (moved from)");
+}
+
+// Runs the ring; a failure inside it leaves the context unusable. The caller's on_step is
+// wrapped: an exception it throws is kept until the ring has finished on this rank (leaving
+// the ring early would strand the other ranks' transfers), then rethrown.
+template <class Run>
+void run_ring(Context& ctx, const std::function<void(int, int)>& on_step, Run&& run) {
+  std::exception_ptr callback_error;
+  std::function<void(int, int)> guarded_step;
+  if (on_step) {
+    guarded_step = [&](int done, int total) {
+      if (callback_error) return;
+      try {
+        on_step(done, total);
+      } catch (...) {
+        callback_error = std::current_exception();
+      }
+    };
+  }
+  try {
+    run(guarded_step);
+  } catch (const std::exception& e) {
+    ctx.mark_failed(e.what());
+    throw;
+  } catch (...) {
+    ctx.mark_failed("unknown failure");
+    throw;
+  }
+  if (callback_error) std::rethrow_exception(callback_error);
+}
+
+}  // namespace
+
 void forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
              const TensorView& lse, const AttentionOptions& options) {
+  check_usable(ctx);
   detail::PreparedForward prepared = detail::prepare_forward(ctx, q, k, v, out, lse, options);
 #ifdef RINGATTN_HAVE_CUDA
   // Without a borrowed stream the caller has no stream to order against: start after the
@@ -418,10 +519,17 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
   }
 #endif
   // 5. The ring.
-  prepared.run(q, k, v, out, lse, options.on_step);
+  run_ring(ctx, options.on_step, [&](const std::function<void(int, int)>& on_step) {
+    try {
+      prepared.run(q, k, v, out, lse, on_step);
+    } catch (...) {
+      prepared.abandon();
+      throw;
+    }
 #ifdef RINGATTN_HAVE_CUDA
-  if (own_stream) prepared.wait_cuda();  // bounded by options.timeout_s (the watchdog)
+    if (own_stream) prepared.wait_cuda();  // bounded by options.timeout_s (the watchdog)
 #endif
+  });
 }
 
 namespace detail {
@@ -431,7 +539,10 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
                                   const TensorView& dq, const TensorView& dk, const TensorView& dv,
                                   const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
-  detail::agree_on(comm, [&] { validate_backward_inputs(q, k, v, out, lse, dout, dq, dk, dv, options); });
+  detail::agree_on(comm, [&] {
+    refuse_if_failed(ctx);
+    validate_backward_inputs(q, k, v, out, lse, dout, dq, dk, dv, options);
+  });
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.shape[3])));
   std::unique_ptr<Layout> layout = agree_on_problem(ctx, q, k, options, scale, "backward arguments");
   const detail::AttentionShape shape{q.shape[0], q.shape[2], k.shape[2], q.shape[3]};
@@ -500,6 +611,7 @@ void PreparedBackward::run(const TensorView& q, const TensorView& k, const Tenso
 void backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
               const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
               const TensorView& dv, const AttentionOptions& options) {
+  check_usable(ctx);
   detail::PreparedBackward prepared = detail::prepare_backward(ctx, q, k, v, out, lse, dout, dq, dk, dv, options);
 #ifdef RINGATTN_HAVE_CUDA
   // As forward(): without a borrowed stream, order after the legacy default stream and return
@@ -511,10 +623,17 @@ void backward(Context& ctx, const TensorView& q, const TensorView& k, const Tens
     RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda_stream(), inputs_ready, 0));
   }
 #endif
-  prepared.run(q, k, v, out, lse, dout, dq, dk, dv);
+  run_ring(ctx, nullptr, [&](const std::function<void(int, int)>&) {
+    try {
+      prepared.run(q, k, v, out, lse, dout, dq, dk, dv);
+    } catch (...) {
+      prepared.abandon();
+      throw;
+    }
 #ifdef RINGATTN_HAVE_CUDA
-  if (own_stream) prepared.wait_cuda();
+    if (own_stream) prepared.wait_cuda();
 #endif
+  });
 }
 
 }  // namespace ringattn

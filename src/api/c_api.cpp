@@ -7,6 +7,7 @@
 #include <new>
 #include <string>
 
+#include "comm/agreement.hpp"
 #include "ringattn/ringattn.hpp"
 
 struct ringattn_context {
@@ -149,8 +150,15 @@ ringattn_status ringattn_forward(ringattn_context* ctx, const ringattn_tensor* q
                                  const ringattn_options* options) {
   return guarded([&] {
     if (ctx == nullptr) invalid("ringattn_forward: NULL context");
-    ringattn::forward(ctx->ctx, view(q, "q"), view(k, "k"), view(v, "v"), view(out, "out"), view(lse, "lse", true),
-                      options_of(options));
+    // Converted under agreement: a bad struct on one rank must fail every rank, not leave the
+    // others waiting in forward()'s collectives.
+    ringattn::TensorView tq, tk, tv, tout, tlse;
+    ringattn::AttentionOptions opts;
+    ringattn::detail::agree_on(ctx->ctx.comm(), [&] {
+      tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"), tout = view(out, "out"), tlse = view(lse, "lse", true);
+      opts = options_of(options);
+    });
+    ringattn::forward(ctx->ctx, tq, tk, tv, tout, tlse, opts);
   });
 }
 
@@ -160,8 +168,14 @@ ringattn_status ringattn_backward(ringattn_context* ctx, const ringattn_tensor* 
                                   const ringattn_tensor* dv, const ringattn_options* options) {
   return guarded([&] {
     if (ctx == nullptr) invalid("ringattn_backward: NULL context");
-    ringattn::backward(ctx->ctx, view(q, "q"), view(k, "k"), view(v, "v"), view(out, "out"), view(lse, "lse"),
-                       view(dout, "dout"), view(dq, "dq"), view(dk, "dk"), view(dv, "dv"), options_of(options));
+    ringattn::TensorView t[9];
+    ringattn::AttentionOptions opts;
+    ringattn::detail::agree_on(ctx->ctx.comm(), [&] {  // as in ringattn_forward
+      t[0] = view(q, "q"), t[1] = view(k, "k"), t[2] = view(v, "v"), t[3] = view(out, "out"), t[4] = view(lse, "lse");
+      t[5] = view(dout, "dout"), t[6] = view(dq, "dq"), t[7] = view(dk, "dk"), t[8] = view(dv, "dv");
+      opts = options_of(options);
+    });
+    ringattn::backward(ctx->ctx, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], opts);
   });
 }
 

@@ -25,6 +25,7 @@ Context::Context(MPI_Comm comm, ContextOptions options) : options_(options) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) throw Error(ErrorCode::invalid_argument, "ringattn::Context: MPI is not initialised");
+  if (comm == MPI_COMM_NULL) throw Error(ErrorCode::invalid_argument, "ringattn::Context: the communicator is MPI_COMM_NULL");
   // Our own duplicate: the ring's messages cannot collide with the caller's, and errors on it
   // are returned to us instead of aborting the caller's job.
   RINGATTN_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
@@ -99,6 +100,7 @@ Context& Context::operator=(Context&& other) noexcept {
     node_peer_pids_ = std::move(other.node_peer_pids_);
     options_ = other.options_;
     cuda_ = std::move(other.cuda_);
+    failure_ = std::move(other.failure_);
   }
   return *this;
 }

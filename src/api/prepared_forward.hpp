@@ -28,6 +28,10 @@ struct PreparedForward {
   };
   std::unique_ptr<Linear> linear;
   std::unique_ptr<CpuRingForward> cpu;
+  // After a failure mid-ring: the CPU engine's MPI transfers may still be in flight (a
+  // cancelled request can still complete into its buffer), so the engine, its buffers and
+  // requests are never freed. The context refuses further calls (Context::failure()).
+  void abandon() { (void)cpu.release(); }
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingForward> cuda;
   std::unique_ptr<CudaLinearAttention> cuda_linear;
@@ -77,6 +81,7 @@ struct PreparedBackward {
   float scale = 1.0f;
   std::unique_ptr<PreparedForward::Linear> linear;  // linear attention (CPU)
   std::unique_ptr<CpuRingBackward> cpu;
+  void abandon() { (void)cpu.release(); }  // as PreparedForward::abandon
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingBackward> cuda;
   std::unique_ptr<CudaLinearAttention> cuda_linear;

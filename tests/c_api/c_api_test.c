@@ -96,6 +96,18 @@ int main(int argc, char** argv) {
             ringattn_last_error());
     failed = 1;
   }
+  /* A malformed struct on the last rank only: every rank returns the same status (the others
+     waited forever in forward()'s collectives). */
+  ringattn_tensor odd = tq;
+  if (rank == world - 1) odd.ndim = 5;
+  st = ringattn_forward(ctx, &odd, &tk, &tv, &to, NULL, &opt);
+  lo = st, hi = st;
+  MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (st != RINGATTN_ERR_INVALID_ARGUMENT || lo != hi) {
+    fprintf(stderr, "rank %d: ndim 5 on one rank: status %d (%s)\n", rank, (int)st, ringattn_last_error());
+    failed = 1;
+  }
   /* A NaN scale is refused (only a scale <= 0 means the default); so is one fp32 cannot hold. */
   ringattn_options bad_scale = opt;
   bad_scale.scale = NAN;

@@ -6,6 +6,7 @@
 #include <mpi.h>
 
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -157,6 +158,117 @@ TEST(Agreement, BadLseShapeAndDtypeAndScale) {
     expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
                                  ErrorCode::invalid_argument, "scale must be a positive number that fp32 can hold");
   }
+}
+
+// Sizes whose element count or largest offset overflows int64 (a wrapped count skipped the
+// null-data check and crashed), enum values outside their range, and outputs that share memory.
+TEST(Agreement, UnaddressableViewsUnknownEnumsAndSharedOutputs) {
+  Shard s(37);
+  s.allocate();
+  Context ctx(MPI_COMM_WORLD);
+  TensorView huge = s.qv();
+  huge.shape[0] = std::int64_t{1} << 62;
+  huge.data = nullptr;
+  expect_same_error_everywhere([&] { forward(ctx, huge, s.kv(16), s.vv(), s.ov(), s.lv()); },
+                               ErrorCode::invalid_argument, "too large");
+  TensorView far = s.qv();
+  far.strides[1] = std::int64_t{1} << 61;
+  if (s.local < 2) far.shape[1] = 2;
+  expect_same_error_everywhere([&] { forward(ctx, far, s.kv(16), s.vv(), s.ov(), s.lv()); },
+                               ErrorCode::invalid_argument, "too large");
+  TensorView odd = s.qv();
+  odd.dtype = static_cast<DType>(7);
+  expect_same_error_everywhere([&] { forward(ctx, odd, s.kv(16), s.vv(), s.ov(), s.lv()); },
+                               ErrorCode::invalid_argument, "q: unknown dtype");
+  AttentionOptions options;
+  options.layout = static_cast<LayoutKind>(9);
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
+                               ErrorCode::invalid_argument, "layout: unknown value");
+  // LSE written into O's memory made O wrong with no error.
+  TensorView lse_in_out = TensorView::contiguous(s.out.data(), DType::f32, {s.batch, s.heads, s.local});
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), lse_in_out); },
+                               ErrorCode::invalid_argument, "out and lse are one buffer");
+  TensorView flat_out = s.ov();
+  flat_out.strides[1] = 0;
+  if (s.local < 2) flat_out.shape[1] = 2;  // (then its shape differs from q's; the stride is seen first)
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), flat_out, s.lv()); },
+                               ErrorCode::invalid_argument, "out");
+  // An output may alias an input: out = q is fine.
+  EXPECT_NO_THROW(forward(ctx, s.qv(), s.kv(16), s.vv(), s.qv(), s.lv()));
+}
+
+TEST(Agreement, NullCommunicatorAndMovedFromContext) {
+  try {
+    Context bad(MPI_COMM_NULL);
+    ADD_FAILURE() << "MPI_COMM_NULL accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument);
+    EXPECT_NE(std::string(e.what()).find("MPI_COMM_NULL"), std::string::npos) << e.what();
+  }
+  Shard s(37);
+  s.allocate();
+  Context a(MPI_COMM_WORLD);
+  Context b(std::move(a));
+  try {
+    forward(a, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv());  // NOLINT(bugprone-use-after-move): on purpose
+    ADD_FAILURE() << "a moved-from context ran";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("moved from"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(forward(b, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv()));
+}
+
+// A call that failed mid-ring (here a bound too short for any transfer) left messages in flight
+// that the next call on the context received into smaller buffers (heap overflow at np 3).
+// Now every rank refuses the next call, whichever ranks the failure reached.
+TEST(Agreement, ARingThatFailedMidwayLeavesTheContextRefusingCalls) {
+  if (world_size() == 1) GTEST_SKIP() << "one rank has no transfers to time out";
+  // Blocks of 8 MiB (64 tokens x 64 heads x 256 x fp32, K and V) against little compute: no
+  // transfer is complete at the first look, so the 1 ns bound expires.
+  Shard s(64 * world_size());
+  s.heads = s.kv_heads = 64;
+  s.dim = 256;
+  s.allocate();
+  Context ctx(MPI_COMM_WORLD);
+  AttentionOptions options;
+  options.timeout_s = 1e-9;
+  int failed = 0;
+  try {
+    forward(ctx, s.qv(), s.kv(256), s.vv(), s.ov(), s.lv(), options);
+  } catch (const Error& e) {
+    failed = e.code() == ErrorCode::timeout ? 1 : 2;
+  }
+  int any = 0;
+  MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (any == 0) GTEST_SKIP() << "no rank timed out within 1 ns";
+  EXPECT_NE(any, 2) << "a failure other than the timeout";
+  options.timeout_s = 60.0;
+  expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(256), s.vv(), s.ov(), s.lv(), options); },
+                               ErrorCode::invalid_argument, "create a new Context");
+  // A new context works.
+  Context fresh(MPI_COMM_WORLD);
+  EXPECT_NO_THROW(forward(fresh, s.qv(), s.kv(256), s.vv(), s.ov(), s.lv(), options));
+}
+
+// An exception from on_step on one rank is rethrown there once the ring has finished, so the
+// other ranks finish too and the context stays usable.
+TEST(Agreement, AnOnStepExceptionWaitsForTheRing) {
+  Shard s(256);
+  s.allocate();
+  Context ctx(MPI_COMM_WORLD);
+  AttentionOptions options;
+  options.on_step = [](int done, int) {
+    if (world_rank() == 0 && done == 1) throw std::runtime_error("caller's callback failed");
+  };
+  if (world_rank() == 0) {
+    EXPECT_THROW(forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options), std::runtime_error);
+  } else {
+    EXPECT_NO_THROW(forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options));
+  }
+  std::vector<float> first = s.out;
+  options.on_step = nullptr;
+  EXPECT_NO_THROW(forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options));
+  EXPECT_EQ(first, s.out) << "the ring did not finish the call whose callback threw";
 }
 
 TEST(Agreement, SequenceShorterThanRanks) {
