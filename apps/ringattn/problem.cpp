@@ -244,8 +244,8 @@ void add_problem_options(CLI::App& cmd, ProblemOptions& o) {
       ->check(CLI::IsMember({"auto", "fp32", "fp16", "bf16"}));
   cmd.add_option("--scale", o.scale, "Softmax scale (default 1/sqrt(head-dim); softmax attention only)")
       ->check(number_validator(
-          [](double x) { return x > 0.0 && x <= std::numeric_limits<float>::max() && static_cast<float>(x) > 0.0f; },
-          "a positive number that fp32 can hold (1.4e-45 to 3.4e38)", "FLOAT>0"));
+          [](double x) { return x > 0.0 && x <= kMaxScale && static_cast<float>(x) > 0.0f; },
+          "a positive number that fp32 can hold, 1.4e-45 to 2.36e38 (kernels multiply it by log2(e))", "FLOAT>0"));
   cmd.add_option("--seed", o.seed, "Seed of the generated inputs")->check(seed_value());
   cmd.add_option("--gpus", o.gpus,
                  "Run in this one process on N local GPUs, one thread each (no mpirun; implies --device cuda); "

@@ -41,9 +41,13 @@ enum class FeatureMap : std::uint8_t { elu1, identity };
 const char* to_string(FeatureMap map);
 FeatureMap parse_feature_map(const std::string& name);  // "elu1", "identity"
 
+// The largest softmax scale accepted: the GPU kernels fold log2(e) into it in fp32, and above
+// this the product is inf (the native kernel then wrote finite but wrong outputs).
+inline constexpr double kMaxScale = 3.4028234663852886e38 / 1.4426950408889634;  // ~2.36e38
+
 struct AttentionOptions {
   bool causal = false;                 // query at position i attends keys at positions <= i
-  std::optional<double> scale;         // softmax scale (> 0, fp32-representable); default 1/sqrt(head_dim); none with linear
+  std::optional<double> scale;         // softmax scale in (0, kMaxScale], not 0 in fp32; default 1/sqrt(head_dim); none with linear
   LayoutKind layout = LayoutKind::contiguous;
   KernelKind kernel = KernelKind::automatic;
   std::int64_t seq_len = 0;            // global S; 0 = the sum of the ranks' local lengths

@@ -58,7 +58,7 @@ typedef struct {
 
 typedef struct {
   int causal;            /* 0 or 1 */
-  double scale;          /* <= 0: 1 / sqrt(head_dim); NaN or above FLT_MAX: an error */
+  double scale;          /* <= 0: 1 / sqrt(head_dim); NaN or above 2.36e38: an error */
   ringattn_layout layout;
   ringattn_kernel kernel;
   int64_t seq_len;       /* 0: the sum of the ranks' local lengths */

@@ -173,12 +173,12 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
     invalid("feature_map: unknown value");
   }
   check_distinct_outputs({{"out", &out}, {"lse", &lse}});
-  // The kernels take the scale in fp32: a value it cannot hold would silently become inf or 0.
-  if (options.scale && !(*options.scale > 0.0 && *options.scale <= std::numeric_limits<float>::max() &&
-                         static_cast<float>(*options.scale) > 0.0f)) {
+  // The kernels take the scale in fp32 (times log2(e) on GPUs): a value it cannot hold would
+  // silently become inf or 0.
+  if (options.scale && !(*options.scale > 0.0 && *options.scale <= kMaxScale && static_cast<float>(*options.scale) > 0.0f)) {
     char shown[32];
     std::snprintf(shown, sizeof shown, "%g", *options.scale);
-    invalid(std::string("scale must be a positive number that fp32 can hold, got ") + shown);
+    invalid(std::string("scale must be a positive number that fp32 can hold, at most 2.36e38, got ") + shown);
   }
   if (options.seq_len < 0) invalid("seq_len must be >= 0 (0 = sum of the local lengths)");
   if (!(options.timeout_s >= 0.0)) invalid("timeout must be >= 0 seconds (0: none)");

@@ -153,7 +153,7 @@ TEST(Agreement, BadLseShapeAndDtypeAndScale) {
   AttentionOptions options;
   // Negative, and finite in double but not in fp32 (the kernels' scale: it became inf, and
   // every output NaN).
-  for (const double bad : {-1.0, 1e300, 1e-50}) {
+  for (const double bad : {-1.0, 1e300, 1e-50, 3e38}) {
     options.scale = bad;
     expect_same_error_everywhere([&] { forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options); },
                                  ErrorCode::invalid_argument, "scale must be a positive number that fp32 can hold");
