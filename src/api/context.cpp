@@ -78,7 +78,9 @@ Context::~Context() {
   cuda_.reset();  // before the communicator: tearing NCCL down may still use it
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
+  // After a failure mid-ring the abandoned engine's requests are still active on the
+  // communicator (failure()): it is left to MPI_Finalize rather than freed under them.
+  if (comm_ != MPI_COMM_NULL && !finalized && failure_.empty()) MPI_Comm_free(&comm_);
 }
 
 Context::Context(Context&& other) noexcept { *this = std::move(other); }

@@ -113,7 +113,10 @@ __device__ __forceinline__ void finish_row(const FlashFwdParams& p, int b, int h
   constexpr float kLn2 = 0.6931471805599453f;
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-  const bool live = row < p.q_len && sum > 0.0f;
+  // sum == 0: no key of this block is visible to the row. A NaN sum (a score that overflowed
+  // fp32: inf - inf in the exponent) is written, so that the output shows it instead of
+  // keeping whatever the buffer held (zeros, or an earlier block's result).
+  const bool live = row < p.q_len && !(sum <= 0.0f);
   const std::int64_t idx = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin + row;
   float merged = 0.0f;
   if (live && p.out != nullptr) {
