@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 
 #include "comm/agreement.hpp"
@@ -61,16 +62,11 @@ double file_value(io::NpyDType dtype, const unsigned char* src, std::size_t i) {
   return d;
 }
 
-// Converts n values of a file dtype into a storage dtype. Returns the index of the first value
-// that is not finite as stored (NaN or inf in the file, or too large for `to`), or kAllFinite.
-std::size_t convert_file_values(io::NpyDType from, const unsigned char* src, DType to, unsigned char* dst,
-                                std::size_t n) {
-  std::size_t bad = kAllFinite;
+// Converts n values of a file dtype into a storage dtype.
+void convert_file_values(io::NpyDType from, const unsigned char* src, DType to, unsigned char* dst, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) {
     detail::store_f32(to, dst, static_cast<std::int64_t>(i), static_cast<float>(file_value(from, src, i)));
-    if (bad == kAllFinite && !std::isfinite(detail::load_f32(to, dst, static_cast<std::int64_t>(i)))) bad = i;
   }
-  return bad;
 }
 
 // The index of the first value of `n` in `dtype` that is NaN or inf (all exponent bits set),
@@ -93,15 +89,19 @@ std::size_t first_non_finite(DType dtype, const unsigned char* data, std::size_t
   return kAllFinite;
 }
 
-// Element i of this rank's dense (B, S_local, heads, D) buffer, as the file's (or the whole
-// problem's) index: "[b, s, h, d]", without b when the files have no batch dimension.
+// An index as the files show it: "[b, i, j, ...]", without b when they have no batch dimension.
+std::string file_index(const Problem& p, std::int64_t b, std::initializer_list<std::int64_t> rest) {
+  std::string text = "[" + (!p.from_files || p.batched_files ? std::to_string(b) + ", " : std::string());
+  for (const std::int64_t& x : rest) text += std::to_string(x) + (&x == rest.end() - 1 ? "]" : ", ");
+  return text;
+}
+
+// Element i of this rank's dense (B, S_local, heads, D) buffer as the file's (or the whole
+// problem's) index [b, s, h, d].
 std::string element_index(const Problem& p, std::int64_t heads, std::size_t i) {
   const auto at = static_cast<std::int64_t>(i);
   const std::int64_t d = at % p.head_dim, h = at / p.head_dim % heads, row = at / (p.head_dim * heads);
-  const std::int64_t b = row / p.local_len(), s = p.positions[static_cast<std::size_t>(row % p.local_len())];
-  const bool show_batch = !p.from_files || p.batched_files;
-  return "[" + (show_batch ? std::to_string(b) + ", " : std::string()) + std::to_string(s) + ", " + std::to_string(h) +
-         ", " + std::to_string(d) + "]";
+  return file_index(p, row / p.local_len(), {p.positions[static_cast<std::size_t>(row % p.local_len())], h, d});
 }
 
 std::string show_number(double x) {
@@ -490,7 +490,8 @@ Problem load_problem(Context& ctx, const ProblemOptions& o) {
       std::vector<unsigned char> raw(values * io::npy_dtype_size(h.dtype));
       io::npy_read_records(comm, path, h, runs, static_cast<std::size_t>(heads * p.head_dim) * io::npy_dtype_size(h.dtype),
                            raw.data());
-      const std::size_t bad = convert_file_values(h.dtype, raw.data(), p.dtype, dst.data(), values);
+      convert_file_values(h.dtype, raw.data(), p.dtype, dst.data(), values);
+      const std::size_t bad = first_non_finite(p.dtype, dst.data(), values);
       // A NaN or inf input (or one the storage dtype cannot hold) would make every output row
       // it reaches NaN: refuse it, naming the first one.
       detail::agree_on(comm, [&] {
@@ -556,10 +557,7 @@ void check_finite_lse(Context& ctx, const Problem& p, const std::vector<float>& 
   report_overflow(ctx, p, "LSE", found, found ? lse[bad] : 0.0, [&] {
     // (B, H, S_local) here; the file's [b, h, s] (or [h, s]).
     const auto at = static_cast<std::int64_t>(bad), L = p.local_len();
-    const std::int64_t s = p.positions[static_cast<std::size_t>(at % L)], h = at / L % p.heads, b = at / L / p.heads;
-    const bool show_batch = !p.from_files || p.batched_files;
-    return "[" + (show_batch ? std::to_string(b) + ", " : std::string()) + std::to_string(h) + ", " +
-           std::to_string(s) + "]";
+    return file_index(p, at / L / p.heads, {at / L % p.heads, p.positions[static_cast<std::size_t>(at % L)]});
   });
 }
 

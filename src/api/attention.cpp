@@ -473,11 +473,12 @@ void check_usable(const Context& ctx) {
   if (ctx.comm() == MPI_COMM_NULL) invalid("the context is empty (moved from)");
 }
 
-// Runs the ring; a failure inside it leaves the context unusable. The caller's on_step is
-// wrapped: an exception it throws is kept until the ring has finished on this rank (leaving
-// the ring early would strand the other ranks' transfers), then rethrown.
-template <class Run>
-void run_ring(Context& ctx, const std::function<void(int, int)>& on_step, Run&& run) {
+// Runs the ring; a failure inside it abandons the prepared engine (its transfers may still be
+// in flight) and leaves the context unusable. The caller's on_step is wrapped: an exception it
+// throws is kept until the ring has finished on this rank (leaving the ring early would strand
+// the other ranks' transfers), then rethrown.
+template <class Prepared, class Run>
+void run_ring(Context& ctx, Prepared& prepared, const std::function<void(int, int)>& on_step, Run&& run) {
   std::exception_ptr callback_error;
   std::function<void(int, int)> guarded_step;
   if (on_step) {
@@ -493,9 +494,11 @@ void run_ring(Context& ctx, const std::function<void(int, int)>& on_step, Run&& 
   try {
     run(guarded_step);
   } catch (const std::exception& e) {
+    prepared.abandon();
     ctx.mark_failed(e.what());
     throw;
   } catch (...) {
+    prepared.abandon();
     ctx.mark_failed("unknown failure");
     throw;
   }
@@ -519,13 +522,8 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
   }
 #endif
   // 5. The ring.
-  run_ring(ctx, options.on_step, [&](const std::function<void(int, int)>& on_step) {
-    try {
-      prepared.run(q, k, v, out, lse, on_step);
-    } catch (...) {
-      prepared.abandon();
-      throw;
-    }
+  run_ring(ctx, prepared, options.on_step, [&](const std::function<void(int, int)>& on_step) {
+    prepared.run(q, k, v, out, lse, on_step);
 #ifdef RINGATTN_HAVE_CUDA
     if (own_stream) prepared.wait_cuda();  // bounded by options.timeout_s (the watchdog)
 #endif
@@ -623,13 +621,8 @@ void backward(Context& ctx, const TensorView& q, const TensorView& k, const Tens
     RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda_stream(), inputs_ready, 0));
   }
 #endif
-  run_ring(ctx, nullptr, [&](const std::function<void(int, int)>&) {
-    try {
-      prepared.run(q, k, v, out, lse, dout, dq, dk, dv);
-    } catch (...) {
-      prepared.abandon();
-      throw;
-    }
+  run_ring(ctx, prepared, nullptr, [&](const std::function<void(int, int)>&) {
+    prepared.run(q, k, v, out, lse, dout, dq, dk, dv);
 #ifdef RINGATTN_HAVE_CUDA
     if (own_stream) prepared.wait_cuda();
 #endif
