@@ -191,6 +191,11 @@ def main():
     if not has_gpu():
         cases.append(("--device cuda without a GPU", 2, ["run", "--seq", "64", "--device", "cuda"], ["cuda"]))
         cases.append(("--gpus 2 without a GPU", 1, ["run", "--seq", "64", "--gpus", "2"], ["does not exist"]))
+    else:
+        # The native kernels took a row whose scaled scores left fp32 for a row that sees no
+        # key: O = 0 and LSE = 0, exit 0.
+        cases.append(("scores beyond fp32, native GPU kernel", 1, ["run", "--seq", "300", "--device", "cuda", "--kernel",
+                                                                   "native", "--scale", "2e38"], ["O is nan", "overflowed"]))
     results = [check(args, *c[:4], code=c[4] if len(c) > 4 else 1) for c in cases]
     # An output that cannot be written fails before the run, so no earlier output is left behind.
     early = os.path.join(args.workdir, "early_out.npy")

@@ -210,3 +210,84 @@ TEST_F(FlashFwd, SlidingWindowBands) {
     check_case({1, 1300, 2, 2, 128, causal, LayoutKind::contiguous, 1, DType::bf16, 257, 5});
   }
 }
+
+// Scores beyond fp32 once scaled (|q.k| * scale * log2(e) > FLT_MAX) have no fp32 answer. The
+// kernels computed every exponential against an infinite maximum as 0, so such a row looked
+// like one that sees no key: O and LSE kept what the buffers held (zeros, exit 0 in the CLI).
+// Every row must come out NaN instead, for scores that overflow upwards (head 0: q.k = +D)
+// and downwards (head 1: q.k = -D), through the merge into the running state and through the
+// direct write of a lone task, masked or not, on every native kernel.
+TEST_F(FlashFwd, ScoresBeyondFp32AreNaNNotZero) {
+  constexpr std::int64_t kSeq = 200, kHeads = 2;
+  std::vector<FlashKernel> kernels{FlashKernel::mma_sync};
+  if (flash_fwd_wgmma_available()) kernels.insert(kernels.end(), {FlashKernel::wgmma, FlashKernel::wgmma_ws});
+  for (std::int64_t dim : {64, 128}) {
+    const auto n = static_cast<std::size_t>(kSeq * kHeads * dim);
+    std::vector<float> qf(n, 1.0f), kf(n, 1.0f), vf(n, 1.0f);
+    for (std::size_t i = 0; i < n; ++i) {
+      if ((static_cast<std::int64_t>(i) / dim) % kHeads == 1) kf[i] = -1.0f;
+    }
+    std::vector<unsigned char> qb(n * 2), kb(n * 2), vb(n * 2);
+    convert_from_f32(DType::bf16, qf.data(), qb.data(), n);
+    convert_from_f32(DType::bf16, kf.data(), kb.data(), n);
+    convert_from_f32(DType::bf16, vf.data(), vb.data(), n);
+    DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dout(qb.size());
+    upload(dq, qb);
+    upload(dk, kb);
+    upload(dv, vb);
+    DeviceBuffer o_acc(n * sizeof(float)), lse_acc(static_cast<std::size_t>(kHeads * kSeq) * sizeof(float)),
+        dlse(lse_acc.bytes());
+    for (FlashKernel kernel : kernels) {
+      for (bool causal : {false, true}) {
+        for (bool direct : {false, true}) {
+          SCOPED_TRACE("dim " + std::to_string(dim) + " kernel " + to_string(kernel) + (causal ? " causal" : " full") +
+                       (direct ? " direct write" : " merged"));
+          RINGATTN_CUDA_CHECK(cudaMemset(dout.get(), 0, dout.bytes()));
+          RINGATTN_CUDA_CHECK(cudaMemset(dlse.get(), 0, dlse.bytes()));
+          fill_neg_inf(lse_acc.as<float>(), kHeads * kSeq, nullptr);
+          FlashFwdParams p;
+          p.q = dq.get();
+          p.k = dk.get();
+          p.v = dv.get();
+          p.q_batch_stride = p.kv_batch_stride = kSeq * kHeads * dim;
+          p.q_row_stride = p.kv_row_stride = kHeads * dim;
+          p.q_head_stride = p.kv_head_stride = dim;
+          p.o_acc = o_acc.as<float>();
+          p.lse = lse_acc.as<float>();
+          p.s_q = kSeq;
+          p.heads = static_cast<int>(kHeads);
+          p.q_len = p.kv_len = static_cast<int>(kSeq);
+          p.causal = causal ? 1 : 0;
+          p.scale_log2 = static_cast<float>(1e38 * 1.4426950408889634);
+          if (direct) {
+            p.out = dout.get();
+            p.out_batch_stride = p.q_batch_stride;
+            p.out_row_stride = p.q_row_stride;
+            p.out_head_stride = p.q_head_stride;
+            p.lse_out = dlse.as<float>();
+            p.lse_batch_stride = kHeads * kSeq;
+            p.lse_head_stride = kSeq;
+            p.lse_row_stride = 1;
+          }
+          flash_fwd(p, DType::bf16, dim, nullptr, kernel);
+          if (!direct) {
+            finalize_output(o_acc.as<float>(), lse_acc.as<float>(),
+                            TensorView::contiguous(dout.get(), DType::bf16, {1, kSeq, kHeads, dim}, DeviceKind::cuda),
+                            TensorView::contiguous(dlse.get(), DType::f32, {1, kHeads, kSeq}, DeviceKind::cuda),
+                            nullptr);
+          }
+          std::vector<unsigned char> out(dout.bytes());
+          std::vector<float> lse(static_cast<std::size_t>(kHeads * kSeq));
+          RINGATTN_CUDA_CHECK(cudaMemcpy(out.data(), dout.get(), out.size(), cudaMemcpyDeviceToHost));
+          RINGATTN_CUDA_CHECK(cudaMemcpy(lse.data(), dlse.get(), lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+          const std::vector<float> got = to_f32(DType::bf16, out);
+          std::size_t finite_out = 0, finite_lse = 0;
+          for (float x : got) finite_out += std::isfinite(x) ? 1 : 0;
+          for (float x : lse) finite_lse += std::isfinite(x) ? 1 : 0;
+          EXPECT_EQ(finite_out, 0u) << "of " << got.size() << " O elements";
+          EXPECT_EQ(finite_lse, 0u) << "of " << lse.size() << " LSE entries";
+        }
+      }
+    }
+  }
+}

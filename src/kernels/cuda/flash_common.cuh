@@ -8,7 +8,8 @@
 // the running fp32 state (o_acc, lse):
 //   lse' = max(lse, lse_b) + log1p(exp(-|lse - lse_b|))
 //   o'   = o * exp(lse - lse') + o_b * exp(lse_b - lse')
-// Rows that saw no key (sum 0) and rows past q_len are left alone. Every lane of the warp must
+// Rows that saw no key (sum 0) and rows past q_len are left alone; a row whose scores
+// overflowed fp32 is written as NaN. Every lane of the warp must
 // call it (it shuffles and synchronises the warp).
 #pragma once
 
@@ -105,6 +106,16 @@ struct CtaTask {
   }
 };
 
+// Whether task-relative query row `row` sees any key of the task under its mask (as the
+// kernels mask: key l is visible iff l < kv_len and, when causal, l <= row + diag_offset and,
+// for a band, l >= row + lower_offset).
+__device__ __forceinline__ bool sees_a_key(const FlashFwdParams& p, int row) {
+  if (p.kv_len <= 0) return false;
+  if (!p.causal) return true;
+  const int first = p.band ? max(0, row + p.lower_offset) : 0;
+  return first <= min(p.kv_len - 1, row + p.diag_offset);
+}
+
 // kFusedMerge false: overwrite (o_acc, lse) with this block's normalised result instead of
 // merging (for a separate merge kernel; kernel_bench measures the alternative).
 template <typename T, int D, bool kFusedMerge = true>
@@ -113,9 +124,13 @@ __device__ __forceinline__ void finish_row(const FlashFwdParams& p, int b, int h
   constexpr float kLn2 = 0.6931471805599453f;
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-  // sum == 0: no key of this block is visible to the row. A NaN sum (a score that overflowed
-  // fp32: inf - inf in the exponent) is written, so that the output shows it instead of
-  // keeping whatever the buffer held (zeros, or an earlier block's result).
+  // sum == 0: no key of this block is visible to the row. A row that sees a key sums to at
+  // least 1 (its largest score's exponential), unless its scaled maximum left fp32
+  // (|q.k| * scale * log2(e) > FLT_MAX: every exponential against an infinite maximum is 0);
+  // such a row, and a NaN sum (inf - inf in an exponent), are written as NaN, so that the
+  // output shows the overflow instead of keeping whatever the buffer held (zeros, or an
+  // earlier block's result). The check costs nothing in the loop over key tiles.
+  if (sum == 0.0f && row < p.q_len && sees_a_key(p, row)) sum = __int_as_float(0x7fc00000);
   const bool live = row < p.q_len && !(sum <= 0.0f);
   const std::int64_t idx = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin + row;
   float merged = 0.0f;
