@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "api/prepared_forward.hpp"
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #include "commands.hpp"
 #include "core/dtype.hpp"
@@ -51,7 +52,7 @@ double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, in
       run_once();
       prepared.wait_cuda();
     }
-    RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+    detail::bounded_barrier(ctx.comm(), "the start of a timed run");
     detail::CudaEvent start(true), stop(true), issued[2];
     RINGATTN_CUDA_CHECK(cudaEventRecord(start, stream));
     for (int i = 0; i < iters; ++i) {
@@ -68,13 +69,13 @@ double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, in
 #endif
   if (prepared.cpu || prepared.linear) {
     for (int i = 0; i < warmup; ++i) run_once();
-    RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+    detail::bounded_barrier(ctx.comm(), "the start of a timed run");
     const double t0 = MPI_Wtime();
     for (int i = 0; i < iters; ++i) run_once();
     ms = (MPI_Wtime() - t0) * 1e3 / iters;
   }
   double slowest = 0.0;
-  RINGATTN_MPI_CHECK(MPI_Allreduce(&ms, &slowest, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+  detail::bounded_allreduce(ctx.comm(), &ms, &slowest, 1, MPI_DOUBLE, MPI_MAX, "the slowest rank's time");
   return slowest;
 }
 
@@ -139,7 +140,7 @@ double count_wrong(Context& ctx, const Problem& p, const std::vector<unsigned ch
     }
   }
   double total = 0.0;
-  RINGATTN_MPI_CHECK(MPI_Allreduce(&wrong, &total, 1, MPI_DOUBLE, MPI_SUM, ctx.comm()));
+  detail::bounded_allreduce(ctx.comm(), &wrong, &total, 1, MPI_DOUBLE, MPI_SUM, "the count of wrong elements");
   return total;
 }
 
@@ -198,8 +199,8 @@ int bench_command(Context& ctx, const BenchOptions& o) {
   std::vector<char> line(256, '\0');
   mine.copy(line.data(), line.size() - 1);
   std::vector<char> lines(line.size() * static_cast<std::size_t>(ctx.size()));
-  RINGATTN_MPI_CHECK(MPI_Gather(line.data(), static_cast<int>(line.size()), MPI_CHAR, lines.data(),
-                                static_cast<int>(line.size()), MPI_CHAR, 0, ctx.comm()));
+  detail::bounded_gather(ctx.comm(), line.data(), static_cast<int>(line.size()), MPI_CHAR, lines.data(), 0,
+                         "the gathering of the ranks' lines");
   print0(ctx, "# ringattn bench %s: %d ranks, kernel: %s, %d warm-up + %d timed iterations\n", version(), ctx.size(),
          device == DeviceKind::cuda ? ("--kernel " + base.kernel).c_str() : "cpu", o.warmup, o.iters);
   for (int r = 0; r < ctx.size(); ++r) print0(ctx, "#   rank %d: %s\n", r, &lines[line.size() * static_cast<std::size_t>(r)]);
@@ -319,7 +320,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
 #endif
       if (prepared.cpu) bytes = static_cast<double>(prepared.cpu->bytes_sent());
       // The busiest rank's bytes: ranks send different amounts (sliding windows trim hops).
-      RINGATTN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &bytes, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+      detail::bounded_allreduce(ctx.comm(), MPI_IN_PLACE, &bytes, 1, MPI_DOUBLE, MPI_MAX, "the check's sizes");
       double wrong = -1.0;
       if (o.check) {
         t.download();

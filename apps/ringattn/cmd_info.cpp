@@ -8,6 +8,7 @@
 #include <map>
 #include <thread>
 
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #include "commands.hpp"
 #include "report.hpp"
@@ -111,8 +112,8 @@ int info_command(Context& ctx, const InfoOptions& o) {
   std::vector<char> line(512, '\0');
   mine.copy(line.data(), line.size() - 1);
   std::vector<char> lines(line.size() * static_cast<std::size_t>(ctx.size()));
-  RINGATTN_MPI_CHECK(MPI_Gather(line.data(), static_cast<int>(line.size()), MPI_CHAR, lines.data(),
-                                static_cast<int>(line.size()), MPI_CHAR, 0, ctx.comm()));
+  detail::bounded_gather(ctx.comm(), line.data(), static_cast<int>(line.size()), MPI_CHAR, lines.data(), 0,
+                         "the gathering of the ranks' lines");
   std::map<std::string, int> gpu_lines;  // one line per host
   if (ctx.rank() == 0) {
     for (int r = 0; r < ctx.size(); ++r) gpu_lines[&lines[line.size() * static_cast<std::size_t>(r)]] = r;

@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #include "report.hpp"
 
@@ -53,12 +54,12 @@ int run_command(Context& ctx, const RunOptions& o) {
     seconds = local_times.forward_s;
   } else {
     tensors = std::make_unique<ProblemTensors>(ctx, p, out, lse);
-    RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+    detail::bounded_barrier(ctx.comm(), "the start of the timed forward pass");
     const double start = MPI_Wtime();
     forward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse, attention);
     const double mine = MPI_Wtime() - start;
     tensors->download();
-    RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+    detail::bounded_allreduce(ctx.comm(), &mine, &seconds, 1, MPI_DOUBLE, MPI_MAX, "the slowest rank's time");
   }
 
   check_finite(ctx, p, "O", out, p.heads);
@@ -73,12 +74,13 @@ int run_command(Context& ctx, const RunOptions& o) {
     write_gradients(ctx, p, o.dq_path, o.dk_path, o.dv_path, local_grads.dq, local_grads.dk, local_grads.dv);
   } else if (p.backward) {
     GradientTensors grads(ctx, p);
-    RINGATTN_MPI_CHECK(MPI_Barrier(ctx.comm()));
+    detail::bounded_barrier(ctx.comm(), "the start of the timed backward pass");
     const double t0 = MPI_Wtime();
     backward(ctx, tensors->q, tensors->k, tensors->v, tensors->out, linear ? TensorView{} : tensors->lse, grads.dout_view,
              grads.dq_view, grads.dk_view, grads.dv_view, attention);
     const double mine_backward = MPI_Wtime() - t0;
-    RINGATTN_MPI_CHECK(MPI_Allreduce(&mine_backward, &backward_seconds, 1, MPI_DOUBLE, MPI_MAX, ctx.comm()));
+    detail::bounded_allreduce(ctx.comm(), &mine_backward, &backward_seconds, 1, MPI_DOUBLE, MPI_MAX,
+                              "the slowest rank's time");
     grads.download();
     check_gradients(ctx, p, grads.dq, grads.dk, grads.dv);
     write_gradients(ctx, p, o.dq_path, o.dk_path, o.dv_path, grads.dq, grads.dk, grads.dv);

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "comm/agreement.hpp"
+#include "comm/collective.hpp"
 #include "io/npy_mpi.hpp"
 #include "commands.hpp"
 
@@ -109,8 +110,17 @@ int run_cli(int argc, char** argv) {
     outcome = ParseOutcome::error;
     parse_message = e.what();
   }
+  // Every host collective from here on waits at most --timeout for the other ranks (a rank
+  // that stopped or hung before the ring ends the job with 124 instead of hanging it). A rank
+  // that could not parse its arguments uses the default.
+  const double timeout = outcome != ParseOutcome::ok ? ProblemOptions{}.timeout
+                         : run_cmd->parsed()         ? run.problem.timeout
+                         : verify_cmd->parsed()      ? verify.problem.timeout
+                         : bench_cmd->parsed()       ? bench.problem.timeout
+                                                     : ProblemOptions{}.timeout;
+  detail::CollectiveBound bound(timeout);
   int local = static_cast<int>(outcome), global = 0;
-  MPI_Allreduce(&local, &global, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  detail::bounded_allreduce(MPI_COMM_WORLD, &local, &global, 1, MPI_INT, MPI_MAX, "the agreement on the command line");
   if (global == static_cast<int>(ParseOutcome::error)) {
     try {
       detail::agree(MPI_COMM_WORLD, outcome == ParseOutcome::error
@@ -219,6 +229,7 @@ int run_cli(int argc, char** argv) {
   }
 
   Context ctx(MPI_COMM_WORLD);
+  detail::CollectiveBound naming_peers(timeout, &ctx.node_peer_pids());  // a timeout names a stopped rank
   if (run_cmd->parsed()) {
     note_explicit_options(*run_cmd, run.problem);
     return run_command(ctx, run);

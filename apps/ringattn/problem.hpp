@@ -36,7 +36,7 @@ struct ProblemOptions {
   std::optional<double> decay;         // linear attention, causal: every head's decay
   std::int64_t window = -1;            // causal sliding window (-1: none)
   std::int64_t sinks = 0;              // attention sinks with a window
-  double timeout = 300.0;              // bound on each ring transfer wait (cpu), seconds
+  double timeout = 300.0;              // bound on each wait for other ranks (ring transfers, host collectives), seconds
   int gpus = 0;                        // > 0: one process drives this many local GPUs (no mpirun)
   std::string dout_path;    // dO for --backward: a .npy shaped like q, or seeded values
   // Which shape flags the user gave explicitly (they must then agree with the files).

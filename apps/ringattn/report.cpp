@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "comm/agreement.hpp"
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 
 extern char** environ;
@@ -28,7 +29,7 @@ std::vector<std::string> gather_hostnames(const Context& ctx) {
   std::vector<char> mine(kLen, '\0');
   ctx.hostname().copy(mine.data(), kLen - 1);
   std::vector<char> all(static_cast<std::size_t>(kLen) * static_cast<std::size_t>(ctx.size()));
-  RINGATTN_MPI_CHECK(MPI_Allgather(mine.data(), kLen, MPI_CHAR, all.data(), kLen, MPI_CHAR, ctx.comm()));
+  detail::bounded_allgather(ctx.comm(), mine.data(), kLen, MPI_CHAR, all.data(), "the gathering of host names");
   std::vector<std::string> hosts;
   for (int r = 0; r < ctx.size(); ++r) hosts.emplace_back(&all[static_cast<std::size_t>(r) * kLen]);
   return hosts;

@@ -69,6 +69,14 @@ class Context {
   void mark_failed(const std::string& why) {
     if (failure_.empty()) failure_ = why;
   }
+  // Set (with failure()) when a host collective on the communicator was abandoned at its
+  // deadline (a rank never arrived): a later collective would meet that one on the ranks that
+  // did not take part, so every later call fails on this rank at once, communicating nothing.
+  bool collectives_abandoned() const { return collectives_abandoned_; }
+  void mark_collectives_abandoned(const std::string& why) {
+    mark_failed(why);
+    collectives_abandoned_ = true;
+  }
 
   // GPU resources (device, NCCL communicator, streams), created by the first CUDA forward:
   // collective. Throws where the build has no CUDA backend.
@@ -87,6 +95,7 @@ class Context {
   ContextOptions options_;
   std::unique_ptr<detail::CudaResources> cuda_;
   std::string failure_;
+  bool collectives_abandoned_ = false;
 };
 
 }  // namespace ringattn

@@ -63,10 +63,12 @@ struct AttentionOptions {
   // Linear attention, causal only: per-head decay in (0, 1]; empty = no decay, one value =
   // every head, else one per query head.
   std::vector<double> decay;
-  // Bound, in seconds, on each wait for a ring transfer on the CPU (MPI), and on the GPU ring's
+  // Bound, in seconds, on each wait for a ring transfer on the CPU (MPI), on the GPU ring's
   // progress (no transfer or step completing for this long; the library's NCCL communicator is
-  // then aborted); 0 waits forever. On expiry the call throws Error(ErrorCode::timeout) naming
-  // the step and the peer. The context then refuses further calls (Context::failure()).
+  // then aborted), and on each host collective of the call (its agreements, at least 1 s: a rank
+  // that never makes the call no longer blocks the others); 0 waits forever. On expiry the call
+  // throws Error(ErrorCode::timeout) naming the step or collective and the peer. The context
+  // then refuses further calls (Context::failure(), Context::collectives_abandoned()).
   double timeout_s = 300.0;
   // Called on every rank after each ring step with (steps done, steps in all). If it throws,
   // the ring still finishes on this rank, then the call rethrows that exception here.

@@ -35,7 +35,7 @@ typedef enum {
   RINGATTN_ERR_CUDA = 5,
   RINGATTN_ERR_NCCL = 6,
   RINGATTN_ERR_OUT_OF_MEMORY = 7,
-  RINGATTN_ERR_TIMEOUT = 8, /* a ring wait exceeded options.timeout_s */
+  RINGATTN_ERR_TIMEOUT = 8, /* a wait for other ranks exceeded options.timeout_s */
   RINGATTN_ERR_INTERNAL = 9
 } ringattn_status;
 
@@ -62,7 +62,7 @@ typedef struct {
   ringattn_layout layout;
   ringattn_kernel kernel;
   int64_t seq_len;       /* 0: the sum of the ranks' local lengths */
-  double timeout_s;      /* bound on each ring wait (CPU and GPU), seconds; 0: none */
+  double timeout_s;      /* bound on each wait for other ranks (ring and agreements), seconds; 0: none */
   int64_t window;        /* sliding window (causal, or two-sided when causal = 0); -1: none */
   int64_t sinks;         /* attention sinks with a window */
 } ringattn_options;

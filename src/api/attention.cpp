@@ -14,6 +14,7 @@
 
 #include "api/prepared_forward.hpp"
 #include "comm/agreement.hpp"
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #include "engine/linear_attention.hpp"
 #include "engine/ring_backward.hpp"
@@ -289,7 +290,7 @@ std::unique_ptr<Layout> agree_on_problem(Context& ctx, const TensorView& q, cons
 
   std::vector<std::int64_t> local_lengths(static_cast<std::size_t>(ctx.size()));
   const std::int64_t mine = q.shape[1];
-  RINGATTN_MPI_CHECK(MPI_Allgather(&mine, 1, MPI_INT64_T, local_lengths.data(), 1, MPI_INT64_T, comm));
+  detail::bounded_allgather(comm, &mine, 1, MPI_INT64_T, local_lengths.data(), "the gathering of sequence lengths");
   std::int64_t total = 0;
   for (std::int64_t n : local_lengths) total += n;
   const std::int64_t seq_len = options.seq_len > 0 ? options.seq_len : total;
@@ -378,6 +379,14 @@ void validate_backward_inputs(const TensorView& q, const TensorView& k, const Te
   validate_backward(q, k, lse, dout, dq, dk, dv, options.attention == AttentionKind::linear);
 }
 
+void check_usable(const Context& ctx) {
+  if (ctx.comm() == MPI_COMM_NULL) invalid("the context is empty (moved from)");
+  if (ctx.collectives_abandoned()) {
+    invalid("an earlier call on this context gave up waiting for another rank (" + ctx.failure() +
+            "); its communicator can carry no further call: create a new Context");
+  }
+}
+
 // Inside the first agreement of a call: no earlier call may have failed mid-ring on any rank
 // (the ranks whose part of that call succeeded must not go on alone).
 void refuse_if_failed(const Context& ctx) {
@@ -387,8 +396,10 @@ void refuse_if_failed(const Context& ctx) {
   }
 }
 
-PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
-                                const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
+// prepare_forward without its bound (which the wrapper below sets).
+static PreparedForward prepare_forward_unbounded(Context& ctx, const TensorView& q, const TensorView& k,
+                                                 const TensorView& v, const TensorView& out, const TensorView& lse,
+                                                 const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
   // 1. Each rank checks its own tensors; one bad rank fails all of them with its message.
   detail::agree_on(comm, [&] {
@@ -442,6 +453,13 @@ PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorV
   return prepared;
 }
 
+PreparedForward prepare_forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView& out, const TensorView& lse, const AttentionOptions& options) {
+  check_usable(ctx);
+  return bounded_call(ctx, options.timeout_s,
+                      [&] { return prepare_forward_unbounded(ctx, q, k, v, out, lse, options); });
+}
+
 void PreparedForward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                           const TensorView& lse, const std::function<void(int, int)>& on_step) {
   if (linear) {
@@ -467,11 +485,6 @@ void PreparedForward::run(const TensorView& q, const TensorView& k, const Tensor
 }  // namespace detail
 
 namespace {
-
-// A moved-from context has no communicator to agree on anything.
-void check_usable(const Context& ctx) {
-  if (ctx.comm() == MPI_COMM_NULL) invalid("the context is empty (moved from)");
-}
 
 // Runs the ring; a failure inside it abandons the prepared engine (its transfers may still be
 // in flight) and leaves the context unusable. The caller's on_step is wrapped: an exception it
@@ -509,33 +522,37 @@ void run_ring(Context& ctx, Prepared& prepared, const std::function<void(int, in
 
 void forward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
              const TensorView& lse, const AttentionOptions& options) {
-  check_usable(ctx);
-  detail::PreparedForward prepared = detail::prepare_forward(ctx, q, k, v, out, lse, options);
+  detail::check_usable(ctx);
+  // The ring's host collectives (linear attention's scan, the sinks' sums) are bounded too.
+  detail::bounded_call(ctx, options.timeout_s, [&] {
+    detail::PreparedForward prepared = detail::prepare_forward(ctx, q, k, v, out, lse, options);
 #ifdef RINGATTN_HAVE_CUDA
-  // Without a borrowed stream the caller has no stream to order against: start after the
-  // legacy default stream's work (what plain cudaMemcpy uses) and return with the result ready.
-  const bool own_stream = prepared.cuda_stream() != nullptr && ctx.options().cuda_stream == nullptr;
-  if (own_stream) {
-    detail::CudaEvent inputs_ready;
-    RINGATTN_CUDA_CHECK(cudaEventRecord(inputs_ready, cudaStreamLegacy));
-    RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda_stream(), inputs_ready, 0));
-  }
+    // Without a borrowed stream the caller has no stream to order against: start after the
+    // legacy default stream's work (what plain cudaMemcpy uses) and return with the result ready.
+    const bool own_stream = prepared.cuda_stream() != nullptr && ctx.options().cuda_stream == nullptr;
+    if (own_stream) {
+      detail::CudaEvent inputs_ready;
+      RINGATTN_CUDA_CHECK(cudaEventRecord(inputs_ready, cudaStreamLegacy));
+      RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda_stream(), inputs_ready, 0));
+    }
 #endif
-  // 5. The ring.
-  run_ring(ctx, prepared, options.on_step, [&](const std::function<void(int, int)>& on_step) {
-    prepared.run(q, k, v, out, lse, on_step);
+    // 5. The ring.
+    run_ring(ctx, prepared, options.on_step, [&](const std::function<void(int, int)>& on_step) {
+      prepared.run(q, k, v, out, lse, on_step);
 #ifdef RINGATTN_HAVE_CUDA
-    if (own_stream) prepared.wait_cuda();  // bounded by options.timeout_s (the watchdog)
+      if (own_stream) prepared.wait_cuda();  // bounded by options.timeout_s (the watchdog)
 #endif
+    });
   });
 }
 
 namespace detail {
 
-PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
-                                  const TensorView& out, const TensorView& lse, const TensorView& dout,
-                                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                                  const AttentionOptions& options) {
+// prepare_backward without its bound (which the wrapper below sets).
+static PreparedBackward prepare_backward_unbounded(Context& ctx, const TensorView& q, const TensorView& k,
+                                                   const TensorView& v, const TensorView& out, const TensorView& lse,
+                                                   const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                                                   const TensorView& dv, const AttentionOptions& options) {
   MPI_Comm comm = ctx.comm();
   detail::agree_on(comm, [&] {
     refuse_if_failed(ctx);
@@ -584,6 +601,15 @@ PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const Tenso
   return prepared;
 }
 
+PreparedBackward prepare_backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, const TensorView& lse, const TensorView& dout,
+                                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                  const AttentionOptions& options) {
+  check_usable(ctx);
+  return bounded_call(ctx, options.timeout_s,
+                      [&] { return prepare_backward_unbounded(ctx, q, k, v, out, lse, dout, dq, dk, dv, options); });
+}
+
 void PreparedBackward::run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                            const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                            const TensorView& dv) {
@@ -609,23 +635,25 @@ void PreparedBackward::run(const TensorView& q, const TensorView& k, const Tenso
 void backward(Context& ctx, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
               const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
               const TensorView& dv, const AttentionOptions& options) {
-  check_usable(ctx);
-  detail::PreparedBackward prepared = detail::prepare_backward(ctx, q, k, v, out, lse, dout, dq, dk, dv, options);
+  detail::check_usable(ctx);
+  detail::bounded_call(ctx, options.timeout_s, [&] {  // as forward()
+    detail::PreparedBackward prepared = detail::prepare_backward(ctx, q, k, v, out, lse, dout, dq, dk, dv, options);
 #ifdef RINGATTN_HAVE_CUDA
-  // As forward(): without a borrowed stream, order after the legacy default stream and return
-  // with the gradients ready.
-  const bool own_stream = prepared.cuda_stream() != nullptr && ctx.options().cuda_stream == nullptr;
-  if (own_stream) {
-    detail::CudaEvent inputs_ready;
-    RINGATTN_CUDA_CHECK(cudaEventRecord(inputs_ready, cudaStreamLegacy));
-    RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda_stream(), inputs_ready, 0));
-  }
+    // As forward(): without a borrowed stream, order after the legacy default stream and return
+    // with the gradients ready.
+    const bool own_stream = prepared.cuda_stream() != nullptr && ctx.options().cuda_stream == nullptr;
+    if (own_stream) {
+      detail::CudaEvent inputs_ready;
+      RINGATTN_CUDA_CHECK(cudaEventRecord(inputs_ready, cudaStreamLegacy));
+      RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(prepared.cuda_stream(), inputs_ready, 0));
+    }
 #endif
-  run_ring(ctx, prepared, nullptr, [&](const std::function<void(int, int)>&) {
-    prepared.run(q, k, v, out, lse, dout, dq, dk, dv);
+    run_ring(ctx, prepared, nullptr, [&](const std::function<void(int, int)>&) {
+      prepared.run(q, k, v, out, lse, dout, dq, dk, dv);
 #ifdef RINGATTN_HAVE_CUDA
-    if (own_stream) prepared.wait_cuda();
+      if (own_stream) prepared.wait_cuda();
 #endif
+    });
   });
 }
 

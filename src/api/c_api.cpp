@@ -7,6 +7,7 @@
 #include <new>
 #include <string>
 
+#include "api/prepared_forward.hpp"
 #include "comm/agreement.hpp"
 #include "ringattn/ringattn.hpp"
 
@@ -82,6 +83,12 @@ ringattn::TensorView view(const ringattn_tensor* t, const char* name, bool optio
   return v;
 }
 
+// The bound on the call's first agreement, before the options are checked (NULL: the
+// default; a bad value means no bound here, and the agreed checks then refuse it).
+double timeout_of(const ringattn_options* o) {
+  return o == nullptr ? ringattn::AttentionOptions{}.timeout_s : o->timeout_s;
+}
+
 ringattn::AttentionOptions options_of(const ringattn_options* o) {
   ringattn::AttentionOptions a;
   if (o == nullptr) return a;
@@ -154,9 +161,12 @@ ringattn_status ringattn_forward(ringattn_context* ctx, const ringattn_tensor* q
     // others waiting in forward()'s collectives.
     ringattn::TensorView tq, tk, tv, tout, tlse;
     ringattn::AttentionOptions opts;
-    ringattn::detail::agree_on(ctx->ctx.comm(), [&] {
-      tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"), tout = view(out, "out"), tlse = view(lse, "lse", true);
-      opts = options_of(options);
+    ringattn::detail::check_usable(ctx->ctx);
+    ringattn::detail::bounded_call(ctx->ctx, timeout_of(options), [&] {
+      ringattn::detail::agree_on(ctx->ctx.comm(), [&] {
+        tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"), tout = view(out, "out"), tlse = view(lse, "lse", true);
+        opts = options_of(options);
+      });
     });
     ringattn::forward(ctx->ctx, tq, tk, tv, tout, tlse, opts);
   });
@@ -170,10 +180,13 @@ ringattn_status ringattn_backward(ringattn_context* ctx, const ringattn_tensor* 
     if (ctx == nullptr) invalid("ringattn_backward: NULL context");
     ringattn::TensorView t[9];
     ringattn::AttentionOptions opts;
-    ringattn::detail::agree_on(ctx->ctx.comm(), [&] {  // as in ringattn_forward
-      t[0] = view(q, "q"), t[1] = view(k, "k"), t[2] = view(v, "v"), t[3] = view(out, "out"), t[4] = view(lse, "lse");
-      t[5] = view(dout, "dout"), t[6] = view(dq, "dq"), t[7] = view(dk, "dk"), t[8] = view(dv, "dv");
-      opts = options_of(options);
+    ringattn::detail::check_usable(ctx->ctx);  // as in ringattn_forward
+    ringattn::detail::bounded_call(ctx->ctx, timeout_of(options), [&] {
+      ringattn::detail::agree_on(ctx->ctx.comm(), [&] {
+        t[0] = view(q, "q"), t[1] = view(k, "k"), t[2] = view(v, "v"), t[3] = view(out, "out"), t[4] = view(lse, "lse");
+        t[5] = view(dout, "dout"), t[6] = view(dq, "dq"), t[7] = view(dk, "dk"), t[8] = view(dv, "dv");
+        opts = options_of(options);
+      });
     });
     ringattn::backward(ctx->ctx, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], opts);
   });

@@ -9,6 +9,7 @@
 #include <functional>
 #include <utility>
 
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #ifdef RINGATTN_HAVE_CUDA
 #include "engine/cuda_resources.hpp"
@@ -28,7 +29,7 @@ Context::Context(MPI_Comm comm, ContextOptions options) : options_(options) {
   if (comm == MPI_COMM_NULL) throw Error(ErrorCode::invalid_argument, "ringattn::Context: the communicator is MPI_COMM_NULL");
   // Our own duplicate: the ring's messages cannot collide with the caller's, and errors on it
   // are returned to us instead of aborting the caller's job.
-  RINGATTN_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
+  comm_ = detail::bounded_comm_dup(comm, "the creation of a Context");
   RINGATTN_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
   rank_ = detail::comm_rank(comm_);
   size_ = detail::comm_size(comm_);
@@ -60,7 +61,7 @@ Context::Context(MPI_Comm comm, ContextOptions options) : options_(options) {
   // Who runs where, for naming a stopped or vanished peer when a wait times out.
   const long mine[2] = {static_cast<long>(getpid()), static_cast<long>(std::hash<std::string>{}(hostname_))};
   std::vector<long> all(2 * static_cast<std::size_t>(size_));
-  RINGATTN_MPI_CHECK(MPI_Allgather(mine, 2, MPI_LONG, all.data(), 2, MPI_LONG, comm_));
+  detail::bounded_allgather(comm_, mine, 2, MPI_LONG, all.data(), "the creation of a Context");
   node_peer_pids_.assign(static_cast<std::size_t>(size_), -1);
   for (int r = 0; r < size_; ++r) {
     if (all[2 * static_cast<std::size_t>(r) + 1] == mine[1]) node_peer_pids_[static_cast<std::size_t>(r)] = all[2 * static_cast<std::size_t>(r)];
@@ -90,7 +91,7 @@ Context& Context::operator=(Context&& other) noexcept {
     cuda_.reset();
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
+    if (comm_ != MPI_COMM_NULL && !finalized && failure_.empty()) MPI_Comm_free(&comm_);  // as ~Context
     comm_ = std::exchange(other.comm_, MPI_COMM_NULL);
     rank_ = other.rank_;
     size_ = other.size_;
@@ -103,6 +104,7 @@ Context& Context::operator=(Context&& other) noexcept {
     options_ = other.options_;
     cuda_ = std::move(other.cuda_);
     failure_ = std::move(other.failure_);
+    collectives_abandoned_ = other.collectives_abandoned_;
   }
   return *this;
 }

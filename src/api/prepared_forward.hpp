@@ -6,6 +6,7 @@
 #include <functional>
 #include <memory>
 
+#include "comm/collective.hpp"
 #include "engine/ring_forward.hpp"
 #include "ringattn/attention.hpp"
 #ifdef RINGATTN_HAVE_CUDA
@@ -51,6 +52,24 @@ struct PreparedForward {
   void run(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
            const TensorView& lse, const std::function<void(int, int)>& on_step = {});
 };
+
+// Refuses, on this rank and communicating nothing, a context that cannot take a call: moved
+// from, or one whose communicator holds an abandoned collective.
+void check_usable(const Context& ctx);
+
+// Runs fn, a call's host collectives, each wait bounded by timeout_s (comm/collective.hpp). A
+// collective abandoned at its deadline marks the context (collectives_abandoned) before the
+// error leaves.
+template <class Fn>
+decltype(auto) bounded_call(Context& ctx, double timeout_s, Fn&& fn) {
+  CollectiveBound bound(timeout_s, &ctx.node_peer_pids());
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    if (bound.abandoned()) ctx.mark_collectives_abandoned(e.what());
+    throw;
+  }
+}
 
 // The plan of `member` (rank or device): a sliding window's, or the full ring's.
 RingPlan plan_for(const Layout& layout, const AttentionOptions& options, int member);

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <new>
 
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #include "ringattn/error.hpp"
 
@@ -34,6 +35,10 @@ Failure describe(std::exception_ptr outcome) {
 }  // namespace
 
 void agree(MPI_Comm comm, std::exception_ptr local_outcome) {
+  // After an abandoned collective (a rank that never arrived) nothing more is agreed: this
+  // rank's own error, the timeout itself, leaves as it is.
+  const CollectiveBound* bound = CollectiveBound::current();
+  if (bound != nullptr && bound->abandoned() && local_outcome) std::rethrow_exception(local_outcome);
   const int rank = comm_rank(comm);
   const int size = comm_size(comm);
   const Failure mine = local_outcome ? describe(local_outcome) : Failure{};
@@ -45,7 +50,7 @@ void agree(MPI_Comm comm, std::exception_ptr local_outcome) {
                         local_outcome ? static_cast<long long>(hash >> 1) : LLONG_MAX,
                         local_outcome ? -static_cast<long long>(hash >> 1) : LLONG_MAX};
   long long global[4];
-  RINGATTN_MPI_CHECK(MPI_Allreduce(local, global, 4, MPI_LONG_LONG, MPI_MIN, comm));
+  bounded_allreduce(comm, local, global, 4, MPI_LONG_LONG, MPI_MIN, "the agreement on a call's checks");
   const int first_failed = static_cast<int>(global[0]);
   if (first_failed == size) return;
   const bool everyone_alike = global[1] == 1 && global[2] == -global[3];
@@ -60,7 +65,7 @@ void agree(MPI_Comm comm, std::exception_ptr local_outcome) {
     packet.code = static_cast<int>(mine.code);
     std::strncpy(packet.text, mine.message.c_str(), kMaxMessage - 1);
   }
-  RINGATTN_MPI_CHECK(MPI_Bcast(&packet, sizeof(packet), MPI_BYTE, first_failed, comm));
+  bounded_bcast(comm, &packet, static_cast<int>(sizeof(packet)), MPI_BYTE, first_failed, "the sharing of an error");
   packet.text[kMaxMessage - 1] = '\0';
   std::string message = packet.text;
   if (size > 1 && !everyone_alike) message = "rank " + std::to_string(first_failed) + ": " + message;
@@ -89,8 +94,8 @@ std::vector<std::int64_t> agree_fingerprint(MPI_Comm comm, const std::vector<Fin
 
   const int size = comm_size(comm);
   std::vector<std::int64_t> all(static_cast<std::size_t>(size) * kMaxFingerprintFields);
-  RINGATTN_MPI_CHECK(MPI_Allgather(mine.data(), kMaxFingerprintFields, MPI_INT64_T, all.data(),
-                                   kMaxFingerprintFields, MPI_INT64_T, comm));
+  bounded_allgather(comm, mine.data(), kMaxFingerprintFields, MPI_INT64_T, all.data(),
+                    std::string("the comparison of ") + what);
   auto at = [&](int r, std::size_t slot) { return all[static_cast<std::size_t>(r) * kMaxFingerprintFields + slot]; };
   for (int r = 1; r < size; ++r) {
     if (at(r, 0) != at(0, 0)) {

@@ -8,6 +8,8 @@
 //   agree_fingerprint(...)    every rank passes the same list of named integer fields; if any
 //                             rank differs from rank 0, every rank throws naming the field and
 //                             both values.
+// Both wait for the other ranks at most as long as the thread's CollectiveBound allows
+// (comm/collective.hpp), then throw Error(timeout) on this rank only.
 #pragma once
 
 #include <mpi.h>

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "comm/agreement.hpp"
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #include "comm/loopback_transport.hpp"
 #include "comm/nccl_transport.hpp"
@@ -176,7 +177,7 @@ CudaResources::CudaResources(Context& ctx) {
   }
   ncclUniqueId id{};
   if (ctx.rank() == 0) RINGATTN_NCCL_CHECK(ncclGetUniqueId(&id));
-  RINGATTN_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, ctx.comm()));
+  bounded_bcast(ctx.comm(), &id, static_cast<int>(sizeof(id)), MPI_BYTE, 0, "the sharing of the NCCL id");
   agree_on(ctx.comm(), [&] {
     // Non-blocking, so that no NCCL call can hang the host and ncclCommAbort can always run.
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -193,7 +194,7 @@ void CudaResources::agree_on_registration(Context& ctx) {
   // NCCL leaves a send/recv between a registered and an unregistered buffer undefined: all
   // ranks register, or none (RINGATTN_NCCL_REGISTER set differently across ranks).
   int mine = registrar_ ? 1 : 0, all = 0;
-  RINGATTN_MPI_CHECK(MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, ctx.comm()));
+  bounded_allreduce(ctx.comm(), &mine, &all, 1, MPI_INT, MPI_MIN, "the agreement on NCCL registration");
   if (all == 0) registrar_.reset();
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #include "core/dtype.hpp"
 
@@ -109,16 +110,15 @@ void linear_attention_cpu(MPI_Comm comm, const LinearAttentionProblem& p, const 
     RINGATTN_MPI_CHECK(MPI_Type_commit(&record));
     MPI_Op op;
     RINGATTN_MPI_CHECK(MPI_Op_create(&combine, /*commute=*/0, &op));
-    const int status = MPI_Exscan(local.data(), before.data(), 1, record, op, comm);
+    bounded_exscan(comm, local.data(), before.data(), 1, record, op, "the scan of linear attention's states");
     MPI_Op_free(&op);
     MPI_Type_free(&record);
-    RINGATTN_MPI_CHECK(status);
     int rank = 0;
     RINGATTN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
     if (rank > 0) std::copy(before.begin() + kHeader + H, before.end(), incoming.begin());  // rank 0: nothing before
   } else {
-    RINGATTN_MPI_CHECK(MPI_Allreduce(local.data() + kHeader + H, incoming.data(), static_cast<int>(body), MPI_DOUBLE,
-                                     MPI_SUM, comm));
+    bounded_allreduce(comm, local.data() + kHeader + H, incoming.data(), static_cast<int>(body), MPI_DOUBLE, MPI_SUM,
+                      "the sum of linear attention's states");
   }
 
   // 3. The outputs: walk the tokens from the incoming state (causal), or read the total.
@@ -190,11 +190,10 @@ void state_exscan(MPI_Comm comm, const std::vector<double>& local, std::vector<d
   MPI_Op op;
   RINGATTN_MPI_CHECK(MPI_Op_create(&combine, /*commute=*/0, &op));
   before = local;
-  const int status = MPI_Exscan(local.data(), before.data(), 1, record, op, order);
+  bounded_exscan(order, local.data(), before.data(), 1, record, op, "the scan of linear attention's states");
   MPI_Op_free(&op);
   MPI_Type_free(&record);
   if (reverse) MPI_Comm_free(&order);
-  RINGATTN_MPI_CHECK(status);
   const bool first = reverse ? rank == world - 1 : rank == 0;
   if (first) std::fill(before.begin() + kHeader + shape.heads, before.end(), 0.0);
 }
@@ -210,8 +209,8 @@ void states_from_others(MPI_Comm comm, const std::vector<double>& local, std::ve
   const RecordShape shape = shape_of(local.data());
   const std::size_t body = static_cast<std::size_t>(kHeader + shape.heads);
   out.assign(shape.size(), 0.0);
-  RINGATTN_MPI_CHECK(MPI_Allreduce(local.data() + body, out.data() + body, static_cast<int>(shape.size() - body),
-                                   MPI_DOUBLE, MPI_SUM, comm));
+  bounded_allreduce(comm, local.data() + body, out.data() + body, static_cast<int>(shape.size() - body), MPI_DOUBLE,
+                    MPI_SUM, "the sum of linear attention's states");
 }
 
 double feature_slope(FeatureMap map, double x) { return map == FeatureMap::identity ? 1.0 : (x > 0.0 ? 1.0 : std::exp(x)); }

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <utility>
 
+#include "comm/collective.hpp"
 #include "comm/mpi_transport.hpp"
 #include "comm/mpi_util.hpp"
 #include "engine/ring_forward.hpp"
@@ -122,7 +123,8 @@ void CpuRingBackward::run(const TensorView& q, const TensorView& k, const Tensor
     std::fill_n(sink_acc, n, 0.0f);
     kernel_.load_kv(dtype_, sink_block_.data(), plan_.sink_len);
     kernel_.run(plan_.sink_tasks, sink_acc);
-    RINGATTN_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, sink_acc, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_));
+    bounded_allreduce(comm_, MPI_IN_PLACE, sink_acc, static_cast<int>(n), MPI_FLOAT, MPI_SUM,
+                      "the sum of the sinks' gradients");
     std::int64_t begin = 0;
     for (int r = 0; r < plan_.rank; ++r) begin += plan_.sink_rows[static_cast<std::size_t>(r)];
     const std::int64_t own = plan_.sink_rows[static_cast<std::size_t>(plan_.rank)];

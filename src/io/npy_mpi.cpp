@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "comm/agreement.hpp"
+#include "comm/collective.hpp"
 #include "comm/mpi_util.hpp"
 #include "ringattn/error.hpp"
 
@@ -212,11 +213,11 @@ NpyHeader npy_read_header(MPI_Comm comm, const std::string& path) {
     meta[1] = error.empty() ? bytes.size() : error.size();
   }
   int failed = !error.empty();
-  RINGATTN_MPI_CHECK(MPI_Bcast(&failed, 1, MPI_INT, 0, comm));
-  RINGATTN_MPI_CHECK(MPI_Bcast(meta, 2, MPI_UINT64_T, 0, comm));
+  detail::bounded_bcast(comm, &failed, 1, MPI_INT, 0, "the reading of " + path);
+  detail::bounded_bcast(comm, meta, 2, MPI_UINT64_T, 0, "the reading of " + path);
   if (failed) bytes.assign(error.begin(), error.end());
   bytes.resize(meta[1]);
-  RINGATTN_MPI_CHECK(MPI_Bcast(bytes.data(), static_cast<int>(bytes.size()), MPI_BYTE, 0, comm));
+  detail::bounded_bcast(comm, bytes.data(), static_cast<int>(bytes.size()), MPI_BYTE, 0, "the reading of " + path);
   // Rank 0's message or bytes everywhere, so all ranks throw the same error without agreeing.
   if (failed) throw Error(ErrorCode::io, std::string(bytes.begin(), bytes.end()));
   return parse_npy_header(bytes.data(), bytes.size(), meta[0], path);

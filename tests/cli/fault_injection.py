@@ -6,7 +6,9 @@ of the ring. The job must end on its own, with no process left:
            ranks need to finish their current step plus --timeout plus 5 s;
   SIGKILL: a non-zero exit within the same bound.
 
---device cpu: `ringattn run` on 3 CPU ranks. --device cuda: `ringattn bench` on 2 GPUs (two
+--device cpu: `ringattn run` on 3 CPU ranks; also rank 0 stuck opening a named pipe as its
+input before the ring (the others wait in a host collective): exit 124 within --timeout plus
+the slack. --device cuda: `ringattn bench` on 2 GPUs (two
 iterations in flight, every wait under the watchdog); exits 77 (skipped) with fewer GPUs.
 """
 import os
@@ -118,6 +120,55 @@ def run_case(args, name, sig, expect_code):
     return True
 
 
+def stuck_reading_case(args):
+    """Rank 0 reads the .npy headers for everyone; given a named pipe that no one writes, it
+    blocks in open() (as on a hung network file system) while the others wait for the header
+    in a host collective, which waited for ever. They must give up after --timeout: exit 124,
+    an error naming the file's reading, no process left."""
+    name = "rank 0 stuck opening a named pipe"
+    fifo = os.path.join(args.workdir, f"fault_fifo_{uuid.uuid4().hex}.npy")
+    os.makedirs(args.workdir, exist_ok=True)
+    os.mkfifo(fifo)
+    tag = uuid.uuid4().hex
+    cmd = [args.mpiexec] + [f for f in args.mpiexec_flags.split(",") if f]
+    cmd += ["-x", "RINGATTN_FAULT_TAG", "-np", "3", args.ringattn, "run", "--q", fifo, "--k", fifo, "--v", fifo,
+            "--timeout", str(TIMEOUT)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RINGATTN_FAULT_TAG=tag)
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    problems = []
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT + STEP_SLACK + 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        for r in leftovers(tag, 3):
+            os.kill(rank_pid(tag, r), signal.SIGKILL)
+        os.remove(fifo)
+        print(f"FAIL {name}: the job hung")
+        return False
+    elapsed = time.monotonic() - start
+    os.remove(fifo)
+    time.sleep(0.5)
+    left = leftovers(tag, 3)
+    for r in left:
+        os.kill(rank_pid(tag, r), signal.SIGKILL)
+    if left:
+        problems.append(f"ranks {left} still running")
+    if proc.returncode != 124:
+        problems.append(f"exit code {proc.returncode}, expected 124")
+    if elapsed > TIMEOUT + STEP_SLACK:
+        problems.append(f"took {elapsed:.1f} s (bound {TIMEOUT + STEP_SLACK} s)")
+    shown = next((line for line in err.splitlines() if f"waited {TIMEOUT} s" in line and "the reading of" in line), "")
+    if not shown:
+        problems.append("no error line saying which wait ran out")
+    if problems:
+        print(f"FAIL {name}: " + "; ".join(problems))
+        print(err[-3000:])
+        return False
+    print(f"ok   {name} (cpu): exit 124 after {elapsed:.1f} s, no process left\n     {shown.strip()}")
+    return True
+
+
 def gpus():
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
@@ -135,6 +186,8 @@ def main():
         run_case(args, "SIGSTOP rank 1 mid-ring", signal.SIGSTOP, 124),
         run_case(args, "SIGKILL rank 1 mid-ring", signal.SIGKILL, None),
     ]
+    if args.device == "cpu":
+        results.append(stuck_reading_case(args))
     sys.exit(0 if all(results) else 1)
 
 

@@ -250,6 +250,50 @@ TEST(Agreement, ARingThatFailedMidwayLeavesTheContextRefusingCalls) {
   EXPECT_NO_THROW(forward(fresh, s.qv(), s.kv(256), s.vv(), s.ov(), s.lv(), options));
 }
 
+// A rank that never makes a call (it skipped it, or stopped before it) left the others blocked
+// in the call's first agreement for ever. They give up after timeout_s, each on its own, with
+// Error(timeout); their context then refuses every call at once and communicating nothing (a
+// collective would meet the abandoned one on the rank that skipped). A new context works.
+TEST(Agreement, ARankThatSkipsTheCallTimesTheOthersOut) {
+  if (world_size() == 1) GTEST_SKIP() << "one rank has no one to wait for";
+  Shard s(64 * world_size());
+  s.allocate();
+  AttentionOptions options;
+  options.timeout_s = 1.0;
+  {
+    Context ctx(MPI_COMM_WORLD);
+    if (world_rank() != world_size() - 1) {
+      const double start = MPI_Wtime();
+      try {
+        forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options);
+        ADD_FAILURE() << "forward returned while the last rank never called it";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::timeout) << e.what();
+        EXPECT_FALSE(e.on_all_ranks()) << e.what();
+        EXPECT_NE(std::string(e.what()).find("waited 1 s (--timeout) in the agreement on a call's checks"),
+                  std::string::npos)
+            << e.what();
+      }
+      const double waited = MPI_Wtime() - start;
+      EXPECT_GE(waited, 0.99);
+      EXPECT_LT(waited, 30.0);
+      EXPECT_TRUE(ctx.collectives_abandoned());
+      const double again = MPI_Wtime();
+      try {
+        forward(ctx, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options);
+        ADD_FAILURE() << "a context with an abandoned collective ran a call";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+        EXPECT_NE(std::string(e.what()).find("create a new Context"), std::string::npos) << e.what();
+      }
+      EXPECT_LT(MPI_Wtime() - again, 0.5) << "the refusal waited for the other ranks";
+    }
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  Context fresh(MPI_COMM_WORLD);
+  EXPECT_NO_THROW(forward(fresh, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options));
+}
+
 // An exception from on_step on one rank is rethrown there once the ring has finished, so the
 // other ranks finish too and the context stays usable.
 TEST(Agreement, AnOnStepExceptionWaitsForTheRing) {
