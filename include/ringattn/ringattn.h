@@ -56,7 +56,14 @@ typedef struct {
   int64_t strides[4];
 } ringattn_tensor;
 
+/* Stamped into ringattn_options.initialized by ringattn_options_init. */
+#define RINGATTN_OPTIONS_INITIALIZED 0x52414f31u
+
 typedef struct {
+  /* Set by ringattn_options_init, which every options struct must come from: a struct filled
+   * in by hand or zeroed (where window 0 would mean "each query sees only itself") is refused
+   * with RINGATTN_ERR_INVALID_ARGUMENT. NULL options mean the defaults. */
+  unsigned int initialized;
   int causal;            /* 0 or 1 */
   double scale;          /* <= 0: 1 / sqrt(head_dim); NaN or above 2.36e38: an error */
   ringattn_layout layout;

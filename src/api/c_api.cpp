@@ -92,9 +92,13 @@ double timeout_of(const ringattn_options* o) {
 ringattn::AttentionOptions options_of(const ringattn_options* o) {
   ringattn::AttentionOptions a;
   if (o == nullptr) return a;
+  if (o->initialized != RINGATTN_OPTIONS_INITIALIZED) {
+    invalid("options: not from ringattn_options_init (fill a struct it initialised; a zeroed one would mean window 0)");
+  }
+  if (o->causal != 0 && o->causal != 1) invalid("options: causal must be 0 or 1, got " + std::to_string(o->causal));
   if (o->layout < RINGATTN_CONTIGUOUS || o->layout > RINGATTN_STRIPED) invalid("options: unknown layout");
   if (o->kernel < RINGATTN_KERNEL_AUTO || o->kernel > RINGATTN_KERNEL_NATIVE) invalid("options: unknown kernel");
-  a.causal = o->causal != 0;
+  a.causal = o->causal == 1;
   if (o->scale > 0.0 || std::isnan(o->scale)) a.scale = o->scale;  // NaN is refused, not the default
   a.layout = static_cast<ringattn::LayoutKind>(o->layout);
   a.kernel = static_cast<ringattn::KernelKind>(o->kernel);
@@ -112,6 +116,7 @@ extern "C" {
 void ringattn_options_init(ringattn_options* o) {
   if (o == nullptr) return;
   const ringattn::AttentionOptions d;
+  o->initialized = RINGATTN_OPTIONS_INITIALIZED;
   o->causal = 0;
   o->scale = 0.0;
   o->layout = RINGATTN_CONTIGUOUS;

@@ -120,6 +120,21 @@ int main(int argc, char** argv) {
     fprintf(stderr, "rank %d: scale 1e300 accepted\n", rank);
     failed = 1;
   }
+  /* A zeroed struct (window 0: each query would see only itself) is refused, not run; so is
+   * a causal flag other than 0 or 1. */
+  ringattn_options zeroed;
+  memset(&zeroed, 0, sizeof zeroed);
+  st = ringattn_forward(ctx, &tq, &tk, &tv, &to, NULL, &zeroed);
+  if (st != RINGATTN_ERR_INVALID_ARGUMENT || strstr(ringattn_last_error(), "ringattn_options_init") == NULL) {
+    fprintf(stderr, "rank %d: zeroed options: status %d (%s)\n", rank, (int)st, ringattn_last_error());
+    failed = 1;
+  }
+  ringattn_options causal2 = opt;
+  causal2.causal = 2;
+  if (ringattn_forward(ctx, &tq, &tk, &tv, &to, NULL, &causal2) != RINGATTN_ERR_INVALID_ARGUMENT) {
+    fprintf(stderr, "rank %d: causal = 2 accepted\n", rank);
+    failed = 1;
+  }
   if (ringattn_forward(NULL, &tq, &tk, &tv, &to, NULL, &opt) != RINGATTN_ERR_INVALID_ARGUMENT) {
     fprintf(stderr, "rank %d: NULL context accepted\n", rank);
     failed = 1;
