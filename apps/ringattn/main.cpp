@@ -127,6 +127,7 @@ int run_cli(int argc, char** argv) {
                                         ? std::make_exception_ptr(Error(ErrorCode::invalid_argument, parse_message))
                                         : nullptr);
     } catch (const Error& e) {
+      if (e.code() == ErrorCode::timeout) throw;  // a peer never arrived: the caller's exit 124
       print_error(std::string(e.what()) + " (run with --help for usage)");
     }
     return 2;

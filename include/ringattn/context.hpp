@@ -70,8 +70,10 @@ class Context {
     if (failure_.empty()) failure_ = why;
   }
   // Set (with failure()) when a host collective on the communicator was abandoned at its
-  // deadline (a rank never arrived): a later collective would meet that one on the ranks that
-  // did not take part, so every later call fails on this rank at once, communicating nothing.
+  // deadline (a rank never arrived), or a call failed on this rank while the others may be in
+  // a host collective of it (linear attention's scan, the sinks' sums): a later collective
+  // would meet that one on the ranks that did not take part, so every later call fails on
+  // this rank at once, communicating nothing.
   bool collectives_abandoned() const { return collectives_abandoned_; }
   void mark_collectives_abandoned(const std::string& why) {
     mark_failed(why);

@@ -66,9 +66,13 @@ struct AttentionOptions {
   // Bound, in seconds, on each wait for a ring transfer on the CPU (MPI), on the GPU ring's
   // progress (no transfer or step completing for this long; the library's NCCL communicator is
   // then aborted), and on each host collective of the call (its agreements, at least 1 s: a rank
-  // that never makes the call no longer blocks the others); 0 waits forever. On expiry the call
-  // throws Error(ErrorCode::timeout) naming the step or collective and the peer. The context
-  // then refuses further calls (Context::failure(), Context::collectives_abandoned()).
+  // that never makes the call no longer blocks the others); 0 waits forever. So it also bounds
+  // how far apart the ranks may enter a call: a rank that arrives later than this (writing a
+  // checkpoint, say) times the others out. On expiry the call throws
+  // Error(ErrorCode::timeout) naming the step or collective and the peer. The context then
+  // refuses further calls (Context::failure(), Context::collectives_abandoned()). The Context
+  // constructor's collectives are bounded only by a detail::CollectiveBound the caller holds
+  // (the CLI does); otherwise they wait as MPI's do.
   double timeout_s = 300.0;
   // Called on every rank after each ring step with (steps done, steps in all). If it throws,
   // the ring still finishes on this rank, then the call rethrows that exception here.

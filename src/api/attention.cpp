@@ -382,8 +382,8 @@ void validate_backward_inputs(const TensorView& q, const TensorView& k, const Te
 void check_usable(const Context& ctx) {
   if (ctx.comm() == MPI_COMM_NULL) invalid("the context is empty (moved from)");
   if (ctx.collectives_abandoned()) {
-    invalid("an earlier call on this context gave up waiting for another rank (" + ctx.failure() +
-            "); its communicator can carry no further call: create a new Context");
+    invalid("an earlier call on this context failed with its host collectives out of step across the ranks (" +
+            ctx.failure() + "); its communicator can carry no further call: create a new Context");
   }
 }
 
@@ -428,6 +428,7 @@ static PreparedForward prepare_forward_unbounded(Context& ctx, const TensorView&
       return prepared;
     }
     prepared.linear = std::make_unique<PreparedForward::Linear>(PreparedForward::Linear{comm, lp, ctx.cpu_threads()});
+    prepared.host_collectives = true;
     return prepared;
   }
   if (q.device == DeviceKind::cuda) {
@@ -444,6 +445,7 @@ static PreparedForward prepare_forward_unbounded(Context& ctx, const TensorView&
   } else {
     detail::agree_on(comm, [&] {
       RingPlan plan = plan_for(*layout, options, ctx.rank());
+      prepared.host_collectives = plan.sink_len > 0;
       prepared.cpu = std::make_unique<CpuRingForward>(comm, std::move(plan), shape, q.dtype,
                                                       q.shape[1], layout->max_local_length(), ctx.cpu_threads(),
                                                       ctx.mpi_progress_from_threads());
@@ -504,15 +506,21 @@ void run_ring(Context& ctx, Prepared& prepared, const std::function<void(int, in
       }
     };
   }
+  const auto fail = [&](const std::string& why) {
+    prepared.abandon();
+    if (prepared.host_collectives) {
+      ctx.mark_collectives_abandoned(why);
+    } else {
+      ctx.mark_failed(why);
+    }
+  };
   try {
     run(guarded_step);
   } catch (const std::exception& e) {
-    prepared.abandon();
-    ctx.mark_failed(e.what());
+    fail(e.what());
     throw;
   } catch (...) {
-    prepared.abandon();
-    ctx.mark_failed("unknown failure");
+    fail("unknown failure");
     throw;
   }
   if (callback_error) std::rethrow_exception(callback_error);
@@ -577,6 +585,7 @@ static PreparedBackward prepare_backward_unbounded(Context& ctx, const TensorVie
       return prepared;
     }
     prepared.linear = std::make_unique<PreparedForward::Linear>(PreparedForward::Linear{comm, lp, ctx.cpu_threads()});
+    prepared.host_collectives = true;
     return prepared;
   }
   if (q.device == DeviceKind::cuda) {
@@ -593,6 +602,7 @@ static PreparedBackward prepare_backward_unbounded(Context& ctx, const TensorVie
   } else {
     detail::agree_on(comm, [&] {
       RingPlan plan = plan_for(*layout, options, ctx.rank());
+      prepared.host_collectives = plan.sink_len > 0;
       prepared.cpu = std::make_unique<CpuRingBackward>(comm, std::move(plan), shape, q.dtype, q.shape[1],
                                                        layout->max_local_length(), ctx.cpu_threads());
       prepared.cpu->set_timeout(options.timeout_s, ctx.node_peer_pids());

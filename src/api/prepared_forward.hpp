@@ -33,6 +33,10 @@ struct PreparedForward {
   // cancelled request can still complete into its buffer), so the engine, its buffers and
   // requests are never freed. The context refuses further calls (Context::failure()).
   void abandon() { (void)cpu.release(); }
+  // Whether run() holds host collectives besides its transfers (linear attention's scan, the
+  // sinks' gather): a rank that fails in run() may leave the others inside one, where its
+  // next call's agreement would meet it, so the failure abandons the context's collectives.
+  bool host_collectives = false;
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingForward> cuda;
   std::unique_ptr<CudaLinearAttention> cuda_linear;
@@ -101,6 +105,7 @@ struct PreparedBackward {
   std::unique_ptr<PreparedForward::Linear> linear;  // linear attention (CPU)
   std::unique_ptr<CpuRingBackward> cpu;
   void abandon() { (void)cpu.release(); }  // as PreparedForward::abandon
+  bool host_collectives = false;           // as PreparedForward::host_collectives (the sinks' sums too)
 #ifdef RINGATTN_HAVE_CUDA
   std::unique_ptr<CudaRingBackward> cuda;
   std::unique_ptr<CudaLinearAttention> cuda_linear;

@@ -1,8 +1,10 @@
 #include "comm/collective.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 
@@ -23,7 +25,7 @@ thread_local const CollectiveBound* innermost = nullptr;
 struct Posted {
   std::vector<unsigned char> send, recv;
   MPI_Comm duplicate = MPI_COMM_NULL;
-  MPI_Request request = MPI_REQUEST_NULL;
+  MPI_Request requests[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};  // [1]: a send/recv pair's send
 };
 
 // Nothing more may be posted on a thread whose bound saw a collective abandoned: the
@@ -45,15 +47,16 @@ std::size_t bytes_of(int count, MPI_Datatype type) {
 // for its first millisecond (ranks that arrive together finish here), then every 100 us.
 void complete(std::unique_ptr<Posted>& posted, MPI_Comm comm, const std::string& what) {
   const CollectiveBound* bound = CollectiveBound::current();
+  MPI_Request* requests = posted->requests;
   if (bound == nullptr || !(bound->seconds() > 0.0)) {
-    RINGATTN_MPI_CHECK(MPI_Wait(&posted->request, MPI_STATUS_IGNORE));
+    RINGATTN_MPI_CHECK(MPI_Waitall(2, requests, MPI_STATUSES_IGNORE));
     return;
   }
   const double limit = std::fmax(bound->seconds(), kMinCollectiveBoundSeconds);
   const auto start = std::chrono::steady_clock::now();
   for (;;) {
     int done = 0;
-    RINGATTN_MPI_CHECK(MPI_Test(&posted->request, &done, MPI_STATUS_IGNORE));
+    RINGATTN_MPI_CHECK(MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE));
     if (done) return;
     const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (waited > limit) break;
@@ -75,7 +78,10 @@ void complete(std::unique_ptr<Posted>& posted, MPI_Comm comm, const std::string&
 }  // namespace
 
 CollectiveBound::CollectiveBound(double seconds, const std::vector<long>* peer_pids)
-    : seconds_(std::isfinite(seconds) && seconds > 0.0 ? seconds : 0.0), peer_pids_(peer_pids), outer_(innermost) {
+    : seconds_(std::isfinite(seconds) && seconds > 0.0 ? seconds : 0.0),
+      peer_pids_(peer_pids),
+      outer_(innermost),
+      abandoned_(innermost != nullptr && innermost->abandoned_) {
   innermost = this;
 }
 
@@ -96,7 +102,7 @@ void bounded_allreduce(MPI_Comm comm, const void* send, void* recv, int count, M
                       static_cast<const unsigned char*>(send == MPI_IN_PLACE ? recv : send) + bytes);
   posted->recv.resize(bytes);
   RINGATTN_MPI_CHECK(
-      MPI_Iallreduce(posted->send.data(), posted->recv.data(), count, type, op, comm, &posted->request));
+      MPI_Iallreduce(posted->send.data(), posted->recv.data(), count, type, op, comm, &posted->requests[0]));
   complete(posted, comm, what);
   if (bytes > 0) std::memcpy(recv, posted->recv.data(), bytes);
 }
@@ -108,7 +114,7 @@ void bounded_exscan(MPI_Comm comm, const void* send, void* recv, int count, MPI_
   auto posted = std::make_unique<Posted>();
   posted->send.assign(static_cast<const unsigned char*>(send), static_cast<const unsigned char*>(send) + bytes);
   posted->recv.assign(static_cast<const unsigned char*>(recv), static_cast<const unsigned char*>(recv) + bytes);
-  RINGATTN_MPI_CHECK(MPI_Iexscan(posted->send.data(), posted->recv.data(), count, type, op, comm, &posted->request));
+  RINGATTN_MPI_CHECK(MPI_Iexscan(posted->send.data(), posted->recv.data(), count, type, op, comm, &posted->requests[0]));
   complete(posted, comm, what);
   if (bytes > 0) std::memcpy(recv, posted->recv.data(), bytes);
 }
@@ -122,7 +128,24 @@ void bounded_allgather(MPI_Comm comm, const void* send, int count, MPI_Datatype 
   posted->send.assign(static_cast<const unsigned char*>(send), static_cast<const unsigned char*>(send) + bytes);
   posted->recv.resize(total);
   RINGATTN_MPI_CHECK(MPI_Iallgather(posted->send.data(), count, type, posted->recv.data(), count, type, comm,
-                                    &posted->request));
+                                    &posted->requests[0]));
+  complete(posted, comm, what);
+  if (total > 0) std::memcpy(recv, posted->recv.data(), total);
+}
+
+void bounded_allgatherv(MPI_Comm comm, const void* send, int count, void* recv, const int* counts,
+                        const int* displs, const std::string& what) {
+  refuse_if_abandoned(what);
+  const int world = comm_size(comm);
+  std::size_t total = 0;
+  for (int r = 0; r < world; ++r) {
+    total = std::max(total, static_cast<std::size_t>(displs[r]) + static_cast<std::size_t>(counts[r]));
+  }
+  auto posted = std::make_unique<Posted>();
+  posted->send.assign(static_cast<const unsigned char*>(send), static_cast<const unsigned char*>(send) + count);
+  posted->recv.assign(static_cast<const unsigned char*>(recv), static_cast<const unsigned char*>(recv) + total);
+  RINGATTN_MPI_CHECK(MPI_Iallgatherv(posted->send.data(), count, MPI_BYTE, posted->recv.data(), counts, displs,
+                                     MPI_BYTE, comm, &posted->requests[0]));
   complete(posted, comm, what);
   if (total > 0) std::memcpy(recv, posted->recv.data(), total);
 }
@@ -132,7 +155,7 @@ void bounded_bcast(MPI_Comm comm, void* buffer, int count, MPI_Datatype type, in
   const std::size_t bytes = bytes_of(count, type);
   auto posted = std::make_unique<Posted>();
   posted->recv.assign(static_cast<const unsigned char*>(buffer), static_cast<const unsigned char*>(buffer) + bytes);
-  RINGATTN_MPI_CHECK(MPI_Ibcast(posted->recv.data(), count, type, root, comm, &posted->request));
+  RINGATTN_MPI_CHECK(MPI_Ibcast(posted->recv.data(), count, type, root, comm, &posted->requests[0]));
   complete(posted, comm, what);
   if (bytes > 0) std::memcpy(buffer, posted->recv.data(), bytes);
 }
@@ -147,7 +170,7 @@ void bounded_gather(MPI_Comm comm, const void* send, int count, MPI_Datatype typ
   posted->send.assign(static_cast<const unsigned char*>(send), static_cast<const unsigned char*>(send) + bytes);
   posted->recv.resize(total);
   RINGATTN_MPI_CHECK(MPI_Igather(posted->send.data(), count, type, is_root ? posted->recv.data() : nullptr, count,
-                                 type, root, comm, &posted->request));
+                                 type, root, comm, &posted->requests[0]));
   complete(posted, comm, what);
   if (total > 0) std::memcpy(recv, posted->recv.data(), total);
 }
@@ -155,14 +178,30 @@ void bounded_gather(MPI_Comm comm, const void* send, int count, MPI_Datatype typ
 void bounded_barrier(MPI_Comm comm, const std::string& what) {
   refuse_if_abandoned(what);
   auto posted = std::make_unique<Posted>();
-  RINGATTN_MPI_CHECK(MPI_Ibarrier(comm, &posted->request));
+  RINGATTN_MPI_CHECK(MPI_Ibarrier(comm, &posted->requests[0]));
   complete(posted, comm, what);
+}
+
+void bounded_sendrecv(MPI_Comm comm, const void* send, std::size_t bytes, void* recv, int peer, int tag,
+                      const std::string& what) {
+  refuse_if_abandoned(what);
+  if (bytes > static_cast<std::size_t>(std::numeric_limits<int>::max())) {
+    throw Error(ErrorCode::internal, what + ": " + std::to_string(bytes) + " bytes is more than one message carries");
+  }
+  auto posted = std::make_unique<Posted>();
+  posted->send.assign(static_cast<const unsigned char*>(send), static_cast<const unsigned char*>(send) + bytes);
+  posted->recv.resize(bytes);
+  const int n = static_cast<int>(bytes);
+  RINGATTN_MPI_CHECK(MPI_Irecv(posted->recv.data(), n, MPI_BYTE, peer, tag, comm, &posted->requests[0]));
+  RINGATTN_MPI_CHECK(MPI_Isend(posted->send.data(), n, MPI_BYTE, peer, tag, comm, &posted->requests[1]));
+  complete(posted, comm, what);
+  if (bytes > 0) std::memcpy(recv, posted->recv.data(), bytes);
 }
 
 MPI_Comm bounded_comm_dup(MPI_Comm comm, const std::string& what) {
   refuse_if_abandoned(what);
   auto posted = std::make_unique<Posted>();
-  RINGATTN_MPI_CHECK(MPI_Comm_idup(comm, &posted->duplicate, &posted->request));
+  RINGATTN_MPI_CHECK(MPI_Comm_idup(comm, &posted->duplicate, &posted->requests[0]));
   complete(posted, comm, what);
   return posted->duplicate;
 }

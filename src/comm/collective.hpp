@@ -12,6 +12,7 @@
 
 #include <mpi.h>
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -33,7 +34,8 @@ class CollectiveBound {
   static const CollectiveBound* current();
   double seconds() const { return seconds_; }
   const std::vector<long>* peer_pids() const { return peer_pids_; }
-  // Whether a collective under this bound (or one nested in it) was abandoned at its deadline.
+  // Whether a collective under this bound (or one nested in it, or under an enclosing bound
+  // before this one began) was abandoned at its deadline.
   bool abandoned() const { return abandoned_; }
   void note_abandoned() const;
 
@@ -56,10 +58,17 @@ void bounded_exscan(MPI_Comm comm, const void* send, void* recv, int count, MPI_
                     const std::string& what);
 void bounded_allgather(MPI_Comm comm, const void* send, int count, MPI_Datatype type, void* recv,
                        const std::string& what);
+// MPI_Allgatherv of bytes (counts and displacements in bytes); recv keeps what it held
+// outside the gathered ranges.
+void bounded_allgatherv(MPI_Comm comm, const void* send, int count, void* recv, const int* counts,
+                        const int* displs, const std::string& what);
 void bounded_bcast(MPI_Comm comm, void* buffer, int count, MPI_Datatype type, int root, const std::string& what);
 void bounded_gather(MPI_Comm comm, const void* send, int count, MPI_Datatype type, void* recv, int root,
                     const std::string& what);
 void bounded_barrier(MPI_Comm comm, const std::string& what);
+// MPI_Sendrecv of `bytes` bytes with `peer` (not this rank) under `tag`, bounded likewise.
+void bounded_sendrecv(MPI_Comm comm, const void* send, std::size_t bytes, void* recv, int peer, int tag,
+                      const std::string& what);
 // MPI_Comm_idup: on expiry the duplicate's handle is abandoned with the request.
 MPI_Comm bounded_comm_dup(MPI_Comm comm, const std::string& what);
 

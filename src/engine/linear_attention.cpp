@@ -14,6 +14,8 @@ namespace {
 // The scan record: a header {tokens, heads, head_dim, batch}, the per-head decays, then per
 // (batch, head) the state S (D x D, row d of phi(k) times v) and z (D).
 constexpr int kHeader = 4;
+// The reverse scan's exchanges with the mirror rank (the ring's hops use MpiTransport::kTag).
+constexpr int kMirrorTag = 0x524c;
 
 struct RecordShape {
   std::int64_t heads, dim, batch;
@@ -182,18 +184,29 @@ void state_exscan(MPI_Comm comm, const std::vector<double>& local, std::vector<d
   int rank = 0, world = 1;
   RINGATTN_MPI_CHECK(MPI_Comm_rank(comm, &rank));
   RINGATTN_MPI_CHECK(MPI_Comm_size(comm, &world));
-  MPI_Comm order = comm;
-  if (reverse) RINGATTN_MPI_CHECK(MPI_Comm_split(comm, 0, world - 1 - rank, &order));
+  // In reverse, rank r scans the record of its mirror rank P-1-r, so that the scan in rank
+  // order folds x[P-1], x[P-2], ..., as the reverse order needs; each result then goes back to
+  // the mirror whose scan it is. Two bounded exchanges instead of a reordered communicator
+  // (MPI_Comm_split, which cannot be bounded: a rank that timed out in an earlier collective
+  // would leave a late peer blocked in it).
+  const int mirror = world - 1 - rank;
+  const std::size_t bytes = local.size() * sizeof(double);
+  const std::string what = "the reverse scan of linear attention's states";
+  std::vector<double> mine = local;
+  if (reverse && mirror != rank) bounded_sendrecv(comm, local.data(), bytes, mine.data(), mirror, kMirrorTag, what);
   MPI_Datatype record;
   RINGATTN_MPI_CHECK(MPI_Type_contiguous(static_cast<int>(shape.size()), MPI_DOUBLE, &record));
   RINGATTN_MPI_CHECK(MPI_Type_commit(&record));
   MPI_Op op;
   RINGATTN_MPI_CHECK(MPI_Op_create(&combine, /*commute=*/0, &op));
-  before = local;
-  bounded_exscan(order, local.data(), before.data(), 1, record, op, "the scan of linear attention's states");
+  before = mine;
+  bounded_exscan(comm, mine.data(), before.data(), 1, record, op, "the scan of linear attention's states");
   MPI_Op_free(&op);
   MPI_Type_free(&record);
-  if (reverse) MPI_Comm_free(&order);
+  if (reverse && mirror != rank) {
+    std::vector<double> scanned = before;
+    bounded_sendrecv(comm, scanned.data(), bytes, before.data(), mirror, kMirrorTag, what);
+  }
   const bool first = reverse ? rank == world - 1 : rank == 0;
   if (first) std::fill(before.begin() + kHeader + shape.heads, before.end(), 0.0);
 }

@@ -4,9 +4,9 @@
 #include <cstring>
 #include <utility>
 
-#include "comm/mpi_util.hpp"
-
+#include "comm/collective.hpp"
 #include "comm/mpi_transport.hpp"
+#include "comm/mpi_util.hpp"
 #include "core/dtype.hpp"
 #include "core/tensor_copy.hpp"
 
@@ -131,9 +131,9 @@ std::uint64_t gather_sink_rows(MPI_Comm comm, const RingPlan& plan, const Attent
                       static_cast<const unsigned char*>(t.data) +
                           static_cast<std::size_t>(b * t.strides[0] + i * t.strides[1] + h * t.strides[2]) * elem,
                       static_cast<std::size_t>(D) * elem);
-      RINGATTN_MPI_CHECK(MPI_Allgatherv(rows.data(), counts[static_cast<std::size_t>(plan.rank)], MPI_BYTE,
-                                        half + static_cast<std::size_t>(b * plan.sink_len) * row_bytes, counts.data(),
-                                        displs.data(), MPI_BYTE, comm));
+      bounded_allgatherv(comm, rows.data(), counts[static_cast<std::size_t>(plan.rank)],
+                         half + static_cast<std::size_t>(b * plan.sink_len) * row_bytes, counts.data(), displs.data(),
+                         "the gathering of the attention sinks' keys and values");
       sent += static_cast<std::uint64_t>(counts[static_cast<std::size_t>(plan.rank)]) * static_cast<std::uint64_t>(P - 1);
     }
   }

@@ -150,6 +150,11 @@ class File {
   File(const File&) = delete;
   File& operator=(const File&) = delete;
   ~File() {
+    // MPI_File_close is collective: after a collective was abandoned at its deadline (a rank
+    // stuck in this file's I/O, say) the others would wait in it for ever, so the handle is
+    // left open instead.
+    const detail::CollectiveBound* bound = detail::CollectiveBound::current();
+    if (bound != nullptr && bound->abandoned()) return;
     if (fh_ != MPI_FILE_NULL) MPI_File_close(&fh_);
   }
   MPI_File get() const { return fh_; }

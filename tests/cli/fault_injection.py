@@ -105,7 +105,11 @@ def run_case(args, name, sig, expect_code):
         problems.append("exit code 0 after a rank was killed")
     if sig == signal.SIGSTOP and "waited" not in err and "rank 1" not in err:
         problems.append("no error line naming rank 1")
-    if sig == signal.SIGSTOP and not any("rank 1" in line for line in err.splitlines() if "ring step" in line):
+    # The stop lands mid-ring unless the machine is so loaded that rank 1 is still before its
+    # ring after SETTLE seconds; the others then time out in a host collective instead, which
+    # must name rank 1 as stopped just the same.
+    if sig == signal.SIGSTOP and not any("rank 1" in line for line in err.splitlines()
+                                         if "ring step" in line or "rank 1 (pid" in line and "is stopped" in line):
         problems.append("the timeout message does not name rank 1")
     # No output file may appear for a job that failed (writes go through a renamed temporary).
     if os.path.exists(out_file):

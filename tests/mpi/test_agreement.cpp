@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "comm/agreement.hpp"
+#include "comm/collective.hpp"
 #include "ringattn/ringattn.hpp"
 
 using namespace ringattn;
@@ -292,6 +293,49 @@ TEST(Agreement, ARankThatSkipsTheCallTimesTheOthersOut) {
   MPI_Barrier(MPI_COMM_WORLD);
   Context fresh(MPI_COMM_WORLD);
   EXPECT_NO_THROW(forward(fresh, s.qv(), s.kv(16), s.vv(), s.ov(), s.lv(), options));
+}
+
+// The bounded exchange the reverse scans use: it carries the bytes between a pair, and a peer
+// that never posts its half times the other out; a bound nested in one that saw an abandoned
+// collective refuses to start another.
+TEST(Agreement, BoundedSendrecvExchangesAndTimesOut) {
+  if (world_size() == 1) GTEST_SKIP() << "one rank has no one to exchange with";
+  const int rank = world_rank(), world = world_size();
+  MPI_Comm comm = MPI_COMM_NULL;
+  MPI_Comm_dup(MPI_COMM_WORLD, &comm);
+  {
+    detail::CollectiveBound bound(5.0);
+    const int mirror = world - 1 - rank;
+    std::vector<double> mine(1000, rank + 0.5), theirs(1000, -1.0);
+    if (mirror != rank) {
+      detail::bounded_sendrecv(comm, mine.data(), mine.size() * sizeof(double), theirs.data(), mirror, 7, "a test");
+      EXPECT_EQ(theirs.front(), mirror + 0.5);
+      EXPECT_EQ(theirs.back(), mirror + 0.5);
+    }
+  }
+  // Rank 0 waits for the last rank, which never posts: a fresh communicator, leaked, so the
+  // abandoned request can never match anything later.
+  MPI_Comm lonely = MPI_COMM_NULL;
+  MPI_Comm_dup(MPI_COMM_WORLD, &lonely);
+  if (rank == 0) {
+    detail::CollectiveBound bound(1.0);
+    double one = 1.0, got = 0.0;
+    const double start = MPI_Wtime();
+    try {
+      detail::bounded_sendrecv(lonely, &one, sizeof one, &got, world - 1, 7, "a lonely exchange");
+      ADD_FAILURE() << "the exchange returned while its peer never posted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::timeout) << e.what();
+      EXPECT_NE(std::string(e.what()).find("in a lonely exchange"), std::string::npos) << e.what();
+    }
+    EXPECT_GE(MPI_Wtime() - start, 0.99);
+    EXPECT_TRUE(bound.abandoned());
+    detail::CollectiveBound nested(1.0);
+    EXPECT_TRUE(nested.abandoned()) << "a nested bound forgot the abandoned collective";
+    EXPECT_THROW(detail::bounded_barrier(lonely, "a barrier after it"), Error);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  MPI_Comm_free(&comm);
 }
 
 // An exception from on_step on one rank is rethrown there once the ring has finished, so the
