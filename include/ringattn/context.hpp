@@ -33,7 +33,10 @@ struct ContextOptions {
   // deregisters them while it is healthy. After a timeout or NCCL error ringattn leaves a
   // borrowed communicator as it is: destroy the Context, then abort it (ncclCommAbort).
   void* nccl_comm = nullptr;    // an ncclComm_t over the same ranks, in the same order
-  void* cuda_stream = nullptr;  // a cudaStream_t: forward() is ordered on it and does not sync
+  // A cudaStream_t: forward() and backward() are ordered on it and return without waiting for
+  // the device (softmax attention; with sinks or linear attention they still free per-call
+  // buffers, which waits).
+  void* cuda_stream = nullptr;
 };
 
 class Context {

@@ -100,6 +100,16 @@ RingBufferRef CudaResources::ring_buffer(int slot, std::size_t bytes) {
   return RingBufferRef(buffer);
 }
 
+RingBufferRef CudaResources::scratch(Scratch slot, std::size_t bytes) {
+  std::shared_ptr<RingBuffer>& buffer = scratch_[static_cast<int>(slot)];
+  if (!buffer || buffer->bytes() < bytes) {
+    buffer.reset();  // freed here unless an engine still holds it
+    RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
+    buffer = std::make_shared<RingBuffer>(bytes, nullptr);
+  }
+  return RingBufferRef(buffer);
+}
+
 bool CudaResources::ring_buffers_registered() const {
   return registrar_ != nullptr && registrar_->alive && registrar_->registered > 0;
 }
@@ -133,6 +143,7 @@ void CudaResources::release_ring_buffers() {
     }
   }
   for (std::shared_ptr<RingBuffer>& buffer : ring_buffers_) buffer.reset();
+  for (std::shared_ptr<RingBuffer>& buffer : scratch_) buffer.reset();
   if (registrar_) registrar_->alive = false;  // anything still held is only freed
 }
 

@@ -67,6 +67,31 @@ class RingBufferRef {
   std::shared_ptr<RingBuffer> buffer_;
 };
 
+// The engines' working buffers besides the ring's (fp32 accumulators, statistics, cuDNN's
+// block results, the dQ semaphores), one slot each, kept by the resources across calls like
+// the ring buffers: an engine built per call (forward(), backward()) would otherwise
+// cudaMalloc them each time and cudaFree them at its end, and cudaFree waits for the whole
+// device, so every call would return only once the GPU had finished (no CPU running ahead on
+// a borrowed stream). Every engine of one resources runs on its compute stream, so a slot
+// reused by the next engine is ordered after the last one's work. Forward and backward slots
+// are distinct: a caller may hold a prepared forward and a prepared backward at once.
+enum class Scratch : int {
+  fwd_o_acc,
+  fwd_lse_acc,
+  fwd_o_block,
+  fwd_lse_block,
+  bwd_dq_acc,
+  bwd_lse2,
+  bwd_delta,
+  bwd_dq_sem,
+  bwd_step_acc,
+  bwd_home,
+  bwd_dq_block,
+  bwd_dkv_block,
+  bwd_stats_block,
+  count
+};
+
 // RINGATTN_SERIAL_HOPS: 1 makes each ring hop complete before the compute that follows it
 // starts (the K/V hop before its step's kernels, the backward's dK/dV sums before the step
 // that adds to them) instead of running beside it; 0 (or unset) overlaps. An experiment: on
@@ -108,6 +133,8 @@ class CudaResources {
   // once: the engines of one context take turns on one compute stream, so they share them. A
   // larger request replaces the slot's buffer; engines holding the old one keep it alive.
   RingBufferRef ring_buffer(int slot, std::size_t bytes);
+  // A working buffer of at least `bytes` (never registered with NCCL), kept across calls.
+  RingBufferRef scratch(Scratch slot, std::size_t bytes);
   // Whether the ring buffers are registered with NCCL (for reports).
   bool ring_buffers_registered() const;
 
@@ -144,6 +171,7 @@ class CudaResources {
   void agree_on_registration(Context& ctx);  // collective: registered on every rank or on none
   std::shared_ptr<RingBuffer::Registrar> registrar_;  // null: no registration
   std::shared_ptr<RingBuffer> ring_buffers_[4];
+  std::shared_ptr<RingBuffer> scratch_[static_cast<int>(Scratch::count)];
 };
 
 }  // namespace ringattn::detail

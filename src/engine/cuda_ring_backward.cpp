@@ -47,16 +47,16 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
     blocks_[1] = resources_.ring_buffer(1, kv_bytes(kv_capacity));
     acc_[1] = resources_.ring_buffer(3, acc_bytes(kv_capacity));
   }
-  if (!plan_.reverse_steps.empty() || plan_.sink_len > 0) home_ = DeviceBuffer(acc_bytes(q_len));
+  if (!plan_.reverse_steps.empty() || plan_.sink_len > 0) home_ = resources_.scratch(Scratch::bwd_home, acc_bytes(q_len));
   if (plan_.sink_len > 0) {
     sink_block_ = DeviceBuffer(kv_bytes(plan_.sink_len));
     sink_acc_ = DeviceBuffer(acc_bytes(plan_.sink_len));
     RINGATTN_CUDA_CHECK(cudaMemset(sink_block_.get(), 0, sink_block_.bytes()));
   }
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
-  dq_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
-  lse2_ = DeviceBuffer(rows * sizeof(float));
-  delta_ = DeviceBuffer(rows * sizeof(float));
+  dq_acc_ = resources_.scratch(Scratch::bwd_dq_acc, rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
+  lse2_ = resources_.scratch(Scratch::bwd_lse2, rows * sizeof(float));
+  delta_ = resources_.scratch(Scratch::bwd_delta, rows * sizeof(float));
   one_task_ = plan_.world == 1 && plan_.steps.size() == 1 && plan_.steps[0].tasks.size() == 1 &&
               plan_.reverse_steps.empty() && plan_.sink_tasks.empty() && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
@@ -68,8 +68,9 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
     sizing.batch = static_cast<int>(shape.batch);
     sizing.heads = static_cast<int>(shape.heads);
     sizing.q_len = static_cast<int>(q_len);
-    dq_sem_ = DeviceBuffer(static_cast<std::size_t>(flash_bwd_semaphores(sizing)) * sizeof(unsigned int));
-    if (plan_.world > 1) step_acc_ = DeviceBuffer(acc_bytes(kv_capacity));
+    dq_sem_ = resources_.scratch(Scratch::bwd_dq_sem,
+                                 static_cast<std::size_t>(flash_bwd_semaphores(sizing)) * sizeof(unsigned int));
+    if (plan_.world > 1) step_acc_ = resources_.scratch(Scratch::bwd_step_acc, acc_bytes(kv_capacity));
   }
   const std::string native = std::string("native ") + to_string(native_kernel) + (fused_ ? " backward kernel" : " backward kernels");
   kernel_description_ = native;
@@ -127,10 +128,11 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   const std::int64_t B = shape.batch, H = shape.heads, Hkv = shape.kv_heads, D = shape.head_dim;
   const std::size_t elem = dtype_size(dtype);
   if (!one_task_) {
-    dq_block_ = DeviceBuffer(static_cast<std::size_t>(B * max_q * H * D) * elem);
-    dkv_block_ = DeviceBuffer(2 * static_cast<std::size_t>(B * max_kv * Hkv * D) * elem);
+    dq_block_ = resources_.scratch(Scratch::bwd_dq_block, static_cast<std::size_t>(B * max_q * H * D) * elem);
+    dkv_block_ = resources_.scratch(Scratch::bwd_dkv_block, 2 * static_cast<std::size_t>(B * max_kv * Hkv * D) * elem);
   }
-  stats_block_ = DeviceBuffer(static_cast<std::size_t>(B * H * std::max(max_q, q_len)) * sizeof(float));
+  stats_block_ =
+      resources_.scratch(Scratch::bwd_stats_block, static_cast<std::size_t>(B * H * std::max(max_q, q_len)) * sizeof(float));
   kernel_description_ = "cuDNN " + std::to_string(cudnn_version()) + " fused attention backward";
   if (!one_task_) kernel_description_ += " (task gradients rounded to " + std::string(to_string(dtype)) + ")";
   if (on_cudnn < tasks) {

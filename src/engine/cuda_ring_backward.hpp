@@ -112,15 +112,15 @@ class CudaRingBackward {
   // The resources' ring buffers 0, 1 (shared with the forward engine) and 2, 3.
   RingBufferRef blocks_[2];  // packed K then V, (B, S_kv, H_kv, D) each, double-buffered
   RingBufferRef acc_[2];     // dK then dV, (B, H_kv, S_kv, D) fp32 each, double-buffered
-  DeviceBuffer dq_acc_;     // (B, H, S_local, D) fp32
-  DeviceBuffer lse2_;       // (B, H, S_local) fp32
-  DeviceBuffer delta_;      // (B, H, S_local) fp32
+  RingBufferRef dq_acc_;     // (B, H, S_local, D) fp32
+  RingBufferRef lse2_;       // (B, H, S_local) fp32
+  RingBufferRef delta_;      // (B, H, S_local) fp32
   // The single-pass native backward (FlashKernel::wgmma_fused): its dQ semaphores, and, in a
   // ring, the step's dK/dV sums (B, H_kv, S_kv, D) fp32 each, computed before the travelling
   // accumulator has arrived and added to it after (the pair instead runs its dq kernel first).
   bool fused_ = false;
-  DeviceBuffer dq_sem_;
-  DeviceBuffer step_acc_;
+  RingBufferRef dq_sem_;
+  RingBufferRef step_acc_;
   bool one_task_ = false;   // P = 1 and one task covers every row
   bool serial_hops_ = false;  // RINGATTN_SERIAL_HOPS: each hop completes before the step that follows
   double timeout_s_ = 0.0;
@@ -133,12 +133,12 @@ class CudaRingBackward {
   // step kv_len).
   std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, std::int64_t, std::int64_t>>
       cudnn_tasks_;
-  DeviceBuffer home_;           // sliding window: this rank's dK, dV sums while the reverse pass runs
-  DeviceBuffer sink_block_;     // sliding window with sinks: the sink tokens' K, V
-  DeviceBuffer sink_acc_;       // and their dK, dV sums
-  DeviceBuffer dq_block_;       // cuDNN's task results: dQ (B, q_len, H, D) in dtype,
-  DeviceBuffer dkv_block_;      // dK then dV (B, kv_len, H_kv, D) in dtype,
-  DeviceBuffer stats_block_;    // and its LSE rows (B, H, q_len) fp32
+  RingBufferRef home_;         // sliding window: this rank's dK, dV sums while the reverse pass runs
+  DeviceBuffer sink_block_;    // sliding window with sinks: the sink tokens' K, V
+  DeviceBuffer sink_acc_;      // and their dK, dV sums
+  RingBufferRef dq_block_;     // cuDNN's task results: dQ (B, q_len, H, D) in dtype,
+  RingBufferRef dkv_block_;    // dK then dV (B, kv_len, H_kv, D) in dtype,
+  RingBufferRef stats_block_;  // and its LSE rows (B, H, q_len) fp32
   std::uint64_t bytes_sent_per_run_ = 0;
   std::string kernel_description_;
   // Profiling (set_profiling): the last run's spans, tagged by step (-1: the other work).

@@ -54,8 +54,8 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
     RINGATTN_CUDA_CHECK(cudaMemset(sink_block_.get(), 0, sink_block_.bytes()));
   }
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
-  o_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
-  lse_acc_ = DeviceBuffer(rows * sizeof(float));
+  o_acc_ = resources_.scratch(Scratch::fwd_o_acc, rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
+  lse_acc_ = resources_.scratch(Scratch::fwd_lse_acc, rows * sizeof(float));
   one_task_ = plan_.world == 1 && plan_.steps.size() == 1 && plan_.steps[0].tasks.size() == 1 &&
               plan_.reverse_steps.empty() && plan_.sink_tasks.empty() && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
@@ -109,9 +109,11 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
     if (why_not.empty() && any_band && !band_why_not.empty()) cudnn_band_ = false;
     if (why_not.empty()) {
       cudnn_ = sdpa;
-      o_block_ = DeviceBuffer(static_cast<std::size_t>(shape.batch * max_rows * H * D) * dtype_size(dtype));
-      lse_block_ = DeviceBuffer(static_cast<std::size_t>(shape.batch * H * std::max<std::int64_t>(max_rows, q_len)) *
-                                sizeof(float));
+      o_block_ = resources_.scratch(Scratch::fwd_o_block,
+                                    static_cast<std::size_t>(shape.batch * max_rows * H * D) * dtype_size(dtype));
+      lse_block_ = resources_.scratch(
+          Scratch::fwd_lse_block,
+          static_cast<std::size_t>(shape.batch * H * std::max<std::int64_t>(max_rows, q_len)) * sizeof(float));
       kernel_description_ = "cuDNN " + std::to_string(cudnn_version()) + " fused attention";
       if (faster_native > 0) {
         kernel_description_ += ", " + std::to_string(faster_native) + " of " + std::to_string(tasks) + " tasks on the " +

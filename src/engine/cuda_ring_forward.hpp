@@ -118,8 +118,8 @@ class CudaRingForward {
   bool serial_hops_ = false;  // RINGATTN_SERIAL_HOPS: each hop completes before the step that follows
   // Packed K then V, (B, S_kv, H_kv, D) each, double-buffered: the resources' ring buffers 0, 1.
   RingBufferRef blocks_[2];
-  DeviceBuffer o_acc_;      // (B, H, S_local, D) fp32
-  DeviceBuffer lse_acc_;    // (B, H, S_local) fp32
+  RingBufferRef o_acc_;      // (B, H, S_local, D) fp32
+  RingBufferRef lse_acc_;    // (B, H, S_local) fp32
   // What the last run() is waiting on, for the watchdog: one event per transfer (recorded on
   // the communication stream after it) and per step's computation (on the compute stream),
   // in the order they were enqueued, and what each was.
@@ -140,8 +140,8 @@ class CudaRingForward {
   // is set (flash_fwd_auto_prefers_native).
   bool auto_native_ = false;
   bool cudnn_band_ = true;      // whether it computes band tasks too (else: native kernel)
-  DeviceBuffer o_block_;        // cuDNN's block result: (B, q_len, H, D) in dtype
-  DeviceBuffer lse_block_;      // (B, H, q_len) fp32
+  RingBufferRef o_block_;    // cuDNN's block result: (B, q_len, H, D) in dtype
+  RingBufferRef lse_block_;  // (B, H, q_len) fp32
   std::string kernel_description_;
   // Profiling (set_profiling): the last run's spans, tagged by category.
   enum class Span { kernel, merge, copy };
