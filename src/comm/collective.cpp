@@ -24,6 +24,7 @@ thread_local const CollectiveBound* innermost = nullptr;
 // the caller's returned stack frame) when the missing rank arrives.
 struct Posted {
   std::vector<unsigned char> send, recv;
+  std::vector<int> counts, displs;  // MPI reads a v-collective's arrays until it completes
   MPI_Comm duplicate = MPI_COMM_NULL;
   MPI_Request requests[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};  // [1]: a send/recv pair's send
 };
@@ -144,8 +145,10 @@ void bounded_allgatherv(MPI_Comm comm, const void* send, int count, void* recv, 
   auto posted = std::make_unique<Posted>();
   posted->send.assign(static_cast<const unsigned char*>(send), static_cast<const unsigned char*>(send) + count);
   posted->recv.assign(static_cast<const unsigned char*>(recv), static_cast<const unsigned char*>(recv) + total);
-  RINGATTN_MPI_CHECK(MPI_Iallgatherv(posted->send.data(), count, MPI_BYTE, posted->recv.data(), counts, displs,
-                                     MPI_BYTE, comm, &posted->requests[0]));
+  posted->counts.assign(counts, counts + world);
+  posted->displs.assign(displs, displs + world);
+  RINGATTN_MPI_CHECK(MPI_Iallgatherv(posted->send.data(), count, MPI_BYTE, posted->recv.data(), posted->counts.data(),
+                                     posted->displs.data(), MPI_BYTE, comm, &posted->requests[0]));
   complete(posted, comm, what);
   if (total > 0) std::memcpy(recv, posted->recv.data(), total);
 }
