@@ -46,17 +46,17 @@ CudaLinearAttention::CudaLinearAttention(CudaResources& resources, const LinearA
     const double g = problem.decay.empty() ? 1.0 : problem.decay[static_cast<std::size_t>(h)];
     if (problem.causal) l2g[static_cast<std::size_t>(h)] = static_cast<float>(std::log2(g));
   }
-  log2_decay_ = DeviceBuffer(l2g.size() * sizeof(float));
-  RINGATTN_CUDA_CHECK(cudaMemcpy(log2_decay_.get(), l2g.data(), l2g.size() * sizeof(float), cudaMemcpyHostToDevice));
-  group_state_ = DeviceBuffer(state_floats_ * static_cast<std::size_t>(params_.groups) * sizeof(float));
-  total_ = DeviceBuffer(state_floats_ * sizeof(float));
-  incoming_ = DeviceBuffer(state_floats_ * sizeof(float));
+  log2_decay_host_ = std::move(l2g);
+  lengths_host_ = lengths;
+  log2_decay_ = resources_.scratch(Scratch::lin_decay, log2_decay_host_.size() * sizeof(float));
+  group_state_ =
+      resources_.scratch(Scratch::lin_group_state, state_floats_ * static_cast<std::size_t>(params_.groups) * sizeof(float));
+  total_ = resources_.scratch(Scratch::lin_total, state_floats_ * sizeof(float));
+  incoming_ = resources_.scratch(Scratch::lin_incoming, state_floats_ * sizeof(float));
   if (problem.causal && world_ > 1) {
-    gathered_ = DeviceBuffer(state_floats_ * static_cast<std::size_t>(world_) * sizeof(float));
+    gathered_ = resources_.scratch(Scratch::lin_gathered, state_floats_ * static_cast<std::size_t>(world_) * sizeof(float));
   }
-  lengths_ = DeviceBuffer(lengths.size() * sizeof(std::int64_t));
-  RINGATTN_CUDA_CHECK(
-      cudaMemcpy(lengths_.get(), lengths.data(), lengths.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice));
+  lengths_ = resources_.scratch(Scratch::lin_lengths, lengths_host_.size() * sizeof(std::int64_t));
   params_.log2_decay = log2_decay_.as<float>();
   params_.group_state = group_state_.as<float>();
   params_.total = total_.as<float>();
@@ -65,6 +65,12 @@ CudaLinearAttention::CudaLinearAttention(CudaResources& resources, const LinearA
 
 void CudaLinearAttention::forward_states(LinearParams& p, cudaStream_t stream) {
   const std::int64_t D = problem_.head_dim;
+  // This engine's constants, into buffers another engine may have used since (stream-ordered;
+  // pageable host memory is staged before the call returns).
+  RINGATTN_CUDA_CHECK(cudaMemcpyAsync(log2_decay_.get(), log2_decay_host_.data(),
+                                      log2_decay_host_.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+  RINGATTN_CUDA_CHECK(cudaMemcpyAsync(lengths_.get(), lengths_host_.data(), lengths_host_.size() * sizeof(std::int64_t),
+                                      cudaMemcpyHostToDevice, stream));
   if (n_ > 0) {
     linear_local_states(p, dtype_, D, stream);
   } else {
@@ -123,14 +129,15 @@ void CudaLinearAttention::allocate_backward() {
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
   const std::int64_t B = problem_.batch, H = problem_.heads, D = problem_.head_dim;
   const auto rows = static_cast<std::size_t>(B * H * std::max<std::int64_t>(n_, 1));
-  den_ = DeviceBuffer(rows * sizeof(float));
-  dden_ = DeviceBuffer(rows * sizeof(float));
-  dual_group_ = DeviceBuffer(group_state_.bytes());
-  dual_total_ = DeviceBuffer(total_.bytes());
-  dual_in_ = DeviceBuffer(incoming_.bytes());
-  dq_acc_ = DeviceBuffer(rows * static_cast<std::size_t>(D) * sizeof(float));
-  dk_acc_ = DeviceBuffer(dq_acc_.bytes());
-  dv_acc_ = DeviceBuffer(dq_acc_.bytes());
+  den_ = resources_.scratch(Scratch::lin_den, rows * sizeof(float));
+  dden_ = resources_.scratch(Scratch::lin_dden, rows * sizeof(float));
+  dual_group_ = resources_.scratch(Scratch::lin_dual_group, group_state_.bytes());
+  dual_total_ = resources_.scratch(Scratch::lin_dual_total, total_.bytes());
+  dual_in_ = resources_.scratch(Scratch::lin_dual_in, incoming_.bytes());
+  const std::size_t acc = rows * static_cast<std::size_t>(D) * sizeof(float);
+  dq_acc_ = resources_.scratch(Scratch::lin_dq_acc, acc);
+  dk_acc_ = resources_.scratch(Scratch::lin_dk_acc, acc);
+  dv_acc_ = resources_.scratch(Scratch::lin_dv_acc, acc);
 }
 
 void CudaLinearAttention::backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,

@@ -55,8 +55,12 @@ class CudaLinearAttention {
   double timeout_s_ = 0.0;
   // The forward states (incoming, group prefixes) for p's tensors, across ranks.
   void forward_states(LinearParams& p, cudaStream_t stream);
-  DeviceBuffer log2_decay_, group_state_, total_, incoming_, gathered_, lengths_;
-  DeviceBuffer den_, dden_, dual_group_, dual_total_, dual_in_, dq_acc_, dk_acc_, dv_acc_;  // backward
+  // The resources' working buffers (CudaResources::scratch, shared with any other linear
+  // engine on them): every run uploads its decays and lengths before the kernels that read them.
+  std::vector<float> log2_decay_host_;
+  std::vector<std::int64_t> lengths_host_;
+  RingBufferRef log2_decay_, group_state_, total_, incoming_, gathered_, lengths_;
+  RingBufferRef den_, dden_, dual_group_, dual_total_, dual_in_, dq_acc_, dk_acc_, dv_acc_;  // backward
 };
 
 }  // namespace ringattn::detail

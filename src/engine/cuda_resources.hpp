@@ -89,6 +89,20 @@ enum class Scratch : int {
   bwd_dq_block,
   bwd_dkv_block,
   bwd_stats_block,
+  lin_decay,
+  lin_lengths,
+  lin_group_state,
+  lin_total,
+  lin_incoming,
+  lin_gathered,
+  lin_den,
+  lin_dden,
+  lin_dual_group,
+  lin_dual_total,
+  lin_dual_in,
+  lin_dq_acc,
+  lin_dk_acc,
+  lin_dv_acc,
   count
 };
 
