@@ -35,14 +35,6 @@ bool register_ring_buffers() {
 }
 }  // namespace
 
-bool serial_hops_from_env() {
-  const char* env = std::getenv("RINGATTN_SERIAL_HOPS");
-  if (env == nullptr || *env == '\0') return false;
-  if (std::string(env) == "1") return true;
-  if (std::string(env) == "0") return false;
-  throw Error(ErrorCode::invalid_argument, std::string("RINGATTN_SERIAL_HOPS=") + env + ": expected 0 or 1");
-}
-
 struct RingBuffer::Registrar {
   ncclComm_t comm = nullptr;
   int device = 0;

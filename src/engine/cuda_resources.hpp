@@ -106,14 +106,6 @@ enum class Scratch : int {
   count
 };
 
-// RINGATTN_SERIAL_HOPS: 1 makes each ring hop complete before the compute that follows it
-// starts (the K/V hop before its step's kernels, the backward's dK/dV sums before the step
-// that adds to them) instead of running beside it; 0 (or unset) overlaps. An experiment: on
-// two H200s the block kernels ran 4-7% slower beside NCCL's transfers, several times what the
-// hops themselves take alone (docs/PERFORMANCE.md), so a hop left exposed may cost less than
-// one overlapped. Not measured on two GPUs yet; off by default. Throws on another value.
-bool serial_hops_from_env();
-
 class CudaResources {
  public:
   explicit CudaResources(Context& ctx);  // collective over ctx

@@ -33,8 +33,7 @@ CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, con
 
 CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
                                    std::int64_t q_len, std::int64_t kv_capacity, KernelKind kernel)
-    : resources_(resources), plan_(std::move(plan)), shape_(shape), dtype_(dtype), q_len_(q_len),
-      serial_hops_(serial_hops_from_env()) {
+    : resources_(resources), plan_(std::move(plan)), shape_(shape), dtype_(dtype), q_len_(q_len) {
   if (!flash_fwd_supports(dtype, shape.head_dim)) {
     throw Error(ErrorCode::invalid_argument, std::string("the CUDA backward pass supports bf16 and fp16 with head_dim "
                                                          "64 or 128, not ") +
@@ -271,7 +270,6 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
         kv_hop.start_pieces(blocks_[cur].get(), slab_rows(send.begin, send.end, held, row_bytes, slabs), to,
                             blocks_[1 - cur].get(), slab_rows(next.held.begin, next.held.end, next.kv_len, row_bytes, slabs),
                             from);
-        if (serial_hops_) kv_hop.wait();  // the hop alone, then the step (the later wait is a no-op)
       }
       if (s >= 0) {
         const RingStep& step = steps[static_cast<std::size_t>(s)];
@@ -290,7 +288,6 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
           if (!acc_ready) acc_hop.wait();
           acc_ready = true;
         };
-        if (serial_hops_) await_acc();  // the sums' hop alone; the kernels then add into them
         sums_rows = step.kv_len;
         const bool store_sums =
             fused_ && !acc_ready && step.tasks.size() == 1 && !task_uses_cudnn(step.tasks[0], step.kv_len);

@@ -122,7 +122,6 @@ class CudaRingBackward {
   RingBufferRef dq_sem_;
   RingBufferRef step_acc_;
   bool one_task_ = false;   // P = 1 and one task covers every row
-  bool serial_hops_ = false;  // RINGATTN_SERIAL_HOPS: each hop completes before the step that follows
   double timeout_s_ = 0.0;
   std::vector<long> peer_pids_;
   std::vector<CudaEvent> step_events_;  // the watchdog's milestones: one per computed step of the last run()

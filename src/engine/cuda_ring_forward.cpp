@@ -42,8 +42,7 @@ CudnnSdpaProblem cudnn_task_problem(const BlockTask& t, std::int64_t step_kv_len
 
 CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const AttentionShape& shape, DType dtype,
                                  std::int64_t q_len, std::int64_t kv_capacity, KernelKind kernel)
-    : resources_(resources), plan_(std::move(plan)), shape_(shape), dtype_(dtype), q_len_(q_len),
-      serial_hops_(serial_hops_from_env()) {
+    : resources_(resources), plan_(std::move(plan)), shape_(shape), dtype_(dtype), q_len_(q_len) {
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
   blocks_[0] = resources_.ring_buffer(0, block_bytes(kv_capacity));
   if (plan_.world > 1 && (plan_.steps.size() > 1 || !plan_.reverse_steps.empty())) {
@@ -342,7 +341,6 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       record_hop("ring step " + std::to_string(s + 1) + ": the block of rank " +
                  std::to_string(plan_.steps[static_cast<std::size_t>(s) + 1].kv_source) + " from rank " +
                  std::to_string(plan_.recv_from) + " (this rank sends to rank " + std::to_string(plan_.send_to) + ")");
-      if (serial_hops_) transport.wait();  // the hop alone, then the step (the later wait is a no-op)
     }
     if (kv_in_place) {
       compute(step.tasks, k.data, v.data, step.kv_len);
@@ -373,7 +371,6 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
                    std::to_string(plan_.reverse_steps[static_cast<std::size_t>(j + 1)].kv_source) + " from rank " +
                    std::to_string(plan_.send_to) + " (this rank sends to rank " + std::to_string(plan_.recv_from) + ")");
         held = next_len;
-        if (serial_hops_) transport.wait();
       }
       if (j >= 0) {
         const RingStep& step = plan_.reverse_steps[static_cast<std::size_t>(j)];

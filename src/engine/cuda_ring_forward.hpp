@@ -115,7 +115,6 @@ class CudaRingForward {
   DType dtype_;
   std::int64_t q_len_;
   bool one_task_ = false;   // P = 1 and one task covers every row: results go straight to out
-  bool serial_hops_ = false;  // RINGATTN_SERIAL_HOPS: each hop completes before the step that follows
   // Packed K then V, (B, S_kv, H_kv, D) each, double-buffered: the resources' ring buffers 0, 1.
   RingBufferRef blocks_[2];
   RingBufferRef o_acc_;      // (B, H, S_local, D) fp32
