@@ -320,7 +320,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
 #endif
       if (prepared.cpu) bytes = static_cast<double>(prepared.cpu->bytes_sent());
       // The busiest rank's bytes: ranks send different amounts (sliding windows trim hops).
-      detail::bounded_allreduce(ctx.comm(), MPI_IN_PLACE, &bytes, 1, MPI_DOUBLE, MPI_MAX, "the check's sizes");
+      detail::bounded_allreduce(ctx.comm(), MPI_IN_PLACE, &bytes, 1, MPI_DOUBLE, MPI_MAX, "the busiest rank's byte count");
       double wrong = -1.0;
       if (o.check) {
         t.download();

@@ -396,7 +396,7 @@ void refuse_if_failed(const Context& ctx) {
   }
 }
 
-// prepare_forward without its bound (which the wrapper below sets).
+// prepare_forward without its check and bound (which the wrapper below, or forward(), sets).
 static PreparedForward prepare_forward_unbounded(Context& ctx, const TensorView& q, const TensorView& k,
                                                  const TensorView& v, const TensorView& out, const TensorView& lse,
                                                  const AttentionOptions& options) {
@@ -533,7 +533,7 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
   detail::check_usable(ctx);
   // The ring's host collectives (linear attention's scan, the sinks' sums) are bounded too.
   detail::bounded_call(ctx, options.timeout_s, [&] {
-    detail::PreparedForward prepared = detail::prepare_forward(ctx, q, k, v, out, lse, options);
+    detail::PreparedForward prepared = detail::prepare_forward_unbounded(ctx, q, k, v, out, lse, options);
 #ifdef RINGATTN_HAVE_CUDA
     // Without a borrowed stream the caller has no stream to order against: start after the
     // legacy default stream's work (what plain cudaMemcpy uses) and return with the result ready.
@@ -556,7 +556,7 @@ void forward(Context& ctx, const TensorView& q, const TensorView& k, const Tenso
 
 namespace detail {
 
-// prepare_backward without its bound (which the wrapper below sets).
+// prepare_backward without its check and bound (which the wrapper below, or backward(), sets).
 static PreparedBackward prepare_backward_unbounded(Context& ctx, const TensorView& q, const TensorView& k,
                                                    const TensorView& v, const TensorView& out, const TensorView& lse,
                                                    const TensorView& dout, const TensorView& dq, const TensorView& dk,
@@ -647,7 +647,8 @@ void backward(Context& ctx, const TensorView& q, const TensorView& k, const Tens
               const TensorView& dv, const AttentionOptions& options) {
   detail::check_usable(ctx);
   detail::bounded_call(ctx, options.timeout_s, [&] {  // as forward()
-    detail::PreparedBackward prepared = detail::prepare_backward(ctx, q, k, v, out, lse, dout, dq, dk, dv, options);
+    detail::PreparedBackward prepared =
+        detail::prepare_backward_unbounded(ctx, q, k, v, out, lse, dout, dq, dk, dv, options);
 #ifdef RINGATTN_HAVE_CUDA
     // As forward(): without a borrowed stream, order after the legacy default stream and return
     // with the gradients ready.

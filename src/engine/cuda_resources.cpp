@@ -82,24 +82,22 @@ RingBuffer::~RingBuffer() {
   RINGATTN_CUDA_CHECK_NOTHROW(cudaSetDevice(current));
 }
 
-RingBufferRef CudaResources::ring_buffer(int slot, std::size_t bytes) {
-  std::shared_ptr<RingBuffer>& buffer = ring_buffers_[slot];
+RingBufferRef CudaResources::slot_buffer(std::shared_ptr<RingBuffer>& buffer, std::size_t bytes,
+                                         const std::shared_ptr<RingBuffer::Registrar>& registrar) {
   if (!buffer || buffer->bytes() < bytes) {
     buffer.reset();  // freed here unless an engine still holds it
     RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
-    buffer = std::make_shared<RingBuffer>(bytes, registrar_);
+    buffer = std::make_shared<RingBuffer>(bytes, registrar);
   }
   return RingBufferRef(buffer);
 }
 
+RingBufferRef CudaResources::ring_buffer(int slot, std::size_t bytes) {
+  return slot_buffer(ring_buffers_[slot], bytes, registrar_);
+}
+
 RingBufferRef CudaResources::scratch(Scratch slot, std::size_t bytes) {
-  std::shared_ptr<RingBuffer>& buffer = scratch_[static_cast<int>(slot)];
-  if (!buffer || buffer->bytes() < bytes) {
-    buffer.reset();  // freed here unless an engine still holds it
-    RINGATTN_CUDA_CHECK(cudaSetDevice(device_));
-    buffer = std::make_shared<RingBuffer>(bytes, nullptr);
-  }
-  return RingBufferRef(buffer);
+  return slot_buffer(scratch_[static_cast<int>(slot)], bytes, nullptr);
 }
 
 bool CudaResources::ring_buffers_registered() const {

@@ -174,6 +174,10 @@ class CudaResources {
   // Over a communicator of two or more ranks, with RINGATTN_NCCL_REGISTER=1 (owned or borrowed).
   void enable_registration(bool borrowed);
   void release_ring_buffers();  // deregistered over a healthy communicator, else only freed
+  // The buffer of a slot, replaced by a new one (registered with `registrar` when given) when
+  // it is smaller than `bytes`.
+  RingBufferRef slot_buffer(std::shared_ptr<RingBuffer>& buffer, std::size_t bytes,
+                            const std::shared_ptr<RingBuffer::Registrar>& registrar);
   void agree_on_registration(Context& ctx);  // collective: registered on every rank or on none
   std::shared_ptr<RingBuffer::Registrar> registrar_;  // null: no registration
   std::shared_ptr<RingBuffer> ring_buffers_[4];
