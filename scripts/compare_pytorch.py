@@ -7,7 +7,8 @@
       PyTorch context parallel (ring attention over NCCL, SDPA inside), per-GPU TFLOP/s.
 
 FLOPs: 4*B*S^2*H*D forward (halved when causal), forward+backward 3.5x forward. Times are
-CUDA-event averages over --iters after --warmup iterations. --json FILE also writes the rows
+CUDA-event averages over --iters after --warmup iterations (or as many as fill --min-time
+seconds, as `ringattn bench --min-time` does). --json FILE also writes the rows
 (rank 0), for scripts/scaling.py.
 
 Inputs: Q, K, V and the backward's dO are drawn as `ringattn bench` draws its synthetic values,
@@ -42,10 +43,23 @@ def flops(batch, seq, heads, dim, causal, backward):
     return f * 3.5 if backward else f
 
 
-def time_ms(fn, warmup, iters):
+def time_ms(fn, warmup, iters, min_time=0.0):
     for _ in range(warmup):
         fn()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if min_time > 0:
+        # One more untimed run, timed alone: enough runs to fill min_time seconds, the most
+        # any rank needs (the ranks of context parallel must run the same count).
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        want = int(min(1e6, -(-min_time * 1e3 // max(start.elapsed_time(stop), 1e-3))))
+        n = torch.tensor([max(iters, want)], device="cuda")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        iters = int(n.item())
     torch.cuda.synchronize()
     start.record()
     for _ in range(iters):
@@ -123,7 +137,7 @@ def run_sdpa(a):
                     gqa = False
                 try:
                     with sdpa_kernel(backend):
-                        ms = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters)
+                        ms = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters, a.min_time)
                     row(seq, a, causal, name, ms, 1)
                 except RuntimeError as e:
                     print(f"  {seq:>9} {name}: not available ({str(e).splitlines()[0][:80]})")
@@ -156,7 +170,7 @@ def run_cp(a):
                 with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
                     for t in (q, k, v):
                         t.requires_grad_(a.backward)
-                    ms = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters)
+                    ms = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters, a.min_time)
                     for t in (q, k, v):  # leaving restores the buffers (a resize)
                         t.requires_grad_(False)
                         t.grad = None
@@ -189,9 +203,14 @@ def main():
                    help="the backward's dO: drawn as Q, or all ones (the old default)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--min-time", type=float, default=0.0, metavar="SECONDS",
+                   help="time at least this long (more runs than --iters where needed), as ringattn bench "
+                        "--min-time: under the power cap the clock swings about once a second")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON (rank 0)")
     a = p.parse_args()
     a.kv_heads = a.kv_heads or a.heads
+    if not 0 <= a.min_time <= 3600:
+        sys.exit(f"compare_pytorch.py: --min-time {a.min_time}: seconds from 0 to 3600")
     a.causal_list = {"no": [False], "yes": [True], "both": [False, True]}[a.causal]
     if not torch.cuda.is_available():
         sys.exit("compare_pytorch.py: no CUDA device")

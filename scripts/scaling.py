@@ -91,8 +91,13 @@ def cmd_run(a):
     log = os.path.join(a.out, "run.log")
     mpiexec = [a.mpiexec] + [f for f in a.mpiexec_flags.split(",") if f]
     shape = ["--heads", str(a.heads), "--kv-heads", str(a.kv_heads or a.heads), "--head-dim", str(a.head_dim)]
-    bench = [a.ringattn, "bench", "--device", a.device, "--layout", a.layout, "--mask", a.mask,
-             "--iters", str(a.iters), "--warmup", str(a.warmup)] + shape + (["--backward"] if a.backward else [])
+    if a.min_time is None:
+        a.min_time = 3.0 if a.device == "cuda" else 0.0
+    if not 0 <= a.min_time <= 3600:
+        fail(f"--min-time {a.min_time}: seconds from 0 to 3600")
+    timing = ["--iters", str(a.iters), "--warmup", str(a.warmup)] + (["--min-time", str(a.min_time)] if a.min_time else [])
+    bench = [a.ringattn, "bench", "--device", a.device, "--layout", a.layout, "--mask", a.mask] + timing + shape + \
+        (["--backward"] if a.backward else [])
     if a.dtype:
         bench += ["--dtype", a.dtype]
     bench += a.bench_args
@@ -114,8 +119,8 @@ def cmd_run(a):
                 b, e = (a.weak * n, a.weak * n) if mode == "weak" else strong  # total tokens
                 cmd = [a.torchrun, "--nproc-per-node", str(n),
                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_pytorch.py"), "cp",
-                       "-b", str(b), "-e", str(e), "-f", "2", "--causal", a.mask, "--iters", str(a.iters),
-                       "--warmup", str(a.warmup), "--json", peer] + shape + (["--backward"] if a.backward else [])
+                       "-b", str(b), "-e", str(e), "-f", "2", "--causal", a.mask, "--json", peer] + timing + shape + \
+                    (["--backward"] if a.backward else [])
                 failures += run_logged(cmd, log) != 0
     print(f"# {failures} failed run(s); log: {log}; next: scripts/scaling.py report {a.out}")
     return 1 if failures else 0
@@ -350,6 +355,9 @@ def main():
     r.add_argument("--backward", action="store_true", help="forward+backward")
     r.add_argument("--iters", type=int, default=5)
     r.add_argument("--warmup", type=int, default=2)
+    r.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
+                   help="each timing covers at least this long (default: 3 on cuda, where the power cap's clock "
+                        "swings about once a second; 0 on cpu)")
     r.add_argument("--pytorch", action="store_true", help="also PyTorch context parallel (torchrun)")
     r.add_argument("--ringattn", default=default_ringattn())
     r.add_argument("--mpiexec", default="mpirun")

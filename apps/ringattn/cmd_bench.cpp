@@ -1,7 +1,7 @@
 // `ringattn bench`: sweeps of sequence length, timed like nccl-tests.
 //
-// For each length and mask: warm-up runs, then --iters timed runs (CUDA events on GPUs,
-// MPI_Wtime on CPUs), the slowest rank's average. Also times the same per-rank block work
+// For each length and mask: warm-up runs, then --iters timed runs, or as many as fill
+// --min-time seconds (CUDA events on GPUs, MPI_Wtime on CPUs), the slowest rank's average. Also times the same per-rank block work
 // with no communication (every step computes on the rank's own block): overlap efficiency =
 // that time / the ring's time (1.0 means communication is completely hidden).
 // --check compares sampled rows of every rank (16 rows, first and last head) with the fp64
@@ -37,14 +37,29 @@ namespace {
 struct Timing {
   double ring_ms = 0.0;
   double solo_ms = 0.0;  // 0 where not measured
+  int ring_runs = 0, solo_runs = 0;
 };
 
-// Average milliseconds of `iters` runs after `warmup`, the slowest rank's.
-// On GPUs at most two runs are in flight, and every wait goes through the watchdog
-// (--timeout), so a stalled peer ends the benchmark instead of filling the launch queue.
+// How many timed runs cover `min_time_s` at `probe_ms` a run (at least `iters`), the most that
+// any rank needs: the ranks of a ring must run the same count.
+int runs_for(Context& ctx, int iters, double min_time_s, double probe_ms) {
+  if (min_time_s <= 0.0) return iters;  // (every rank has the same --min-time: they agreed on it)
+  const double want = std::ceil(min_time_s * 1e3 / std::max(probe_ms, 1e-3));
+  int n = std::max(iters, static_cast<int>(std::min(want, 1e6)));
+  detail::bounded_allreduce(ctx.comm(), MPI_IN_PLACE, &n, 1, MPI_INT, MPI_MAX, "the number of timed runs");
+  return n;
+}
+
+// Average milliseconds of `iters` runs after `warmup`, the slowest rank's; with `min_time_s`,
+// one more untimed run measures how many runs (at least `iters`) fill that time, and `runs`
+// says how many were timed. On GPUs at most two runs are in flight, and every wait goes
+// through the watchdog (--timeout), so a stalled peer ends the benchmark instead of filling
+// the launch queue.
 template <class Fn>
-double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, int iters, Fn&& run_once) {
+double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, int iters, double min_time_s, int& runs,
+                 Fn&& run_once) {
   double ms = 0.0;
+  runs = iters;
 #ifdef RINGATTN_HAVE_CUDA
   if (prepared.cuda_stream() != nullptr) {
     const cudaStream_t stream = prepared.cuda_stream();
@@ -52,10 +67,21 @@ double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, in
       run_once();
       prepared.wait_cuda();
     }
-    detail::bounded_barrier(ctx.comm(), "the start of a timed run");
     detail::CudaEvent start(true), stop(true), issued[2];
+    double probe_ms = 0.0;
+    if (min_time_s > 0.0) {
+      RINGATTN_CUDA_CHECK(cudaEventRecord(start, stream));
+      run_once();
+      RINGATTN_CUDA_CHECK(cudaEventRecord(stop, stream));
+      prepared.wait_cuda(stop);
+      float elapsed = 0.0f;
+      RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
+      probe_ms = elapsed;
+    }
+    runs = runs_for(ctx, iters, min_time_s, probe_ms);
+    detail::bounded_barrier(ctx.comm(), "the start of a timed run");
     RINGATTN_CUDA_CHECK(cudaEventRecord(start, stream));
-    for (int i = 0; i < iters; ++i) {
+    for (int i = 0; i < runs; ++i) {
       if (i >= 2) prepared.wait_cuda(issued[i % 2]);  // run i - 2 has finished
       run_once();
       RINGATTN_CUDA_CHECK(cudaEventRecord(issued[i % 2], stream));
@@ -64,15 +90,22 @@ double time_runs(Context& ctx, detail::PreparedForward& prepared, int warmup, in
     prepared.wait_cuda(stop);
     float elapsed = 0.0f;
     RINGATTN_CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
-    ms = elapsed / iters;
+    ms = elapsed / runs;
   }
 #endif
   if (prepared.cpu || prepared.linear) {
     for (int i = 0; i < warmup; ++i) run_once();
+    double probe_ms = 0.0;
+    if (min_time_s > 0.0) {
+      const double t = MPI_Wtime();
+      run_once();
+      probe_ms = (MPI_Wtime() - t) * 1e3;
+    }
+    runs = runs_for(ctx, iters, min_time_s, probe_ms);
     detail::bounded_barrier(ctx.comm(), "the start of a timed run");
     const double t0 = MPI_Wtime();
-    for (int i = 0; i < iters; ++i) run_once();
-    ms = (MPI_Wtime() - t0) * 1e3 / iters;
+    for (int i = 0; i < runs; ++i) run_once();
+    ms = (MPI_Wtime() - t0) * 1e3 / runs;
   }
   double slowest = 0.0;
   detail::bounded_allreduce(ctx.comm(), &ms, &slowest, 1, MPI_DOUBLE, MPI_MAX, "the slowest rank's time");
@@ -170,6 +203,20 @@ std::string transfers_text(const char* what, const detail::TransferProfile& t) {
 nlohmann::json transfers_json(const detail::TransferProfile& t) {
   return {{"count", t.count}, {"ms", t.ms}, {"bytes_received", t.bytes}};
 }
+
+// The mean of two profiled backward runs of the same problem (same steps, same hops).
+detail::CudaRingBackward::Breakdown mean_of(const detail::CudaRingBackward::Breakdown& a,
+                                            const detail::CudaRingBackward::Breakdown& b) {
+  detail::CudaRingBackward::Breakdown m = a;
+  m.total_ms = (a.total_ms + b.total_ms) / 2;
+  m.other_ms = (a.other_ms + b.other_ms) / 2;
+  for (std::size_t i = 0; i < m.step_kernel_ms.size() && i < b.step_kernel_ms.size(); ++i) {
+    m.step_kernel_ms[i] = (a.step_kernel_ms[i] + b.step_kernel_ms[i]) / 2;
+  }
+  m.kv.ms = (a.kv.ms + b.kv.ms) / 2;
+  m.sums.ms = (a.sums.ms + b.sums.ms) / 2;
+  return m;
+}
 #endif
 
 }  // namespace
@@ -201,8 +248,10 @@ int bench_command(Context& ctx, const BenchOptions& o) {
   std::vector<char> lines(line.size() * static_cast<std::size_t>(ctx.size()));
   detail::bounded_gather(ctx.comm(), line.data(), static_cast<int>(line.size()), MPI_CHAR, lines.data(), 0,
                          "the gathering of the ranks' lines");
-  print0(ctx, "# ringattn bench %s: %d ranks, kernel: %s, %d warm-up + %d timed iterations\n", version(), ctx.size(),
-         device == DeviceKind::cuda ? ("--kernel " + base.kernel).c_str() : "cpu", o.warmup, o.iters);
+  char runs_text[96] = "";
+  if (o.min_time > 0.0) std::snprintf(runs_text, sizeof runs_text, " (more where needed to time %g s)", o.min_time);
+  print0(ctx, "# ringattn bench %s: %d ranks, kernel: %s, %d warm-up + %d timed iterations%s\n", version(), ctx.size(),
+         device == DeviceKind::cuda ? ("--kernel " + base.kernel).c_str() : "cpu", o.warmup, o.iters, runs_text);
   for (int r = 0; r < ctx.size(); ++r) print0(ctx, "#   rank %d: %s\n", r, &lines[line.size() * static_cast<std::size_t>(r)]);
   print0(ctx, "# seq = total tokens; TFLOP/s per GPU/rank with 4*B*S^2*H*D (halved when causal%s); comm = bytes "
               "sent by the busiest rank / time; overlap = no-comm time / ring time\n",
@@ -254,7 +303,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       Timing timing;
 #ifdef RINGATTN_HAVE_CUDA
       detail::CudaRingForward::Breakdown breakdown;
-      detail::CudaRingBackward::Breakdown bwd_solo, bwd_ring;
+      detail::CudaRingBackward::Breakdown bwd_solo, bwd_ring, bwd_solo_runs[2], bwd_ring_runs[2];
 #endif
       // With --backward every timed run is a forward and a backward pass.
       std::unique_ptr<GradientTensors> grads;
@@ -277,22 +326,24 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                            grads->dv_view);
         }
       };
-      timing.ring_ms = time_runs(ctx, prepared, o.warmup, o.iters, run_once);
+      timing.ring_ms = time_runs(ctx, prepared, o.warmup, o.iters, o.min_time, timing.ring_runs, run_once);
       double bytes = 0.0;
 #ifdef RINGATTN_HAVE_CUDA
       if (prepared.cuda) {
         bytes = static_cast<double>(prepared.cuda->bytes_sent_per_run());
         if (prepared_bwd.cuda) bytes += static_cast<double>(prepared_bwd.cuda->bytes_sent_per_run());
-        timing.solo_ms = time_runs(ctx, prepared, o.warmup, o.iters, [&] {
+        timing.solo_ms = time_runs(ctx, prepared, o.warmup, o.iters, o.min_time, timing.solo_runs, [&] {
           prepared.cuda->run(t.q, t.k, t.v, t.out, t.lse, prepared.scale, false);
           if (prepared_bwd.cuda) {
             prepared_bwd.cuda->run(t.q, t.k, t.v, t.out, t.lse, grads->dout_view, grads->dq_view, grads->dk_view,
                                    grads->dv_view, prepared_bwd.scale, false);
           }
         });
-        // The backward pass profiled once without, then once with communication (timing events
-        // around each step's kernels and the other work; the ring's run last, so that its
-        // gradients are the ones left).
+        // The backward pass profiled with and without communication (timing events around each
+        // step's kernels and the other work), in the order without, with, with, without, each
+        // pair's mean reported: a GPU under its power cap slows as it warms, and one run of each
+        // in a fixed order charged that drift to whichever ran second. (--check samples the
+        // forward's output, not the gradients: which run comes last does not matter to it.)
         if (prepared_bwd.cuda) {
           auto profile = [&](bool communicate) {
             prepared_bwd.cuda->set_profiling(true);
@@ -302,8 +353,12 @@ int bench_command(Context& ctx, const BenchOptions& o) {
             prepared_bwd.cuda->set_profiling(false);
             return prepared_bwd.cuda->breakdown();
           };
-          bwd_solo = profile(false);
-          bwd_ring = profile(true);
+          bwd_solo_runs[0] = profile(false);
+          bwd_ring_runs[0] = profile(true);
+          bwd_ring_runs[1] = profile(true);
+          bwd_solo_runs[1] = profile(false);
+          bwd_solo = mean_of(bwd_solo_runs[0], bwd_solo_runs[1]);
+          bwd_ring = mean_of(bwd_ring_runs[0], bwd_ring_runs[1]);
         }
         // One more ring run, profiled (timing events around kernels, merges and copies), which
         // also leaves the ring's result for --check.
@@ -344,6 +399,7 @@ int bench_command(Context& ctx, const BenchOptions& o) {
       table.push_back({{"seq", p.seq}, {"backward", p.backward}, {"batch", p.batch}, {"heads", p.heads}, {"kv_heads", p.kv_heads},
                       {"head_dim", p.head_dim}, {"causal", causal}, {"layout", to_string(p.layout)},
                       {"dtype", to_string(p.dtype)}, {"time_ms", timing.ring_ms}, {"solo_ms", timing.solo_ms},
+                      {"timed_runs", timing.ring_runs}, {"solo_timed_runs", timing.solo_runs},
                       {"tflops_per_rank", tflops}, {"comm_gbps", gbps}, {"overlap", overlap}, {"wrong", wrong}});
 #ifdef RINGATTN_HAVE_CUDA
       if (breakdown.steps > 0) {
@@ -370,7 +426,8 @@ int bench_command(Context& ctx, const BenchOptions& o) {
           return text;
         };
         print0(ctx,
-               "#   backward (rank 0, one profiled run of %.3f ms, %.3f ms without communication): block kernels "
+               "#   backward (rank 0, means of two profiled runs of each, in the order without, with, with, without "
+               "communication: %.3f ms, %.3f ms without): block kernels "
                "per step %s ms (%s), other work %.3f ms (%.3f), waits for transfers and gaps %.3f ms (%.3f)%s%s\n",
                bwd_ring.total_ms, bwd_solo.total_ms, list(bwd_ring.step_kernel_ms).c_str(),
                list(bwd_solo.step_kernel_ms).c_str(), bwd_ring.other_ms, bwd_solo.other_ms, bwd_ring.wait_ms(),
@@ -381,7 +438,11 @@ int bench_command(Context& ctx, const BenchOptions& o) {
                                 {"other", b.other_ms},          {"waits", b.wait_ms()},
                                 {"kv_transfers", transfers_json(b.kv)}, {"sum_transfers", transfers_json(b.sums)}};
         };
-        table.back()["backward_ms"] = {{"ring", json(bwd_ring)}, {"without_communication", json(bwd_solo)}};
+        table.back()["backward_ms"] = {
+            {"ring", json(bwd_ring)},
+            {"without_communication", json(bwd_solo)},
+            {"runs_in_order",
+             {json(bwd_solo_runs[0]), json(bwd_ring_runs[0]), json(bwd_ring_runs[1]), json(bwd_solo_runs[1])}}};
       }
 #endif
     }

@@ -33,6 +33,7 @@ struct BenchOptions {
   std::string causal = "both";
   int warmup = 3;
   int iters = 10;
+  double min_time = 0.0;  // --min-time: seconds each timing covers at least (more runs than iters)
   bool check = false;
   std::string json_path;
 };

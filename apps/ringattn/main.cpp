@@ -89,6 +89,21 @@ int run_cli(int argc, char** argv) {
       ->check(CLI::IsMember({"no", "yes", "both"}));
   bench_cmd->add_option("--warmup", bench.warmup, "Untimed runs first")->check(at_least(0));
   bench_cmd->add_option("--iters", bench.iters, "Timed runs")->check(at_least(1));
+  bench_cmd
+      ->add_option("--min-time", bench.min_time,
+                   "Seconds each timing covers at least: more timed runs than --iters where needed (under a "
+                   "power cap the GPU clock swings about once a second, so shorter timings vary by a few %)")
+      ->check(CLI::Validator(
+          [](std::string& value) -> std::string {
+            try {
+              std::size_t used = 0;
+              const double x = std::stod(value, &used);
+              if (used == value.size() && x >= 0.0 && x <= 3600.0) return {};  // (NaN fails both)
+            } catch (const std::exception&) {
+            }
+            return "must be a number of seconds from 0 to 3600, got '" + value + "'";
+          },
+          "SECONDS"));
   bench_cmd->add_flag("--check", bench.check, "Compare sampled rows with the fp64 reference (#wrong)");
   bench_cmd->add_option("--json", bench.json_path, "Write the table as JSON here");
 
@@ -186,6 +201,7 @@ int run_cli(int argc, char** argv) {
                                {"--mask", text(bench.causal), other},
                                {"--warmup", bench.warmup},
                                {"--iters", bench.iters},
+                               {"--min-time", text(std::to_string(bench.min_time)), other},
                                {"--check", bench.check}},
                               "command-line options");
     // Rules between a command's options (the same verdict on every rank: they agree).

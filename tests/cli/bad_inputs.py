@@ -138,6 +138,8 @@ def main():
         ("--dout without --backward", 2, ["run"] + files(f) + ["--dout", f["q"]], ["--dout needs --backward"]),
         ("bench: -e below -b", 3, ["bench", "-b", "512", "-e", "256"], ["-e 256 is below -b 512"]),
         ("bench: factor 1", 2, ["bench", "-f", "1"], ["--factor"], 2),
+        ("bench: --min-time NaN", 2, ["bench", "--min-time", "nan"], ["--min-time: must be a number of seconds"], 2),
+        ("bench: --min-time negative", 2, ["bench", "--min-time=-1"], ["--min-time: must be a number of seconds"], 2),
         ("--kernel cudnn on the cpu", 2, ["run", "--seq", "64", "--kernel", "cudnn"], ["--kernel cudnn needs --device cuda"]),
         ("unknown --kernel", 2, ["run", "--kernel", "flash"], ["flash"], 2),
         ("linear attention, zigzag layout", 3, ["run", "--seq", "64", "--attention", "linear", "--layout", "zigzag"],

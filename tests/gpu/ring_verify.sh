@@ -265,6 +265,17 @@ for row in rows:
         assert (sums["count"], sums["bytes_received"]) == (sum_n, sum_b), "%s sum transfers: %s" % (kind, sums)
         for t in (kv, sums):
             assert (t["ms"] > 0) == (t["count"] > 0), "%s: %s" % (kind, t)
+    # Four profiled runs in the order without, with, with, without communication; the
+    # breakdowns above are the means of each pair.
+    runs = row["backward_ms"]["runs_in_order"]
+    assert len(runs) == 4, "four profiled runs, got %d" % len(runs)
+    for run, kind in zip(runs, ("without_communication", "ring", "ring", "without_communication")):
+        assert run["kv_transfers"]["count"] == expect[kind][0], "%s run: %s" % (kind, run)
+    for kind, pair in (("without_communication", (runs[0], runs[3])), ("ring", (runs[1], runs[2]))):
+        mean = row["backward_ms"][kind]
+        assert abs(mean["total"] - (pair[0]["total"] + pair[1]["total"]) / 2) < 1e-6, "%s: not the mean" % kind
+        assert all(abs(m - (a + b) / 2) < 1e-6 for m, a, b in
+                   zip(mean["step_kernels"], pair[0]["step_kernels"], pair[1]["step_kernels"])), kind
     fwd = row["forward_step_ms"]["kv_transfers"]
     assert (fwd["count"], fwd["bytes_received"]) == (hops, hops * kv_bytes) and (fwd["ms"] > 0) == (hops > 0), fwd
 print("ok")
