@@ -2,7 +2,8 @@
 // --backward, backward()) through the public C++ API on a borrowed stream, each call checking,
 // agreeing, preparing, running and releasing its engine, against the same work on one engine
 // prepared once (what `ringattn bench` times). Run under mpirun, one rank per GPU.
-//   ringattn_api_bench [--heads 32] [--head-dim 128] [--causal] [--backward] [--iters 10] S...
+//   ringattn_api_bench [--heads 32] [--head-dim 128] [--causal] [--backward] [--iters 10]
+//                      [--window W [--sinks N]] S...
 // Prints per S (total tokens): ms per call through the API and prepared, and how long the
 // host spent inside the API calls (a call that waits for the GPU blocks the host as long as
 // the GPU works; one that only enqueues returns at once).
@@ -27,7 +28,7 @@ namespace {
 [[noreturn]] void usage(const std::string& why) {
   std::fprintf(stderr,
                "ringattn_api_bench: %s\nusage: ringattn_api_bench [--heads H] [--head-dim 64|128] [--causal] "
-               "[--backward] [--iters N] S...\n",
+               "[--backward] [--iters N] [--window W [--sinks N]] S...\n",
                why.c_str());
   std::exit(2);
 }
@@ -40,7 +41,7 @@ double now_ms() {
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
-  int H = 32, D = 128, iters = 10;
+  int H = 32, D = 128, iters = 10, window = -1, sinks = 0;
   bool causal = false, with_backward = false;
   std::vector<std::int64_t> lengths;
   for (int i = 1; i < argc; ++i) {
@@ -55,6 +56,10 @@ int main(int argc, char** argv) {
       D = value();
     } else if (a == "--iters") {
       iters = value();
+    } else if (a == "--window") {
+      window = value();
+    } else if (a == "--sinks") {
+      sinks = value();
     } else if (a == "--causal") {
       causal = true;
     } else if (a == "--backward") {
@@ -82,11 +87,14 @@ int main(int argc, char** argv) {
     Context ctx(MPI_COMM_WORLD, copt);
     AttentionOptions opt;
     opt.causal = causal;
-    opt.layout = LayoutKind::zigzag;
+    opt.layout = window >= 0 ? LayoutKind::contiguous : LayoutKind::zigzag;  // (windows need contiguous)
+    opt.window = window;
+    opt.sinks = sinks;
     opt.kernel = KernelKind::native;
     if (ctx.rank() == 0) {
-      std::printf("# B=1 H=%d D=%d bf16 %s zigzag, %d ranks, %d calls each; ms per call%s\n", H, D,
-                  causal ? "causal" : "full", ctx.size(), iters, with_backward ? " (forward + backward)" : "");
+      std::printf("# B=1 H=%d D=%d bf16 %s %s, window %d, sinks %d, %d ranks, %d calls each; ms per call%s\n", H, D,
+                  causal ? "causal" : "full", window >= 0 ? "contiguous" : "zigzag", window, sinks, ctx.size(), iters,
+                  with_backward ? " (forward + backward)" : "");
       std::printf("%10s %12s %12s %14s %14s\n", "S", "api_ms", "prepared_ms", "api_host_ms", "prepared_host");
     }
     for (const std::int64_t S : lengths) {

@@ -34,7 +34,7 @@ struct ContextOptions {
   // borrowed communicator as it is: destroy the Context, then abort it (ncclCommAbort).
   void* nccl_comm = nullptr;    // an ncclComm_t over the same ranks, in the same order
   // A cudaStream_t: forward() and backward() are ordered on it and return without waiting for
-  // the device (except with attention sinks, whose per-call buffers are freed, which waits).
+  // the device.
   void* cuda_stream = nullptr;
 };
 

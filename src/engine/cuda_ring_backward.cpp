@@ -48,9 +48,8 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   }
   if (!plan_.reverse_steps.empty() || plan_.sink_len > 0) home_ = resources_.scratch(Scratch::bwd_home, acc_bytes(q_len));
   if (plan_.sink_len > 0) {
-    sink_block_ = DeviceBuffer(kv_bytes(plan_.sink_len));
-    sink_acc_ = DeviceBuffer(acc_bytes(plan_.sink_len));
-    RINGATTN_CUDA_CHECK(cudaMemset(sink_block_.get(), 0, sink_block_.bytes()));
+    sink_block_ = resources_.scratch(Scratch::bwd_sink_block, kv_bytes(plan_.sink_len));
+    sink_acc_ = resources_.scratch(Scratch::bwd_sink_acc, acc_bytes(plan_.sink_len));
   }
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
   dq_acc_ = resources_.scratch(Scratch::bwd_dq_acc, rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));

@@ -133,8 +133,8 @@ class CudaRingBackward {
   std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, int, std::int64_t, std::int64_t>>
       cudnn_tasks_;
   RingBufferRef home_;         // sliding window: this rank's dK, dV sums while the reverse pass runs
-  DeviceBuffer sink_block_;    // sliding window with sinks: the sink tokens' K, V
-  DeviceBuffer sink_acc_;      // and their dK, dV sums
+  RingBufferRef sink_block_;   // sliding window with sinks: the sink tokens' K, V
+  RingBufferRef sink_acc_;     // and their dK, dV sums
   RingBufferRef dq_block_;     // cuDNN's task results: dQ (B, q_len, H, D) in dtype,
   RingBufferRef dkv_block_;    // dK then dV (B, kv_len, H_kv, D) in dtype,
   RingBufferRef stats_block_;  // and its LSE rows (B, H, q_len) fp32

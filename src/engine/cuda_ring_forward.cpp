@@ -48,10 +48,7 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
   if (plan_.world > 1 && (plan_.steps.size() > 1 || !plan_.reverse_steps.empty())) {
     blocks_[1] = resources_.ring_buffer(1, block_bytes(kv_capacity));
   }
-  if (plan_.sink_len > 0) {
-    sink_block_ = DeviceBuffer(block_bytes(plan_.sink_len));
-    RINGATTN_CUDA_CHECK(cudaMemset(sink_block_.get(), 0, sink_block_.bytes()));
-  }
+  if (plan_.sink_len > 0) sink_block_ = resources_.scratch(Scratch::fwd_sink_block, block_bytes(plan_.sink_len));
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
   o_acc_ = resources_.scratch(Scratch::fwd_o_acc, rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
   lse_acc_ = resources_.scratch(Scratch::fwd_lse_acc, rows * sizeof(float));
@@ -179,6 +176,9 @@ std::uint64_t gather_sink_block(CudaResources& resources, const RingPlan& plan, 
   auto* sink = static_cast<unsigned char*>(sink_block);
   const auto* own = static_cast<const unsigned char*>(own_block);
   const std::int64_t mine = plan.sink_rows[static_cast<std::size_t>(plan.rank)];
+  // Without communication (the bench's comparison run) the other owners' rows stay as they
+  // are: zeros, rather than whatever the kept buffer last held (possibly never written).
+  if (!communicate && P > 1) RINGATTN_CUDA_CHECK(cudaMemsetAsync(sink, 0, 2 * half_sink, stream));
   for (int which = 0; which < 2; ++which) {
     unsigned char* dst = sink + static_cast<std::size_t>(which) * half_sink +
                          static_cast<std::size_t>(begin[static_cast<std::size_t>(plan.rank)]) * row_bytes;

@@ -132,7 +132,7 @@ class CudaRingForward {
   std::vector<Hop> hops_;
   double timeout_s_ = 0.0;
   std::vector<long> peer_pids_;
-  DeviceBuffer sink_block_;  // sliding window with sinks: K then V of the sink tokens
+  RingBufferRef sink_block_;  // sliding window with sinks: K then V of the sink tokens
   std::uint64_t bytes_sent_per_run_ = 0;
   CudnnSdpa* cudnn_ = nullptr;  // set when cuDNN computes (some of) the tasks
   // --kernel auto: tasks where the native kernel is measured faster run on it even when cuDNN
