@@ -225,7 +225,7 @@ void validate_window(const TensorView& k, const AttentionOptions& options) {
   if (options.sinks < 0) invalid("sinks must be >= 0, got " + std::to_string(options.sinks));
   if (options.window < 0) {
     if (options.window != -1) invalid("window must be >= 0 (or -1: none), got " + std::to_string(options.window));
-    if (options.sinks > 0) invalid("sinks need a sliding window (--window)");
+    if (options.sinks > 0) invalid("sinks need a sliding window (window >= 0, --window)");
     return;
   }
   if (options.attention != AttentionKind::softmax) invalid("a sliding window applies to softmax attention only");
@@ -241,7 +241,7 @@ void validate_window(const TensorView& k, const AttentionOptions& options) {
 // Linear attention's own rules (on top of validate()).
 void validate_linear(const TensorView& q, const TensorView& lse, const AttentionOptions& options) {
   if (options.layout != LayoutKind::contiguous) {
-    invalid(std::string("--attention linear needs the contiguous layout (its prefix scan follows the ranks' order), "
+    invalid(std::string("linear attention (--attention linear) needs the contiguous layout (its prefix scan follows the ranks' order), "
                         "not ") + to_string(options.layout));
   }
   if (lse.data != nullptr) invalid("lse: linear attention has no LSE (pass none)");

@@ -69,7 +69,7 @@ void complete(std::unique_ptr<Posted>& posted, MPI_Comm comm, const std::string&
   const std::string cause =
       bound->peer_pids() != nullptr ? stalled_node_peers(*bound->peer_pids(), rank) : std::string();
   throw Error(ErrorCode::timeout,
-              "rank " + std::to_string(rank) + ": waited " + seconds_text(limit) + " s (--timeout) in " + what +
+              "rank " + std::to_string(rank) + ": waited " + seconds_text(limit) + " s (timeout_s, --timeout) in " + what +
                   " for the other ranks; " +
                   (cause.empty() ? std::string("a rank is stopped, hung or far slower, or did not make the same call")
                                  : cause) +

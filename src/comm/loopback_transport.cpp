@@ -23,7 +23,7 @@ T LoopbackHub::pop(std::map<Key, std::deque<T>>& queues, const Key& key, double 
   if (timeout_s > 0.0) {
     if (!changed_.wait_for(lock, std::chrono::duration<double>(timeout_s), ready)) {
       throw Error(ErrorCode::timeout, "local group: member " + std::to_string(waiter) + " waited " +
-                                          detail::seconds_text(timeout_s) + " s (--timeout) for " + what +
+                                          detail::seconds_text(timeout_s) + " s (timeout_s, --timeout) for " + what +
                                           " from member " + std::to_string(peer));
     }
   } else {

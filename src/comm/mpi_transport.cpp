@@ -80,7 +80,7 @@ void MpiTransport::wait() {
                       detail::seconds_text(timeout_s_) + " s for " +
                       (receiving ? "the block from rank " + std::to_string(recv_from_)
                                  : "rank " + std::to_string(send_to_) + " to take this rank's block") +
-                      " (--timeout); " +
+                      " (timeout_s, --timeout); " +
                       (cause.empty() ? std::string("that rank is stopped, hung or far slower (or waits on one that is)")
                                      : cause));
     }

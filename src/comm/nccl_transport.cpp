@@ -22,7 +22,7 @@ void nccl_settle(ncclComm_t comm, double timeout_s) {
     const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (timeout_s > 0.0 && waited > timeout_s) {
       throw Error(ErrorCode::timeout, "NCCL: an operation was still being enqueued after " +
-                                          detail::seconds_text(timeout_s) + " s (--timeout)");
+                                          detail::seconds_text(timeout_s) + " s (timeout_s, --timeout)");
     }
     if (polls > 100) std::this_thread::sleep_for(std::chrono::microseconds(100));
   }

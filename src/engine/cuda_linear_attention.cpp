@@ -20,7 +20,7 @@ CudaLinearAttention::CudaLinearAttention(CudaResources& resources, const LinearA
   const std::int64_t B = problem.batch, H = problem.heads, D = problem.head_dim;
   if (!linear_cuda_supports(D)) {
     throw Error(ErrorCode::invalid_argument,
-                "--attention linear on GPUs supports head_dim 64 and 128, not " + std::to_string(D));
+                "linear attention (--attention linear) on GPUs supports head_dim 64 and 128, not " + std::to_string(D));
   }
   RINGATTN_CUDA_CHECK(cudaSetDevice(resources_.device()));
   // Enough groups per (batch, head) that the output pass has ~4 CTAs per SM, whole chunks each.

@@ -260,7 +260,7 @@ void CudaResources::wait(cudaEvent_t event, double timeout_s, const std::functio
                                                 : " (the borrowed communicator is left as it is)";
       if (failed) throw Error(ErrorCode::nccl, "cuda:" + std::to_string(device_) + ": NCCL failed: " + nccl_error + "; " + pending + what);
       throw Error(ErrorCode::timeout, "cuda:" + std::to_string(device_) + ": waited " +
-                                          detail::seconds_text(timeout_s) + " s (--timeout) for " + pending + what);
+                                          detail::seconds_text(timeout_s) + " s (timeout_s, --timeout) for " + pending + what);
     }
     // Spin briefly (short waits stay short), then poll every 100 us.
     if (polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(100));

@@ -117,7 +117,7 @@ CudaRingBackward::CudaRingBackward(CudaResources& resources, RingPlan plan, cons
   }
   if (on_cudnn == 0) {
     if (kernel == KernelKind::cudnn) {
-      throw Error(ErrorCode::invalid_argument, "--kernel cudnn: cuDNN cannot run this backward pass: " + why_not);
+      throw Error(ErrorCode::invalid_argument, "kernel cudnn (--kernel cudnn): cuDNN cannot run this backward pass: " + why_not);
     }
     kernel_description_ = native + " (cuDNN not used: " + why_not + ")";
     return;

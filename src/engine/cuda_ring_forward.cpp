@@ -125,7 +125,7 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
     }
   }
   if (kernel == KernelKind::cudnn) {
-    throw Error(ErrorCode::invalid_argument, "--kernel cudnn: cuDNN cannot run this problem: " + why_not);
+    throw Error(ErrorCode::invalid_argument, "kernel cudnn (--kernel cudnn): cuDNN cannot run this problem: " + why_not);
   }
   kernel_description_ = native + " (cuDNN not used: " + why_not + ")";
 }

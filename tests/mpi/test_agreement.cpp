@@ -271,7 +271,7 @@ TEST(Agreement, ARankThatSkipsTheCallTimesTheOthersOut) {
       } catch (const Error& e) {
         EXPECT_EQ(e.code(), ErrorCode::timeout) << e.what();
         EXPECT_FALSE(e.on_all_ranks()) << e.what();
-        EXPECT_NE(std::string(e.what()).find("waited 1 s (--timeout) in the agreement on a call's checks"),
+        EXPECT_NE(std::string(e.what()).find("waited 1 s (timeout_s, --timeout) in the agreement on a call's checks"),
                   std::string::npos)
             << e.what();
       }
