@@ -69,7 +69,7 @@ std::vector<T> rows_at(const std::vector<T>& all, const Case& c, const std::vect
 // filled with NaN, whose other rows must stay untouched; its rows are then added to the
 // block's accumulator (so a NaN left in a task's rows, e.g. of keys no query sees, fails).
 std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& rel_err, bool store = false,
-                                    int head_chunk = 0) {
+                                    int head_chunk = 0, int split_parts = 0) {
   const Layout layout(c.layout, c.seq, c.world);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
   std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
@@ -182,6 +182,7 @@ std::vector<unsigned char> run_case(const Case& c, FlashKernel kernel, double& r
       p.scale = static_cast<float>(scale);
       p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
       p.head_chunk = head_chunk;
+      p.split_parts = split_parts;
       for (const BlockTask& t : *tasks) {
         set_task_fields(p, t);
         if (kernel != FlashKernel::mma_sync && !flash_bwd_wgmma_supports(p)) {
@@ -355,16 +356,71 @@ TEST_F(FlashBwd, EveryHeadChunkGivesTheSameBits) {
                         Case{1, 1024, 6, 6, 64, true, LayoutKind::contiguous, 1, DType::bf16},
                         Case{1, 768, 12, 6, 128, true, LayoutKind::zigzag, 2, DType::f16}}) {
     double err = 0.0;
-    const std::vector<unsigned char> rule = run_case(c, FlashKernel::wgmma_fused, err);
+    // (No tail split: which key blocks it splits, and so how their dK/dV sums are formed,
+    // follows the launch order.)
+    const std::vector<unsigned char> rule = run_case(c, FlashKernel::wgmma_fused, err, false, 0, 1);
     EXPECT_LE(err, gradient_tolerance(c.dtype)) << name(c);
     for (const int hc : {1, 2, 3, 4, 6}) {
       SCOPED_TRACE(name(c) + " head chunk " + std::to_string(hc));
       double err_hc = 0.0;
-      const std::vector<unsigned char> got = run_case(c, FlashKernel::wgmma_fused, err_hc, false, hc);
+      const std::vector<unsigned char> got = run_case(c, FlashKernel::wgmma_fused, err_hc, false, hc, 1);
       EXPECT_LE(err_hc, gradient_tolerance(c.dtype));
       EXPECT_TRUE(got == rule) << "the gradients depend on the launch order";
     }
   }
+}
+
+// The last wave's split (flash_bwd_fused_sm90.cuh): key blocks of a full-mask launch given to
+// 2 or 4 CTAs that walk consecutive shares of the query tiles and add their dK/dV sums in
+// order (forced here for half of the blocks; the rule splits the last wave's). Within the
+// tolerance, repeatable, in store mode too (part 0 stores, the others add), and dQ's bits
+// those of the unsplit launch: each dQ tile still gets one add per key block, in key-block
+// order.
+TEST_F(FlashBwd, SplitKeyBlocksAddTheirPartsInOrder) {
+  if (!flash_fwd_wgmma_available()) GTEST_SKIP() << "the single-pass kernel needs sm_90a";
+  // (Small: every run computes the fp64 reference. Tasks of 10 and 4 query tiles.)
+  for (const Case& c : {Case{1, 640, 2, 1, 128, false, LayoutKind::contiguous, 1, DType::bf16},
+                        Case{1, 1024, 4, 2, 64, false, LayoutKind::zigzag, 2, DType::f16}}) {
+    double err = 0.0;
+    const std::vector<unsigned char> whole = run_case(c, FlashKernel::wgmma_fused, err, false, 0, 1);
+    EXPECT_LE(err, gradient_tolerance(c.dtype)) << name(c);
+    const auto dq_bytes = static_cast<std::ptrdiff_t>(c.batch * c.seq * c.heads * c.dim * dtype_size(c.dtype));
+    ASSERT_GE(static_cast<std::ptrdiff_t>(whole.size()), dq_bytes);
+    for (const int parts : {2, 4}) {
+      for (const bool store : {false, true}) {
+        SCOPED_TRACE(name(c) + " split in " + std::to_string(parts) + (store ? " store mode" : ""));
+        double e1 = 0.0, e2 = 0.0;
+        const std::vector<unsigned char> got = run_case(c, FlashKernel::wgmma_fused, e1, store, 0, parts);
+        EXPECT_LE(e1, gradient_tolerance(c.dtype));
+        if (!store) {
+          const std::vector<unsigned char> again = run_case(c, FlashKernel::wgmma_fused, e2, store, 0, parts);
+          EXPECT_TRUE(got == again) << "two runs gave different gradients";
+        }
+        ASSERT_EQ(got.size(), whole.size());
+        EXPECT_TRUE(std::equal(got.begin(), got.begin() + dq_bytes, whole.begin())) << "dQ changed with the split";
+      }
+    }
+  }
+}
+
+// The rule: the last wave's key blocks split where that shortens the tail (full masks only).
+TEST(FlashBwdSplit, SplitsTheLastWaveWhereItShortensTheTail) {
+  FlashBwdParams p;
+  auto split = [&](int units, int q_tiles, int sms, bool causal = false) {
+    p.causal = causal ? 1 : 0;
+    return flash_bwd_split(p, units, q_tiles, sms);
+  };
+  EXPECT_EQ(split(8192, 512, 132), std::make_pair(4, 8));    // 64k on two GPUs: 62 waves and 8 CTAs
+  EXPECT_EQ(split(8192, 512, 132, true), std::make_pair(1, 0));  // causal: never
+  EXPECT_EQ(split(8448, 512, 132), std::make_pair(1, 0));    // whole waves
+  EXPECT_EQ(split(512, 32, 132), std::make_pair(1, 0));      // 3 waves and 116: no shorter tail
+  EXPECT_EQ(split(180, 64, 132), std::make_pair(2, 48));     // 48 in 2: one wave of halves
+  EXPECT_EQ(split(8192, 6, 132), std::make_pair(2, 8));      // 6 tiles: halves, not quarters
+  EXPECT_EQ(split(8192, 3, 132), std::make_pair(1, 0));      // too few tiles to share
+  p.split_parts = 1;
+  EXPECT_EQ(split(8192, 512, 132), std::make_pair(1, 0));
+  p.split_parts = 2;
+  EXPECT_EQ(split(100, 8, 132), std::make_pair(2, 50));
 }
 
 // The head chunk: the largest power of two of KV heads whose CTAs walk at most 32k rows of Q,

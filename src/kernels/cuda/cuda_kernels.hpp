@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "kernels/cuda/flash_bwd_params.hpp"
 #include "kernels/cuda/flash_fwd_params.hpp"
@@ -128,13 +129,16 @@ bool flash_bwd_wgmma_supports(const FlashBwdParams& params);
 // Whether a both-parts launch with kernel wgmma_fused runs the single-pass kernel (else the pair).
 bool flash_bwd_fused_supports(const FlashBwdParams& params);
 
-// The words of FlashBwdParams::dq_sem (dQ semaphores and a ticket counter) the single-pass
+// The words of FlashBwdParams::dq_sem (dQ semaphores, a ticket counter, the split blocks' counts) the single-pass
 // kernel needs for a launch with these batch, heads and q_len: allocate at least this many
 // for the largest task.
 std::int64_t flash_bwd_semaphores(const FlashBwdParams& params);
 // How many KV heads' key blocks the single-pass kernel interleaves in its launch order for
 // this task (flash_bwd_fused_sm90.cuh, "the head chunk"): exposed for tests.
 int flash_bwd_head_chunk(const FlashBwdParams& params);
+// The single-pass kernel's tail split of a launch of `units` key blocks of `q_tiles` query tiles
+// each on `sms` SMs: {CTAs per split block (1: none), how many of the last blocks split}.
+std::pair<int, int> flash_bwd_split(const FlashBwdParams& params, int units, int q_tiles, int sms);
 
 // Before the backward ring: delta = rowsum(dO * O) and lse2 = LSE * log2(e) (+inf where LSE
 // is -inf), both (B, H, S) dense fp32. out, dout: (B, S, H, D) f16 or bf16; lse (B, H, S).

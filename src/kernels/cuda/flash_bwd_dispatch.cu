@@ -68,6 +68,11 @@ std::int64_t flash_bwd_semaphores(const FlashBwdParams& p) { return flash::fused
 
 int flash_bwd_head_chunk(const FlashBwdParams& p) { return flash::fused_bwd_head_chunk(p); }
 
+std::pair<int, int> flash_bwd_split(const FlashBwdParams& p, int units, int q_tiles, int sms) {
+  const flash::FusedBwdSplit s = flash::fused_bwd_split(p, units, q_tiles, sms);
+  return {s.parts, s.split};
+}
+
 void flash_bwd(const FlashBwdParams& p, DType dtype, std::int64_t head_dim, cudaStream_t stream, FlashBwdPart part,
                FlashKernel kernel) {
   if (!flash_fwd_supports(dtype, head_dim)) {

@@ -65,6 +65,18 @@
 // hc = 1 -> the rule: 2k 380 -> 434 TFLOP/s, 4k 485 -> 542, 8k 581 -> 603; at 16k the rule's
 // hc = 2 is level with 1; GQA 32/8 causal 4k, hc 2 -> 4: 367 -> 432; docs/PERFORMANCE.md).
 //
+// The last wave: a CTA per key block holds an SM for the whole walk over the query tiles, and
+// a full-mask launch's CTAs all take about as long, so they run in waves of one CTA per SM,
+// and a launch of N CTAs on W SMs whose last wave is partial (N % W = r > 0) runs that wave
+// with W - r SMs idle for a CTA's whole time (a 64k ring of two GPUs: 8,192 CTAs, 62 waves and
+// 8 CTAs). There the last r key blocks (in ticket order) each go to `parts` CTAs (2 or 4) that
+// walk consecutive shares of the query tiles, so the tail is r x parts CTAs of 1 / parts the
+// length. Each share's dQ tiles see this key block once, as before; the dK/dV sums of a block
+// are added by its parts in order: part i waits (acquire) for a per-block count after the
+// ticket counter to reach i, adds (part 0 stores where dkv_store says so), and releases it.
+// A part waits only for lower tickets, so the chain argument above still holds. Only for
+// full-mask launches: causal CTAs differ in length and end with the shortest.
+//
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
 // statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
 // barriers: 1 (the two consumer warpgroups: dS stored), 2 + parity (consumers -> that tile's
@@ -139,8 +151,38 @@ __device__ __forceinline__ void sem_release_add(unsigned int* sem) {
 __host__ __device__ inline std::int64_t fused_bwd_semaphores(const FlashBwdParams& p) {
   return static_cast<std::int64_t>(p.batch) * p.heads * ((p.q_len + 63) / 64);
 }
-// What a launch needs there: the semaphores and the CTAs' ticket counter after them.
-inline std::int64_t fused_bwd_sem_words(const FlashBwdParams& p) { return fused_bwd_semaphores(p) + 1; }
+// The most key blocks a launch splits (fewer than its SMs: the last wave's).
+constexpr int kFusedBwdSplitBlocks = 1024;
+// What a launch needs there: the semaphores, the CTAs' ticket counter after them, then one
+// count per split key block.
+inline std::int64_t fused_bwd_sem_words(const FlashBwdParams& p) {
+  return fused_bwd_semaphores(p) + 1 + kFusedBwdSplitBlocks;
+}
+
+// The tail split of a launch of `units` key blocks, each walking `q_tiles` query tiles, on
+// `sms` SMs (one CTA each): how many CTAs each of the last `split` blocks becomes (1: none).
+struct FusedBwdSplit {
+  int parts = 1, split = 0;
+};
+inline FusedBwdSplit fused_bwd_split(const FlashBwdParams& p, int units, int q_tiles, int sms) {
+  FusedBwdSplit s;
+  if (p.split_parts == 1 || p.causal || sms <= 0) return s;
+  if (p.split_parts > 1) {  // forced (tests): half of the blocks, where each part gets a tile
+    if (q_tiles >= p.split_parts) s = {p.split_parts, std::min(std::max(1, units / 2), kFusedBwdSplitBlocks)};
+    return s;
+  }
+  const int r = units % sms;
+  if (r == 0) return s;
+  // The tail's length in CTA times: 1 unsplit; ceil(r k / W) / k split in k. Each part walks at
+  // least 2 tiles (the K/V load and the epilogue are a part's fixed cost).
+  double best = 1.0;
+  for (int k : {2, 4}) {
+    if (q_tiles < 2 * k || r > kFusedBwdSplitBlocks) continue;
+    const double tail = static_cast<double>((r * k + sms - 1) / sms) / k;
+    if (tail < best - 1e-9) best = tail, s = {k, r};
+  }
+  return s;
+}
 
 // The rows of Q, dO and dQ per KV head that the CTAs of a head chunk may walk at once: 32k
 // (at head dim 128 that is 32 MiB of the 50 MiB L2; head dim 64 measured best at the same
@@ -165,7 +207,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_fused_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap tm_q,
                                 const __grid_constant__ CUtensorMap tm_do, const __grid_constant__ CUtensorMap tm_k,
                                 const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_dq,
-                                int head_chunk) {
+                                int head_chunk, int blocks, int split_from, int split_parts) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BN = Tr::kKeys, BQ = Tr::kBlockQ, NST = Tr::kStages;
@@ -198,18 +240,31 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     init_dkv_barriers_sm90<NST>(bars);
   }
   __syncthreads();
-  const int blocks = static_cast<int>(gridDim.x), ticket = *s_ticket;
-  // The tickets of batch b go to chunks of `hc` KV heads (the last chunk may have fewer), and
+  // Tickets from split_from on are the split key blocks' parts ("The last wave"): `unit` is the
+  // key block in ticket order (as the ticket itself before), `part` this CTA's share of it.
+  const int ticket = *s_ticket;
+  int unit = ticket, part = 0, parts = 1;
+  if (ticket >= split_from) {
+    unit = split_from + (ticket - split_from) / split_parts;
+    part = (ticket - split_from) % split_parts;
+    parts = split_parts;
+  }
+  // The units of batch b go to chunks of `hc` KV heads (the last chunk may have fewer), and
   // within a chunk to the heads fastest, then the key blocks (hc = 1: blocks fastest).
   const int hc = head_chunk;
-  const int per_batch = blocks * p.kv_heads, b = ticket / per_batch, tb = ticket % per_batch;
+  const int per_batch = blocks * p.kv_heads, b = unit / per_batch, tb = unit % per_batch;
   const int chunk = tb / (blocks * hc), heads_here = min(hc, p.kv_heads - chunk * hc);
   const int tc = tb - chunk * blocks * hc;
   const int j = tc / heads_here;
   const int n0 = j * BN, kvh = chunk * hc + tc % heads_here;
   // The query tiles this CTA visits, as the pair's dkv kernel: [m_first, m_first + q_tiles).
-  const int m_first = dkv_first_tile<kCausal, BQ>(p, n0);
-  const int q_tiles = dkv_tile_count<kCausal, BN, BQ>(p, n0);
+  int m_first = dkv_first_tile<kCausal, BQ>(p, n0);
+  int q_tiles = dkv_tile_count<kCausal, BN, BQ>(p, n0);
+  if (parts > 1) {  // this part's share of the tiles (the host splits only where each gets one)
+    const int lo = part * q_tiles / parts, hi = (part + 1) * q_tiles / parts;
+    m_first += lo;
+    q_tiles = hi - lo;
+  }
   const int iters = q_tiles > 0 ? q_tiles * p.kv_group : 0;
   // Iteration it: query head kvh * group + it % group, tile m_last - it / group (walk(it): the
   // head within the group, the tile's first row). Every CTA walks the tiles last to first, so
@@ -433,7 +488,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (lane == 0) mbar_arrive(qdo_empty(st));  // Q and dO of this stage are no longer read
   }
 
-  add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane, p.dkv_store != 0);
+  if (parts == 1) {
+    add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane, p.dkv_store != 0);
+  } else {
+    // The parts of a split key block add in order (see "The last wave").
+    unsigned int* turn = p.dq_sem + fused_bwd_semaphores(p) + 1 + (unit - split_from);
+    if (part > 0) {
+      if (tid == 128) sem_wait_eq(turn, static_cast<unsigned int>(part));
+      named_bar_sync(kFusedBarDs, kFusedConsumers);
+    }
+    add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane, part == 0 && p.dkv_store != 0);
+    if (part + 1 < parts) {
+      named_bar_sync(kFusedBarDs, kFusedConsumers);  // every consumer's rows are written ...
+      if (tid == 128) {
+        __threadfence();
+        sem_release_add(turn);  // ... before the next part reads them
+      }
+    }
+  }
 #elif defined(__CUDA_ARCH__)
   __trap();  // built without sm_90a code: the dispatcher never launches it then
 #endif
@@ -474,12 +546,21 @@ void launch_flash_bwd_fused_sm90_traits(const FlashBwdParams& p, cudaStream_t st
   // dQ (B, H, s_q, D) fp32; rows past the task's are outside the map, so never written.
   const CUtensorMap tdq = make_f32_tile_map(p.dq, D, q_rows, p.heads, p.batch, p.s_q * D,
                                             static_cast<std::int64_t>(p.heads) * p.s_q * D, Tr::kBlockQ);
-  const dim3 grid((p.kv_len + Tr::kKeys - 1) / Tr::kKeys, p.kv_heads, p.batch);
+  const int blocks = (p.kv_len + Tr::kKeys - 1) / Tr::kKeys;
+  const int units = blocks * p.kv_heads * p.batch;
   const int hc = fused_bwd_head_chunk(p);
+  int device = 0, sms = 0;
+  RINGATTN_CUDA_CHECK(cudaGetDevice(&device));
+  RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const FusedBwdSplit split = fused_bwd_split(p, units, (p.q_len + Tr::kBlockQ - 1) / Tr::kBlockQ, sms);
+  const int split_from = units - split.split;
+  const dim3 grid(static_cast<unsigned>(split_from + split.split * split.parts));
   if (p.causal) {
-    flash_bwd_fused_sm90_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc);
+    flash_bwd_fused_sm90_kernel<Tr, true>
+        <<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc, blocks, split_from, split.parts);
   } else {
-    flash_bwd_fused_sm90_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc);
+    flash_bwd_fused_sm90_kernel<Tr, false>
+        <<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p, tq, tdo, tk, tv, tdq, hc, blocks, split_from, split.parts);
   }
   RINGATTN_CUDA_CHECK(cudaGetLastError());
 }

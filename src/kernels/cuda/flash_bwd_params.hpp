@@ -51,6 +51,10 @@ struct FlashBwdParams {
   // The single-pass kernel's head chunk (KV heads whose key blocks interleave in its launch
   // order; flash_bwd_fused_sm90.cuh): 0 takes its rule (flash_bwd_head_chunk). Tests set it.
   int head_chunk = 0;
+  // The single-pass kernel's tail split (flash_bwd_fused_sm90.cuh, "The last wave"): 0 takes
+  // its rule, 1 never splits, 2 or 4 split half of the launch's key blocks into that many
+  // CTAs by query tiles (tests).
+  int split_parts = 0;
 };
 
 }  // namespace ringattn::detail
