@@ -28,13 +28,17 @@ namespace {
 using ringattn::testing::world_rank;
 using ringattn::testing::world_size;
 
+// Whether every rank has a GPU of its own (the same answer on every rank: they skip together).
+bool one_gpu_per_rank() {
+  int enough = cuda_device_count() >= world_size() ? 1 : 0, all_enough = 0;
+  MPI_Allreduce(&enough, &all_enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  return all_enough != 0;
+}
+
 }  // namespace
 
 TEST(RingBorrowed, UsesAndKeepsTheCallersCommunicatorAndStream) {
-  // Every rank must take the same branch: skip together.
-  int enough = cuda_device_count() >= world_size() ? 1 : 0, all_enough = 0;
-  MPI_Allreduce(&enough, &all_enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  if (!all_enough) GTEST_SKIP() << "needs one GPU per rank";
+  if (!one_gpu_per_rank()) GTEST_SKIP() << "needs one GPU per rank";
 
   const int rank = world_rank(), world = world_size();
   RINGATTN_CUDA_CHECK(cudaSetDevice(rank));
@@ -119,9 +123,7 @@ TEST(RingBorrowed, UsesAndKeepsTheCallersCommunicatorAndStream) {
 // forward then backward, must give the bits a fresh Context gives for each: nothing a call
 // leaves in a kept buffer may reach the next (sliding windows with sinks, a plain zigzag ring).
 TEST(RingBorrowed, KeptBuffersCarryNothingBetweenCallsOfDifferentShapes) {
-  int enough = cuda_device_count() >= world_size() ? 1 : 0, all_enough = 0;
-  MPI_Allreduce(&enough, &all_enough, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  if (!all_enough) GTEST_SKIP() << "needs one GPU per rank";
+  if (!one_gpu_per_rank()) GTEST_SKIP() << "needs one GPU per rank";
   const int rank = world_rank(), world = world_size();
   RINGATTN_CUDA_CHECK(cudaSetDevice(rank));
 
