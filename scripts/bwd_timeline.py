@@ -69,9 +69,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)"""),
     ("""    mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u);""","""    { const long long tl_a = clock64(); mbar_wait(qdo_full(st), static_cast<std::uint32_t>(it / NST) & 1u); tl_qw += clock64() - tl_a; }"""),
     ("""    named_bar_sync(kFusedBarDs, kFusedConsumers);  // both halves of dS^T are stored""",
 """    { const long long tl_a = clock64(); named_bar_sync(kFusedBarDs, kFusedConsumers); tl_ds += clock64() - tl_a; }"""),
-    ("""  add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane, p.dkv_store != 0);
-#elif""","""  const long long tl_c2 = clock64();
-  add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane, p.dkv_store != 0);
+    ("""  if (parts == 1) {
+    add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane, p.dkv_store != 0);""","""  const long long tl_c2 = clock64();
+  if (parts == 1) {
+    add_dkv_sums_sm90<D>(p, dk, dv, b, kvh, key0, lane, p.dkv_store != 0);"""),
+    # after the epilogue of every CTA, split parts (which wait for their turn) included
+    ("""        sem_release_add(turn);  // ... before the next part reads them
+      }
+    }
+  }
+#elif""","""        sem_release_add(turn);  // ... before the next part reads them
+      }
+    }
+  }
   if (tid == 128) {
     unsigned long long* o = TL_SLOT;
     o[0] = tl_smid() | (static_cast<unsigned long long>(iters) << 32);

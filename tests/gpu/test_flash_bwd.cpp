@@ -378,7 +378,7 @@ TEST_F(FlashBwd, EveryHeadChunkGivesTheSameBits) {
 // order.
 TEST_F(FlashBwd, SplitKeyBlocksAddTheirPartsInOrder) {
   if (!flash_fwd_wgmma_available()) GTEST_SKIP() << "the single-pass kernel needs sm_90a";
-  // (Small: every run computes the fp64 reference. Tasks of 10 and 4 query tiles.)
+  // (Small: every run computes the fp64 reference. Tasks of 10 and 8 query tiles.)
   for (const Case& c : {Case{1, 640, 2, 1, 128, false, LayoutKind::contiguous, 1, DType::bf16},
                         Case{1, 1024, 4, 2, 64, false, LayoutKind::zigzag, 2, DType::f16}}) {
     double err = 0.0;

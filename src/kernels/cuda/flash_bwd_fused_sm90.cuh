@@ -32,7 +32,8 @@
 // after run. A CTA only ever waits for CTAs of lower key block of its (batch, KV head). CUDA
 // does not promise that CTAs are dispatched in index order, so a CTA does not take its key
 // block from blockIdx: it draws a ticket (an atomic counter after the semaphores, zeroed with
-// them) and ticket t means batch t / (blocks * kv_heads) and, with tb = t % (blocks * kv_heads),
+// them), the ticket gives its unit (the ticket itself, but for the split key blocks of "The
+// last wave" below), and unit t means batch t / (blocks * kv_heads) and, with tb = t % (blocks * kv_heads),
 // key block (tb % hc blocks) / hc of KV head hc (tb / hc blocks) + tb % hc (in a whole chunk;
 // a last, partial chunk of h < hc heads the same with h): the KV heads go in chunks of hc
 // whose tickets interleave (hc = 1: blocks fastest; see "The head chunk" below). Either way a
@@ -75,7 +76,9 @@
 // are added by its parts in order: part i waits (acquire) for a per-block count after the
 // ticket counter to reach i, adds (part 0 stores where dkv_store says so), and releases it.
 // A part waits only for lower tickets, so the chain argument above still holds. Only for
-// full-mask launches: causal CTAs differ in length and end with the shortest.
+// full-mask launches: causal CTAs differ in length and end with the shortest. The split
+// blocks' dK/dV sums are formed part by part, so their bits depend on W (the device's SMs):
+// repeatable on one kind of GPU, not across kinds.
 //
 // Pipelines as the pair's kernels: a TMA producer warp streams Q/dO tiles and their per-row
 // statistics through kStages stages (full/empty mbarriers), setmaxnreg 40/232. Named
