@@ -1,9 +1,10 @@
 // `ringattn bench`: sweeps of sequence length, timed like nccl-tests.
 //
 // For each length and mask: warm-up runs, then --iters timed runs, or as many as fill
-// --min-time seconds (CUDA events on GPUs, MPI_Wtime on CPUs), the slowest rank's average. Also times the same per-rank block work
-// with no communication (every step computes on the rank's own block): overlap efficiency =
-// that time / the ring's time (1.0 means communication is completely hidden).
+// --min-time seconds (CUDA events on GPUs, MPI_Wtime on CPUs), the slowest rank's average.
+// Also times the same per-rank block work with no communication (every step computes on the
+// rank's own block): overlap efficiency = that time / the ring's time (1.0 means
+// communication is completely hidden).
 // --check compares sampled rows of every rank (16 rows, first and last head) with the fp64
 // reference and counts the elements over tolerance in #wrong.
 #include <mpi.h>
