@@ -44,6 +44,7 @@ def flops(batch, seq, heads, dim, causal, backward):
 
 
 def time_ms(fn, warmup, iters, min_time=0.0):
+    """(ms per run, runs timed): the mean of `iters` runs, or of as many as fill min_time s."""
     for _ in range(warmup):
         fn()
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,7 +67,7 @@ def time_ms(fn, warmup, iters, min_time=0.0):
         fn()
     stop.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(stop) / iters
+    return start.elapsed_time(stop) / iters, iters
 
 
 def header(title, a, world):
@@ -79,11 +80,11 @@ def header(title, a, world):
 ROWS = []
 
 
-def row(seq, a, causal, impl, ms, world):
+def row(seq, a, causal, impl, ms, world, runs):
     tf = flops(a.batch, seq, a.heads, a.head_dim, causal, a.backward) / (ms * 1e-3) / 1e12 / world
     ROWS.append({"seq": seq, "batch": a.batch, "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
                  "causal": causal, "backward": a.backward, "impl": impl, "time_ms": ms, "tflops_per_gpu": tf,
-                 "world": world})
+                 "world": world, "timed_runs": runs})
     print(f"  {seq:>9} {a.batch:>5} {a.heads:>5} {a.kv_heads:>4} {a.head_dim:>4} {'yes' if causal else 'no':>6} "
           f"{impl:>14} {ms:>10.3f} {tf:>12.1f}", flush=True)
 
@@ -137,8 +138,9 @@ def run_sdpa(a):
                     gqa = False
                 try:
                     with sdpa_kernel(backend):
-                        ms = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters, a.min_time)
-                    row(seq, a, causal, name, ms, 1)
+                        ms, runs = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters,
+                                           a.min_time)
+                    row(seq, a, causal, name, ms, 1, runs)
                 except RuntimeError as e:
                     print(f"  {seq:>9} {name}: not available ({str(e).splitlines()[0][:80]})")
                 del q, k, v
@@ -170,14 +172,14 @@ def run_cp(a):
                 with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
                     for t in (q, k, v):
                         t.requires_grad_(a.backward)
-                    ms = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters, a.min_time)
+                    ms, runs = time_ms(attention_step(a, q, k, v, causal, gqa), a.warmup, a.iters, a.min_time)
                     for t in (q, k, v):  # leaving restores the buffers (a resize)
                         t.requires_grad_(False)
                         t.grad = None
             t = torch.tensor([ms], device="cuda")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if rank == 0:
-                row(seq, a, causal, "torch-cp", t.item(), world)
+                row(seq, a, causal, "torch-cp", t.item(), world, runs)
             del q, k, v
             torch.cuda.empty_cache()
     dist.destroy_process_group()
