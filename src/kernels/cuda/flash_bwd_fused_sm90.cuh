@@ -33,10 +33,10 @@
 // does not promise that CTAs are dispatched in index order, so a CTA does not take its key
 // block from blockIdx: it draws a ticket (an atomic counter after the semaphores, zeroed with
 // them), the ticket gives its unit (the ticket itself, but for the split key blocks of "The
-// last wave" below), and unit t means batch t / (blocks * kv_heads) and, with tb = t % (blocks * kv_heads),
-// key block (tb % hc blocks) / hc of KV head hc (tb / hc blocks) + tb % hc (in a whole chunk;
-// a last, partial chunk of h < hc heads the same with h): the KV heads go in chunks of hc
-// whose tickets interleave (hc = 1: blocks fastest; see "The head chunk" below). Either way a
+// last wave" below), and unit t means batch t / (blocks * kv_heads) and, with
+// tb = t % (blocks * kv_heads), key block (tb % hc blocks) / hc of KV head
+// hc (tb / hc blocks) + tb % hc (in a whole chunk; a last, partial chunk of h < hc heads the
+// same with h): the KV heads go in chunks of hc whose tickets interleave (hc = 1: blocks fastest; see "The head chunk" below). Either way a
 // lower key block of the same head has a lower ticket. Every CTA it
 // waits for drew a lower ticket, so has started: it is
 // resident or finished, and it waits only for lower tickets still, so the chain ends. The
