@@ -370,17 +370,20 @@ TEST_F(FlashBwd, EveryHeadChunkGivesTheSameBits) {
   }
 }
 
-// The last wave's split (flash_bwd_fused_sm90.cuh): key blocks of a full-mask launch given to
-// 2 or 4 CTAs that walk consecutive shares of the query tiles and add their dK/dV sums in
-// order (forced here for half of the blocks; the rule splits the last wave's). Within the
-// tolerance, repeatable, in store mode too (part 0 stores, the others add), and dQ's bits
-// those of the unsplit launch: each dQ tile still gets one add per key block, in key-block
-// order.
+// The split (flash_bwd_fused_sm90.cuh, "The last wave"): key blocks given to 2 or 4 CTAs that
+// walk consecutive shares of the query tiles and add their dK/dV sums in order (forced here
+// for half of the blocks; the rule splits a full-mask launch's last wave, or every block of a
+// small causal launch). Within the tolerance, repeatable, in store mode too (part 0 stores,
+// the others add), and dQ's bits those of the unsplit launch: each dQ tile still gets one add
+// per key block, in key-block order. The causal cases' last blocks visit 2 tiles, so some of
+// their parts have none and only pass the turn on (part 0 zeroing the rows in store mode).
 TEST_F(FlashBwd, SplitKeyBlocksAddTheirPartsInOrder) {
   if (!flash_fwd_wgmma_available()) GTEST_SKIP() << "the single-pass kernel needs sm_90a";
   // (Small: every run computes the fp64 reference. Tasks of 10 and 8 query tiles.)
   for (const Case& c : {Case{1, 640, 2, 1, 128, false, LayoutKind::contiguous, 1, DType::bf16},
-                        Case{1, 1024, 4, 2, 64, false, LayoutKind::zigzag, 2, DType::f16}}) {
+                        Case{1, 1024, 4, 2, 64, false, LayoutKind::zigzag, 2, DType::f16},
+                        Case{1, 640, 2, 1, 128, true, LayoutKind::contiguous, 1, DType::bf16},
+                        Case{1, 1024, 4, 2, 64, true, LayoutKind::zigzag, 2, DType::f16}}) {
     double err = 0.0;
     const std::vector<unsigned char> whole = run_case(c, FlashKernel::wgmma_fused, err, false, 0, 1);
     EXPECT_LE(err, gradient_tolerance(c.dtype)) << name(c);
@@ -403,24 +406,38 @@ TEST_F(FlashBwd, SplitKeyBlocksAddTheirPartsInOrder) {
   }
 }
 
-// The rule: the last wave's key blocks split where that shortens the tail (full masks only).
+// The rule: a full-mask launch's last-wave key blocks split where that shortens the tail; a
+// causal launch's blocks all split where they fill at most half of the SMs.
 TEST(FlashBwdSplit, SplitsTheLastWaveWhereItShortensTheTail) {
   FlashBwdParams p;
   auto split = [&](int units, int q_tiles, int sms, bool causal = false) {
     p.causal = causal ? 1 : 0;
     return flash_bwd_split(p, units, q_tiles, sms);
   };
-  EXPECT_EQ(split(8192, 512, 132), std::make_pair(4, 8));    // 64k on two GPUs: 62 waves and 8 CTAs
-  EXPECT_EQ(split(8192, 512, 132, true), std::make_pair(1, 0));  // causal: never
+  EXPECT_EQ(split(8192, 512, 132), std::make_pair(8, 8));    // 64k on two GPUs: 62 waves and 8 CTAs
   EXPECT_EQ(split(8448, 512, 132), std::make_pair(1, 0));    // whole waves
   EXPECT_EQ(split(512, 32, 132), std::make_pair(1, 0));      // 3 waves and 116: no shorter tail
-  EXPECT_EQ(split(180, 64, 132), std::make_pair(2, 48));     // 48 in 2: one wave of halves
+  EXPECT_EQ(split(180, 64, 132), std::make_pair(8, 48));     // 48 in 8: 3 waves of eighths, not 1 of halves
+  EXPECT_EQ(split(32, 32, 132), std::make_pair(4, 32));      // a small launch: 8 parts no shorter than 4
+  EXPECT_EQ(split(16, 32, 132), std::make_pair(8, 16));      // 16 blocks in 8
+  EXPECT_EQ(split(16, 12, 132), std::make_pair(4, 16));      // 12 tiles: at most 4 parts of 2 or more
   EXPECT_EQ(split(8192, 6, 132), std::make_pair(2, 8));      // 6 tiles: halves, not quarters
   EXPECT_EQ(split(8192, 3, 132), std::make_pair(1, 0));      // too few tiles to share
+  // Causal: a partial last wave is left alone (the launch ends with its shortest CTAs) ...
+  EXPECT_EQ(split(8192, 512, 132, true), std::make_pair(1, 0));
+  EXPECT_EQ(split(67, 512, 132, true), std::make_pair(1, 0));  // over half of the SMs
+  // ... but a launch on at most half of them waits for its longest CTA: every block splits.
+  EXPECT_EQ(split(66, 512, 132, true), std::make_pair(2, 66));
+  EXPECT_EQ(split(32, 32, 132, true), std::make_pair(4, 32));
+  EXPECT_EQ(split(16, 32, 132, true), std::make_pair(8, 16));
+  EXPECT_EQ(split(16, 6, 132, true), std::make_pair(2, 16));
+  EXPECT_EQ(split(16, 3, 132, true), std::make_pair(1, 0));
   p.split_parts = 1;
   EXPECT_EQ(split(8192, 512, 132), std::make_pair(1, 0));
+  EXPECT_EQ(split(16, 32, 132, true), std::make_pair(1, 0));
   p.split_parts = 2;
   EXPECT_EQ(split(100, 8, 132), std::make_pair(2, 50));
+  EXPECT_EQ(split(100, 8, 132, true), std::make_pair(2, 50));
 }
 
 // The head chunk: the largest power of two of KV heads whose CTAs walk at most 32k rows of Q,

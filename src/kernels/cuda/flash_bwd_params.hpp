@@ -52,8 +52,8 @@ struct FlashBwdParams {
   // order; flash_bwd_fused_sm90.cuh): 0 takes its rule (flash_bwd_head_chunk). Tests set it.
   int head_chunk = 0;
   // The single-pass kernel's tail split (flash_bwd_fused_sm90.cuh, "The last wave"): 0 takes
-  // its rule, 1 never splits, 2 or 4 split half of the launch's key blocks into that many
-  // CTAs by query tiles (tests).
+  // its rule, 1 never splits, 2, 4 or 8 split the last half of the launch's key blocks (in
+  // ticket order) into that many CTAs by query tiles (tests).
   int split_parts = 0;
 };
 
