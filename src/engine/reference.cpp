@@ -164,43 +164,78 @@ void reference_backward(const ReferenceProblem& p, const std::vector<float>& q, 
   dv.assign(dk.size(), 0.0);
   auto qi = [&](std::int64_t b, std::int64_t t, std::int64_t h) { return static_cast<std::size_t>(((b * S + t) * H + h) * D); };
   auto ki = [&](std::int64_t b, std::int64_t t, std::int64_t h) { return static_cast<std::size_t>(((b * S + t) * Hkv + h) * D); };
-  // Batches are independent; within one, rows of different query heads share dk/dv rows.
-#pragma omp parallel for
-  for (std::int64_t b = 0; b < B; ++b) {
+  // Two passes, each parallel over rows, whose sums come out the bits of the one serial loop
+  // (dq_i over the keys j in order; dk_j and dv_j over the query heads h of j's group, then
+  // the rows i, in order), whatever the thread count:
+  //   1. per query row: the scores, their maximum and sum, O, delta = dout . O, then
+  //      dS_ij = P_ij (dP_ij - delta) scale with dP = dout . v, and dq_i = sum_j dS_ij k_j;
+  //   2. per key row: P_ij and dS_ij again from the row's maximum, sum and delta (the same
+  //      operations, so the same values), dk_j = sum dS_ij q_i and dv_j = sum P_ij dout_i.
+  const std::int64_t rows = B * H * S;
+  std::vector<double> row_max(static_cast<std::size_t>(rows)), row_sum(row_max.size()), row_delta(row_max.size());
+  auto ri = [&](std::int64_t b, std::int64_t h, std::int64_t i) { return static_cast<std::size_t>((b * H + h) * S + i); };
+  auto hidden = [&](std::int64_t i, std::int64_t j) {  // outside the window (sinks excepted)
+    return p.window >= 0 && (j < i - window || j > i + window) && j >= p.sinks;
+  };
+  // The scaled score of (i, j) as a probability's exponent input, -inf where masked.
+  auto score = [&](std::int64_t b, std::int64_t h, std::int64_t hk, std::int64_t i, std::int64_t j) {
+    double dot = 0.0;
+    for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(q[qi(b, i, h) + d]) * k[ki(b, j, hk) + d];
+    return hidden(i, j) ? -std::numeric_limits<double>::infinity() : dot * p.scale;
+  };
+  auto dprob = [&](std::int64_t b, std::int64_t h, std::int64_t hk, std::int64_t i, std::int64_t j) {
+    double dp = 0.0;
+    for (std::int64_t d = 0; d < D; ++d) dp += static_cast<double>(dout[qi(b, i, h) + d]) * v[ki(b, j, hk) + d];
+    return dp;
+  };
+#pragma omp parallel
+  {
     std::vector<double> prob(static_cast<std::size_t>(S)), o(static_cast<std::size_t>(D));
-    for (std::int64_t h = 0; h < H; ++h) {
-      const std::int64_t hk = h / group;
-      for (std::int64_t i = 0; i < S; ++i) {
-        const std::int64_t keys = p.causal ? i + 1 : S;
-        double mx = -std::numeric_limits<double>::infinity();
-        for (std::int64_t j = 0; j < keys; ++j) {
-          double dot = 0.0;
-          for (std::int64_t d = 0; d < D; ++d) dot += static_cast<double>(q[qi(b, i, h) + d]) * k[ki(b, j, hk) + d];
-          prob[static_cast<std::size_t>(j)] = dot * p.scale;
-          if (p.window >= 0 && (j < i - window || j > i + window) && j >= p.sinks) {
-            prob[static_cast<std::size_t>(j)] = -std::numeric_limits<double>::infinity();  // outside the window
+#pragma omp for collapse(3) schedule(dynamic, 16)
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t h = 0; h < H; ++h) {
+        for (std::int64_t i = 0; i < S; ++i) {
+          const std::int64_t hk = h / group;
+          const std::int64_t keys = p.causal ? i + 1 : S;
+          double mx = -std::numeric_limits<double>::infinity();
+          for (std::int64_t j = 0; j < keys; ++j) {
+            prob[static_cast<std::size_t>(j)] = score(b, h, hk, i, j);
+            mx = std::max(mx, prob[static_cast<std::size_t>(j)]);
           }
-          mx = std::max(mx, prob[static_cast<std::size_t>(j)]);
+          double sum = 0.0;
+          for (std::int64_t j = 0; j < keys; ++j) sum += (prob[static_cast<std::size_t>(j)] = std::exp(prob[static_cast<std::size_t>(j)] - mx));
+          std::fill(o.begin(), o.end(), 0.0);
+          for (std::int64_t j = 0; j < keys; ++j) {
+            prob[static_cast<std::size_t>(j)] /= sum;
+            for (std::int64_t d = 0; d < D; ++d) o[static_cast<std::size_t>(d)] += prob[static_cast<std::size_t>(j)] * v[ki(b, j, hk) + d];
+          }
+          double delta = 0.0;
+          for (std::int64_t d = 0; d < D; ++d) delta += static_cast<double>(dout[qi(b, i, h) + d]) * o[static_cast<std::size_t>(d)];
+          row_max[ri(b, h, i)] = mx;
+          row_sum[ri(b, h, i)] = sum;
+          row_delta[ri(b, h, i)] = delta;
+          for (std::int64_t j = 0; j < keys; ++j) {
+            const double ds = prob[static_cast<std::size_t>(j)] * (dprob(b, h, hk, i, j) - delta) * p.scale;
+            for (std::int64_t d = 0; d < D; ++d) dq[qi(b, i, h) + static_cast<std::size_t>(d)] += ds * k[ki(b, j, hk) + d];
+          }
         }
-        double sum = 0.0;
-        for (std::int64_t j = 0; j < keys; ++j) sum += (prob[static_cast<std::size_t>(j)] = std::exp(prob[static_cast<std::size_t>(j)] - mx));
-        std::fill(o.begin(), o.end(), 0.0);
-        for (std::int64_t j = 0; j < keys; ++j) {
-          prob[static_cast<std::size_t>(j)] /= sum;
-          for (std::int64_t d = 0; d < D; ++d) o[static_cast<std::size_t>(d)] += prob[static_cast<std::size_t>(j)] * v[ki(b, j, hk) + d];
-        }
-        // delta = dout . O; dS = P (dP - delta) with dP = dout . v.
-        double delta = 0.0;
-        for (std::int64_t d = 0; d < D; ++d) delta += static_cast<double>(dout[qi(b, i, h) + d]) * o[static_cast<std::size_t>(d)];
-        for (std::int64_t j = 0; j < keys; ++j) {
-          const double pj = prob[static_cast<std::size_t>(j)];
-          double dp = 0.0;
-          for (std::int64_t d = 0; d < D; ++d) dp += static_cast<double>(dout[qi(b, i, h) + d]) * v[ki(b, j, hk) + d];
-          const double ds = pj * (dp - delta) * p.scale;
-          for (std::int64_t d = 0; d < D; ++d) {
-            dq[qi(b, i, h) + static_cast<std::size_t>(d)] += ds * k[ki(b, j, hk) + d];
-            dk[ki(b, j, hk) + static_cast<std::size_t>(d)] += ds * q[qi(b, i, h) + d];
-            dv[ki(b, j, hk) + static_cast<std::size_t>(d)] += pj * dout[qi(b, i, h) + d];
+      }
+    }
+#pragma omp for collapse(3) schedule(dynamic, 16)
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t hk = 0; hk < Hkv; ++hk) {
+        for (std::int64_t j = 0; j < S; ++j) {
+          for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            for (std::int64_t i = p.causal ? j : 0; i < S; ++i) {
+              const std::int64_t r = static_cast<std::int64_t>(ri(b, h, i));
+              const double pj = std::exp(score(b, h, hk, i, j) - row_max[static_cast<std::size_t>(r)]) /
+                                row_sum[static_cast<std::size_t>(r)];
+              const double ds = pj * (dprob(b, h, hk, i, j) - row_delta[static_cast<std::size_t>(r)]) * p.scale;
+              for (std::int64_t d = 0; d < D; ++d) {
+                dk[ki(b, j, hk) + static_cast<std::size_t>(d)] += ds * q[qi(b, i, h) + d];
+                dv[ki(b, j, hk) + static_cast<std::size_t>(d)] += pj * dout[qi(b, i, h) + d];
+              }
+            }
           }
         }
       }
