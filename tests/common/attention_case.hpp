@@ -89,6 +89,9 @@ inline std::vector<float> naive_attention(const AttentionCase& c, double scale, 
   const auto n = static_cast<std::int64_t>(pos.size());
   std::vector<float> out(static_cast<std::size_t>(c.batch * n * c.heads * c.dim));
   auto at = [](std::int64_t i) { return static_cast<std::size_t>(i); };
+  // Rows are independent (each output row written by one iteration): parallel where the test
+  // is built with OpenMP, the same values either way.
+#pragma omp parallel for collapse(2) schedule(dynamic, 16)
   for (std::int64_t b = 0; b < c.batch; ++b)
     for (std::int64_t i = 0; i < n; ++i)
       for (std::int64_t h = 0; h < c.heads; ++h) {
