@@ -174,7 +174,7 @@ struct FusedBwdSplit {
 inline FusedBwdSplit fused_bwd_split(const FlashBwdParams& p, int units, int q_tiles, int sms) {
   FusedBwdSplit s;
   if (p.split_parts == 1 || sms <= 0) return s;
-  if (p.split_parts > 1) {  // forced (tests): half of the blocks, where each part gets a tile
+  if (p.split_parts > 1) {  // forced (tests): the last half of the blocks (causal parts may get no tile)
     if (q_tiles >= p.split_parts) s = {p.split_parts, std::min(std::max(1, units / 2), kFusedBwdSplitBlocks)};
     return s;
   }
