@@ -96,8 +96,12 @@ RingBufferRef CudaResources::ring_buffer(int slot, std::size_t bytes) {
   return slot_buffer(ring_buffers_[slot], bytes, registrar_);
 }
 
-RingBufferRef CudaResources::scratch(Scratch slot, std::size_t bytes) {
-  return slot_buffer(scratch_[static_cast<int>(slot)], bytes, nullptr);
+RingBufferRef CudaResources::scratch(Scratch slot, std::size_t bytes, bool zeroed) {
+  std::shared_ptr<RingBuffer>& buffer = scratch_[static_cast<int>(slot)];
+  const bool fresh = !buffer || buffer->bytes() < bytes;  // as slot_buffer decides
+  RingBufferRef ref = slot_buffer(buffer, bytes, nullptr);
+  if (zeroed && fresh) RINGATTN_CUDA_CHECK(cudaMemsetAsync(ref.get(), 0, ref.bytes(), compute_));
+  return ref;
 }
 
 bool CudaResources::ring_buffers_registered() const {

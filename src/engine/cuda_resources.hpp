@@ -81,6 +81,7 @@ enum class Scratch : int {
   fwd_o_block,
   fwd_lse_block,
   fwd_sink_block,
+  fwd_split,
   bwd_dq_acc,
   bwd_lse2,
   bwd_delta,
@@ -142,8 +143,10 @@ class CudaResources {
   // once: the engines of one context take turns on one compute stream, so they share them. A
   // larger request replaces the slot's buffer; engines holding the old one keep it alive.
   RingBufferRef ring_buffer(int slot, std::size_t bytes);
-  // A working buffer of at least `bytes` (never registered with NCCL), kept across calls.
-  RingBufferRef scratch(Scratch slot, std::size_t bytes);
+  // A working buffer of at least `bytes` (never registered with NCCL), kept across calls. With
+  // `zeroed`, a buffer allocated by this call is cleared on the compute stream first (for users
+  // that leave it as they found it: the forward split's counts).
+  RingBufferRef scratch(Scratch slot, std::size_t bytes, bool zeroed = false);
   // Whether the ring buffers are registered with NCCL (for reports).
   bool ring_buffers_registered() const;
 

@@ -52,6 +52,11 @@ CudaRingForward::CudaRingForward(CudaResources& resources, RingPlan plan, const 
   const auto rows = static_cast<std::size_t>(shape.batch * shape.heads * q_len);
   o_acc_ = resources_.scratch(Scratch::fwd_o_acc, rows * static_cast<std::size_t>(shape.head_dim) * sizeof(float));
   lse_acc_ = resources_.scratch(Scratch::fwd_lse_acc, rows * sizeof(float));
+  if (kernel != KernelKind::cudnn && flash_fwd_supports(dtype, shape.head_dim) &&
+      flash_fwd_resolve(FlashKernel::automatic) == FlashKernel::wgmma_ws) {
+    split_slots_ = flash_fwd_split_slots();
+    split_buf_ = resources_.scratch(Scratch::fwd_split, flash_fwd_split_bytes(shape.head_dim, split_slots_), true);
+  }
   one_task_ = plan_.world == 1 && plan_.steps.size() == 1 && plan_.steps[0].tasks.size() == 1 &&
               plan_.reverse_steps.empty() && plan_.sink_tasks.empty() && plan_.steps[0].tasks[0].q_begin == 0 &&
               plan_.steps[0].tasks[0].q_len == q_len;
@@ -273,6 +278,8 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   p.heads = static_cast<int>(H);
   p.kv_group = static_cast<int>(H / Hkv);
   p.scale_log2 = scale * 1.4426950408889634f;
+  p.split_buf = split_buf_.as<float>();
+  p.split_slots = split_slots_;
   if (single_task) {
     p.out = out.data;
     p.out_batch_stride = out.strides[0];

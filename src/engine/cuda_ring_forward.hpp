@@ -119,6 +119,8 @@ class CudaRingForward {
   RingBufferRef blocks_[2];
   RingBufferRef o_acc_;      // (B, H, S_local, D) fp32
   RingBufferRef lse_acc_;    // (B, H, S_local) fp32
+  RingBufferRef split_buf_;  // the native kernel's last-wave split (FlashFwdParams::split_buf)
+  int split_slots_ = 0;
   // What the last run() is waiting on, for the watchdog: one event per transfer (recorded on
   // the communication stream after it) and per step's computation (on the compute stream),
   // in the order they were enqueued, and what each was.

@@ -53,8 +53,30 @@ std::vector<unsigned char> keys(const Case& c, const std::vector<std::int64_t>& 
   return k;
 }
 
-void check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0) {
-  SCOPED_TRACE(name(c) + " kernel " + to_string(kernel) + (k_ramp != 0.0 ? " k_ramp " + std::to_string(k_ramp) : ""));
+// How a case runs the warp-specialised kernel's last-wave split (FlashFwdParams::split_parts:
+// 0 its rule, 1 never, 2/4/8 forced on half of each launch's query tiles), and whether a lone
+// task (P = 1, no window) writes O and LSE itself instead of merging into the running state.
+struct Run {
+  int split_parts = 0;
+  bool direct = false;
+};
+// What a case gave: every rank's O bytes (rank after rank), and how many launches split.
+struct Ran {
+  std::vector<unsigned char> out;
+  int split_launches = 0;
+};
+
+Ran check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0, Run run = {}) {
+  SCOPED_TRACE(name(c) + " kernel " + to_string(kernel) + (k_ramp != 0.0 ? " k_ramp " + std::to_string(k_ramp) : "") +
+               " split " + std::to_string(run.split_parts) + (run.direct ? " direct write" : ""));
+  Ran ran;
+  const bool ws = kernel == FlashKernel::wgmma_ws;
+  const int slots = ws ? flash_fwd_split_slots() : 0;
+  int device = 0, sms = 0;
+  RINGATTN_CUDA_CHECK(cudaGetDevice(&device));
+  RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  DeviceBuffer split(std::max<std::size_t>(flash_fwd_split_bytes(c.dim, slots), 1));
+  RINGATTN_CUDA_CHECK(cudaMemset(split.get(), 0, split.bytes()));
   const Layout layout(c.layout, c.seq, c.world);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
   std::vector<std::int64_t> all(static_cast<std::size_t>(c.seq));
@@ -78,6 +100,10 @@ void check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0) {
     DeviceBuffer dk(static_cast<std::size_t>(c.batch * cap * c.kv_heads * c.dim) * elem), dv(dk.bytes());
     const RingPlan plan = c.window >= 0 ? make_window_plan(layout, c.window, c.sinks, r, c.causal)
                                         : make_ring_plan(layout, c.causal ? MaskKind::causal : MaskKind::full, r);
+    // A lone task covering every row (P = 1, no window or sinks) may write the output itself.
+    const bool direct = run.direct && plan.steps.size() == 1 && plan.steps[0].tasks.size() == 1 &&
+                        plan.reverse_steps.empty() && plan.sink_len == 0 && plan.steps[0].tasks[0].q_len == n;
+    EXPECT_EQ(direct, run.direct) << "a direct write needs a lone task";
     // Every block the rank computes on: ring steps, the other way (two-sided window), sinks.
     std::vector<std::pair<std::vector<std::int64_t>, const std::vector<BlockTask>*>> blocks;
     for (const RingStep& step : plan.steps) blocks.emplace_back(layout.positions(step.kv_source), &step.tasks);
@@ -110,12 +136,29 @@ void check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0) {
         p.kv_group = static_cast<int>(c.heads / c.kv_heads);
         set_task_fields(p, t);
         p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+        if (ws) {
+          p.split_buf = split.as<float>();
+          p.split_slots = slots;
+          p.split_parts = run.split_parts;
+          const int units = static_cast<int>((t.q_len + 127) / 128 * c.heads * c.batch);
+          ran.split_launches += flash_fwd_split(p, units, static_cast<int>((t.kv_len + 127) / 128), sms).first > 1;
+        }
+        if (direct) {
+          p.out = dout.get();
+          p.out_batch_stride = n * c.heads * c.dim;
+          p.out_row_stride = c.heads * c.dim;
+          p.out_head_stride = c.dim;
+          p.lse_out = dlse.as<float>();
+          p.lse_batch_stride = c.heads * n;
+          p.lse_head_stride = n;
+          p.lse_row_stride = 1;
+        }
         flash_fwd(p, c.dtype, c.dim, nullptr, kernel);
       }
     }
     const TensorView out_view = TensorView::contiguous(dout.get(), c.dtype, {c.batch, n, c.heads, c.dim}, DeviceKind::cuda);
     const TensorView lse_view = TensorView::contiguous(dlse.get(), DType::f32, {c.batch, c.heads, n}, DeviceKind::cuda);
-    finalize_output(o_acc.as<float>(), lse_acc.as<float>(), out_view, lse_view, nullptr);
+    if (!direct) finalize_output(o_acc.as<float>(), lse_acc.as<float>(), out_view, lse_view, nullptr);
     std::vector<unsigned char> out(q.size());
     std::vector<float> lse(static_cast<std::size_t>(c.batch * c.heads * n));
     RINGATTN_CUDA_CHECK(cudaMemcpy(out.data(), dout.get(), out.size(), cudaMemcpyDeviceToHost));
@@ -128,14 +171,24 @@ void check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0) {
     const std::vector<float> got = to_f32(c.dtype, out);
     const std::vector<float> naive = ringattn::testing::naive_attention(c, scale, pos, q32, k_all, v_all, true);
     for (std::size_t i = 0; i < ref_out.size(); ++i) {
-      ASSERT_FALSE(std::isnan(got[i])) << "element " << i;
+      if (std::isnan(got[i])) {
+        ADD_FAILURE() << "element " << i << " is NaN";
+        return ran;
+      }
       kernel_err = std::max(kernel_err, ringattn::testing::abs_err(got[i], ref_out[i]));
       naive_err = std::max(naive_err, std::fabs(naive[i] - ref_out[i]));
     }
     for (std::size_t i = 0; i < ref_lse.size(); ++i) lse_err = std::max(lse_err, ringattn::testing::abs_err(lse[i], ref_lse[i]));
+    ran.out.insert(ran.out.end(), out.begin(), out.end());
   }
   EXPECT_LE(kernel_err, 2.0 * naive_err + 1e-4) << "naive same-precision error " << naive_err;
   EXPECT_LE(lse_err, 1e-3);
+  if (slots > 0) {  // every launch leaves the split's counts (the buffer's first words) zero
+    std::vector<unsigned int> counts(static_cast<std::size_t>(slots));
+    RINGATTN_CUDA_CHECK(cudaMemcpy(counts.data(), split.get(), counts.size() * sizeof(unsigned int), cudaMemcpyDeviceToHost));
+    EXPECT_EQ(std::count(counts.begin(), counts.end(), 0u), slots) << "split counts left non-zero";
+  }
+  return ran;
 }
 
 // Every native kernel this device can run: mma.sync everywhere, wgmma and its warp-specialised
@@ -182,6 +235,67 @@ TEST_F(FlashFwd, LongerBlocksCrossManyTiles) {
   check_case({1, 1500, 2, 2, 64, false, LayoutKind::contiguous, 2, DType::bf16});
   check_case({1, 1100, 2, 2, 128, false, LayoutKind::contiguous, 1, DType::f16});
   check_case({1, 1300, 2, 1, 64, true, LayoutKind::contiguous, 1, DType::bf16});
+}
+
+// The split (flash_fwd_sm90_ws.cuh, "The last wave"): query tiles given to 2, 4 or 8 CTAs that
+// walk consecutive shares of the key tiles, the last to finish combining the parts' states in
+// part order (forced here on half of each launch's tiles, so that split and unsplit CTAs share
+// a launch as in a ring's last wave; the rule splits that wave or every tile of a small launch).
+// Within the tolerance, through the merge and through the direct write, with maxima that grow
+// along the keys (the parts' states then have far apart maxima), and bitwise repeatable.
+TEST_F(FlashFwd, SplitQueryTilesCombineTheirPartsInOrder) {
+  if (!flash_fwd_wgmma_available()) GTEST_SKIP() << "the warp-specialised kernel needs sm_90a";
+  for (const int parts : {2, 4, 8}) {
+    const Case lone{1, 1024, 4, 2, 128, false, LayoutKind::contiguous, 1, DType::bf16};
+    for (const bool direct : {false, true}) {
+      const Ran a = check_case(lone, FlashKernel::wgmma_ws, 0.0, {parts, direct});
+      const Ran b = check_case(lone, FlashKernel::wgmma_ws, 0.0, {parts, direct});
+      EXPECT_EQ(a.split_launches, 1) << parts << " parts";
+      EXPECT_TRUE(a.out == b.out) << parts << " parts: two runs differ";
+    }
+    // Uneven: 9 key tiles (the last of 76 keys), 2 batches; every part of 8 gets 1 or 2 tiles.
+    const Case uneven{2, 1100, 2, 1, 128, false, LayoutKind::contiguous, 1, DType::f16};
+    EXPECT_EQ(check_case(uneven, FlashKernel::wgmma_ws, 0.02, {parts, false}).split_launches, 1) << parts << " parts";
+    // A ring: each rank's full-mask tasks, merged step after step (head dim 64).
+    const Case ring{1, 2048, 4, 2, 64, false, LayoutKind::zigzag, 2, DType::bf16};
+    EXPECT_GE(check_case(ring, FlashKernel::wgmma_ws, 0.0, {parts, false}).split_launches, 2) << parts << " parts";
+  }
+}
+
+// The rule: a full-mask launch's last-wave query tiles split where that shortens the tail, every
+// tile of one that fills at most half of the SMs; causal launches never; never more CTAs than
+// the buffer's slots.
+TEST(FlashFwdSplit, SplitsTheLastWaveWhereItShortensTheTail) {
+  FlashFwdParams p;
+  float buffer = 0.0f;  // only tested for null
+  p.split_buf = &buffer;
+  p.split_slots = 264;
+  auto split = [&](int units, int key_tiles, int sms, bool causal = false) {
+    p.causal = causal ? 1 : 0;
+    return flash_fwd_split(p, units, key_tiles, sms);
+  };
+  EXPECT_EQ(split(8192, 256, 132), std::make_pair(8, 8));    // 64k on two GPUs: 62 waves and 8 CTAs
+  EXPECT_EQ(split(8448, 256, 132), std::make_pair(1, 0));    // whole waves
+  EXPECT_EQ(split(512, 32, 132), std::make_pair(1, 0));      // 3 waves and 116: no shorter tail
+  EXPECT_EQ(split(32, 16, 132), std::make_pair(4, 32));      // a small launch: every tile, 4 parts fit
+  EXPECT_EQ(split(16, 32, 132), std::make_pair(8, 16));
+  EXPECT_EQ(split(16, 12, 132), std::make_pair(4, 16));      // 12 key tiles: at most 4 parts of 2 or more
+  EXPECT_EQ(split(8192, 6, 132), std::make_pair(2, 8));      // 6 key tiles: halves
+  EXPECT_EQ(split(8192, 3, 132), std::make_pair(1, 0));      // too few to share
+  EXPECT_EQ(split(8192, 256, 132, true), std::make_pair(1, 0));  // causal: never
+  EXPECT_EQ(split(16, 32, 132, true), std::make_pair(1, 0));
+  p.split_slots = 16;  // the buffer bounds the split CTAs
+  EXPECT_EQ(split(8192, 256, 132), std::make_pair(2, 8));
+  EXPECT_EQ(split(16, 32, 132), std::make_pair(1, 0));
+  p.split_slots = 264;
+  p.split_buf = nullptr;
+  EXPECT_EQ(split(8192, 256, 132), std::make_pair(1, 0));
+  p.split_buf = &buffer;
+  p.split_parts = 1;
+  EXPECT_EQ(split(8192, 256, 132), std::make_pair(1, 0));
+  p.split_parts = 4;  // forced: half of the tiles
+  EXPECT_EQ(split(100, 8, 132), std::make_pair(4, 50));
+  EXPECT_EQ(split(100, 3, 132), std::make_pair(1, 0));       // fewer key tiles than parts
 }
 
 // Scores that keep growing along the keys: K's rows scaled by 1 + 0.02 t, so a row's maximum

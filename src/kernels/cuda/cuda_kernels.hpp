@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 
@@ -80,6 +81,15 @@ bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& task,
 // kernel cannot run here.
 void flash_fwd(const FlashFwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream,
                FlashKernel kernel = FlashKernel::automatic);
+
+// The warp-specialised kernel's split of a full-mask launch's last wave (flash_fwd_sm90_ws.cuh,
+// "The last wave"): the bytes of FlashFwdParams::split_buf for `slots` parts at head_dim (the
+// counts included), the slots the ring engine gives it (two per SM of the current device), and
+// the split of a launch of `units` query tiles of `key_tiles` key tiles each on `sms` SMs:
+// {CTAs per split tile (1: none), how many of the last tiles split} (exposed for tests).
+std::size_t flash_fwd_split_bytes(std::int64_t head_dim, int slots);
+int flash_fwd_split_slots();
+std::pair<int, int> flash_fwd_split(const FlashFwdParams& params, int units, int key_tiles, int sms);
 
 // Folds one block result into the running state (see kernels/cpu/merge.hpp for the rule):
 // rows q_begin .. q_begin + q_len of o_acc (B, H, s_q, D) fp32 and lse (B, H, s_q) take

@@ -86,11 +86,13 @@ struct CtaTask {
   const T* k;
   const T* v;
 
-  __device__ __forceinline__ explicit CtaTask(const FlashFwdParams& p) {
-    const int m_block = kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  // The grid's (query tile, head, batch); causal launches take their tiles last first.
+  __device__ __forceinline__ explicit CtaTask(const FlashFwdParams& p)
+      : CtaTask(p, kCausal ? gridDim.x - 1 - blockIdx.x : blockIdx.x, blockIdx.y, blockIdx.z) {}
+  __device__ __forceinline__ CtaTask(const FlashFwdParams& p, int m_block, int head, int batch) {
     m0 = m_block * kBlockM;
-    h = blockIdx.y;
-    b = blockIdx.z;
+    h = head;
+    b = batch;
     q = static_cast<const T*>(p.q) + b * p.q_batch_stride + static_cast<std::int64_t>(p.q_begin + m0) * p.q_row_stride +
         h * p.q_head_stride;
     const std::int64_t kv_off = b * p.kv_batch_stride + static_cast<std::int64_t>(p.kv_begin) * p.kv_row_stride +

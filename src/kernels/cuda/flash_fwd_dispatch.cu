@@ -94,6 +94,24 @@ FlashKernel flash_fwd_resolve(FlashKernel kernel) {
   return flash_fwd_wgmma_available() ? FlashKernel::wgmma_ws : FlashKernel::mma_sync;
 }
 
+std::size_t flash_fwd_split_bytes(std::int64_t head_dim, int slots) {
+  if (slots <= 0) return 0;
+  const auto n = static_cast<std::size_t>(slots);
+  return (flash::fwd_split_count_words(slots) + n * flash::fwd_split_slot_floats(static_cast<int>(head_dim))) * sizeof(float);
+}
+
+int flash_fwd_split_slots() {
+  int device = 0, sms = 0;
+  RINGATTN_CUDA_CHECK(cudaGetDevice(&device));
+  RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return 2 * sms;
+}
+
+std::pair<int, int> flash_fwd_split(const FlashFwdParams& params, int units, int key_tiles, int sms) {
+  const flash::FwdSplit s = flash::fwd_split_rule(params, units, key_tiles, sms);
+  return {s.parts, s.split};
+}
+
 bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& t, bool merged) {
   // A band lets query i see keys i + lower_offset .. i + diag_offset.
   if (t.mask == MaskKind::band && t.diag_offset - t.lower_offset + 1 < kFlashFwdAutoNativeRows) return false;

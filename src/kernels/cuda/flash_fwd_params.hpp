@@ -40,6 +40,16 @@ struct FlashFwdParams {
   int band = 0;
   int lower_offset = 0;
   float scale_log2 = 1.0f;  // softmax scale * log2(e)
+
+  // The warp-specialised kernel's split of a full-mask launch's last wave (flash_fwd_sm90_ws.cuh,
+  // "The last wave"): split_buf holds a count per split query tile and split_slots parts'
+  // online-softmax states; flash_fwd_split_bytes gives its size. It must be zeroed before its
+  // first launch (every launch leaves its counts zero). nullptr: never split.
+  float* split_buf = nullptr;
+  int split_slots = 0;
+  // 0 takes the rule (flash_fwd_split), 1 never splits, 2, 4 or 8 split the last half of the
+  // launch's query tiles into that many CTAs by key tiles (tests).
+  int split_parts = 0;
 };
 
 }  // namespace ringattn::detail

@@ -33,11 +33,27 @@
 // that the consumers get 232 each (O, S, P and the Q fragments alone take 192). A 4-warp
 // sub-partition of the SM holds 16K registers: one producer warp and two consumer warps,
 // 32 x (40 + 2 x 232) = 16128.
+//
+// The last wave: a CTA holds an SM for its query tile's whole walk over the keys, and in a
+// full-mask launch every CTA walks as far, so the CTAs run in waves of one per SM; a launch of
+// N CTAs on W SMs whose last wave is partial (r = N mod W > 0) runs it with W - r SMs idle for
+// a whole CTA's time (one rank's share of a 64k ring on two GPUs: 8,192 CTAs, 62 waves and 8).
+// There (flash_fwd_split) the last r query tiles each go to k CTAs (2, 4 or 8) that walk
+// consecutive shares of the key tiles, and a launch that fills at most half of the SMs splits
+// every tile the same way. A part ends with its online-softmax state (unnormalised output,
+// row maxima and partial sums, per thread) in a slot of FlashFwdParams::split_buf and counts
+// itself in; the part that arrives last (no CTA waits for another) reads the parts' states
+// back, combines them in part order (the bits do not depend on which part was last) and
+// finishes the rows as an unsplit CTA would, merging or writing them. Causal launches are not
+// split (their CTAs differ in length and end with the shortest). The combined sums are formed
+// part by part, so their bits depend on W: repeatable on one kind of GPU, not across kinds.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 
 #include "core/cuda_check.hpp"
@@ -69,10 +85,83 @@ struct Sm90WsTraits {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 (whole 128-byte swizzle atoms)");
 };
 
+// FlashFwdParams::split_buf: first the counts, one 32-bit word per split query tile (as many
+// as slots, rounded up to 256 bytes; at the front, so that a buffer sized for one head dim and
+// reused for another keeps them in place), then split_slots slots, each a part's state:
+// fwd_split_values(D) floats for each of the 256 consumer threads, thread fastest (coalesced),
+// its D / 2 output accumulators, then its two rows' maxima and partial sums.
+constexpr int kFwdSplitThreads = 256;
+__host__ __device__ constexpr int fwd_split_values(int head_dim) { return head_dim / 2 + 4; }
+__host__ __device__ constexpr std::size_t fwd_split_slot_floats(int head_dim) {
+  return static_cast<std::size_t>(fwd_split_values(head_dim)) * kFwdSplitThreads;
+}
+__host__ __device__ constexpr std::size_t fwd_split_count_words(int slots) {
+  return (static_cast<std::size_t>(slots) + 63) / 64 * 64;
+}
+
+// Part `part` of `parts` of a split query tile (its state goes to slot `slot`; the tile's parts
+// hold slots slot - part .. slot - part + parts - 1; `tile`: its count's index) stores its
+// state and counts itself in; the last to arrive loads every part's state and combines them,
+// in part order, into o, row_max and row_sum, and returns true. Every other part returns false
+// (its rows are finished by the last). t: the consumer thread, 0 .. 255.
+template <int D>
+__device__ __forceinline__ bool fwd_split_combine(const FlashFwdParams& p, int slot, int part, int parts, int tile,
+                                                  int t, float (&o)[D / 2], float (&row_max)[2], float (&row_sum)[2]) {
+  constexpr int NO = D / 2;
+  __shared__ int last_part;
+  float* const slots = p.split_buf + fwd_split_count_words(p.split_slots);
+  float* mine = slots + static_cast<std::size_t>(slot) * fwd_split_slot_floats(D) + t;
+#pragma unroll
+  for (int e = 0; e < NO; ++e) __stcg(mine + e * kFwdSplitThreads, o[e]);
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    __stcg(mine + (NO + hr) * kFwdSplitThreads, row_max[hr]);
+    __stcg(mine + (NO + 2 + hr) * kFwdSplitThreads, row_sum[hr]);
+  }
+  __threadfence();  // the state is visible device-wide before the count says so
+  named_bar_sync(1, kFwdSplitThreads);
+  if (t == 0) {
+    unsigned int* count = reinterpret_cast<unsigned int*>(p.split_buf) + tile;
+    const bool last = atomicAdd(count, 1u) == static_cast<unsigned int>(parts - 1);
+    if (last) *count = 0u;  // every part has arrived: zero for the next launch
+    last_part = last ? 1 : 0;
+  }
+  named_bar_sync(1, kFwdSplitThreads);
+  if (last_part == 0) return false;
+  __threadfence();  // the other parts' states, counted in before the last arrival
+  const float* first = slots + static_cast<std::size_t>(slot - part) * fwd_split_slot_floats(D) + t;
+  float m[2] = {-INFINITY, -INFINITY};
+  for (int i = 0; i < parts; ++i) {
+    const float* st = first + static_cast<std::size_t>(i) * fwd_split_slot_floats(D);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) m[hr] = fmaxf(m[hr], __ldcg(st + (NO + hr) * kFwdSplitThreads));
+  }
+#pragma unroll
+  for (int e = 0; e < NO; ++e) o[e] = 0.0f;
+  row_sum[0] = row_sum[1] = 0.0f;
+  for (int i = 0; i < parts; ++i) {
+    const float* st = first + static_cast<std::size_t>(i) * fwd_split_slot_floats(D);
+    float f[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      // A part whose maximum is -inf saw no key of the row (nothing to add): not inf - inf.
+      const float mx = __ldcg(st + (NO + hr) * kFwdSplitThreads);
+      f[hr] = mx == -INFINITY ? 0.0f : exp2f(mx - m[hr]);
+      row_sum[hr] += f[hr] * __ldcg(st + (NO + 2 + hr) * kFwdSplitThreads);
+    }
+#pragma unroll
+    for (int e = 0; e < NO; ++e) o[e] += f[(e >> 1) & 1] * __ldcg(st + e * kFwdSplitThreads);
+  }
+  row_max[0] = m[0];
+  row_max[1] = m[1];
+  return true;
+}
+
 template <class Tr, bool kCausal>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_fwd_sm90_ws_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap tm_q,
-                             const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
+                             const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
+                             const int split_from, const int split_parts) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NSTAGE = Tr::kStages;
@@ -91,10 +180,32 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto v_empty = [&](int s) { return bars + 8u * (1 + 3 * NSTAGE + s); };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const CtaTask<T, BM, kCausal> task(p);
+  // Unsplit launches: the grid's (query tile, head, batch). Split ones (full mask only) run on a
+  // 1-D grid: CTA c < split_from is query tile c (tiles fastest, then heads, then batches, the
+  // order of the 3-D grid); from split_from on, each tile has split_parts CTAs in a row.
+  int part = 0, parts = 1, slot = 0, split_tile = 0;
+  const CtaTask<T, BM, kCausal> task = [&] {
+    if (kCausal || split_parts <= 1) return CtaTask<T, BM, kCausal>(p);
+    const int c = static_cast<int>(blockIdx.x);
+    int unit = c;
+    if (c >= split_from) {
+      slot = c - split_from;
+      split_tile = slot / split_parts;
+      part = slot % split_parts;
+      parts = split_parts;
+      unit = split_from + split_tile;
+    }
+    const int m_blocks = (p.q_len + BM - 1) / BM;
+    return CtaTask<T, BM, kCausal>(p, unit % m_blocks, (unit / m_blocks) % p.heads, unit / (m_blocks * p.heads));
+  }();
   const int m0 = task.m0, h = task.h, b = task.b, n_end = task.n_end;
-  const int j0 = task.n_begin / BN;
-  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN - j0 : 0;  // tiles this CTA computes
+  int j0 = task.n_begin / BN;
+  int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN - j0 : 0;  // tiles this CTA computes
+  if (parts > 1) {  // this part's share of the key tiles (the launcher gives each at least one)
+    const int lo = part * n_tiles / parts, hi = (part + 1) * n_tiles / parts;
+    j0 += lo;
+    n_tiles = hi - lo;
+  }
 
   if (tid == 0) {
     mbar_init(q_full, 1);
@@ -235,6 +346,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   fence_regs(o);
   fence_regs_u32(a);
   release(v_empty(last));
+  if constexpr (!kCausal) {
+    if (parts > 1 && !fwd_split_combine<D>(p, slot, part, parts, split_tile, tid - 128, o, row_max, row_sum)) return;
+  }
   finish_rows_sm90<T, D>(p, b, h, row0, lane, o, row_max, row_sum);
 #elif defined(__CUDA_ARCH__)
   __trap();
@@ -248,6 +362,39 @@ inline bool sm90_ws_supports(const FlashFwdParams& p) {
          (p.batch <= 1 || (tma_stride_ok(p.q_batch_stride) && tma_stride_ok(p.kv_batch_stride)));
 }
 
+// The split of a full-mask launch of `units` query tiles, each walking `key_tiles` key tiles,
+// on `sms` SMs (one CTA each; "The last wave" above): how many CTAs each of the last `split`
+// tiles becomes (parts 1: none). Never more CTAs than p.split_slots, never fewer than 2 key
+// tiles per part (a part's Q load and its state's store and combine are its fixed cost).
+struct FwdSplit {
+  int parts = 1, split = 0;
+};
+inline FwdSplit fwd_split_rule(const FlashFwdParams& p, int units, int key_tiles, int sms) {
+  FwdSplit s;
+  if (p.causal || p.split_buf == nullptr || p.split_parts == 1 || sms <= 0 || units <= 0) return s;
+  if (p.split_parts > 1) {  // forced (tests): the last half of the tiles, a key tile per part at least
+    const int split = std::max(1, units / 2);
+    if (key_tiles >= p.split_parts && split * p.split_parts <= p.split_slots) s = {p.split_parts, split};
+    return s;
+  }
+  if (2 * units <= sms) {  // all last wave, half of the SMs idle: every tile in k, the most that fit
+    for (int k : {2, 4, 8}) {
+      if (units * k <= sms && units * k <= p.split_slots && key_tiles >= 2 * k) s = {k, units};
+    }
+    return s;
+  }
+  const int r = units % sms;
+  if (r == 0) return s;
+  // The tail's length in CTA times: 1 unsplit, ceil(r k / W) / k split in k.
+  double best = 1.0;
+  for (int k : {2, 4, 8}) {
+    if (key_tiles < 2 * k || r * k > p.split_slots) continue;
+    const double tail = static_cast<double>((r * k + sms - 1) / sms) / k;
+    if (tail < best - 1e-9) best = tail, s = {k, r};
+  }
+  return s;
+}
+
 template <class Tr>
 void launch_flash_fwd_sm90_ws_traits(const FlashFwdParams& p, cudaStream_t stream) {
   using T = typename Tr::T;
@@ -259,7 +406,15 @@ void launch_flash_fwd_sm90_ws_traits(const FlashFwdParams& p, cudaStream_t strea
                                           p.kv_head_stride, p.kv_batch_stride, Tr::kBlockN);
   const CUtensorMap tv = make_tile_map<T>(p.v, Tr::kHeadDim, p.kv_begin + p.kv_len, kv_heads, p.batch, p.kv_row_stride,
                                           p.kv_head_stride, p.kv_batch_stride, Tr::kBlockN);
-  const dim3 grid((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
+  const int m_blocks = (p.q_len + Tr::kBlockM - 1) / Tr::kBlockM;
+  const dim3 grid(m_blocks, p.heads, p.batch);
+  FwdSplit split;
+  if (p.split_buf != nullptr && !p.causal) {
+    int device = 0, sms = 0;
+    RINGATTN_CUDA_CHECK(cudaGetDevice(&device));
+    RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    split = fwd_split_rule(p, m_blocks * p.heads * p.batch, (p.kv_len + Tr::kBlockN - 1) / Tr::kBlockN, sms);
+  }
   static const bool configured = [] {  // over 48 KiB of shared memory: opt in once per instantiation
     RINGATTN_CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_sm90_ws_kernel<Tr, true>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
@@ -269,9 +424,13 @@ void launch_flash_fwd_sm90_ws_traits(const FlashFwdParams& p, cudaStream_t strea
   }();
   (void)configured;
   if (p.causal) {
-    flash_fwd_sm90_ws_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv);
+    flash_fwd_sm90_ws_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, 0, 1);
+  } else if (split.parts > 1) {
+    const int units = m_blocks * p.heads * p.batch, split_from = units - split.split;
+    flash_fwd_sm90_ws_kernel<Tr, false><<<split_from + split.split * split.parts, Tr::kThreads, Tr::kSmemBytes, stream>>>(
+        p, tq, tk, tv, split_from, split.parts);
   } else {
-    flash_fwd_sm90_ws_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv);
+    flash_fwd_sm90_ws_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, 0, 1);
   }
   RINGATTN_CUDA_CHECK(cudaGetLastError());
 }
