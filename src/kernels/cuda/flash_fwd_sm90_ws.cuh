@@ -47,6 +47,8 @@
 // finishes the rows as an unsplit CTA would, merging or writing them. Causal launches are not
 // split (their CTAs differ in length and end with the shortest). The combined sums are formed
 // part by part, so their bits depend on W: repeatable on one kind of GPU, not across kinds.
+// H100, forward alone, against no split, same call: the 64k share above +1.3-1.7% (causal, its
+// full sub-blocks, +0.9%), 4 heads at 1k and 2k (32 and 64 tiles, all split) +18-23%.
 #pragma once
 
 #include <cuda_bf16.h>
