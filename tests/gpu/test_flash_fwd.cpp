@@ -242,29 +242,36 @@ TEST_F(FlashFwd, LongerBlocksCrossManyTiles) {
 // part order (forced here on half of each launch's tiles, so that split and unsplit CTAs share
 // a launch as in a ring's last wave; the rule splits that wave or every tile of a small launch).
 // Within the tolerance, through the merge and through the direct write, with maxima that grow
-// along the keys (the parts' states then have far apart maxima), and bitwise repeatable.
+// along the keys (the parts' states then have far apart maxima), and bitwise repeatable. The
+// causal cases' first query tiles have fewer key tiles than parts: some parts have none and
+// only count themselves in.
 TEST_F(FlashFwd, SplitQueryTilesCombineTheirPartsInOrder) {
   if (!flash_fwd_wgmma_available()) GTEST_SKIP() << "the warp-specialised kernel needs sm_90a";
   for (const int parts : {2, 4, 8}) {
-    const Case lone{1, 1024, 4, 2, 128, false, LayoutKind::contiguous, 1, DType::bf16};
-    for (const bool direct : {false, true}) {
-      const Ran a = check_case(lone, FlashKernel::wgmma_ws, 0.0, {parts, direct});
-      const Ran b = check_case(lone, FlashKernel::wgmma_ws, 0.0, {parts, direct});
-      EXPECT_EQ(a.split_launches, 1) << parts << " parts";
-      EXPECT_TRUE(a.out == b.out) << parts << " parts: two runs differ";
+    for (const bool causal : {false, true}) {
+      const Case lone{1, 1024, 4, 2, 128, causal, LayoutKind::contiguous, 1, DType::bf16};
+      for (const bool direct : {false, true}) {
+        const Ran a = check_case(lone, FlashKernel::wgmma_ws, 0.0, {parts, direct});
+        const Ran b = check_case(lone, FlashKernel::wgmma_ws, 0.0, {parts, direct});
+        EXPECT_EQ(a.split_launches, 1) << parts << " parts" << (causal ? " causal" : "");
+        EXPECT_TRUE(a.out == b.out) << parts << " parts" << (causal ? " causal" : "") << ": two runs differ";
+      }
     }
     // Uneven: 9 key tiles (the last of 76 keys), 2 batches; every part of 8 gets 1 or 2 tiles.
     const Case uneven{2, 1100, 2, 1, 128, false, LayoutKind::contiguous, 1, DType::f16};
     EXPECT_EQ(check_case(uneven, FlashKernel::wgmma_ws, 0.02, {parts, false}).split_launches, 1) << parts << " parts";
-    // A ring: each rank's full-mask tasks, merged step after step (head dim 64).
+    // A ring: each rank's tasks, merged step after step (head dim 64); causal: 1024-key chunks.
     const Case ring{1, 2048, 4, 2, 64, false, LayoutKind::zigzag, 2, DType::bf16};
     EXPECT_GE(check_case(ring, FlashKernel::wgmma_ws, 0.0, {parts, false}).split_launches, 2) << parts << " parts";
+    const Case causal_ring{1, 4096, 2, 1, 64, true, LayoutKind::zigzag, 2, DType::f16};
+    EXPECT_GE(check_case(causal_ring, FlashKernel::wgmma_ws, 0.02, {parts, false}).split_launches, 2)
+        << parts << " parts";
   }
 }
 
-// The rule: a full-mask launch's last-wave query tiles split where that shortens the tail, every
-// tile of one that fills at most half of the SMs; causal launches never; never more CTAs than
-// the buffer's slots.
+// The rule: a full-mask launch's last-wave query tiles split where that shortens the tail; every
+// tile of a launch, full or causal, that fills at most half of the SMs; never a causal launch's
+// last wave; never more CTAs than the buffer's slots.
 TEST(FlashFwdSplit, SplitsTheLastWaveWhereItShortensTheTail) {
   FlashFwdParams p;
   float buffer = 0.0f;  // only tested for null
@@ -282,8 +289,12 @@ TEST(FlashFwdSplit, SplitsTheLastWaveWhereItShortensTheTail) {
   EXPECT_EQ(split(16, 12, 132), std::make_pair(4, 16));      // 12 key tiles: at most 4 parts of 2 or more
   EXPECT_EQ(split(8192, 6, 132), std::make_pair(2, 8));      // 6 key tiles: halves
   EXPECT_EQ(split(8192, 3, 132), std::make_pair(1, 0));      // too few to share
-  EXPECT_EQ(split(8192, 256, 132, true), std::make_pair(1, 0));  // causal: never
-  EXPECT_EQ(split(16, 32, 132, true), std::make_pair(1, 0));
+  EXPECT_EQ(split(8192, 256, 132, true), std::make_pair(1, 0));  // causal: not the last wave ...
+  EXPECT_EQ(split(67, 256, 132, true), std::make_pair(1, 0));    // (over half of the SMs)
+  EXPECT_EQ(split(66, 256, 132, true), std::make_pair(2, 66));   // ... but small launches whole
+  EXPECT_EQ(split(16, 32, 132, true), std::make_pair(8, 16));
+  EXPECT_EQ(split(16, 6, 132, true), std::make_pair(2, 16));
+  EXPECT_EQ(split(16, 3, 132, true), std::make_pair(1, 0));
   p.split_slots = 16;  // the buffer bounds the split CTAs
   EXPECT_EQ(split(8192, 256, 132), std::make_pair(2, 8));
   EXPECT_EQ(split(16, 32, 132), std::make_pair(1, 0));

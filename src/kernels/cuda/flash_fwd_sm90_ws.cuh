@@ -44,9 +44,12 @@
 // row maxima and partial sums, per thread) in a slot of FlashFwdParams::split_buf and counts
 // itself in; the part that arrives last (no CTA waits for another) reads the parts' states
 // back, combines them in part order (the bits do not depend on which part was last) and
-// finishes the rows as an unsplit CTA would, merging or writing them. Causal launches are not
-// split (their CTAs differ in length and end with the shortest). The combined sums are formed
-// part by part, so their bits depend on W: repeatable on one kind of GPU, not across kinds.
+// finishes the rows as an unsplit CTA would, merging or writing them. A causal launch's last
+// wave is left alone (its CTAs differ in length and it ends with the shortest), but one that
+// fills at most half of the SMs waits for its longest CTA, and there every tile splits; a
+// causal tile's share may hold no key tile (its last rows' tiles are few), and such a part
+// counts itself in with an empty state. The combined sums are formed part by part, so their
+// bits depend on W: repeatable on one kind of GPU, not across kinds.
 // H100, forward alone, against no split, same call: the 64k share above +1.3-1.7% (causal, its
 // full sub-blocks, +0.9%), 4 heads at 1k and 2k (32 and 64 tiles, all split) +18-23%.
 #pragma once
@@ -182,12 +185,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto v_empty = [&](int s) { return bars + 8u * (1 + 3 * NSTAGE + s); };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  // Unsplit launches: the grid's (query tile, head, batch). Split ones (full mask only) run on a
-  // 1-D grid: CTA c < split_from is query tile c (tiles fastest, then heads, then batches, the
-  // order of the 3-D grid); from split_from on, each tile has split_parts CTAs in a row.
+  // Unsplit launches: the grid's (query tile, head, batch). Split ones run on a 1-D grid: CTA
+  // c < split_from is query tile c (tiles fastest, causal ones last first, then heads, then
+  // batches, the order of the 3-D grid); from split_from on, each tile has split_parts CTAs in
+  // a row.
   int part = 0, parts = 1, slot = 0, split_tile = 0;
   const CtaTask<T, BM, kCausal> task = [&] {
-    if (kCausal || split_parts <= 1) return CtaTask<T, BM, kCausal>(p);
+    if (split_parts <= 1) return CtaTask<T, BM, kCausal>(p);
     const int c = static_cast<int>(blockIdx.x);
     int unit = c;
     if (c >= split_from) {
@@ -197,13 +201,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       parts = split_parts;
       unit = split_from + split_tile;
     }
-    const int m_blocks = (p.q_len + BM - 1) / BM;
-    return CtaTask<T, BM, kCausal>(p, unit % m_blocks, (unit / m_blocks) % p.heads, unit / (m_blocks * p.heads));
+    const int m_blocks = (p.q_len + BM - 1) / BM, m_block = unit % m_blocks;
+    return CtaTask<T, BM, kCausal>(p, kCausal ? m_blocks - 1 - m_block : m_block, (unit / m_blocks) % p.heads,
+                                   unit / (m_blocks * p.heads));
   }();
   const int m0 = task.m0, h = task.h, b = task.b, n_end = task.n_end;
   int j0 = task.n_begin / BN;
   int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN - j0 : 0;  // tiles this CTA computes
-  if (parts > 1) {  // this part's share of the key tiles (the launcher gives each at least one)
+  if (parts > 1) {  // this part's share of the key tiles (a causal tile's parts may get none)
     const int lo = part * n_tiles / parts, hi = (part + 1) * n_tiles / parts;
     j0 += lo;
     n_tiles = hi - lo;
@@ -220,7 +225,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if (n_tiles <= 0) return;  // no key reaches this CTA's rows: nothing to write
+  if (n_tiles <= 0) {  // no key reaches this CTA's rows
+    if (parts == 1 || warp < 4) return;  // nothing to write
+    // An empty share of a split tile still counts itself in, with nothing seen (the last part
+    // to arrive finishes the rows).
+    const int row0 = m0 + (warp / 4 - 1) * 64 + (warp % 4) * 16 + lane / 4;
+    float o[NO], row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+    if (fwd_split_combine<D>(p, slot, part, parts, split_tile, tid - 128, o, row_max, row_sum)) {
+      finish_rows_sm90<T, D>(p, b, h, row0, lane, o, row_max, row_sum);
+    }
+    return;
+  }
 
   if (warp < 4) {  // the producer warpgroup: one thread issues the loads; registers go to the consumers
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -348,9 +365,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   fence_regs(o);
   fence_regs_u32(a);
   release(v_empty(last));
-  if constexpr (!kCausal) {
-    if (parts > 1 && !fwd_split_combine<D>(p, slot, part, parts, split_tile, tid - 128, o, row_max, row_sum)) return;
-  }
+  if (parts > 1 && !fwd_split_combine<D>(p, slot, part, parts, split_tile, tid - 128, o, row_max, row_sum)) return;
   finish_rows_sm90<T, D>(p, b, h, row0, lane, o, row_max, row_sum);
 #elif defined(__CUDA_ARCH__)
   __trap();
@@ -364,16 +379,17 @@ inline bool sm90_ws_supports(const FlashFwdParams& p) {
          (p.batch <= 1 || (tma_stride_ok(p.q_batch_stride) && tma_stride_ok(p.kv_batch_stride)));
 }
 
-// The split of a full-mask launch of `units` query tiles, each walking `key_tiles` key tiles,
-// on `sms` SMs (one CTA each; "The last wave" above): how many CTAs each of the last `split`
-// tiles becomes (parts 1: none). Never more CTAs than p.split_slots, never fewer than 2 key
-// tiles per part (a part's Q load and its state's store and combine are its fixed cost).
+// The split of a launch of `units` query tiles of a task `key_tiles` key tiles long, on `sms`
+// SMs (one CTA each; "The last wave" above): how many CTAs each of the last `split` tiles
+// becomes (parts 1: none). Never more CTAs than p.split_slots, never fewer than 2 key tiles per
+// part of the task's longest tile (a part's Q load and its state's store and combine are its
+// fixed cost).
 struct FwdSplit {
   int parts = 1, split = 0;
 };
 inline FwdSplit fwd_split_rule(const FlashFwdParams& p, int units, int key_tiles, int sms) {
   FwdSplit s;
-  if (p.causal || p.split_buf == nullptr || p.split_parts == 1 || sms <= 0 || units <= 0) return s;
+  if (p.split_buf == nullptr || p.split_parts == 1 || sms <= 0 || units <= 0) return s;
   if (p.split_parts > 1) {  // forced (tests): the last half of the tiles, a key tile per part at least
     const int split = std::max(1, units / 2);
     if (key_tiles >= p.split_parts && split * p.split_parts <= p.split_slots) s = {p.split_parts, split};
@@ -385,8 +401,10 @@ inline FwdSplit fwd_split_rule(const FlashFwdParams& p, int units, int key_tiles
     }
     return s;
   }
+  // Causal CTAs differ in length and the launch ends with the shortest: a partial last wave
+  // costs little.
   const int r = units % sms;
-  if (r == 0) return s;
+  if (r == 0 || p.causal) return s;
   // The tail's length in CTA times: 1 unsplit, ceil(r k / W) / k split in k.
   double best = 1.0;
   for (int k : {2, 4, 8}) {
@@ -411,7 +429,7 @@ void launch_flash_fwd_sm90_ws_traits(const FlashFwdParams& p, cudaStream_t strea
   const int m_blocks = (p.q_len + Tr::kBlockM - 1) / Tr::kBlockM;
   const dim3 grid(m_blocks, p.heads, p.batch);
   FwdSplit split;
-  if (p.split_buf != nullptr && !p.causal) {
+  if (p.split_buf != nullptr) {
     int device = 0, sms = 0;
     RINGATTN_CUDA_CHECK(cudaGetDevice(&device));
     RINGATTN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -425,12 +443,18 @@ void launch_flash_fwd_sm90_ws_traits(const FlashFwdParams& p, cudaStream_t strea
     return true;
   }();
   (void)configured;
+  const int units = m_blocks * p.heads * p.batch, split_from = units - split.split;
+  const int split_grid = split_from + split.split * split.parts;
   if (p.causal) {
-    flash_fwd_sm90_ws_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, 0, 1);
+    if (split.parts > 1) {
+      flash_fwd_sm90_ws_kernel<Tr, true>
+          <<<split_grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, split_from, split.parts);
+    } else {
+      flash_fwd_sm90_ws_kernel<Tr, true><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, 0, 1);
+    }
   } else if (split.parts > 1) {
-    const int units = m_blocks * p.heads * p.batch, split_from = units - split.split;
-    flash_fwd_sm90_ws_kernel<Tr, false><<<split_from + split.split * split.parts, Tr::kThreads, Tr::kSmemBytes, stream>>>(
-        p, tq, tk, tv, split_from, split.parts);
+    flash_fwd_sm90_ws_kernel<Tr, false>
+        <<<split_grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, split_from, split.parts);
   } else {
     flash_fwd_sm90_ws_kernel<Tr, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, 0, 1);
   }
