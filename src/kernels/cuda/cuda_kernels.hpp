@@ -82,8 +82,9 @@ bool flash_fwd_auto_prefers_native(std::int64_t head_dim, const BlockTask& task,
 void flash_fwd(const FlashFwdParams& params, DType dtype, std::int64_t head_dim, cudaStream_t stream,
                FlashKernel kernel = FlashKernel::automatic);
 
-// The warp-specialised kernel's split of a full-mask launch's last wave (flash_fwd_sm90_ws.cuh,
-// "The last wave"): the bytes of FlashFwdParams::split_buf for `slots` parts at head_dim (the
+// The warp-specialised kernel's split of query tiles over key-tile shares (flash_fwd_sm90_ws.cuh,
+// "The last wave": a full-mask launch's last wave, every tile of a launch on at most half of
+// the SMs): the bytes of FlashFwdParams::split_buf for `slots` parts at head_dim (the
 // counts included), the slots the ring engine gives it (two per SM of the current device), and
 // the split of a launch of `units` query tiles of `key_tiles` key tiles each on `sms` SMs:
 // {CTAs per split tile (1: none), how many of the last tiles split} (exposed for tests).

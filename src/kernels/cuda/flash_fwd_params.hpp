@@ -41,7 +41,7 @@ struct FlashFwdParams {
   int lower_offset = 0;
   float scale_log2 = 1.0f;  // softmax scale * log2(e)
 
-  // The warp-specialised kernel's split of a full-mask launch's last wave (flash_fwd_sm90_ws.cuh,
+  // The warp-specialised kernel's split of query tiles over key-tile shares (flash_fwd_sm90_ws.cuh,
   // "The last wave"): split_buf holds a count per split query tile and split_slots parts'
   // online-softmax states; flash_fwd_split_bytes gives its size. It must be zeroed before its
   // first launch (every launch leaves its counts zero). nullptr: never split.
