@@ -1,6 +1,7 @@
 #include "engine/cuda_ring_backward.hpp"
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 
 #include "comm/mpi_transport.hpp"
@@ -27,6 +28,18 @@ CudnnSdpaProblem cudnn_problem(const BlockTask& t, std::int64_t step_kv_len, con
   p.dq_batch_stride = dq[0], p.dq_row_stride = dq[1], p.dq_head_stride = dq[2];
   p.dkv_batch_stride = dkv[0], p.dkv_row_stride = dkv[1], p.dkv_head_stride = dkv[2];
   return p;
+}
+
+// The hop that takes a block's rounded dK/dV sums home after the last step goes in two pieces
+// from blocks of kHomeSplitMinRows rows: rows [0, R) and [R, rows), R = home_split_rows(rows)
+// (seven eighths, in whole 128-key blocks), the rest in the second. The last step computes the first
+// piece's keys first, so that piece travels while the kernels compute the last eighth; only
+// the second piece's hop is left exposed (an eighth of the bytes). Sender and receiver both
+// split by the block's row count.
+constexpr std::int64_t kHomeSplitMinRows = 8192;
+std::int64_t home_split_rows(std::int64_t rows) {
+  if (rows < kHomeSplitMinRows) return 0;
+  return rows * 7 / 8 / 128 * 128;
 }
 
 }  // namespace
@@ -211,8 +224,11 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   milestones_ = 0;
   const std::unique_ptr<Transport> kv_transport = resources_.hop(stream, timeout_s_, 0, &transfer_timer_);
   const std::unique_ptr<Transport> acc_transport = resources_.hop(stream, timeout_s_, 1, &transfer_timer_);
+  // The last hop home in two pieces (home_split_rows): the first on acc_hop, the second here.
+  const std::unique_ptr<Transport> home_transport = resources_.hop(stream, timeout_s_, 1, &transfer_timer_);
   Transport& kv_hop = *kv_transport;
   Transport& acc_hop = *acc_transport;
+  Transport& home_hop = *home_transport;
   auto set_task = [&](const BlockTask& t) { set_task_fields(p, t); };
 
   // One pass of the ring over `steps` (the plan's, or its reverse steps: blocks of later ranks
@@ -234,6 +250,42 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
     const int hops = reverse ? n : n - 1;
     const bool ring = communicate && P > 1 && hops > 0;
     int cur = 0, acc = 0;
+    std::int64_t held = q_len_;  // rows of the block held
+    // The last hop home with the sums rounded (round_home): rows [r0, r1) of dK and dV, each
+    // (B, held, H_kv, D) in the dtype, rounded into the K/V buffer no hop uses any more (the
+    // step's own sums, if any, added in the same pass), and sent to their owner; ours arrive
+    // packed into the other accumulator buffer. piece 0: all rows; 1 and 2: the rows before and
+    // from home_split_rows (on acc_hop and home_hop), split alike at both ends since both know
+    // the block's rows (the receiver's q_len).
+    const int home_owner = (plan_.rank - (n - 1) % P + P) % P, home_mine = (plan_.rank + (n - 1)) % P;
+    bool home_first_sent = false;
+    auto send_home = [&](int piece, bool own_sums, std::int64_t own_row0, std::int64_t own_rows) {
+      const std::int64_t split = home_split_rows(held), back = home_split_rows(q_len_);
+      const std::int64_t r0 = piece == 2 ? split : 0, r1 = piece == 1 ? split : held;
+      const std::int64_t b0 = piece == 2 ? back : 0, b1 = piece == 1 ? back : q_len_;
+      auto* send = static_cast<unsigned char*>(blocks_[1 - cur].get());
+      const std::size_t half = kv_bytes(held) / 2;
+      const std::size_t row_bytes = half / static_cast<std::size_t>(B * held);
+      const float* sums = acc_[acc].as<float>();
+      const float* own = own_sums ? step_acc_.as<float>() : nullptr;
+      const std::int64_t half_elems = B * Hkv * held * D;
+      auto rows = [&](unsigned char* base) {
+        TensorView v = TensorView::contiguous(base + static_cast<std::size_t>(r0) * row_bytes, dtype_,
+                                              {B, r1 - r0, Hkv, D}, DeviceKind::cuda, resources_.device());
+        v.strides[0] = held * Hkv * D;
+        return v;
+      };
+      span(-1, [&] {
+        finalize_output(sums, nullptr, rows(send), TensorView{}, stream, own, own_row0, own_rows, held, r0);
+        finalize_output(sums + half_elems, nullptr, rows(send + half), TensorView{}, stream,
+                        own != nullptr ? own + half_elems : nullptr, own_row0, own_rows, held, r0);
+      });
+      const std::size_t slabs = 2 * static_cast<std::size_t>(B);
+      (piece == 2 ? home_hop : acc_hop)
+          .start_pieces(send, slab_rows(r0, r1, held, row_bytes, slabs), home_owner, acc_[1 - acc].get(),
+                        slab_rows(b0, b1, q_len_, row_bytes, slabs), home_mine);
+      if (piece == 1) home_first_sent = true;
+    };
     // The forward pass starts on the own block, into acc_[0]: one native task over all of its
     // keys overwrites the accumulator's rows (FlashBwdParams::dkv_store) instead of adding to
     // zeroed ones: no zeroing, and the kernel's epilogue loads nothing.
@@ -250,7 +302,6 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
         RINGATTN_CUDA_CHECK(cudaMemsetAsync(acc_[0].get(), 0, acc_bytes(q_len_), stream));
       }
     });
-    std::int64_t held = q_len_;
     for (int s = reverse ? -1 : 0; s < n; ++s) {
       const bool kv_transfer = ring && s + 1 < n;
       // The single-pass kernel writes into step_acc_ while the accumulator has not arrived;
@@ -290,6 +341,16 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
         sums_rows = step.kv_len;
         const bool store_sums =
             fused_ && !acc_ready && step.tasks.size() == 1 && !task_uses_cudnn(step.tasks[0], step.kv_len);
+        if (store_sums) sums_row0 = step.tasks[0].kv_begin, sums_rows = step.tasks[0].kv_len;
+        // The last step before the hop home computes the keys of the hop's first piece first,
+        // so that the piece travels while the kernels compute the rest (native full and causal
+        // tasks; otherwise both pieces leave after the step).
+        const bool home_now = ring && s + 1 == n && !reverse && round_home;
+        const std::int64_t split = home_now ? home_split_rows(step.kv_len) : 0;
+        bool split_compute = split > 0 && fused_;
+        for (const BlockTask& t : step.tasks) {
+          split_compute = split_compute && t.mask != MaskKind::band && !task_uses_cudnn(t, step.kv_len);
+        }
         auto zero_step_sums = [&] {
           if (!step_sums) RINGATTN_CUDA_CHECK(cudaMemsetAsync(step_acc_.get(), 0, acc_bytes(step.kv_len), stream));
           step_sums = true;
@@ -302,8 +363,13 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
             }
           }
         }
-        span(computed++, [&] {
-          for (const BlockTask& t : step.tasks) {
+        // Keys [begin, end) of the step's tasks (all of them: 0, kv_len).
+        auto compute = [&](std::int64_t begin, std::int64_t end) {
+          for (const BlockTask& whole : step.tasks) {
+            const std::optional<BlockTask> slice =
+                begin == 0 && end == step.kv_len ? std::optional<BlockTask>(whole) : slice_keys(whole, begin, end);
+            if (!slice) continue;
+            const BlockTask& t = *slice;
             set_task(t);
             if (task_uses_cudnn(t, step.kv_len) && run_cudnn_task(t, step.kv_len, q, p.k, p.v, out, lse, dout, dq, dk,
                                                                   dv, scale, dk_acc, dv_acc, await_acc)) {
@@ -323,11 +389,9 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
               p.dk = dk_acc;
               p.dv = dv_acc;
             } else {
-              if (store_sums) {
+              if (store_sums) {  // (a slice stores its rows of the task's)
                 p.dkv_store = 1;
                 step_sums = true;
-                sums_row0 = t.kv_begin;
-                sums_rows = t.kv_len;
               } else {
                 zero_step_sums();  // (zeroed above, unless cuDNN refused a task planned for it)
               }
@@ -337,10 +401,19 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
             flash_bwd(p, dtype_, D, stream, FlashBwdPart::both);
             p.dkv_store = 0;
           }
-        });
+        };
+        const int profiled = computed++;
+        if (split_compute) {
+          span(profiled, [&] { compute(0, split); });
+          await_acc();
+          send_home(1, step_sums, sums_row0, sums_rows);
+          span(profiled, [&] { compute(split, step.kv_len); });
+        } else {
+          span(profiled, [&] { compute(0, step.kv_len); });
+        }
         await_acc();
         // The sums that the last hop takes home rounded join the accumulator in the rounding.
-        const bool round_now = ring && s + 1 == n && !reverse && round_home;
+        const bool round_now = home_now;
         if (step_sums && !round_now) {  // dK then dV: (2B, H_kv, kv_len, D) in both buffers
           const Strides sums = {Hkv * step.kv_len * D, step.kv_len * D, D};
           span(-1, [&] {
@@ -360,25 +433,12 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
         const int mine = reverse ? (plan_.rank - hops % P + P) % P : (plan_.rank + hops) % P;
         const std::int64_t next_len = last ? q_len_ : steps[static_cast<std::size_t>(s) + 1].kv_len;
         if (last && !reverse && round_home) {
-          // dK then dV, (B, held, H_kv, D) each in the dtype, into the K/V buffer no hop uses
-          // any more; received packed into the other accumulator buffer. The step's own sums
-          // (if any) are added in the same pass.
-          auto* send = static_cast<unsigned char*>(blocks_[1 - cur].get());
-          const std::size_t half = kv_bytes(held) / 2;
-          const float* sums = acc_[acc].as<float>();
-          const float* own = step_sums ? step_acc_.as<float>() : nullptr;
-          const std::int64_t half_elems = B * Hkv * held * D;
-          span(-1, [&] {
-            finalize_output(
-                sums, nullptr,
-                TensorView::contiguous(send, dtype_, {B, held, Hkv, D}, DeviceKind::cuda, resources_.device()),
-                TensorView{}, stream, own, sums_row0, sums_rows);
-            finalize_output(sums + half_elems, nullptr,
-                            TensorView::contiguous(send + half, dtype_, {B, held, Hkv, D}, DeviceKind::cuda,
-                                                   resources_.device()),
-                            TensorView{}, stream, own != nullptr ? own + half_elems : nullptr, sums_row0, sums_rows);
-          });
-          acc_hop.start(send, kv_bytes(held), owner, acc_[1 - acc].get(), kv_bytes(next_len), mine);
+          if (home_split_rows(held) == 0) {
+            send_home(0, step_sums, sums_row0, sums_rows);
+          } else {
+            if (!home_first_sent) send_home(1, step_sums, sums_row0, sums_rows);
+            send_home(2, step_sums, sums_row0, sums_rows);
+          }
           rounded = true;
         } else {
           acc_hop.start(acc_[acc].get(), acc_bytes(held), last ? owner : to, acc_[1 - acc].get(),
@@ -392,7 +452,8 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
         cur = 1 - cur;
       }
     }
-    if (ring) acc_hop.wait();
+    // (The hop home that brings rounded sums is awaited after dQ's rounding: see below.)
+    if (ring && !rounded) acc_hop.wait();
     return ring ? acc : 0;
   };
 
@@ -458,16 +519,22 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
       });
     }
   }
-  bytes_sent_per_run_ = kv_hop.bytes_sent() + acc_hop.bytes_sent();
+  bytes_sent_per_run_ = kv_hop.bytes_sent() + acc_hop.bytes_sent() + home_hop.bytes_sent();
   kv_bytes_received_ = static_cast<double>(kv_hop.bytes_received());
-  sums_bytes_received_ = static_cast<double>(acc_hop.bytes_received());
+  sums_bytes_received_ = static_cast<double>(acc_hop.bytes_received() + home_hop.bytes_received());
   if (cudnn_direct && !direct_) {
     throw Error(ErrorCode::internal, "the cuDNN backward was planned to write the gradients but did not run");
   }
   // The gradients in the caller's tensors (unless cuDNN wrote them itself).
   span(-1, [&] {
+    if (!direct_) finalize_output(dq_acc_.as<float>(), nullptr, dq, TensorView{}, stream);
+  });
+  if (rounded) {  // dQ's rounding above ran while the last hop home was in flight
+    acc_hop.wait();
+    home_hop.wait();
+  }
+  span(-1, [&] {
     if (direct_) return;
-    finalize_output(dq_acc_.as<float>(), nullptr, dq, TensorView{}, stream);
     if (rounded) {  // dK then dV arrived in the dtype, packed (B, q_len, H_kv, D): copy the rows in
       const auto* home = static_cast<const unsigned char*>(acc_[acc].get());
       const auto elem = static_cast<std::size_t>(dtype_size(dtype_));

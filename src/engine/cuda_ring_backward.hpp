@@ -11,7 +11,9 @@
 //       scratch) into that accumulator
 //     post accumulator send -> r+1, recv b_{s+1}'s <- r-1 (after the last step the hop
 //       brings every accumulator home; without a reverse pass or sinks those sums are final,
-//       so they travel rounded to the dtype: half the bytes of the one hop no compute hides)
+//       so they travel rounded to the dtype: half the bytes; from 8,192 rows in two pieces,
+//       the last step's keys of the first piece computed first, so that it travels while
+//       the kernels compute the rest; dQ is rounded while the second is in flight)
 //     compute stream waits for the K,V transfer; cur = 1 - cur
 //   dq, dk, dv <- dq_acc, acc (in the tensors' dtype and strides)
 // The accumulator hop runs while the next step computes dQ; the K,V hop runs as in the

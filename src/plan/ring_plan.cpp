@@ -74,6 +74,28 @@ std::int64_t BlockTask::pairs() const {
   return n;
 }
 
+std::optional<BlockTask> slice_keys(const BlockTask& t, std::int64_t begin, std::int64_t end) {
+  if (t.mask == MaskKind::band) throw Error(ErrorCode::internal, "plan: key slices of band tasks");
+  const std::int64_t lo = std::max(begin, t.kv_begin), hi = std::min(end, t.kv_begin + t.kv_len);
+  if (hi <= lo) return std::nullopt;
+  BlockTask s = t;
+  s.kv_begin = lo;
+  s.kv_len = hi - lo;
+  if (t.mask == MaskKind::full) return s;
+  // Key l' of the slice is key l' + x of t: row i sees it iff l' <= i + diag_offset - x.
+  const std::int64_t x = lo - t.kv_begin;
+  s.diag_offset = t.diag_offset - x;
+  if (s.diag_offset < 0) {  // the first rows see none of these keys
+    const std::int64_t skip = std::min(-s.diag_offset, s.q_len);
+    s.q_begin += skip;
+    s.q_len -= skip;
+    s.diag_offset = 0;
+    if (s.q_len == 0) return s;
+  }
+  if (s.diag_offset >= s.kv_len - 1) s.mask = MaskKind::full, s.diag_offset = 0;  // every row sees every key
+  return s;
+}
+
 std::optional<BlockTask> classify_block(const Segment& q, const Segment& k, MaskKind mask) {
   if (q.length <= 0 || k.length <= 0) return std::nullopt;
   BlockTask t{q.local_begin, q.length, k.local_begin, k.length, MaskKind::full, 0};

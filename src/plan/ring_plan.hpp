@@ -93,6 +93,14 @@ std::optional<BlockTask> classify_block(const Segment& q, const Segment& k, Mask
 
 RingPlan make_ring_plan(const Layout& layout, MaskKind mask, int rank);
 
+// The keys of task t that lie in rows [begin, end) of the held block, as a task of their own
+// (the same pairs: every (query, key) pair of t whose key is in the range, no other), or
+// nothing where t has no key there. Its kv rows are exactly those of t in the range, so a
+// kernel in store mode writes all of them; query rows that see none of those keys are left
+// out (q_len may be 0: no pair, rows to zero). A causal slice that every row sees whole
+// becomes full. Full and causal tasks only (band: Error).
+std::optional<BlockTask> slice_keys(const BlockTask& t, std::int64_t begin, std::int64_t end);
+
 // Sliding-window attention on the contiguous layout: query p sees keys t with
 // p - window <= t <= p (causal) or |p - t| <= window (two-sided), and the first `sinks`
 // tokens always (causal: those with t <= p). The ring runs only as many steps as the

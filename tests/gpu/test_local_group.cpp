@@ -2,7 +2,8 @@
 // moves the ring's hops by device copies (LoopbackTransport), so the engines' multi-rank paths
 // run where only one GPU is lent: double-buffered K/V hops, the backward's dK/dV accumulators
 // travelling one hop behind, the single-pass kernel's step sums added once the accumulator has
-// arrived, zigzag's two tasks per step, a sliding window's reverse pass.
+// arrived, zigzag's two tasks per step, a sliding window's reverse pass, the last hop home in
+// two pieces behind the last step's two key slices (from 8,192 rows per member).
 //
 // Each case computes forward() and then backward() on the group (options.kernel = native, the
 // kernels the 1.5x rule is stated for) and checks, against the fp64 reference of the whole
@@ -275,7 +276,12 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{2, 768, 2, 2, 64, false, LayoutKind::zigzag, 3, DType::f16},
                       Case{1, 1536, 2, 2, 64, true, LayoutKind::contiguous, 3, DType::bf16},
                       Case{1, 1024, 2, 2, 128, false, LayoutKind::contiguous, 3, DType::bf16, 300},
-                      Case{1, 1000, 2, 1, 64, true, LayoutKind::zigzag, 2, DType::bf16}),
+                      Case{1, 1000, 2, 1, 64, true, LayoutKind::zigzag, 2, DType::bf16},
+                      // 8,192 rows per member: the last hop home goes in two pieces, the last
+                      // step computed in two key slices (full; causal, member 1's task all in
+                      // the first slice).
+                      Case{1, 16384, 1, 1, 64, false, LayoutKind::contiguous, 2, DType::bf16},
+                      Case{1, 16384, 2, 1, 64, true, LayoutKind::zigzag, 2, DType::bf16}),
     [](const ::testing::TestParamInfo<Case>& info) { return "case" + std::to_string(info.index); });
 
 // The ring buffers a group member keeps across calls: a request that fits returns the slot's

@@ -2,8 +2,11 @@
 // computed exactly once and no other pair is.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <limits>
+#include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "plan/ring_plan.hpp"
@@ -244,6 +247,67 @@ void check_window_plan(std::int64_t S, int P, std::int64_t window, std::int64_t 
 }
 
 }  // namespace
+
+// slice_keys (the backward's last step computed in two key ranges): the slices of a task at
+// any cut hold exactly its pairs, each once, and exactly its key rows (a store-mode kernel
+// writes all of them), for full and causal tasks with every diagonal offset the plan makes.
+TEST(RingPlan, KeySlicesHoldTheTasksPairsAndRows) {
+  int checked = 0;
+  for (MaskKind mask : {MaskKind::full, MaskKind::causal}) {
+    for (std::int64_t q_len : {1, 5, 16}) {
+      for (std::int64_t kv_len : {1, 7, 16}) {
+        for (std::int64_t diag = 0; diag < (mask == MaskKind::full ? 1 : kv_len - 1); ++diag) {
+          const BlockTask t{3, q_len, 2, kv_len, mask, diag};
+          for (std::int64_t cut = 0; cut <= kv_len + 4; ++cut) {
+            std::vector<int> seen(static_cast<std::size_t>(q_len * kv_len), 0);
+            std::vector<int> rows(static_cast<std::size_t>(kv_len), 0);
+            for (const auto& [begin, end] : {std::pair<std::int64_t, std::int64_t>{0, cut},
+                                             std::pair<std::int64_t, std::int64_t>{cut, kv_len + 10}}) {
+              const std::optional<BlockTask> s = slice_keys(t, begin, end);
+              const std::int64_t lo = std::max(begin, t.kv_begin), hi = std::min(end, t.kv_begin + kv_len);
+              if (hi <= lo) {
+                EXPECT_FALSE(s.has_value()) << "cut " << cut;
+                continue;
+              }
+              ASSERT_TRUE(s.has_value()) << "cut " << cut;
+              EXPECT_EQ(s->kv_begin, lo);
+              EXPECT_EQ(s->kv_len, hi - lo);
+              EXPECT_GE(s->diag_offset, 0);
+              EXPECT_GE(s->q_begin, t.q_begin);
+              EXPECT_LE(s->q_begin + s->q_len, t.q_begin + q_len);
+              for (std::int64_t l = 0; l < s->kv_len; ++l) ++rows[static_cast<std::size_t>(s->kv_begin + l - t.kv_begin)];
+              for (std::int64_t i = 0; i < s->q_len; ++i) {
+                for (std::int64_t l = 0; l < s->kv_len; ++l) {
+                  if (!s->allows(i, l)) continue;
+                  const std::int64_t ti = s->q_begin + i - t.q_begin, tl = s->kv_begin + l - t.kv_begin;
+                  EXPECT_TRUE(t.allows(ti, tl)) << "a pair the task does not have, cut " << cut;
+                  ++seen[static_cast<std::size_t>(ti * kv_len + tl)];
+                }
+              }
+              EXPECT_EQ(s->pairs(), [&] {
+                std::int64_t n = 0;
+                for (std::int64_t i = 0; i < s->q_len; ++i)
+                  for (std::int64_t l = 0; l < s->kv_len; ++l) n += s->allows(i, l) ? 1 : 0;
+                return n;
+              }());
+            }
+            for (std::int64_t i = 0; i < q_len; ++i) {
+              for (std::int64_t l = 0; l < kv_len; ++l) {
+                ASSERT_EQ(seen[static_cast<std::size_t>(i * kv_len + l)], t.allows(i, l) ? 1 : 0)
+                    << "pair (" << i << ", " << l << ") of diag " << diag << ", cut " << cut;
+              }
+            }
+            for (int r : rows) ASSERT_EQ(r, 1) << "every key row in exactly one slice, cut " << cut;
+            ++checked;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 300);
+  const BlockTask band{0, 4, 0, 8, MaskKind::band, 2, -2};
+  EXPECT_THROW(slice_keys(band, 0, 4), Error);
+}
 
 TEST(RingPlan, SlidingWindowExactlyTheBandOnce) {
   for (int P = 1; P <= 8; ++P) {

@@ -109,9 +109,11 @@ void pack_rows(const TensorView& src, void* dst, cudaStream_t stream);
 // (same layout as o_acc) in rows add_row0 .. add_row0 + add_rows when add is set (one fp32
 // add before the rounding: a ring step's own dK/dV sums joining the arrived ones);
 // lse (B, H, S) with lse's strides <- lse_acc (B, H, S), when lse.data is set.
+// A row window: o_acc and add of acc_rows rows (B, H, acc_rows, D), out's S rows their rows
+// acc_row0 .. acc_row0 + S (add_row0 in the accumulator's rows); not with lse.
 void finalize_output(const float* o_acc, const float* lse_acc, const TensorView& out, const TensorView& lse,
                      cudaStream_t stream, const float* add = nullptr, std::int64_t add_row0 = 0,
-                     std::int64_t add_rows = 0);
+                     std::int64_t add_rows = 0, std::int64_t acc_rows = 0, std::int64_t acc_row0 = 0);
 
 // The native flash backward of one task (see FlashBwdParams): adds the task's share of dQ
 // (part dq), of dK and dV (part dkv), or of all three to the fp32 accumulators. The parts

@@ -10,6 +10,7 @@
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/cuda_kernels.hpp"
 #include "kernels/cuda/flash_common.cuh"
+#include "ringattn/error.hpp"
 
 namespace ringattn::detail {
 
@@ -77,14 +78,15 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 template <typename T>
 __global__ void finalize_kernel(const float* o_acc, T* out, std::int64_t S, std::int64_t H, std::int64_t D,
                                 std::int64_t ob, std::int64_t os, std::int64_t oh, std::int64_t n, const float* add,
-                                std::int64_t a0, std::int64_t an) {
+                                std::int64_t a0, std::int64_t an, std::int64_t AS, std::int64_t r0) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t d = i % D;
     const std::int64_t s = (i / D) % S;
     const std::int64_t h = (i / (D * S)) % H;
     const std::int64_t b = i / (D * S * H);
-    const float x = add != nullptr && s >= a0 && s < a0 + an ? o_acc[i] + add[i] : o_acc[i];
+    const std::int64_t a = ((b * H + h) * AS + r0 + s) * D + d;  // the accumulator's element
+    const float x = add != nullptr && r0 + s >= a0 && r0 + s < a0 + an ? o_acc[a] + add[a] : o_acc[a];
     out[b * ob + s * os + h * oh + d] = from_float<T>(x);
   }
 }
@@ -107,16 +109,18 @@ struct Vec4<float> {
 template <typename T>
 __global__ void finalize_rows_kernel(const float* o_acc, T* out, std::int64_t S, std::int64_t H, std::int64_t D,
                                      std::int64_t ob, std::int64_t os, std::int64_t oh, std::int64_t rows,
-                                     const float* add, std::int64_t a0, std::int64_t an) {
+                                     const float* add, std::int64_t a0, std::int64_t an, std::int64_t AS,
+                                     std::int64_t r0) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * (blockDim.x / 32);
   for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + threadIdx.x / 32; r < rows;
        r += warps) {
     const std::int64_t s = r % S, h = (r / S) % H, b = r / (S * H);
-    const auto* src = reinterpret_cast<const float4*>(o_acc + r * D);
+    const std::int64_t a = (b * H + h) * AS + r0 + s;  // the accumulator's row
+    const auto* src = reinterpret_cast<const float4*>(o_acc + a * D);
     auto* dst = reinterpret_cast<typename Vec4<T>::type*>(out + b * ob + s * os + h * oh);
-    if (add != nullptr && s >= a0 && s < a0 + an) {
-      const auto* more = reinterpret_cast<const float4*>(add + r * D);
+    if (add != nullptr && r0 + s >= a0 && r0 + s < a0 + an) {
+      const auto* more = reinterpret_cast<const float4*>(add + a * D);
       for (std::int64_t i = lane; i < D / 4; i += 32) {
         float4 x = src[i];
         const float4 y = more[i];
@@ -305,8 +309,13 @@ void pack_rows(const TensorView& t, void* dst, cudaStream_t stream) {
 }
 
 void finalize_output(const float* o_acc, const float* lse_acc, const TensorView& out, const TensorView& lse,
-                     cudaStream_t stream, const float* add, std::int64_t add_row0, std::int64_t add_rows) {
+                     cudaStream_t stream, const float* add, std::int64_t add_row0, std::int64_t add_rows,
+                     std::int64_t acc_rows, std::int64_t acc_row0) {
   const std::int64_t B = out.shape[0], S = out.shape[1], H = out.shape[2], D = out.shape[3];
+  const std::int64_t AS = acc_rows > 0 ? acc_rows : S;
+  if (acc_row0 < 0 || acc_row0 + S > AS || (lse.data != nullptr && (AS != S || acc_row0 != 0))) {
+    throw Error(ErrorCode::internal, "finalize_output: rows outside the accumulator, or LSE with a row window");
+  }
   const std::int64_t n = B * S * H * D;
   const std::int64_t elem = static_cast<std::int64_t>(dtype_size(out.dtype));
   const bool rows_aligned = D % 4 == 0 && out.strides[0] % 4 == 0 && out.strides[1] % 4 == 0 &&
@@ -320,17 +329,17 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
       case DType::bf16:
         finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<__nv_bfloat16*>(out.data), S, H, D,
                                                             out.strides[0], out.strides[1], out.strides[2], rows,
-                                                            add, add_row0, add_rows);
+                                                            add, add_row0, add_rows, AS, acc_row0);
         break;
       case DType::f16:
         finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<__half*>(out.data), S, H, D,
                                                             out.strides[0], out.strides[1], out.strides[2], rows,
-                                                            add, add_row0, add_rows);
+                                                            add, add_row0, add_rows, AS, acc_row0);
         break;
       case DType::f32:
         finalize_rows_kernel<<<grid, kThreads, 0, stream>>>(o_acc, static_cast<float*>(out.data), S, H, D,
                                                             out.strides[0], out.strides[1], out.strides[2], rows,
-                                                            add, add_row0, add_rows);
+                                                            add, add_row0, add_rows, AS, acc_row0);
         break;
     }
     RINGATTN_CUDA_CHECK(cudaGetLastError());
@@ -339,17 +348,17 @@ void finalize_output(const float* o_acc, const float* lse_acc, const TensorView&
       case DType::bf16:
         finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<__nv_bfloat16*>(out.data), S, H, D,
                                                                 out.strides[0], out.strides[1], out.strides[2], n,
-                                                                add, add_row0, add_rows);
+                                                                add, add_row0, add_rows, AS, acc_row0);
         break;
       case DType::f16:
         finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<__half*>(out.data), S, H, D,
                                                                 out.strides[0], out.strides[1], out.strides[2], n,
-                                                                add, add_row0, add_rows);
+                                                                add, add_row0, add_rows, AS, acc_row0);
         break;
       case DType::f32:
         finalize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(o_acc, static_cast<float*>(out.data), S, H, D,
                                                                 out.strides[0], out.strides[1], out.strides[2], n,
-                                                                add, add_row0, add_rows);
+                                                                add, add_row0, add_rows, AS, acc_row0);
         break;
     }
     RINGATTN_CUDA_CHECK(cudaGetLastError());
