@@ -76,9 +76,14 @@ bool LoopbackHub::aborted() {
 void LoopbackTransport::start_pieces(const void* send, const Pieces& send_pieces, int send_to, void* recv,
                                      const Pieces& recv_pieces, int recv_from) {
   if (pending_) throw Error(ErrorCode::internal, "loopback transport: start() before the last wait()");
-  // This member's buffers are ready (the send buffer filled, the receive buffer no longer read).
+  // This member's buffers are ready (the send buffer filled, the receive buffer no longer read)
+  // once its compute stream and its communication stream have reached this point: a send
+  // buffer may be filled on either (the own block's first copy is packed on the latter, as
+  // NCCL's send would follow it there).
   SharedEvent ready = make_shared_event();
   RINGATTN_CUDA_CHECK(cudaEventRecord(ready.get(), compute_));
+  RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, ready.get(), 0));
+  RINGATTN_CUDA_CHECK(cudaEventRecord(ready.get(), comm_stream_));
   sent_to_ = -1;
   received_.reset();
   if (send_pieces.total() > 0) {

@@ -2,8 +2,9 @@
 // for a LocalGroup whose members share a GPU (NCCL refuses two ranks on one device).
 //
 // Same contract as NcclTransport: start() returns without waiting for the GPU, wait() makes the
-// compute stream wait for the hop. A hop from member a to member b: a records an event on its
-// compute stream (its send buffer is filled) and offers {buffer, pieces, event} on the channel
+// compute stream wait for the hop. A hop from member a to member b: a records an event once its
+// compute and communication streams have reached the start (its send buffer is filled: on
+// either, as with NCCL, whose send follows the communication stream's work) and offers {buffer, pieces, event} on the channel
 // (a, b, tag); b takes the offer (the host blocks until a has made it), makes its
 // communication stream wait for a's event and its own, copies the pieces (cudaMemcpy2DAsync,
 // peer copies where the members' devices differ), records a `copied` event and hands it back

@@ -179,12 +179,17 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
   transfer_timer_.begin(resources_.comm_stream());
   auto span = [&](int step, auto&& fn) { timer_.span(step, stream, fn); };
   int computed = 0;  // the steps computed so far (the profile's index)
-  const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous();
+  // Dense K and V are read in place by the steps that hold the own block (every step of one
+  // rank or without communication, the first of a ring, whose first hop sends a copy the copy
+  // engines make beside it: pack_own_on_comm). Sinks and a reverse pass pack it themselves.
+  const bool dense = k.is_contiguous() && v.is_contiguous();
+  const bool kv_in_place = dense && (P == 1 || !communicate);
   // P = 1 with one task on cuDNN: cuDNN writes dq, dk, dv itself and computes its own row
   // sums, so neither the preparation kernel nor the fp32 sums (3 zeroed accumulators) are needed.
   const bool cudnn_direct = one_task_ && will_write_direct(q, out, dout, dq, dk, dv);
+  if (dense && !kv_in_place) pack_own_on_comm(k, v, blocks_[0].get(), stream, resources_.comm_stream(), pack_ready_);
   span(-1, [&] {
-    if (!kv_in_place) {
+    if (!dense) {
       auto* own = static_cast<unsigned char*>(blocks_[0].get());
       pack_rows(k, own, stream);
       pack_rows(v, own + kv_bytes(q_len_) / 2, stream);
@@ -324,8 +329,9 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
       if (s >= 0) {
         const RingStep& step = steps[static_cast<std::size_t>(s)];
         const auto* block = static_cast<const unsigned char*>((communicate ? blocks_[cur] : blocks_[0]).get());
-        p.k = kv_in_place ? k.data : block;
-        p.v = kv_in_place ? v.data : block + kv_bytes(step.kv_len) / 2;
+        const bool in_place = kv_in_place || (dense && !reverse && s == 0);  // (step 0 holds the own block)
+        p.k = in_place ? k.data : block;
+        p.v = in_place ? v.data : block + kv_bytes(step.kv_len) / 2;
         p.kv_batch_stride = step.kv_len * Hkv * D;
         // Without communication every step adds into the first accumulator (the same work).
         float* dk_acc = acc_[communicate ? acc : 0].as<float>();

@@ -126,6 +126,7 @@ class CudaRingBackward {
   bool one_task_ = false;   // P = 1 and one task covers every row
   double timeout_s_ = 0.0;
   std::vector<long> peer_pids_;
+  CudaEvent pack_ready_;  // pack_own_on_comm
   std::vector<CudaEvent> step_events_;  // the watchdog's milestones: one per computed step of the last run()
   int milestones_ = 0;
   bool direct_ = false;     // this run's cuDNN task wrote dq, dk, dv itself

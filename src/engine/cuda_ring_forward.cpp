@@ -218,6 +218,16 @@ std::uint64_t gather_sink_block(CudaResources& resources, const RingPlan& plan, 
   return 2 * static_cast<std::uint64_t>(B * mine) * row_bytes * static_cast<std::uint64_t>(P - 1);
 }
 
+void pack_own_on_comm(const TensorView& k, const TensorView& v, void* block, cudaStream_t compute,
+                      cudaStream_t comm, cudaEvent_t ready) {
+  const std::size_t half = static_cast<std::size_t>(k.numel()) * dtype_size(k.dtype);
+  RINGATTN_CUDA_CHECK(cudaEventRecord(ready, compute));
+  RINGATTN_CUDA_CHECK(cudaStreamWaitEvent(comm, ready, 0));
+  RINGATTN_CUDA_CHECK(cudaMemcpyAsync(block, k.data, half, cudaMemcpyDeviceToDevice, comm));
+  RINGATTN_CUDA_CHECK(cudaMemcpyAsync(static_cast<unsigned char*>(block) + half, v.data, half,
+                                      cudaMemcpyDeviceToDevice, comm));
+}
+
 std::uint64_t CudaRingForward::gather_sinks(const void* own_block, bool communicate, cudaStream_t stream) {
   const std::uint64_t sent = gather_sink_block(resources_, plan_, shape_, dtype_, own_block, q_len_, sink_block_.get(),
                                                communicate, timeout_s_, stream);
@@ -245,10 +255,18 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       pack_rows(v, dst + block_bytes(q_len_) / 2, stream);
     });
   };
-  // One rank: no block travels, so dense K and V are read where they are (no packing copy,
-  // ~10% of a 4k forward).
-  const bool kv_in_place = P == 1 && k.is_contiguous() && v.is_contiguous() && plan_.sink_len == 0;
-  if (!kv_in_place) pack_own(own);
+  // Dense K and V are read where they are by the steps that hold the own block (no packing
+  // copy on the compute stream: ~10% of a 4k forward at P = 1): every step of one rank or
+  // without communication, the first of a ring, whose first hop sends a copy the copy engines
+  // make beside it (pack_own_on_comm). Sinks gather from the packed block.
+  const bool dense = k.is_contiguous() && v.is_contiguous() && plan_.sink_len == 0;
+  const bool kv_in_place = dense && (P == 1 || !communicate);
+  const bool own_in_place = dense;
+  if (!dense) {
+    pack_own(own);
+  } else if (communicate && P > 1) {
+    pack_own_on_comm(k, v, own, stream, resources_.comm_stream(), pack_ready_);
+  }
   std::uint64_t sink_bytes = 0;
   // The sink tokens first: each owner broadcasts its rows of the packed block.
   if (plan_.sink_len > 0) span(Span::copy, [&] { sink_bytes = gather_sinks(own, communicate, stream); });
@@ -349,7 +367,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
                  std::to_string(plan_.steps[static_cast<std::size_t>(s) + 1].kv_source) + " from rank " +
                  std::to_string(plan_.recv_from) + " (this rank sends to rank " + std::to_string(plan_.send_to) + ")");
     }
-    if (kv_in_place) {
+    if (kv_in_place || (own_in_place && s == 0)) {  // (step 0 holds the own block)
       compute(step.tasks, k.data, v.data, step.kv_len);
     } else {
       const auto [kb, vb] = block_of(cur, step.kv_len, communicate);

@@ -46,6 +46,14 @@ std::uint64_t gather_sink_block(CudaResources& resources, const RingPlan& plan, 
                                 const void* own_block, std::int64_t own_len, void* sink_block, bool communicate,
                                 double timeout_s, cudaStream_t stream);
 
+// The own block packed for its first hop by the copy engines, on the communication stream:
+// with K and V dense, (B, S, H_kv, D) each, the packed halves are their bytes. The copies follow
+// the compute stream's work so far (`ready` recorded there) and precede the hop posted later
+// on the communication stream, so the packing leaves the compute stream, whose kernels read
+// K and V in place.
+void pack_own_on_comm(const TensorView& k, const TensorView& v, void* block, cudaStream_t compute,
+                      cudaStream_t comm, cudaEvent_t ready);
+
 class CudaRingForward {
  public:
   // kernel: which kernel computes the blocks (see KernelKind). cuDNN plans for every task of
@@ -132,6 +140,7 @@ class CudaRingForward {
   void record_hop(std::string what, cudaStream_t stream = nullptr);  // default: the communication stream
   std::vector<CudaEvent> hop_events_;
   std::vector<Hop> hops_;
+  CudaEvent pack_ready_;  // pack_own_on_comm
   double timeout_s_ = 0.0;
   std::vector<long> peer_pids_;
   RingBufferRef sink_block_;  // sliding window with sinks: K then V of the sink tokens
