@@ -311,6 +311,17 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
     }
   }
 
+  // A ring whose last step is one full task over every query row, computed by the native
+  // kernel, has it write the output (FlashFwdParams::merge_out): no fp32 output written and
+  // read back by a finalize pass.
+  const RingStep* last_step = plan_.steps.empty() ? nullptr : &plan_.steps.back();
+  const BlockTask* writes_out = nullptr;
+  if (!single_task && last_step != nullptr && plan_.reverse_steps.empty() && plan_.sink_len == 0 &&
+      last_step->tasks.size() == 1) {
+    const BlockTask& t = last_step->tasks[0];
+    if (t.mask == MaskKind::full && t.q_begin == 0 && t.q_len == q_len_ && t.kv_len > 0) writes_out = &t;
+  }
+  bool wrote_out = false;
   // The tasks of one held block: K at k_base, V at v_base, (B, block_len, H_kv, D) dense.
   auto compute = [&](const std::vector<BlockTask>& tasks, const void* k_base, const void* v_base,
                      std::int64_t block_len) {
@@ -328,7 +339,20 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
       const CudnnSdpaProblem problem =
           cudnn_task_problem(t, block_len, shape_, dtype_, q_strides, single_task ? out_strides : block_strides);
       if (!task_uses_cudnn(t) || auto_prefers_native(t) || !cudnn_->try_prepare(problem)) {
+        if (&t == writes_out) {
+          p.out = out.data;
+          p.out_batch_stride = out.strides[0];
+          p.out_row_stride = out.strides[1];
+          p.out_head_stride = out.strides[2];
+          p.lse_out = static_cast<float*>(lse.data);
+          p.lse_batch_stride = lse.strides[0];
+          p.lse_head_stride = lse.strides[1];
+          p.lse_row_stride = lse.strides[2];
+          p.merge_out = 1;
+          wrote_out = true;
+        }
         span(Span::kernel, [&] { flash_fwd(p, dtype_, D, stream); });
+        if (&t == writes_out) p.out = nullptr, p.lse_out = nullptr, p.merge_out = 0;
         continue;
       }
       const auto* q_rows = static_cast<const unsigned char*>(q.data) + t.q_begin * q.strides[1] * elem;
@@ -415,7 +439,9 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   }
   bytes_sent_per_run_ = transport.bytes_sent() + sink_bytes;
   kv_bytes_received_ = static_cast<double>(transport.bytes_received());
-  if (!single_task) span(Span::copy, [&] { finalize_output(o_acc_.as<float>(), lse_acc_.as<float>(), out, lse, stream); });
+  if (!single_task && !wrote_out) {
+    span(Span::copy, [&] { finalize_output(o_acc_.as<float>(), lse_acc_.as<float>(), out, lse, stream); });
+  }
   timer_.end(stream);
   transfer_timer_.end(resources_.comm_stream());
   profiled_steps_ = static_cast<int>(plan_.steps.size() + plan_.reverse_steps.size());

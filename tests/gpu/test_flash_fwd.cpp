@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -56,9 +57,13 @@ std::vector<unsigned char> keys(const Case& c, const std::vector<std::int64_t>& 
 // How a case runs the warp-specialised kernel's last-wave split (FlashFwdParams::split_parts:
 // 0 its rule, 1 never, 2/4/8 forced on half of each launch's query tiles), and whether a lone
 // task (P = 1, no window) writes O and LSE itself instead of merging into the running state.
+// merge_out: the ring's last block, where it is one full task over every row, merges and
+// writes O and LSE itself (FlashFwdParams::merge_out, no finalize pass), leaving the running
+// state as it was.
 struct Run {
   int split_parts = 0;
   bool direct = false;
+  bool merge_out = false;
 };
 // What a case gave: every rank's O bytes (rank after rank), and how many launches split.
 struct Ran {
@@ -68,7 +73,8 @@ struct Ran {
 
 Ran check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0, Run run = {}) {
   SCOPED_TRACE(name(c) + " kernel " + to_string(kernel) + (k_ramp != 0.0 ? " k_ramp " + std::to_string(k_ramp) : "") +
-               " split " + std::to_string(run.split_parts) + (run.direct ? " direct write" : ""));
+               " split " + std::to_string(run.split_parts) + (run.direct ? " direct write" : "") +
+               (run.merge_out ? " merge_out" : ""));
   Ran ran;
   const bool ws = kernel == FlashKernel::wgmma_ws;
   const int slots = ws ? flash_fwd_split_slots() : 0;
@@ -104,6 +110,12 @@ Ran check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0, Run run =
     const bool direct = run.direct && plan.steps.size() == 1 && plan.steps[0].tasks.size() == 1 &&
                         plan.reverse_steps.empty() && plan.sink_len == 0 && plan.steps[0].tasks[0].q_len == n;
     EXPECT_EQ(direct, run.direct) << "a direct write needs a lone task";
+    const bool merge_out = run.merge_out && plan.reverse_steps.empty() && plan.sink_len == 0 &&
+                           plan.steps.back().tasks.size() == 1 && plan.steps.back().tasks[0].mask == MaskKind::full &&
+                           plan.steps.back().tasks[0].q_len == n;
+    EXPECT_EQ(merge_out, run.merge_out) << "merge_out needs a last step of one full task over every row";
+    const BlockTask* last_task = merge_out ? &plan.steps.back().tasks[0] : nullptr;
+    std::vector<float> lse_before;  // the running LSE before the merge_out launch
     // Every block the rank computes on: ring steps, the other way (two-sided window), sinks.
     std::vector<std::pair<std::vector<std::int64_t>, const std::vector<BlockTask>*>> blocks;
     for (const RingStep& step : plan.steps) blocks.emplace_back(layout.positions(step.kv_source), &step.tasks);
@@ -143,7 +155,13 @@ Ran check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0, Run run =
           const int units = static_cast<int>((t.q_len + 127) / 128 * c.heads * c.batch);
           ran.split_launches += flash_fwd_split(p, units, static_cast<int>((t.kv_len + 127) / 128), sms).first > 1;
         }
-        if (direct) {
+        if (&t == last_task) {
+          lse_before.resize(static_cast<std::size_t>(c.batch * c.heads * n));
+          RINGATTN_CUDA_CHECK(cudaMemcpy(lse_before.data(), lse_acc.get(), lse_before.size() * sizeof(float),
+                                         cudaMemcpyDeviceToHost));
+          p.merge_out = 1;
+        }
+        if (direct || &t == last_task) {
           p.out = dout.get();
           p.out_batch_stride = n * c.heads * c.dim;
           p.out_row_stride = c.heads * c.dim;
@@ -158,7 +176,15 @@ Ran check_case(const Case& c, FlashKernel kernel, double k_ramp = 0.0, Run run =
     }
     const TensorView out_view = TensorView::contiguous(dout.get(), c.dtype, {c.batch, n, c.heads, c.dim}, DeviceKind::cuda);
     const TensorView lse_view = TensorView::contiguous(dlse.get(), DType::f32, {c.batch, c.heads, n}, DeviceKind::cuda);
-    if (!direct) finalize_output(o_acc.as<float>(), lse_acc.as<float>(), out_view, lse_view, nullptr);
+    if (merge_out) {
+      std::vector<float> lse_after(lse_before.size());
+      RINGATTN_CUDA_CHECK(cudaMemcpy(lse_after.data(), lse_acc.get(), lse_after.size() * sizeof(float),
+                                     cudaMemcpyDeviceToHost));
+      EXPECT_TRUE(std::memcmp(lse_after.data(), lse_before.data(), lse_after.size() * sizeof(float)) == 0)
+          << "merge_out changed the running LSE";
+    } else if (!direct) {
+      finalize_output(o_acc.as<float>(), lse_acc.as<float>(), out_view, lse_view, nullptr);
+    }
     std::vector<unsigned char> out(q.size());
     std::vector<float> lse(static_cast<std::size_t>(c.batch * c.heads * n));
     RINGATTN_CUDA_CHECK(cudaMemcpy(out.data(), dout.get(), out.size(), cudaMemcpyDeviceToHost));
@@ -235,6 +261,21 @@ TEST_F(FlashFwd, LongerBlocksCrossManyTiles) {
   check_case({1, 1500, 2, 2, 64, false, LayoutKind::contiguous, 2, DType::bf16});
   check_case({1, 1100, 2, 2, 128, false, LayoutKind::contiguous, 1, DType::f16});
   check_case({1, 1300, 2, 1, 64, true, LayoutKind::contiguous, 1, DType::bf16});
+}
+
+// A ring's last step of one full task over every row merges and writes O and LSE itself
+// (merge_out): every kernel, through the split (forced, and the rule), against the reference.
+TEST_F(FlashFwd, RingsLastTaskWritesTheMergedOutput) {
+  const Case rings[] = {{1, 1536, 4, 2, 128, false, LayoutKind::zigzag, 2, DType::bf16},
+                        {2, 900, 2, 1, 64, false, LayoutKind::contiguous, 3, DType::f16},
+                        {1, 2048, 4, 4, 128, false, LayoutKind::striped, 2, DType::bf16}};
+  for (const Case& c : rings) {
+    check_case(c, FlashKernel::mma_sync, 0.0, {0, false, true});
+    if (!flash_fwd_wgmma_available()) continue;
+    check_case(c, FlashKernel::wgmma, 0.0, {0, false, true});
+    check_case(c, FlashKernel::wgmma_ws, 0.02, {0, false, true});
+    check_case(c, FlashKernel::wgmma_ws, 0.02, {4, false, true});
+  }
 }
 
 // The split (flash_fwd_sm90_ws.cuh, "The last wave"): query tiles given to 2, 4 or 8 CTAs that

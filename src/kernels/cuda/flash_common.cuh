@@ -8,6 +8,8 @@
 // the running fp32 state (o_acc, lse):
 //   lse' = max(lse, lse_b) + log1p(exp(-|lse - lse_b|))
 //   o'   = o * exp(lse - lse') + o_b * exp(lse_b - lse')
+// or, params.merge_out (a ring's last contribution to the rows), merges and writes o' and
+// lse' as the final O and LSE, leaving the running state alone.
 // Rows that saw no key (sum 0) and rows past q_len are left alone; a row whose scores
 // overflowed fp32 is written as NaN. Every lane of the warp must
 // call it (it shuffles and synchronises the warp).
@@ -136,7 +138,7 @@ __device__ __forceinline__ void finish_row(const FlashFwdParams& p, int b, int h
   const bool live = row < p.q_len && !(sum <= 0.0f);
   const std::int64_t idx = (static_cast<std::int64_t>(b) * p.heads + h) * p.s_q + p.q_begin + row;
   float merged = 0.0f;
-  if (live && p.out != nullptr) {
+  if (live && p.out != nullptr && !p.merge_out) {
     const float inv = 1.0f / sum;
     T* orow = static_cast<T*>(p.out) + b * p.out_batch_stride + static_cast<std::int64_t>(p.q_begin + row) * p.out_row_stride +
               h * p.out_head_stride;
@@ -159,16 +161,34 @@ __device__ __forceinline__ void finish_row(const FlashFwdParams& p, int b, int h
       w_b *= __expf(lse_b - merged);
     }
     float* orow = p.o_acc + idx * D;
+    T* out_row = p.merge_out ? static_cast<T*>(p.out) + b * p.out_batch_stride +
+                                   static_cast<std::int64_t>(p.q_begin + row) * p.out_row_stride + h * p.out_head_stride
+                             : nullptr;
+    // The running row is read whole before anything is stored: a load after a store through a
+    // pointer that may alias it (out) could not be hoisted, and the loads would wait out their
+    // round trips one by one.
+    float2 prev[D / 8];
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      prev[nt] = old != -INFINITY ? *reinterpret_cast<const float2*>(orow + nt * 8 + (lane % 4) * 2)
+                                  : make_float2(0.0f, 0.0f);
+    }
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
       float2* dst = reinterpret_cast<float2*>(orow + nt * 8 + (lane % 4) * 2);
       float2 acc = make_float2(vals[nt][0] * w_b, vals[nt][1] * w_b);
       if (old != -INFINITY) {
-        const float2 prev = *dst;
-        acc.x = fmaf(prev.x, w_old, acc.x);
-        acc.y = fmaf(prev.y, w_old, acc.y);
+        acc.x = fmaf(prev[nt].x, w_old, acc.x);
+        acc.y = fmaf(prev[nt].y, w_old, acc.y);
       }
-      *dst = acc;
+      if (out_row != nullptr) {  // merge_out: the merged row is final
+        *reinterpret_cast<std::uint32_t*>(out_row + nt * 8 + (lane % 4) * 2) = pack2<T>(acc.x, acc.y);
+      } else {
+        *dst = acc;
+      }
+    }
+    if (p.merge_out && p.lse_out != nullptr && lane % 4 == 0) {
+      p.lse_out[b * p.lse_batch_stride + h * p.lse_head_stride + (p.q_begin + row) * p.lse_row_stride] = merged;
     }
   }
   __syncwarp();  // every lane of the quad has read the old lse

@@ -29,6 +29,11 @@ struct FlashFwdParams {
   std::int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
   float* lse_out = nullptr;
   std::int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 0;
+  // With out set: the launch is the last contribution to its rows, every one of which sees a
+  // key of the task (a ring's last step): the epilogue merges its result with the running
+  // (o_acc, lse) and writes the merged rows to out and lse_out, leaving o_acc and lse as
+  // they were (no finalize pass after the ring).
+  int merge_out = 0;
 
   int batch = 1, heads = 1, kv_group = 1;  // kv head of query head h: h / kv_group
   int q_begin = 0, q_len = 0;
