@@ -1,6 +1,8 @@
 // engine/cuda_ring_forward.hpp: the ring loop of the forward pass on GPUs.
 //
-//   pack own K,V into block[0]; lse_acc = -inf                          (compute stream)
+//   lse_acc = -inf                                                      (compute stream)
+//   own K,V into block[0]: dense ones by the copy engines on the NCCL stream (the first
+//     step reads them in place), others packed on the compute stream
 //   [sliding window with sinks: owners broadcast the sink tokens' K,V]
 //   for step s = 0 .. P-1 (a sliding window: only as many as its reach):
 //     post send block[cur] -> r+1, recv block[1-cur] <- r-1 on the NCCL stream  (s < P-1)
@@ -9,7 +11,8 @@
 //     compute stream waits for the transfer's event; cur = 1 - cur
 //   [two-sided window: the same with blocks of later ranks, travelling the other way]
 //   [sinks: the sink tasks on the sink block]
-//   out, lse <- o_acc, lse_acc
+//   out, lse <- o_acc, lse_acc (unless the last step is one full native task over every
+//     row, whose epilogue writes the merged rows to out and lse: FlashFwdParams::merge_out)
 // Nothing here synchronises the host: run() returns once everything is enqueued on the
 // compute stream. Construction allocates everything, so that allocation failures can be
 // agreed across ranks before the first transfer.
