@@ -419,8 +419,7 @@ void CudaRingBackward::run(const TensorView& q, const TensorView& k, const Tenso
         }
         await_acc();
         // The sums that the last hop takes home rounded join the accumulator in the rounding.
-        const bool round_now = home_now;
-        if (step_sums && !round_now) {  // dK then dV: (2B, H_kv, kv_len, D) in both buffers
+        if (step_sums && !home_now) {  // dK then dV: (2B, H_kv, kv_len, D) in both buffers
           const Strides sums = {Hkv * step.kv_len * D, step.kv_len * D, D};
           span(-1, [&] {
             accumulate_rows(dk_acc, step.kv_len, sums_row0, step_acc_.as<float>() + sums_row0 * D, DType::f32, 2 * B,

@@ -261,7 +261,6 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
   // make beside it (pack_own_on_comm). Sinks gather from the packed block.
   const bool dense = k.is_contiguous() && v.is_contiguous() && plan_.sink_len == 0;
   const bool kv_in_place = dense && (P == 1 || !communicate);
-  const bool own_in_place = dense;
   if (!dense) {
     pack_own(own);
   } else if (communicate && P > 1) {
@@ -391,7 +390,7 @@ void CudaRingForward::run(const TensorView& q, const TensorView& k, const Tensor
                  std::to_string(plan_.steps[static_cast<std::size_t>(s) + 1].kv_source) + " from rank " +
                  std::to_string(plan_.recv_from) + " (this rank sends to rank " + std::to_string(plan_.send_to) + ")");
     }
-    if (kv_in_place || (own_in_place && s == 0)) {  // (step 0 holds the own block)
+    if (kv_in_place || (dense && s == 0)) {  // (step 0 holds the own block)
       compute(step.tasks, k.data, v.data, step.kv_len);
     } else {
       const auto [kb, vb] = block_of(cur, step.kv_len, communicate);
